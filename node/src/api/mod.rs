@@ -1,0 +1,271 @@
+//! The REST admin API under `/v1` (axum, JSON), `/v1/openapi.json` and
+//! `/metrics`. This is the one place where [`VolumeError`]s become HTTP
+//! statuses and stable error codes. Bodies are parsed strictly (unknown
+//! fields refused) and every volume-manager call runs on the blocking pool,
+//! because attach and mount run programs and syscalls that block.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_proto::api::{self, ErrorBody, ErrorDetail, MountRequest, VolumeCreate, VolumeUpdate};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::volume::{VolumeError, VolumeManager};
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub mgr: Arc<VolumeManager>,
+    pub node: Arc<NodeFacts>,
+}
+
+/// Static facts about this node for `/v1/node`.
+pub struct NodeFacts {
+    pub name: String,
+    pub data_dir: String,
+    pub api_listen: String,
+    pub nbd_socket: String,
+    pub nbd_listen: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        use VolumeError::*;
+        let (status, code) = match &e {
+            InvalidName(_) => (StatusCode::BAD_REQUEST, "InvalidName"),
+            InvalidSize(_) => (StatusCode::BAD_REQUEST, "InvalidSize"),
+            InvalidFs(_) => (StatusCode::BAD_REQUEST, "InvalidFs"),
+            InvalidPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "VolumeNotFound"),
+            AlreadyExists(_) => (StatusCode::CONFLICT, "VolumeExists"),
+            Attached { .. } => (StatusCode::CONFLICT, "VolumeAttached"),
+            AttachedElsewhere { .. } => (StatusCode::CONFLICT, "VolumeAttachedElsewhere"),
+            Mounted { .. } => (StatusCode::CONFLICT, "VolumeMounted"),
+            InUse { .. } => (StatusCode::CONFLICT, "VolumeInUse"),
+            Busy(_) => (StatusCode::CONFLICT, "OperationInProgress"),
+            Shrink { .. } => (StatusCode::BAD_REQUEST, "ShrinkNotSupported"),
+            RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
+            Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),
+            Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "MetadataError"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body strictly, with serde's message (line, column, field).
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidBody", "request body is empty; a JSON object is required"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidBody", format!("invalid JSON body: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", format!("operation aborted: {e}"))),
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).patch(update_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/attach", post(attach))
+        .route("/v1/volumes/{name}/detach", post(detach))
+        .route("/v1/volumes/{name}/mount", post(mount))
+        .route("/v1/volumes/{name}/unmount", post(unmount))
+        .route("/v1/pool", get(pool))
+        .route("/v1/node", get(node))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed on this endpoint")
+        })
+        .with_state(state)
+}
+
+async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<Vec<api::VolumeInfo>>> {
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || Ok(m.list())).await?))
+}
+
+async fn create_volume(State(s): State<ApiState>, body: Bytes) -> ApiResult<(StatusCode, Json<api::VolumeInfo>)> {
+    let req: VolumeCreate = parse_body(&body)?;
+    let m = s.mgr.clone();
+    Ok((StatusCode::CREATED, Json(blocking(move || m.create(&req)).await?)))
+}
+
+async fn get_volume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<api::VolumeInfo>> {
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || m.inspect(&name)).await?))
+}
+
+async fn update_volume(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+    let req: VolumeUpdate = parse_body(&body)?;
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || m.resize(&name, &req.size)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
+    let m = s.mgr.clone();
+    blocking(move || m.delete(&name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Attach/detach take no body; anything but nothing or `{}` is refused.
+fn empty_body(body: &Bytes) -> ApiResult<()> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    parse_body::<Empty>(body).map(|_| ())
+}
+
+async fn attach(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::AttachInfo>> {
+    empty_body(&body)?;
+    let m = s.mgr.clone();
+    let device = blocking(move || m.attach(&name)).await?;
+    Ok(Json(api::AttachInfo { device }))
+}
+
+async fn detach(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+    empty_body(&body)?;
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || m.detach(&name).and_then(|_| m.inspect(&name))).await?))
+}
+
+async fn mount(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+    let req: MountRequest = parse_body(&body)?;
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || m.mount(&name, &req.path)).await?))
+}
+
+async fn unmount(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+    let req: MountRequest = parse_body(&body)?;
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || m.unmount(&name, &req.path)).await?))
+}
+
+async fn pool(State(s): State<ApiState>) -> ApiResult<Json<api::PoolInfo>> {
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || Ok(m.pool_info())).await?))
+}
+
+async fn node(State(s): State<ApiState>) -> ApiResult<Json<api::NodeStatus>> {
+    let m = s.mgr.clone();
+    let f = s.node.clone();
+    Ok(Json(
+        blocking(move || {
+            let (volumes, attached) = m.counts();
+            Ok(api::NodeStatus {
+                id: m.node_id().to_string(),
+                name: f.name.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                data_dir: f.data_dir.clone(),
+                api_listen: f.api_listen.clone(),
+                nbd_socket: f.nbd_socket.clone(),
+                nbd_listen: f.nbd_listen.clone(),
+                volumes,
+                attached_volumes: attached,
+                pool_capacity_bytes: m.pool().capacity_bytes(),
+                pool_allocated_bytes: m.pool().allocated_bytes(),
+                uptime_seconds: m.started.elapsed().as_secs(),
+            })
+        })
+        .await?,
+    ))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    let mut out = String::with_capacity(16 << 10);
+    s.mgr.render_metrics(&mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_is_json_and_lists_every_route() {
+        let v: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let paths = v["paths"].as_object().expect("paths");
+        for p in [
+            "/v1/volumes",
+            "/v1/volumes/{name}",
+            "/v1/volumes/{name}/attach",
+            "/v1/volumes/{name}/detach",
+            "/v1/volumes/{name}/mount",
+            "/v1/volumes/{name}/unmount",
+            "/v1/pool",
+            "/v1/node",
+            "/v1/openapi.json",
+            "/metrics",
+        ] {
+            assert!(paths.contains_key(p), "openapi.json lacks {p}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_strict() {
+        assert!(parse_body::<VolumeCreate>(&Bytes::from_static(br#"{"name":"a","size":"1G","color":"red"}"#)).is_err());
+        assert!(parse_body::<VolumeCreate>(&Bytes::from_static(br#"{"name":"a""#)).is_err());
+        assert!(parse_body::<VolumeCreate>(&Bytes::new()).is_err());
+        let ok: VolumeCreate = parse_body(&Bytes::from_static(br#"{"name":"a","size":4096}"#)).expect("valid");
+        assert_eq!(ok.size, api::SizeArg::Bytes(4096));
+        assert!(empty_body(&Bytes::from_static(b"{}")).is_ok());
+        assert!(empty_body(&Bytes::from_static(br#"{"force":true}"#)).is_err());
+    }
+}

@@ -1,0 +1,288 @@
+//! The `cairn` command line: `node run` starts the daemon; every other
+//! command is a client of the REST admin API (`--api` or `CAIRN_API`), printing
+//! human tables by default and the API's JSON with `-o json`.
+
+pub mod client;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use client::Client;
+
+use crate::config::RunArgs;
+use crate::types::ByteSize;
+
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version, about = "Cairn: container-native block storage")]
+pub struct Cli {
+    /// URL of the node's admin API.
+    #[arg(long, global = true, env = "CAIRN_API", default_value = "http://127.0.0.1:7400")]
+    pub api: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Top,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Top {
+    /// Run or query a node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Inspect the disk pool.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Run the node daemon in the foreground.
+    Run(RunArgs),
+    /// Show this node's status.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// List the pool and its devices.
+    Ls,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        /// Size with units: 10GiB, 512MiB, 1G.
+        #[arg(long)]
+        size: String,
+        /// Filesystem created on first mount.
+        #[arg(long, value_parser = ["ext4", "xfs", "none"])]
+        fs: Option<String>,
+    },
+    /// List volumes.
+    Ls,
+    /// Show one volume.
+    Inspect { name: String },
+    /// Grow a volume (online; a mounted filesystem grows too).
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a volume.
+    Rm {
+        name: String,
+        /// Unmount and detach it first if it is attached here.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach as a block device on the node; prints the device path.
+    Attach { name: String },
+    /// Detach the block device.
+    Detach { name: String },
+    /// Attach, format on first use, and mount at PATH.
+    Mount { name: String, path: PathBuf },
+    /// Unmount from PATH (detaches after the last mount).
+    Unmount { name: String, path: PathBuf },
+}
+
+/// Runs a client command; returns the process exit code.
+pub fn run_client(api: &str, output: Output, cmd: Top) -> i32 {
+    match exec(api, output, cmd) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+fn seg(name: &str) -> String {
+    // Volume names are [A-Za-z0-9_.-]; anything else is escaped so a bad
+    // name reaches the API (and its validation) intact.
+    name.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+    let r = c.request(method, path, body.as_ref())?;
+    let v: Value = if r.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&r.body).map_err(|e| format!("the API answered {} with a body that is not JSON: {e}", r.status))?
+    };
+    if (200..300).contains(&r.status) {
+        Ok(v)
+    } else {
+        let code = v["error"]["code"].as_str().unwrap_or("Unknown");
+        let msg = v["error"]["message"].as_str().unwrap_or("no message");
+        Err(format!("{msg} ({code}, HTTP {})", r.status))
+    }
+}
+
+fn absolute(p: PathBuf) -> Result<String, String> {
+    let p = if p.is_absolute() { p } else { std::env::current_dir().map_err(|e| e.to_string())?.join(p) };
+    Ok(p.to_string_lossy().into_owned())
+}
+
+fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
+    let c = Client::new(api)?;
+    let (v, render): (Value, fn(&Value) -> String) = match cmd {
+        Top::Node(NodeCmd::Run(_)) => unreachable!("handled by main"),
+        Top::Node(NodeCmd::Status) => (call(&c, "GET", "/v1/node", None)?, render_node),
+        Top::Pool(PoolCmd::Ls) => (call(&c, "GET", "/v1/pool", None)?, render_pool),
+        Top::Volume(cmd) => match cmd {
+            VolumeCmd::Create { name, size, fs } => {
+                let mut body = json!({ "name": name, "size": size });
+                if let Some(fs) = fs {
+                    body["fs"] = json!(fs);
+                }
+                (call(&c, "POST", "/v1/volumes", Some(body))?, render_volume)
+            }
+            VolumeCmd::Ls => (call(&c, "GET", "/v1/volumes", None)?, render_volumes),
+            VolumeCmd::Inspect { name } => (call(&c, "GET", &format!("/v1/volumes/{}", seg(&name)), None)?, render_volume),
+            VolumeCmd::Resize { name, size } => {
+                (call(&c, "PATCH", &format!("/v1/volumes/{}", seg(&name)), Some(json!({ "size": size })))?, render_volume)
+            }
+            VolumeCmd::Rm { name, force } => {
+                call(&c, "DELETE", &format!("/v1/volumes/{}?force={force}", seg(&name)), None)?;
+                (json!({ "deleted": name }), |v| format!("deleted {}", v["deleted"].as_str().unwrap_or_default()))
+            }
+            VolumeCmd::Attach { name } => {
+                (call(&c, "POST", &format!("/v1/volumes/{}/attach", seg(&name)), None)?, |v| {
+                    v["device"].as_str().unwrap_or_default().to_string()
+                })
+            }
+            VolumeCmd::Detach { name } => (call(&c, "POST", &format!("/v1/volumes/{}/detach", seg(&name)), None)?, render_volume),
+            VolumeCmd::Mount { name, path } => {
+                let body = json!({ "path": absolute(path)? });
+                (call(&c, "POST", &format!("/v1/volumes/{}/mount", seg(&name)), Some(body))?, render_volume)
+            }
+            VolumeCmd::Unmount { name, path } => {
+                let body = json!({ "path": absolute(path)? });
+                (call(&c, "POST", &format!("/v1/volumes/{}/unmount", seg(&name)), Some(body))?, render_volume)
+            }
+        },
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&v).expect("serialisable")),
+        Output::Table => println!("{}", render(&v)),
+    }
+    Ok(())
+}
+
+fn bytes(v: &Value) -> String {
+    ByteSize(v.as_u64().unwrap_or(0)).to_string()
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn render_volumes(v: &Value) -> String {
+    let rows = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    vec![s(&x["name"]), bytes(&x["size_bytes"]), s(&x["fs"]), s(&x["state"]), s(&x["device"]), bytes(&x["allocated_bytes"])]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["NAME", "SIZE", "FS", "STATE", "DEVICE", "ALLOCATED"], rows)
+}
+
+fn render_volume(v: &Value) -> String {
+    let mounts = v["mounts"].as_array().map(|m| m.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    [
+        ("Name", s(&v["name"])),
+        ("ID", s(&v["id"])),
+        ("Size", format!("{} ({} bytes)", bytes(&v["size_bytes"]), s(&v["size_bytes"]))),
+        ("Filesystem", s(&v["fs"])),
+        ("Formatted", s(&v["formatted"])),
+        ("State", s(&v["state"])),
+        ("Device", s(&v["device"])),
+        ("Mounts", if mounts.is_empty() { "-".into() } else { mounts }),
+        ("Allocated", bytes(&v["allocated_bytes"])),
+        ("Epoch", s(&v["epoch"])),
+        ("Attached node", s(&v["attached_node"])),
+    ]
+    .iter()
+    .map(|(k, val)| format!("{k:<14}{val}"))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+fn render_pool(v: &Value) -> String {
+    let head = format!(
+        "Pool {}: capacity {}, allocated {}, free {}, provisioned {} (extent {})\n",
+        s(&v["id"]),
+        bytes(&v["capacity_bytes"]),
+        bytes(&v["allocated_bytes"]),
+        bytes(&v["free_bytes"]),
+        bytes(&v["provisioned_bytes"]),
+        bytes(&v["extent_size_bytes"]),
+    );
+    let rows = v["devices"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| vec![s(&d["index"]), s(&d["path"]), s(&d["kind"]), bytes(&d["capacity_bytes"]), bytes(&d["allocated_bytes"])])
+                .collect()
+        })
+        .unwrap_or_default();
+    head + &table(&["INDEX", "PATH", "KIND", "CAPACITY", "ALLOCATED"], rows)
+}
+
+fn render_node(v: &Value) -> String {
+    [
+        ("Name", s(&v["name"])),
+        ("ID", s(&v["id"])),
+        ("Version", s(&v["version"])),
+        ("Data dir", s(&v["data_dir"])),
+        ("API", s(&v["api_listen"])),
+        ("NBD socket", s(&v["nbd_socket"])),
+        ("NBD TCP", s(&v["nbd_listen"])),
+        ("Volumes", format!("{} ({} attached here)", s(&v["volumes"]), s(&v["attached_volumes"]))),
+        ("Pool", format!("{} allocated of {}", bytes(&v["pool_allocated_bytes"]), bytes(&v["pool_capacity_bytes"]))),
+        ("Uptime", format!("{}s", s(&v["uptime_seconds"]))),
+    ]
+    .iter()
+    .map(|(k, val)| format!("{k:<12}{val}"))
+    .collect::<Vec<_>>()
+    .join("\n")
+}

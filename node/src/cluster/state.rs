@@ -1,0 +1,229 @@
+//! The cluster state machine. `apply` validates a command completely before
+//! changing anything, so a refused command leaves the state untouched.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{FsType, NodeId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
+
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub fs: FsType,
+    /// Set once the filesystem was created; mkfs never runs again after.
+    pub formatted: bool,
+    /// Bumped by every attach; replicas accept I/O only from the current epoch.
+    pub epoch: u64,
+    pub attachment: Option<Attachment>,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    pub node: NodeId,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    CreateVolume { id: VolumeId, name: String, size_bytes: u64, fs: FsType, created_unix_ms: u64 },
+    ResizeVolume { id: VolumeId, size_bytes: u64 },
+    DeleteVolume { id: VolumeId },
+    Attach { id: VolumeId, node: NodeId },
+    Detach { id: VolumeId, node: NodeId },
+    MarkFormatted { id: VolumeId },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("volume id {0} already exists")]
+    VolumeIdExists(VolumeId),
+    #[error("volume {0} not found")]
+    VolumeNotFound(VolumeId),
+    #[error("size {0} bytes is invalid: sizes are positive multiples of {SIZE_ALIGN} up to {MAX_VOLUME_SIZE}")]
+    InvalidSize(u64),
+    #[error("volume can only grow: {current} bytes now, {requested} requested")]
+    Shrink { current: u64, requested: u64 },
+    #[error("volume {id} is attached to node {node}")]
+    AttachedElsewhere { id: VolumeId, node: NodeId },
+    #[error("volume {0} is attached; detach it before deleting")]
+    Attached(VolumeId),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterState {
+    pub version: u32,
+    /// Number of commands applied; the Raft applied index later.
+    pub applied: u64,
+    pub volumes: BTreeMap<VolumeId, Volume>,
+}
+
+fn valid_size(size: u64) -> bool {
+    size > 0 && size % SIZE_ALIGN == 0 && size <= MAX_VOLUME_SIZE
+}
+
+impl ClusterState {
+    pub fn new() -> Self {
+        ClusterState { version: STATE_VERSION, applied: 0, volumes: BTreeMap::new() }
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+
+    fn volume(&self, id: VolumeId) -> Result<&Volume, StateError> {
+        self.volumes.get(&id).ok_or(StateError::VolumeNotFound(id))
+    }
+
+    /// Applies one command. On error nothing changed.
+    pub fn apply(&mut self, cmd: &Command) -> Result<(), StateError> {
+        match cmd {
+            Command::CreateVolume { id, name, size_bytes, fs, created_unix_ms } => {
+                if self.volume_by_name(name).is_some() {
+                    return Err(StateError::VolumeExists(name.clone()));
+                }
+                if self.volumes.contains_key(id) {
+                    return Err(StateError::VolumeIdExists(*id));
+                }
+                if !valid_size(*size_bytes) {
+                    return Err(StateError::InvalidSize(*size_bytes));
+                }
+                self.volumes.insert(
+                    *id,
+                    Volume {
+                        id: *id,
+                        name: name.clone(),
+                        size_bytes: *size_bytes,
+                        fs: *fs,
+                        formatted: false,
+                        epoch: 0,
+                        attachment: None,
+                        created_unix_ms: *created_unix_ms,
+                    },
+                );
+            }
+            Command::ResizeVolume { id, size_bytes } => {
+                let v = self.volume(*id)?;
+                if !valid_size(*size_bytes) {
+                    return Err(StateError::InvalidSize(*size_bytes));
+                }
+                if *size_bytes < v.size_bytes {
+                    return Err(StateError::Shrink { current: v.size_bytes, requested: *size_bytes });
+                }
+                self.volumes.get_mut(id).expect("checked").size_bytes = *size_bytes;
+            }
+            Command::DeleteVolume { id } => {
+                let v = self.volume(*id)?;
+                if v.attachment.is_some() {
+                    return Err(StateError::Attached(*id));
+                }
+                self.volumes.remove(id);
+            }
+            Command::Attach { id, node } => {
+                let v = self.volume(*id)?;
+                match &v.attachment {
+                    Some(a) if a.node != *node => return Err(StateError::AttachedElsewhere { id: *id, node: a.node }),
+                    Some(_) => {}
+                    None => {
+                        let v = self.volumes.get_mut(id).expect("checked");
+                        v.epoch += 1;
+                        v.attachment = Some(Attachment { node: *node, epoch: v.epoch });
+                    }
+                }
+            }
+            Command::Detach { id, node } => {
+                let v = self.volume(*id)?;
+                match &v.attachment {
+                    Some(a) if a.node != *node => return Err(StateError::AttachedElsewhere { id: *id, node: a.node }),
+                    _ => self.volumes.get_mut(id).expect("checked").attachment = None,
+                }
+            }
+            Command::MarkFormatted { id } => {
+                self.volume(*id)?;
+                self.volumes.get_mut(id).expect("checked").formatted = true;
+            }
+        }
+        self.applied += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Id128;
+
+    fn create(id: VolumeId, name: &str) -> Command {
+        Command::CreateVolume { id, name: name.into(), size_bytes: 1 << 30, fs: FsType::Ext4, created_unix_ms: 1 }
+    }
+
+    #[test]
+    fn refused_commands_change_nothing() {
+        let mut s = ClusterState::new();
+        let (a, b, n1, n2) = (Id128::random(), Id128::random(), Id128::random(), Id128::random());
+        s.apply(&create(a, "a")).expect("create");
+        let before = s.clone();
+        let refused = [
+            create(b, "a"),
+            create(a, "b"),
+            Command::CreateVolume { id: b, name: "b".into(), size_bytes: 0, fs: FsType::Ext4, created_unix_ms: 1 },
+            Command::CreateVolume { id: b, name: "b".into(), size_bytes: 1000, fs: FsType::Ext4, created_unix_ms: 1 },
+            Command::ResizeVolume { id: a, size_bytes: 4096 },
+            Command::ResizeVolume { id: b, size_bytes: 2 << 30 },
+            Command::DeleteVolume { id: b },
+        ];
+        for c in &refused {
+            assert!(s.apply(c).is_err(), "{c:?} was accepted");
+            assert_eq!(s, before, "{c:?} changed the state");
+        }
+        s.apply(&Command::Attach { id: a, node: n1 }).expect("attach");
+        let attached = s.clone();
+        for c in [Command::Attach { id: a, node: n2 }, Command::Detach { id: a, node: n2 }, Command::DeleteVolume { id: a }] {
+            assert!(s.apply(&c).is_err(), "{c:?} was accepted");
+            assert_eq!(s, attached);
+        }
+    }
+
+    #[test]
+    fn attach_bumps_epoch_once_and_is_idempotent() {
+        let mut s = ClusterState::new();
+        let (a, n) = (Id128::random(), Id128::random());
+        s.apply(&create(a, "a")).expect("create");
+        s.apply(&Command::Attach { id: a, node: n }).expect("attach");
+        s.apply(&Command::Attach { id: a, node: n }).expect("again");
+        assert_eq!(s.volumes[&a].epoch, 1);
+        s.apply(&Command::Detach { id: a, node: n }).expect("detach");
+        s.apply(&Command::Detach { id: a, node: n }).expect("again");
+        s.apply(&Command::Attach { id: a, node: n }).expect("attach");
+        assert_eq!(s.volumes[&a].epoch, 2);
+    }
+
+    #[test]
+    fn replay_is_deterministic() {
+        let (a, n) = (Id128::random(), Id128::random());
+        let cmds = vec![
+            create(a, "a"),
+            Command::ResizeVolume { id: a, size_bytes: 2 << 30 },
+            Command::Attach { id: a, node: n },
+            Command::MarkFormatted { id: a },
+        ];
+        let (mut s1, mut s2) = (ClusterState::new(), ClusterState::new());
+        for c in &cmds {
+            s1.apply(c).expect("apply");
+            let json = serde_json::to_string(c).expect("encode");
+            s2.apply(&serde_json::from_str(&json).expect("decode")).expect("apply");
+        }
+        assert_eq!(s1, s2);
+    }
+}

@@ -1,0 +1,191 @@
+//! The daemon's configuration: TOML file, then environment, then flags (clap
+//! handles env < flag; both override the file). Validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::pool::DiskSpec;
+use crate::types::ByteSize;
+
+/// Size of the file-backed disk created when no disk is configured.
+pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+pub const DEFAULT_DATA_DIR: &str = "cairn-data";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// TOML config file (keys as the long flags, with '_' for '-').
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for metadata, the FUSE mount, sockets and default disks.
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// An existing block device to add to the pool (repeatable).
+    #[arg(long = "disk", env = "CAIRN_DISKS", value_delimiter = ',')]
+    pub disks: Vec<PathBuf>,
+    /// A file-backed device PATH:SIZE, created (sparse) if absent (repeatable).
+    #[arg(long = "disk-file", env = "CAIRN_DISK_FILES", value_delimiter = ',')]
+    pub disk_files: Vec<String>,
+    /// Address of the REST admin API.
+    #[arg(long, env = "CAIRN_LISTEN")]
+    pub listen: Option<String>,
+    /// Unix socket of the NBD export (default: DATA_DIR/nbd.sock).
+    #[arg(long, env = "CAIRN_NBD_SOCKET")]
+    pub nbd_socket: Option<PathBuf>,
+    /// Also serve NBD on this TCP address (off by default).
+    #[arg(long, env = "CAIRN_NBD_LISTEN")]
+    pub nbd_listen: Option<String>,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "CAIRN_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Number of FUSE session threads (default 16).
+    #[arg(long, env = "CAIRN_FUSE_THREADS")]
+    pub fuse_threads: Option<usize>,
+    /// Erase devices that carry other data or another pool's superblock.
+    #[arg(long)]
+    pub force_format: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    disks: Vec<PathBuf>,
+    #[serde(default)]
+    disk_files: Vec<String>,
+    listen: Option<String>,
+    nbd_socket: Option<PathBuf>,
+    nbd_listen: Option<String>,
+    node_name: Option<String>,
+    fuse_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub disks: Vec<DiskSpec>,
+    pub listen: SocketAddr,
+    pub nbd_socket: PathBuf,
+    pub nbd_listen: Option<String>,
+    pub node_name: String,
+    pub fuse_threads: usize,
+    pub force_format: bool,
+}
+
+fn parse_disk_file(s: &str) -> Result<DiskSpec, String> {
+    let (path, size) = s.rsplit_once(':').ok_or_else(|| format!("--disk-file {s:?}: expected PATH:SIZE, e.g. /var/lib/cairn/d0.img:100GiB"))?;
+    if path.is_empty() {
+        return Err(format!("--disk-file {s:?}: the path is empty"));
+    }
+    let size = size.parse::<ByteSize>().map_err(|e| format!("--disk-file {s:?}: {e}"))?.0;
+    if size < 2 * crate::pool::EXTENT_SIZE {
+        return Err(format!("--disk-file {s:?}: size must be at least 2 MiB"));
+    }
+    Ok(DiskSpec::File(PathBuf::from(path), size))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir().map_err(|e| format!("current directory: {e}"))?.join(p))
+    }
+}
+
+impl Config {
+    pub fn resolve(args: RunArgs) -> Result<Config, String> {
+        let file: FileConfig = match &args.config {
+            None => FileConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("config file {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config file {}: {e}", p.display()))?
+            }
+        };
+        let data_dir = absolute(&args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))?;
+        let block = if args.disks.is_empty() { file.disks } else { args.disks };
+        let files = if args.disk_files.is_empty() { file.disk_files } else { args.disk_files };
+        let mut disks: Vec<DiskSpec> = block.into_iter().map(|p| absolute(&p).map(DiskSpec::Block)).collect::<Result<_, _>>()?;
+        for f in files {
+            let DiskSpec::File(p, size) = parse_disk_file(&f)? else { unreachable!("parse_disk_file returns files") };
+            disks.push(DiskSpec::File(absolute(&p)?, size));
+        }
+        if disks.is_empty() {
+            disks.push(DiskSpec::File(data_dir.join("disks").join("disk0.img"), DEFAULT_DISK_SIZE));
+        }
+        let listen_s = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_s.parse().map_err(|e| format!("--listen {listen_s:?}: {e}"))?;
+        let nbd_socket = absolute(&args.nbd_socket.or(file.nbd_socket).unwrap_or_else(|| data_dir.join("nbd.sock")))?;
+        let nbd_listen = args.nbd_listen.or(file.nbd_listen);
+        if let Some(a) = &nbd_listen {
+            a.parse::<SocketAddr>().map_err(|e| format!("--nbd-listen {a:?}: {e}"))?;
+        }
+        let node_name = match args.node_name.or(file.node_name) {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into()),
+        };
+        let fuse_threads = args.fuse_threads.or(file.fuse_threads).unwrap_or(16);
+        if !(1..=256).contains(&fuse_threads) {
+            return Err(format!("--fuse-threads {fuse_threads}: must be between 1 and 256"));
+        }
+        Ok(Config { data_dir, disks, listen, nbd_socket, nbd_listen, node_name, fuse_threads, force_format: args.force_format })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            config: None,
+            data_dir: None,
+            disks: vec![],
+            disk_files: vec![],
+            listen: None,
+            nbd_socket: None,
+            nbd_listen: None,
+            node_name: Some("n".into()),
+            fuse_threads: None,
+            force_format: false,
+        }
+    }
+
+    #[test]
+    fn defaults_use_a_disk_file_in_the_data_dir() {
+        let mut a = args();
+        a.data_dir = Some("/tmp/x".into());
+        let c = Config::resolve(a).expect("valid");
+        assert_eq!(c.disks, vec![DiskSpec::File("/tmp/x/disks/disk0.img".into(), DEFAULT_DISK_SIZE)]);
+        assert_eq!(c.nbd_socket, PathBuf::from("/tmp/x/nbd.sock"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("cairn-cfg-{}", crate::types::Id128::random()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1\"\n").expect("write");
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.listen = Some("127.0.0.1:2".into());
+        let c = Config::resolve(a).expect("valid");
+        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.listen.port(), 2);
+        std::fs::write(&f, "colour = 1\n").expect("write");
+        let mut a = args();
+        a.config = Some(f);
+        assert!(Config::resolve(a).unwrap_err().contains("colour"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn bad_disk_files() {
+        assert!(parse_disk_file("/x").is_err());
+        assert!(parse_disk_file("/x:abc").is_err());
+        assert!(parse_disk_file("/x:1K").is_err());
+        assert_eq!(parse_disk_file("/x:2GiB"), Ok(DiskSpec::File("/x".into(), 2 << 30)));
+    }
+}

@@ -1,0 +1,295 @@
+//! A replica: one volume's copy on this node — its extent map, persisted in
+//! the node's sled db, and its data in pool extents allocated on first write.
+//!
+//! Invariants:
+//! - A logical extent with no map entry reads as zeros.
+//! - A map entry is inserted before the data write it serves is acknowledged
+//!   and made durable by [`LocalReplica::flush`] after the data (pool sync
+//!   first, then the db), so an acknowledged flush covers both.
+//! - An extent leaves the map only after it was zeroed durably, and returns to
+//!   the pool only after the removal is durable (see `pool`'s invariants).
+//! - Freeing an extent waits for in-flight I/O of the replica (`free_gate`),
+//!   so a write never lands in an extent that was handed to another volume.
+
+mod table;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use table::ExtentTable;
+
+use crate::pool::{ExtentAddr, Pool, PoolError, IO_ALIGN};
+use crate::sys::AlignedBuf;
+use crate::types::VolumeId;
+
+/// Errors of one replica I/O, mapped to errno by the frontends.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("pool is full: no space for a new extent")]
+    NoSpace,
+    #[error("I/O error on the pool: {0}")]
+    Io(#[from] io::Error),
+    #[error("extent map: {0}")]
+    Meta(String),
+}
+
+impl ReplicaError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            ReplicaError::NoSpace => libc::ENOSPC,
+            ReplicaError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            ReplicaError::Meta(_) => libc::EIO,
+        }
+    }
+}
+
+pub fn tree_name(volume: VolumeId) -> String {
+    format!("extents/{volume}")
+}
+
+pub struct LocalReplica {
+    pub volume: VolumeId,
+    pool: Arc<Pool>,
+    db: sled::Db,
+    tree: sled::Tree,
+    table: RwLock<ExtentTable>,
+    /// Serialises allocation so two writers never allocate one logical extent twice.
+    alloc_lock: Mutex<()>,
+    /// Read-held by every I/O, write-held while extents are freed.
+    free_gate: RwLock<()>,
+    map_dirty: AtomicBool,
+    allocated_extents: AtomicU64,
+}
+
+impl LocalReplica {
+    /// Loads the replica's map (creating an empty one), returning the extents
+    /// it owns so the caller can claim them in the pool.
+    pub fn load(db: &sled::Db, pool: Arc<Pool>, volume: VolumeId) -> Result<(LocalReplica, Vec<ExtentAddr>), ReplicaError> {
+        let tree = db.open_tree(tree_name(volume)).map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        let mut table = ExtentTable::default();
+        let mut owned = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(|e| ReplicaError::Meta(e.to_string()))?;
+            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| ReplicaError::Meta(format!("bad key length {}", k.len())))?;
+            let val: [u8; 8] = v.as_ref().try_into().map_err(|_| ReplicaError::Meta(format!("bad value length {}", v.len())))?;
+            let logical = u64::from_be_bytes(key);
+            let addr = ExtentAddr::unpack(u64::from_le_bytes(val))
+                .ok_or_else(|| ReplicaError::Meta(format!("invalid extent address for logical extent {logical}")))?;
+            table.set(logical, Some(addr));
+            owned.push(addr);
+        }
+        let n = owned.len() as u64;
+        let r = LocalReplica {
+            volume,
+            pool,
+            db: db.clone(),
+            tree,
+            table: RwLock::new(table),
+            alloc_lock: Mutex::new(()),
+            free_gate: RwLock::new(()),
+            map_dirty: AtomicBool::new(false),
+            allocated_extents: AtomicU64::new(n),
+        };
+        Ok((r, owned))
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_extents.load(Ordering::Relaxed) * self.pool.extent_size
+    }
+
+    fn lookup(&self, logical: u64) -> Option<ExtentAddr> {
+        self.table.read().expect("table lock").get(logical)
+    }
+
+    fn lookup_or_allocate(&self, logical: u64) -> Result<ExtentAddr, ReplicaError> {
+        if let Some(a) = self.lookup(logical) {
+            return Ok(a);
+        }
+        let _g = self.alloc_lock.lock().expect("alloc lock");
+        if let Some(a) = self.lookup(logical) {
+            return Ok(a);
+        }
+        let addr = self.pool.allocate().map_err(|e| match e {
+            PoolError::Full => ReplicaError::NoSpace,
+            other => ReplicaError::Meta(other.to_string()),
+        })?;
+        if let Err(e) = self.tree.insert(logical.to_be_bytes(), &addr.pack().to_le_bytes()) {
+            self.pool.release(&[addr]);
+            return Err(ReplicaError::Meta(e.to_string()));
+        }
+        self.map_dirty.store(true, Ordering::Release);
+        self.table.write().expect("table lock").set(logical, Some(addr));
+        self.allocated_extents.fetch_add(1, Ordering::Relaxed);
+        Ok(addr)
+    }
+
+    fn aligned(offset: u64, buf: &[u8]) -> bool {
+        offset % IO_ALIGN as u64 == 0 && buf.len() % IO_ALIGN == 0 && (buf.as_ptr() as usize) % IO_ALIGN == 0
+    }
+
+    /// Reads into `buf`. Fast path: offset, length and buffer aligned to
+    /// 4 KiB; anything else goes through a bounce buffer.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        if !Self::aligned(offset, buf) {
+            return self.read_unaligned(offset, buf);
+        }
+        let _gate = self.free_gate.read().expect("free gate");
+        let es = self.pool.extent_size;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let abs = offset + pos as u64;
+            let (logical, within) = (abs / es, abs % es);
+            let n = ((es - within) as usize).min(buf.len() - pos);
+            let dst = &mut buf[pos..pos + n];
+            match self.lookup(logical) {
+                None => dst.fill(0),
+                Some(addr) => self.pool.read(addr, within, dst)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf`; same alignment rules as [`LocalReplica::read`].
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
+        if !Self::aligned(offset, buf) {
+            return self.write_unaligned(offset, buf);
+        }
+        let _gate = self.free_gate.read().expect("free gate");
+        let es = self.pool.extent_size;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let abs = offset + pos as u64;
+            let (logical, within) = (abs / es, abs % es);
+            let n = ((es - within) as usize).min(buf.len() - pos);
+            let addr = self.lookup_or_allocate(logical)?;
+            self.pool.write(addr, within, &buf[pos..pos + n])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn bounce_range(offset: u64, len: usize) -> (u64, usize) {
+        let a = IO_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + len as u64).div_ceil(a) * a;
+        (start, (end - start) as usize)
+    }
+
+    fn read_unaligned(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        let (start, blen) = Self::bounce_range(offset, buf.len());
+        let mut tmp = AlignedBuf::new(blen, IO_ALIGN);
+        self.read(start, tmp.as_mut_slice())?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// Read-modify-write of the covering aligned range. Clients that send
+    /// unaligned writes (NBD) are told the 4 KiB minimum block size and
+    /// serialise their own overlapping requests; the loop device never does.
+    fn write_unaligned(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
+        let (start, blen) = Self::bounce_range(offset, buf.len());
+        let mut tmp = AlignedBuf::new(blen, IO_ALIGN);
+        let skip = (offset - start) as usize;
+        let head_partial = skip != 0;
+        let tail_partial = (skip + buf.len()) % IO_ALIGN != 0;
+        if head_partial || tail_partial {
+            self.read(start, tmp.as_mut_slice())?;
+        }
+        tmp.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.write(start, tmp.as_slice())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. Whole extents are freed
+    /// back to the pool (thin provisioning); partial ranges of allocated
+    /// extents are zeroed in place.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        let es = self.pool.extent_size;
+        let mut whole = Vec::new();
+        let mut pos = 0u64;
+        while pos < len {
+            let abs = offset + pos;
+            let (logical, within) = (abs / es, abs % es);
+            let n = (es - within).min(len - pos);
+            if within == 0 && n == es {
+                whole.push(logical);
+            } else if let Some(addr) = self.lookup(logical) {
+                let a = IO_ALIGN as u64;
+                let (s, e) = (within.div_ceil(a) * a, (within + n) / a * a);
+                if s < e {
+                    let _gate = self.free_gate.read().expect("free gate");
+                    self.pool.zero(addr, s, e - s)?;
+                }
+                // Unaligned edges are written with zeros through the normal path.
+                let edges = [(within, s.min(within + n)), (e.max(within), within + n)];
+                for (from, to) in edges {
+                    if from < to {
+                        let zeros = vec![0u8; (to - from) as usize];
+                        self.write(logical * es + from, &zeros)?;
+                    }
+                }
+            }
+            pos += n;
+        }
+        if !whole.is_empty() {
+            self.free_extents(&whole)?;
+        }
+        Ok(())
+    }
+
+    /// Frees whole logical extents: zero them durably, drop them from the map
+    /// durably, then give them back to the pool.
+    fn free_extents(&self, logical: &[u64]) -> Result<(), ReplicaError> {
+        let _gate = self.free_gate.write().expect("free gate");
+        let victims: Vec<(u64, ExtentAddr)> =
+            logical.iter().filter_map(|l| self.lookup(*l).map(|a| (*l, a))).collect();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        for (_, addr) in &victims {
+            self.pool.zero(*addr, 0, self.pool.extent_size)?;
+        }
+        self.pool.sync()?;
+        let mut batch = sled::Batch::default();
+        for (l, _) in &victims {
+            batch.remove(&l.to_be_bytes());
+        }
+        self.tree.apply_batch(batch).map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.db.flush().map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        {
+            let mut t = self.table.write().expect("table lock");
+            for (l, _) in &victims {
+                t.set(*l, None);
+            }
+        }
+        let addrs: Vec<ExtentAddr> = victims.iter().map(|v| v.1).collect();
+        self.allocated_extents.fetch_sub(addrs.len() as u64, Ordering::Relaxed);
+        self.pool.release(&addrs);
+        Ok(())
+    }
+
+    /// Durability point: every acknowledged write and map change is on
+    /// stable storage when this returns Ok.
+    pub fn flush(&self) -> Result<(), ReplicaError> {
+        self.pool.sync()?;
+        if self.map_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.db.flush() {
+                self.map_dirty.store(true, Ordering::Release);
+                return Err(ReplicaError::Meta(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the replica: frees all its extents and drops its map.
+    pub fn destroy(&self) -> Result<(), ReplicaError> {
+        let all: Vec<u64> = self.table.read().expect("table lock").logical_extents();
+        self.free_extents(&all)?;
+        let name = tree_name(self.volume);
+        self.db.drop_tree(name).map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.db.flush().map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        Ok(())
+    }
+}

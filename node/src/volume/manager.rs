@@ -1,0 +1,738 @@
+//! The volume manager proper. Locking: `busy` admits one operation per volume
+//! at a time (a second one gets [`VolumeError::Busy`]); `runtime` maps volume
+//! ids to their open replica and engine; `exports` counts NBD users and is
+//! the lock under which attach and NBD writers exclude each other. No lock is
+//! held across a command that runs a program (mkfs, resize2fs).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use cairn_proto::api::{self, SizeArg, VolumeCreate};
+use serde::{Deserialize, Serialize};
+
+use super::mount;
+use super::VolumeError;
+use crate::cluster::state::{Command, StateError, Volume};
+use crate::cluster::store::{ClusterStore, StoreError};
+use crate::engine::metrics::{render_headers, VolumeMetrics};
+use crate::engine::{Engine, Replica};
+use crate::frontend::fuse::FuseServer;
+use crate::frontend::nbd::{Export, ExportProvider};
+use crate::pool::Pool;
+use crate::replica::{self, LocalReplica};
+use crate::sys::loopdev;
+use crate::types::{now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
+
+pub struct ManagerConfig {
+    pub node_id: NodeId,
+    pub fuse_dir: PathBuf,
+    pub fuse_threads: usize,
+}
+
+/// What this node did to the kernel for an attached volume, persisted so a
+/// restart can re-serve it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalAttachment {
+    device: String,
+    mounts: Vec<String>,
+}
+
+struct Runtime {
+    replica: Arc<LocalReplica>,
+    engine: Arc<Engine>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct ExportUse {
+    readers: usize,
+    writers: usize,
+}
+
+pub struct VolumeManager {
+    cfg: ManagerConfig,
+    db: sled::Db,
+    pool: Arc<Pool>,
+    store: Arc<ClusterStore>,
+    local: sled::Tree,
+    fuse: Mutex<Option<FuseServer>>,
+    runtime: RwLock<HashMap<VolumeId, Runtime>>,
+    busy: Mutex<HashSet<VolumeId>>,
+    exports: Mutex<HashMap<VolumeId, ExportUse>>,
+    pub started: Instant,
+}
+
+/// Admits one operation on a volume; released on drop.
+struct OpGuard<'a> {
+    busy: &'a Mutex<HashSet<VolumeId>>,
+    id: VolumeId,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        self.busy.lock().expect("busy lock").remove(&self.id);
+    }
+}
+
+fn store_err(e: StoreError) -> VolumeError {
+    VolumeError::Store(e.to_string())
+}
+
+pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
+    let bytes = match arg {
+        SizeArg::Bytes(b) => *b,
+        SizeArg::Text(t) => t.parse::<ByteSize>().map_err(|e| VolumeError::InvalidSize(e.to_string()))?.0,
+    };
+    if bytes == 0 {
+        return Err(VolumeError::InvalidSize(format!("size {arg} must be greater than zero")));
+    }
+    if bytes > MAX_VOLUME_SIZE {
+        return Err(VolumeError::InvalidSize(format!(
+            "size {arg} ({bytes} bytes) exceeds the maximum volume size of {}",
+            ByteSize(MAX_VOLUME_SIZE)
+        )));
+    }
+    Ok(bytes.div_ceil(SIZE_ALIGN) * SIZE_ALIGN)
+}
+
+impl VolumeManager {
+    /// Opens every replica, claims its extents, removes orphans, cleans stale
+    /// kernel state, mounts FUSE and re-serves this node's attachments.
+    pub fn open(cfg: ManagerConfig, db: sled::Db, pool: Arc<Pool>, store: Arc<ClusterStore>) -> Result<Arc<Self>, String> {
+        let local = db.open_tree("local_attachments").map_err(|e| e.to_string())?;
+        let volumes: Vec<Volume> = store.read().volumes.values().cloned().collect();
+        let mut runtime = HashMap::new();
+        let mut claimed = Vec::new();
+        for v in &volumes {
+            let (rep, owned) = LocalReplica::load(&db, pool.clone(), v.id).map_err(|e| format!("volume {}: {e}", v.name))?;
+            claimed.extend(owned);
+            let rep = Arc::new(rep);
+            let engine = Arc::new(Engine::new(
+                v.id,
+                v.size_bytes,
+                vec![rep.clone() as Arc<dyn Replica>],
+                Arc::new(VolumeMetrics::default()),
+            ));
+            runtime.insert(v.id, Runtime { replica: rep, engine });
+        }
+        // Orphans: replicas of volumes the state no longer has (a crash
+        // between the delete command and freeing the space).
+        for name in db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let Some(id) = name.strip_prefix("extents/").and_then(|s| s.parse::<VolumeId>().ok()) else { continue };
+            if runtime.contains_key(&id) {
+                continue;
+            }
+            tracing::info!(volume = %id, "freeing the space of a deleted volume");
+            let (rep, mut owned) = LocalReplica::load(&db, pool.clone(), id).map_err(|e| e.to_string())?;
+            pool.claim_all(&mut owned).map_err(|a| format!("orphan replica {id} claims {a:?} twice"))?;
+            rep.destroy().map_err(|e| format!("freeing orphan replica {id}: {e}"))?;
+        }
+        pool.claim_all(&mut claimed).map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
+
+        mount::cleanup_stale(&cfg.fuse_dir);
+        let fuse = FuseServer::mount(&cfg.fuse_dir, cfg.fuse_threads)
+            .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?;
+        let mgr = Arc::new(VolumeManager {
+            cfg,
+            db,
+            pool,
+            store,
+            local,
+            fuse: Mutex::new(Some(fuse)),
+            runtime: RwLock::new(runtime),
+            busy: Mutex::new(HashSet::new()),
+            exports: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        });
+        mgr.reserve_attachments();
+        Ok(mgr)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn guard(&self, id: VolumeId, name: &str) -> Result<OpGuard<'_>, VolumeError> {
+        if !self.busy.lock().expect("busy lock").insert(id) {
+            return Err(VolumeError::Busy(name.into()));
+        }
+        Ok(OpGuard { busy: &self.busy, id })
+    }
+
+    fn find(&self, name: &str) -> Result<Volume, VolumeError> {
+        self.store.read().volume_by_name(name).cloned().ok_or_else(|| VolumeError::NotFound(name.into()))
+    }
+
+    fn engine(&self, id: VolumeId) -> Result<Arc<Engine>, VolumeError> {
+        self.runtime
+            .read()
+            .expect("runtime lock")
+            .get(&id)
+            .map(|r| r.engine.clone())
+            .ok_or_else(|| VolumeError::Store(format!("volume {id} has no open replica")))
+    }
+
+    fn local_record(&self, id: VolumeId) -> Option<LocalAttachment> {
+        let v = self.local.get(id.to_string()).ok().flatten()?;
+        serde_json::from_slice(&v).ok()
+    }
+
+    fn save_local(&self, id: VolumeId, rec: Option<&LocalAttachment>) -> Result<(), VolumeError> {
+        let key = id.to_string();
+        let r = match rec {
+            Some(rec) => self.local.insert(key, serde_json::to_vec(rec).expect("serialisable")).map(|_| ()),
+            None => self.local.remove(key).map(|_| ()),
+        };
+        r.and_then(|_| self.db.flush().map(|_| ())).map_err(|e| VolumeError::Store(e.to_string()))
+    }
+
+    fn propose(&self, cmd: Command, name: &str) -> Result<(), VolumeError> {
+        match self.store.propose(cmd) {
+            Ok(_) => Ok(()),
+            Err(StoreError::Refused(e)) => Err(match e {
+                StateError::VolumeExists(n) => VolumeError::AlreadyExists(n),
+                StateError::VolumeNotFound(_) => VolumeError::NotFound(name.into()),
+                StateError::InvalidSize(s) => VolumeError::InvalidSize(format!("{s} bytes")),
+                StateError::Shrink { current, requested } => VolumeError::Shrink { name: name.into(), current, requested },
+                StateError::AttachedElsewhere { node, .. } => VolumeError::AttachedElsewhere { name: name.into(), node: node.to_string() },
+                StateError::Attached(_) => VolumeError::Attached { name: name.into(), node: "?".into() },
+                other => VolumeError::Store(other.to_string()),
+            }),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    // ---- queries -------------------------------------------------------
+
+    fn info(&self, v: &Volume) -> api::VolumeInfo {
+        let rec = self.local_record(v.id);
+        let allocated = self.runtime.read().expect("runtime lock").get(&v.id).map(|r| r.replica.allocated_bytes()).unwrap_or(0);
+        let device = rec.as_ref().map(|r| r.device.clone());
+        let mounts = rec.map(|r| r.mounts).unwrap_or_default();
+        let state = if !mounts.is_empty() {
+            "mounted"
+        } else if v.attachment.is_some() {
+            "attached"
+        } else {
+            "detached"
+        };
+        api::VolumeInfo {
+            id: v.id.to_string(),
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            fs: v.fs.as_str().into(),
+            state: state.into(),
+            device,
+            mounts,
+            allocated_bytes: allocated,
+            formatted: v.formatted,
+            epoch: v.epoch,
+            attached_node: v.attachment.as_ref().map(|a| a.node.to_string()),
+            created_unix_ms: v.created_unix_ms,
+        }
+    }
+
+    pub fn list(&self) -> Vec<api::VolumeInfo> {
+        let vols: Vec<Volume> = self.store.read().volumes.values().cloned().collect();
+        let mut out: Vec<_> = vols.iter().map(|v| self.info(v)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<api::VolumeInfo, VolumeError> {
+        Ok(self.info(&self.find(name)?))
+    }
+
+    pub fn pool_info(&self) -> api::PoolInfo {
+        let usage = self.pool.usage();
+        let provisioned = self.store.read().volumes.values().map(|v| v.size_bytes).sum();
+        let capacity: u64 = usage.iter().map(|u| u.1).sum();
+        let allocated: u64 = usage.iter().map(|u| u.2).sum();
+        api::PoolInfo {
+            id: self.pool.id.to_string(),
+            extent_size_bytes: self.pool.extent_size,
+            capacity_bytes: capacity,
+            allocated_bytes: allocated,
+            free_bytes: capacity - allocated,
+            provisioned_bytes: provisioned,
+            devices: usage
+                .iter()
+                .map(|(d, cap, used)| api::DeviceInfo {
+                    index: d.index,
+                    path: d.path.to_string_lossy().into_owned(),
+                    kind: if d.is_block { "block" } else { "file" }.into(),
+                    id: d.id.to_string(),
+                    capacity_bytes: *cap,
+                    allocated_bytes: *used,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        let s = self.store.read();
+        let attached = s.volumes.values().filter(|v| v.attachment.as_ref().is_some_and(|a| a.node == self.cfg.node_id)).count();
+        (s.volumes.len() as u64, attached as u64)
+    }
+
+    /// Prometheus text for every volume plus pool gauges.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let cap = self.pool.capacity_bytes();
+        let used = self.pool.allocated_bytes();
+        let _ = writeln!(out, "# HELP cairn_pool_capacity_bytes Usable pool capacity\n# TYPE cairn_pool_capacity_bytes gauge");
+        let _ = writeln!(out, "cairn_pool_capacity_bytes {cap}");
+        let _ = writeln!(out, "# HELP cairn_pool_allocated_bytes Pool bytes allocated to volumes\n# TYPE cairn_pool_allocated_bytes gauge");
+        let _ = writeln!(out, "cairn_pool_allocated_bytes {used}");
+        let names: HashMap<VolumeId, String> = self.store.read().volumes.values().map(|v| (v.id, v.name.clone())).collect();
+        render_headers(out);
+        let rt = self.runtime.read().expect("runtime lock");
+        let mut ids: Vec<_> = rt.keys().copied().collect();
+        ids.sort_by_key(|id| names.get(id).cloned());
+        for id in ids {
+            if let (Some(name), Some(r)) = (names.get(&id), rt.get(&id)) {
+                r.engine.metrics.render(out, name);
+                let _ = writeln!(out, "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {}", r.replica.allocated_bytes());
+            }
+        }
+    }
+
+    // ---- create / resize / delete ---------------------------------------
+
+    pub fn create(&self, req: &VolumeCreate) -> Result<api::VolumeInfo, VolumeError> {
+        validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
+        let size = parse_size(&req.size)?;
+        let fs = match &req.fs {
+            None => FsType::Ext4,
+            Some(s) => s.parse::<FsType>().map_err(VolumeError::InvalidFs)?,
+        };
+        if self.store.read().volume_by_name(&req.name).is_some() {
+            return Err(VolumeError::AlreadyExists(req.name.clone()));
+        }
+        let id = VolumeId::random();
+        let (rep, _) = LocalReplica::load(&self.db, self.pool.clone(), id).map_err(|e| VolumeError::Store(e.to_string()))?;
+        let rep = Arc::new(rep);
+        if let Err(e) = self.propose(
+            Command::CreateVolume { id, name: req.name.clone(), size_bytes: size, fs, created_unix_ms: now_unix_ms() },
+            &req.name,
+        ) {
+            let _ = self.db.drop_tree(replica::tree_name(id));
+            return Err(e);
+        }
+        let engine = Arc::new(Engine::new(id, size, vec![rep.clone() as Arc<dyn Replica>], Arc::new(VolumeMetrics::default())));
+        self.runtime.write().expect("runtime lock").insert(id, Runtime { replica: rep, engine });
+        tracing::info!(volume = %req.name, size, fs = fs.as_str(), "created volume");
+        self.inspect(&req.name)
+    }
+
+    pub fn resize(&self, name: &str, size: &SizeArg) -> Result<api::VolumeInfo, VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        let size = parse_size(size)?;
+        if size < v.size_bytes {
+            return Err(VolumeError::Shrink { name: name.into(), current: v.size_bytes, requested: size });
+        }
+        if size > v.size_bytes {
+            self.propose(Command::ResizeVolume { id: v.id, size_bytes: size }, name)?;
+            self.engine(v.id)?.set_size(size);
+            tracing::info!(volume = %name, size, "grew volume");
+        }
+        // Also when the size is unchanged: a retry after a failed filesystem
+        // grow completes it (resize2fs and xfs_growfs are idempotent).
+        if let Some(rec) = self.local_record(v.id) {
+            // The FUSE file reports the new size on its next stat (its
+            // attributes are never cached); the loop device re-reads it.
+            let file = self.fuse_path(v.id);
+            std::fs::metadata(&file).map_err(|e| VolumeError::Device(format!("stat {}: {e}", file.display())))?;
+            let dev = PathBuf::from(&rec.device);
+            loopdev::refresh_capacity(&dev)
+                .map_err(|e| VolumeError::Device(format!("loop capacity refresh on {}: {e}", rec.device)))?;
+            for m in &rec.mounts {
+                mount::grow(v.fs, &dev, Path::new(m)).map_err(VolumeError::Device)?;
+            }
+        }
+        self.inspect(name)
+    }
+
+    pub fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        if let Some(a) = &v.attachment {
+            if !force {
+                return Err(VolumeError::Attached { name: name.into(), node: a.node.to_string() });
+            }
+            if a.node != self.cfg.node_id {
+                return Err(VolumeError::AttachedElsewhere { name: name.into(), node: a.node.to_string() });
+            }
+        }
+        {
+            let ex = self.exports.lock().expect("exports lock");
+            if let Some(u) = ex.get(&v.id).filter(|u| u.readers + u.writers > 0) {
+                return Err(VolumeError::InUse { name: name.into(), why: format!("{} NBD connection(s) open", u.readers + u.writers) });
+            }
+        }
+        if v.attachment.is_some() {
+            self.teardown(&v, true)?;
+        }
+        self.propose(Command::DeleteVolume { id: v.id }, name)?;
+        let rt = self.runtime.write().expect("runtime lock").remove(&v.id);
+        if let Some(rt) = rt {
+            // The volume is gone from the state; if freeing fails here the
+            // next start frees the orphaned replica.
+            if let Err(e) = rt.replica.destroy() {
+                tracing::error!(volume = %name, error = %e, "freeing deleted volume's space failed; retried at next start");
+            }
+        }
+        tracing::info!(volume = %name, "deleted volume");
+        Ok(())
+    }
+
+    // ---- attach / detach -------------------------------------------------
+
+    fn fuse_path(&self, id: VolumeId) -> PathBuf {
+        self.cfg.fuse_dir.join(id.to_string())
+    }
+
+    pub fn attach(&self, name: &str) -> Result<String, VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        self.attach_locked(&v)
+    }
+
+    fn attach_locked(&self, v: &Volume) -> Result<String, VolumeError> {
+        if let Some(rec) = self.local_record(v.id) {
+            if loopdev::backing_file(Path::new(&rec.device)).as_deref() == Some(self.fuse_path(v.id).as_path()) {
+                return Ok(rec.device);
+            }
+        }
+        {
+            let ex = self.exports.lock().expect("exports lock");
+            if ex.get(&v.id).is_some_and(|u| u.writers > 0) {
+                return Err(VolumeError::InUse { name: v.name.clone(), why: "it is open for writing over NBD".into() });
+            }
+            self.propose(Command::Attach { id: v.id, node: self.cfg.node_id }, &v.name)?;
+        }
+        match self.bind_device(v) {
+            Ok(dev) => {
+                let mut rec = self.local_record(v.id).unwrap_or_default();
+                rec.device = dev.clone();
+                self.save_local(v.id, Some(&rec))?;
+                tracing::info!(volume = %v.name, device = %dev, "attached volume");
+                Ok(dev)
+            }
+            Err(e) => {
+                let _ = self.propose(Command::Detach { id: v.id, node: self.cfg.node_id }, &v.name);
+                Err(e)
+            }
+        }
+    }
+
+    /// FUSE file + loop device for a volume whose attachment is recorded.
+    fn bind_device(&self, v: &Volume) -> Result<String, VolumeError> {
+        let engine = self.engine(v.id)?;
+        let path = {
+            let fuse = self.fuse.lock().expect("fuse lock");
+            let fuse = fuse.as_ref().ok_or_else(|| VolumeError::Device("the daemon is shutting down".into()))?;
+            fuse.add(&v.id.to_string(), engine)
+        };
+        let result = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("open {}: {e}", path.display()))
+            .and_then(|f| loopdev::attach(&f, 4096).map_err(|e| format!("loop device setup: {e}")));
+        match result {
+            Ok(dev) => {
+                if !loopdev::uses_direct_io(&dev) {
+                    if let Err(e) = loopdev::set_direct_io(&dev) {
+                        tracing::warn!(device = %dev.display(), error = %e, "loop device runs without direct I/O");
+                    }
+                }
+                Ok(dev.to_string_lossy().into_owned())
+            }
+            Err(e) => {
+                if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
+                    f.remove(&v.id.to_string());
+                }
+                Err(VolumeError::Device(e))
+            }
+        }
+    }
+
+    pub fn detach(&self, name: &str) -> Result<(), VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        match &v.attachment {
+            None => return Ok(()),
+            Some(a) if a.node != self.cfg.node_id => {
+                return Err(VolumeError::AttachedElsewhere { name: name.into(), node: a.node.to_string() })
+            }
+            Some(_) => {}
+        }
+        self.teardown(&v, false)
+    }
+
+    /// Unmounts (only with `unmount`), unbinds and records the detach.
+    fn teardown(&self, v: &Volume, unmount: bool) -> Result<(), VolumeError> {
+        let mut rec = self.local_record(v.id).unwrap_or_default();
+        if !rec.mounts.is_empty() {
+            if !unmount {
+                return Err(VolumeError::Mounted { name: v.name.clone(), paths: rec.mounts.join(", ") });
+            }
+            while let Some(m) = rec.mounts.first().cloned() {
+                crate::sys::mount::umount(Path::new(&m), 0)
+                    .map_err(|e| VolumeError::InUse { name: v.name.clone(), why: format!("unmounting {m}: {e}") })?;
+                rec.mounts.remove(0);
+                self.save_local(v.id, Some(&rec))?;
+            }
+        }
+        self.unbind_device(v.id, &rec.device)?;
+        self.save_local(v.id, None)?;
+        self.propose(Command::Detach { id: v.id, node: self.cfg.node_id }, &v.name)?;
+        if let Ok(e) = self.engine(v.id) {
+            if let Err(err) = e.flush() {
+                tracing::error!(volume = %v.name, error = %err, "flush after detach failed");
+            }
+        }
+        tracing::info!(volume = %v.name, "detached volume");
+        Ok(())
+    }
+
+    fn unbind_device(&self, id: VolumeId, device: &str) -> Result<(), VolumeError> {
+        if !device.is_empty() {
+            let dev = Path::new(device);
+            if loopdev::backing_file(dev).as_deref() == Some(self.fuse_path(id).as_path()) {
+                loopdev::detach(dev).map_err(|e| VolumeError::Device(format!("detach {device}: {e}")))?;
+            }
+        }
+        if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
+            f.remove(&id.to_string());
+        }
+        Ok(())
+    }
+
+    // ---- mount / unmount -------------------------------------------------
+
+    fn check_path(path: &str) -> Result<PathBuf, VolumeError> {
+        let p = Path::new(path);
+        if !p.is_absolute() {
+            return Err(VolumeError::InvalidPath(format!("{path:?} is not an absolute path")));
+        }
+        if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) || path.contains('\0') {
+            return Err(VolumeError::InvalidPath(format!("{path:?} must not contain '..' or NUL")));
+        }
+        if p == Path::new("/") {
+            return Err(VolumeError::InvalidPath("refusing to mount over /".into()));
+        }
+        Ok(p.components().collect())
+    }
+
+    pub fn mount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {
+        let path = Self::check_path(path)?;
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        if v.fs == FsType::None {
+            return Err(VolumeError::RawVolume(name.into()));
+        }
+        let path_s = path.to_string_lossy().into_owned();
+        if let Some(rec) = self.local_record(v.id) {
+            if rec.mounts.contains(&path_s) && crate::sys::mount::is_mount_point(&path) {
+                return self.inspect(name);
+            }
+        }
+        if crate::sys::mount::is_mount_point(&path) {
+            return Err(VolumeError::InvalidPath(format!("{path_s} is already a mount point")));
+        }
+        let was_attached = self.local_record(v.id).is_some();
+        let dev = self.attach_locked(&v)?;
+        let r = self.format_and_mount(&v, Path::new(&dev), &path);
+        if let Err(e) = r {
+            if !was_attached {
+                let v = self.find(name)?;
+                if let Err(e2) = self.teardown(&v, false) {
+                    tracing::error!(volume = %name, error = %e2, "rolling back attach failed");
+                }
+            }
+            return Err(e);
+        }
+        let mut rec = self.local_record(v.id).unwrap_or_default();
+        if !rec.mounts.contains(&path_s) {
+            rec.mounts.push(path_s.clone());
+        }
+        self.save_local(v.id, Some(&rec))?;
+        tracing::info!(volume = %name, path = %path_s, "mounted volume");
+        self.inspect(name)
+    }
+
+    fn format_and_mount(&self, v: &Volume, dev: &Path, path: &Path) -> Result<(), VolumeError> {
+        let current = self.find(&v.name)?;
+        if !current.formatted {
+            match mount::probe_fs(dev).map_err(VolumeError::Device)? {
+                // A crash after mkfs but before the record: keep that filesystem.
+                Some(t) if t == v.fs.as_str() => {}
+                Some(t) => {
+                    return Err(VolumeError::Device(format!(
+                        "volume {:?} is not marked formatted but carries a {t} signature; refusing to format over it",
+                        v.name
+                    )))
+                }
+                None => {
+                    tracing::info!(volume = %v.name, fs = v.fs.as_str(), "formatting volume (first use)");
+                    mount::format(dev, v.fs).map_err(VolumeError::Device)?;
+                }
+            }
+            self.propose(Command::MarkFormatted { id: v.id }, &v.name)?;
+        }
+        mount::mount(dev, path, v.fs).map_err(VolumeError::Device)
+    }
+
+    pub fn unmount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {
+        let path = Self::check_path(path)?;
+        let path_s = path.to_string_lossy().into_owned();
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        let Some(mut rec) = self.local_record(v.id) else { return self.inspect(name) };
+        if !rec.mounts.contains(&path_s) {
+            return self.inspect(name);
+        }
+        crate::sys::mount::umount(&path, 0).map_err(|e| VolumeError::InUse { name: name.into(), why: format!("unmounting {path_s}: {e}") })?;
+        rec.mounts.retain(|m| *m != path_s);
+        self.save_local(v.id, Some(&rec))?;
+        if rec.mounts.is_empty() {
+            self.teardown(&v, false)?;
+        }
+        tracing::info!(volume = %name, path = %path_s, "unmounted volume");
+        self.inspect(name)
+    }
+
+    // ---- restart and shutdown ---------------------------------------------
+
+    /// Re-creates the loop devices and mounts of this node's attachments.
+    fn reserve_attachments(&self) {
+        let state = self.store.read().clone();
+        let recorded: Vec<(VolumeId, LocalAttachment)> = self
+            .local
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| Some((String::from_utf8_lossy(&k).parse().ok()?, serde_json::from_slice(&v).ok()?)))
+            .collect();
+        for (id, mut rec) in recorded {
+            let Some(v) = state.volumes.get(&id).filter(|v| v.attachment.as_ref().is_some_and(|a| a.node == self.cfg.node_id))
+            else {
+                let _ = self.save_local(id, None);
+                continue;
+            };
+            match self.bind_device(v) {
+                Ok(dev) => {
+                    rec.device = dev.clone();
+                    let mounts = std::mem::take(&mut rec.mounts);
+                    for m in mounts {
+                        match mount::mount(Path::new(&dev), Path::new(&m), v.fs) {
+                            Ok(()) => rec.mounts.push(m),
+                            Err(e) => tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart"),
+                        }
+                    }
+                    tracing::info!(volume = %v.name, device = %dev, mounts = rec.mounts.len(), "re-served attachment");
+                    let _ = self.save_local(id, Some(&rec));
+                }
+                Err(e) => {
+                    tracing::error!(volume = %v.name, error = %e, "cannot re-serve attachment; detaching");
+                    let _ = self.save_local(id, None);
+                    let _ = self.propose(Command::Detach { id, node: self.cfg.node_id }, &v.name);
+                }
+            }
+        }
+        // Attachments recorded in the state without local reality (a crash
+        // between the attach command and the local record).
+        for v in state.volumes.values() {
+            if v.attachment.as_ref().is_some_and(|a| a.node == self.cfg.node_id) && self.local_record(v.id).is_none() {
+                let _ = self.propose(Command::Detach { id: v.id, node: self.cfg.node_id }, &v.name);
+            }
+        }
+    }
+
+    /// Graceful shutdown: unmount and unbind every attachment (records are
+    /// kept so the next start re-serves them), flush, unmount FUSE.
+    pub fn shutdown(&self) {
+        let recorded: Vec<(VolumeId, LocalAttachment)> = self
+            .local
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| Some((String::from_utf8_lossy(&k).parse().ok()?, serde_json::from_slice(&v).ok()?)))
+            .collect();
+        for (id, rec) in &recorded {
+            for m in &rec.mounts {
+                if let Err(e) = crate::sys::mount::umount_or_detach(Path::new(m)) {
+                    tracing::warn!(path = %m, error = %e, "unmount at shutdown failed");
+                }
+            }
+            if let Err(e) = self.unbind_device(*id, &rec.device) {
+                tracing::warn!(volume = %id, error = %e, "unbinding at shutdown failed");
+            }
+        }
+        for r in self.runtime.read().expect("runtime lock").values() {
+            if let Err(e) = r.engine.flush() {
+                tracing::error!(volume = %r.engine.volume, error = %e, "flush at shutdown failed");
+            }
+        }
+        if let Some(f) = self.fuse.lock().expect("fuse lock").take() {
+            f.unmount();
+        }
+        let _ = self.db.flush();
+    }
+}
+
+/// Releases an NBD connection's claim on a volume.
+struct ExportClaim {
+    mgr: std::sync::Weak<VolumeManager>,
+    id: VolumeId,
+    writer: bool,
+}
+
+impl Drop for ExportClaim {
+    fn drop(&mut self) {
+        if let Some(m) = self.mgr.upgrade() {
+            let mut ex = m.exports.lock().expect("exports lock");
+            if let Some(u) = ex.get_mut(&self.id) {
+                if self.writer {
+                    u.writers -= 1;
+                } else {
+                    u.readers -= 1;
+                }
+            }
+        }
+    }
+}
+
+/// The NBD server's view of the manager.
+pub struct NbdExports(pub Arc<VolumeManager>);
+
+impl ExportProvider for NbdExports {
+    fn export_names(&self) -> Vec<String> {
+        self.0.store.read().volumes.values().map(|v| v.name.clone()).collect()
+    }
+
+    fn open_export(&self, name: &str) -> Result<Export, String> {
+        let m = &self.0;
+        let mut ex = m.exports.lock().expect("exports lock");
+        let v = m.find(name).map_err(|e| e.to_string())?;
+        let engine = m.engine(v.id).map_err(|e| e.to_string())?;
+        // Attached anywhere: readers only, so NBD never writes under a
+        // mounted filesystem or another node's engine.
+        let writer = v.attachment.is_none();
+        let u = ex.entry(v.id).or_default();
+        if writer {
+            u.writers += 1;
+        } else {
+            u.readers += 1;
+        }
+        Ok(Export { engine, read_only: !writer, _release: Box::new(ExportClaim { mgr: Arc::downgrade(m), id: v.id, writer }) })
+    }
+}

@@ -1,0 +1,96 @@
+//! Filesystem and kernel-state helpers of the attach/mount path: probing,
+//! formatting, mounting, growing, and removing what a crashed daemon left
+//! behind (loop devices bound to files of a dead FUSE mount, mounts on top of
+//! them, the dead FUSE mount itself). Every adapter reuses these through the
+//! volume manager.
+
+use std::path::Path;
+
+use crate::sys::{self, loopdev};
+use crate::types::FsType;
+
+/// The filesystem signature on a device, if any (`blkid -p`).
+pub fn probe_fs(device: &Path) -> Result<Option<String>, String> {
+    let dev = device.to_string_lossy();
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-s", "TYPE", "-o", "value", &dev])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run blkid: {e}"))?;
+    match out.status.code() {
+        Some(0) => {
+            let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Ok(if t.is_empty() { None } else { Some(t) })
+        }
+        // 2: nothing found.
+        Some(2) => Ok(None),
+        _ => Err(format!("blkid {dev} failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+    }
+}
+
+/// Creates the filesystem. Fresh volumes read as zeros, so lazy inode-table
+/// and journal initialisation are safe and discarding first is pointless.
+pub fn format(device: &Path, fs: FsType) -> Result<(), String> {
+    let dev = device.to_string_lossy();
+    match fs {
+        FsType::Ext4 => {
+            sys::run_command("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", &dev])
+                .map(|_| ())
+        }
+        FsType::Xfs => sys::run_command("mkfs.xfs", &["-q", "-f", "-K", &dev]).map(|_| ()),
+        FsType::None => Err("fs=none volumes are not formatted".into()),
+    }
+}
+
+pub fn mount(device: &Path, path: &Path, fs: FsType) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
+    sys::mount::mount(&device.to_string_lossy(), path, fs.as_str(), 0, "")
+        .map_err(|e| format!("mount {} on {} failed: {e}", device.display(), path.display()))
+}
+
+/// Grows the mounted filesystem to the size of its (already grown) device.
+pub fn grow(fs: FsType, device: &Path, path: &Path) -> Result<(), String> {
+    match fs {
+        FsType::Ext4 => sys::run_command("resize2fs", &[&device.to_string_lossy()]).map(|_| ()).map_err(|e| {
+            if e.contains("Permission denied") {
+                format!("{e} (growing a mounted ext4 needs CAP_SYS_RESOURCE, which this daemon lacks; the volume has grown, the filesystem has not: retry the resize where the daemon has that capability)")
+            } else {
+                e
+            }
+        }),
+        FsType::Xfs => sys::run_command("xfs_growfs", &[&path.to_string_lossy()]).map(|_| ()),
+        FsType::None => Ok(()),
+    }
+}
+
+/// Unmounts everything mounted from `device` (lazily if busy).
+pub fn unmount_device(device: &Path) {
+    let src = device.to_string_lossy();
+    for m in sys::mount::mounts().into_iter().filter(|m| m.source == src) {
+        if let Err(e) = sys::mount::umount_or_detach(&m.mount_point) {
+            tracing::warn!(device = %src, path = %m.mount_point.display(), error = %e, "cannot unmount");
+        }
+    }
+}
+
+/// Removes the kernel state a previous daemon left under `fuse_dir`: mounts
+/// of loop devices bound to its files, the loop devices, the FUSE mount.
+pub fn cleanup_stale(fuse_dir: &Path) {
+    for (dev, backing) in loopdev::devices_backed_under(fuse_dir) {
+        tracing::info!(device = %dev.display(), backing = %backing.display(), "removing stale loop device");
+        unmount_device(&dev);
+        if let Err(e) = loopdev::detach(&dev) {
+            tracing::warn!(device = %dev.display(), error = %e, "cannot detach stale loop device");
+        }
+    }
+    for _ in 0..8 {
+        if !sys::mount::is_mount_point(fuse_dir) {
+            break;
+        }
+        tracing::info!(path = %fuse_dir.display(), "unmounting stale FUSE mount");
+        if let Err(e) = sys::mount::umount(fuse_dir, libc::MNT_DETACH) {
+            tracing::warn!(path = %fuse_dir.display(), error = %e, "cannot unmount stale FUSE mount");
+            break;
+        }
+    }
+}

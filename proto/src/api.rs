@@ -1,0 +1,157 @@
+//! JSON bodies of the REST admin API (`/v1`).
+//!
+//! Sizes travel as [`SizeArg`]: either a byte count or a string with units
+//! (`"10GiB"`, `"512MiB"`, `"1G"`); the daemon parses it once at the edge.
+//! Every request type denies unknown fields so a typo is an error, not a
+//! silently ignored option.
+
+use serde::{Deserialize, Serialize};
+
+/// A size as a client wrote it: bytes, or a string with units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for SizeArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeArg;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size: a byte count or a string such as \"10GiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeArg, E> {
+                Ok(SizeArg::Bytes(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeArg, E> {
+                // Negative numbers reach the size parser as text so the error
+                // names the value the client sent.
+                Ok(SizeArg::Text(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<SizeArg, E> {
+                Ok(SizeArg::Text(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeArg, E> {
+                Ok(SizeArg::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl std::fmt::Display for SizeArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SizeArg::Bytes(b) => write!(f, "{b}"),
+            SizeArg::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// `POST /v1/volumes`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    pub name: String,
+    pub size: SizeArg,
+    /// `ext4` (default), `xfs` or `none` (raw block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<String>,
+}
+
+/// `PATCH /v1/volumes/{name}`: only growing is supported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeUpdate {
+    pub size: SizeArg,
+}
+
+/// `POST /v1/volumes/{name}/mount` and `/unmount`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    /// Absolute path on the daemon's host.
+    pub path: String,
+}
+
+/// A volume as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub fs: String,
+    /// `detached`, `attached` or `mounted`.
+    pub state: String,
+    /// The block device path while attached on this node.
+    pub device: Option<String>,
+    pub mounts: Vec<String>,
+    pub allocated_bytes: u64,
+    pub formatted: bool,
+    pub epoch: u64,
+    pub attached_node: Option<String>,
+    pub created_unix_ms: u64,
+}
+
+/// Answer of `POST /v1/volumes/{name}/attach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachInfo {
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub index: u32,
+    pub path: String,
+    /// `file` or `block`.
+    pub kind: String,
+    pub id: String,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// `GET /v1/pool`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub id: String,
+    pub extent_size_bytes: u64,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub free_bytes: u64,
+    /// Sum of the sizes of all volumes (thin provisioning may exceed capacity).
+    pub provisioned_bytes: u64,
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// `GET /v1/node`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub data_dir: String,
+    pub api_listen: String,
+    pub nbd_socket: String,
+    pub nbd_listen: Option<String>,
+    pub volumes: u64,
+    pub attached_volumes: u64,
+    pub pool_capacity_bytes: u64,
+    pub pool_allocated_bytes: u64,
+    pub uptime_seconds: u64,
+}
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: e.g. `VolumeNotFound`, `InvalidSize`.
+    pub code: String,
+    pub message: String,
+}
