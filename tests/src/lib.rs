@@ -1,1 +1,344 @@
-pub fn x(){}
+//! Test harness for cross-process tests: [`TestNode`] starts a real `cairn`
+//! daemon on 127.0.0.1 with its own data directory and file-backed pool under
+//! `$CAIRN_TEST_ROOT` (default `/tmp/cairn-tests`), and on drop stops it and
+//! removes everything it created — mounts, loop devices, the FUSE mount, the
+//! directory — even when the test failed. It never touches anything outside
+//! its own directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn_node::cli::client::Client;
+use serde_json::Value;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn cairn_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CAIRN_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/cairn
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("cairn");
+    assert!(bin.exists(), "{} not built: run `cargo build --bins` first", bin.display());
+    bin
+}
+
+pub fn test_root() -> PathBuf {
+    PathBuf::from(std::env::var("CAIRN_TEST_ROOT").unwrap_or_else(|_| "/tmp/cairn-tests".into()))
+}
+
+/// Waits for `cond` with a deadline; panics with `what` when it passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub struct TestNode {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub pool_size: String,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl TestNode {
+    /// Starts a daemon with a file-backed pool of `pool_size` (e.g. "2GiB").
+    pub fn start(tag: &str, pool_size: &str) -> TestNode {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = test_root().join(format!("{tag}-{}-{n}", std::process::id()));
+        if dir.exists() {
+            cleanup_dir(&dir);
+        }
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let mut node = TestNode { dir, port: free_port(), pool_size: pool_size.into(), child: None, starts: 0 };
+        node.spawn();
+        node
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.join("data/nbd.sock")
+    }
+
+    pub fn nbd_url(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.nbd_socket().display())
+    }
+
+    pub fn disk_path(&self) -> PathBuf {
+        self.dir.join("disk0.img")
+    }
+
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.starts {
+            out += &std::fs::read_to_string(self.dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
+        }
+        out
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join(format!("daemon-{}.log", self.starts))).expect("log file");
+        self.starts += 1;
+        let child = Command::new(cairn_bin())
+            .args(["node", "run", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .arg("--disk-file")
+            .arg(format!("{}:{}", self.disk_path().display(), self.pool_size))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--node-name", "test"])
+            .env("CAIRN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn cairn");
+        self.child = Some(child);
+        let url = self.api_url();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("daemon exited with {status} during start; log:\n{}", self.log());
+            }
+            if Client::new(&url).and_then(|c| c.request("GET", "/v1/node", None)).is_ok_and(|r| r.status == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "daemon did not answer within 30 s; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGKILL: no chance to clean up anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for a graceful exit; returns its status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("daemon ignored SIGTERM for 60 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn();
+    }
+
+    /// Raw API call: (status, JSON body or Null).
+    pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let r = Client::new(&self.api_url()).expect("url").request(method, path, body).expect("API reachable");
+        let v = if r.body.is_empty() { Value::Null } else { serde_json::from_slice(&r.body).unwrap_or(Value::Null) };
+        (r.status, v)
+    }
+
+    /// Sends raw bytes as a request body (for malformed-JSON tests).
+    pub fn api_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("send");
+        s.write_all(body).expect("send");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status: u16 = text.split(' ').nth(1).and_then(|x| x.parse().ok()).expect("status");
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// Runs the `cairn` CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(cairn_bin()).args(args).env("CAIRN_API", self.api_url()).stdin(Stdio::null()).output().expect("run cairn")
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "cairn {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn inspect(&self, name: &str) -> Value {
+        let (s, v) = self.api("GET", &format!("/v1/volumes/{name}"), None);
+        assert_eq!(s, 200, "inspect {name}: {v}");
+        v
+    }
+
+    pub fn pool(&self) -> Value {
+        let (s, v) = self.api("GET", "/v1/pool", None);
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    pub fn pool_allocated(&self) -> u64 {
+        self.pool()["allocated_bytes"].as_u64().expect("allocated_bytes")
+    }
+
+    /// A directory under this node's dir (for mount points).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Graceful first: the daemon unmounts and detaches on SIGTERM.
+            if let Some(mut c) = self.child.take() {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        cleanup_dir(&self.dir);
+    }
+}
+
+/// Removes the kernel state under `dir` (mounts deepest first, loop devices
+/// backed by files under it) and then the directory itself.
+pub fn cleanup_dir(dir: &Path) {
+    for _ in 0..3 {
+        let mut mounts: Vec<PathBuf> = cairn_node::sys::mount::mounts()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|m| m.starts_with(dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for (dev, _) in cairn_node::sys::loopdev::devices_backed_under(dir) {
+            let src = dev.to_string_lossy().into_owned();
+            for m in cairn_node::sys::mount::mounts().into_iter().filter(|m| m.source == src) {
+                let _ = cairn_node::sys::mount::umount(&m.mount_point, libc::MNT_DETACH);
+            }
+        }
+        for m in &mounts {
+            let _ = cairn_node::sys::mount::umount(m, libc::MNT_DETACH);
+        }
+        for (dev, _) in cairn_node::sys::loopdev::devices_backed_under(dir) {
+            let _ = cairn_node::sys::loopdev::detach(&dev);
+        }
+        if mounts.is_empty() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs a shell command; returns its output (no assertion).
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).stdin(Stdio::null()).output().expect("sh")
+}
+
+/// Runs a shell command and asserts success; returns stdout.
+pub fn sh_ok(cmd: &str) -> String {
+    let o = sh(cmd);
+    assert!(o.status.success(), "`{cmd}` failed: {}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), seeded per call.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// The data files written by [`write_manifest`]: name, seed and crc32.
+pub struct Manifest {
+    pub files: Vec<(String, u64, u32)>,
+    pub file_size: usize,
+}
+
+/// Writes `files` files of `file_size` bytes of seeded random data under
+/// `dir`, fsyncing each and the directory.
+pub fn write_manifest(dir: &Path, files: usize, file_size: usize, seed: u64) -> Manifest {
+    let mut buf = vec![0u8; file_size];
+    let mut out = Vec::new();
+    for i in 0..files {
+        let s = seed.wrapping_add(i as u64 * 7919);
+        fill_pattern(&mut buf, s);
+        let name = format!("data-{seed:x}-{i:04}.bin");
+        let mut f = std::fs::File::create(dir.join(&name)).expect("create data file");
+        f.write_all(&buf).expect("write data file");
+        f.sync_all().expect("fsync data file");
+        out.push((name, s, crc32fast::hash(&buf)));
+    }
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).expect("fsync dir");
+    Manifest { files: out, file_size }
+}
+
+/// Verifies every file of a manifest byte for byte; on a mismatch reports
+/// the first differing offset.
+pub fn verify_manifest(dir: &Path, m: &Manifest) {
+    let mut expect = vec![0u8; m.file_size];
+    for (name, seed, crc) in &m.files {
+        let data = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+        assert_eq!(data.len(), m.file_size, "{name} has the wrong length");
+        if crc32fast::hash(&data) != *crc {
+            fill_pattern(&mut expect, *seed);
+            let at = data.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(0);
+            let bad = data.iter().zip(&expect).filter(|(a, b)| a != b).count();
+            panic!("{name}: content differs from what was written, first at byte {at}, {bad} bytes differ");
+        }
+    }
+}
+
+/// Whether this process may use CAP_SYS_RESOURCE (online ext4 resize needs it).
+pub fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}

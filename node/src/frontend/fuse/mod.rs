@@ -47,8 +47,10 @@ struct Served {
 
 #[derive(Default)]
 struct Files {
+    /// Files being served.
     by_ino: HashMap<u64, Arc<Served>>,
-    by_name: HashMap<String, u64>,
+    /// Every name ever served on this mount and its inode number.
+    inos: HashMap<String, u64>,
     next_ino: u64,
 }
 
@@ -92,24 +94,28 @@ impl FuseServer {
         Ok(FuseServer { mountpoint: mountpoint.to_path_buf(), files, threads: handles })
     }
 
-    /// Exposes `engine` as `<mountpoint>/<name>` and returns that path.
+    /// Exposes `engine` as `<mountpoint>/<name>` and returns that path. A
+    /// name keeps its inode number for the life of the mount, so a dentry the
+    /// kernel still holds from an earlier attach resolves to the new engine.
     pub fn add(&self, name: &str, engine: Arc<Engine>) -> PathBuf {
         let mut f = self.files.write().expect("files lock");
-        if let Some(ino) = f.by_name.get(name).copied() {
-            f.by_ino.insert(ino, Arc::new(Served { name: name.into(), engine }));
-        } else {
-            let ino = f.next_ino;
-            f.next_ino += 1;
-            f.by_name.insert(name.into(), ino);
-            f.by_ino.insert(ino, Arc::new(Served { name: name.into(), engine }));
-        }
+        let ino = match f.inos.get(name) {
+            Some(i) => *i,
+            None => {
+                let i = f.next_ino;
+                f.next_ino += 1;
+                f.inos.insert(name.into(), i);
+                i
+            }
+        };
+        f.by_ino.insert(ino, Arc::new(Served { name: name.into(), engine }));
         self.mountpoint.join(name)
     }
 
     /// Removes a file; callers detach its loop device first.
     pub fn remove(&self, name: &str) {
         let mut f = self.files.write().expect("files lock");
-        if let Some(ino) = f.by_name.remove(name) {
+        if let Some(ino) = f.inos.get(name).copied() {
             f.by_ino.remove(&ino);
         }
     }
@@ -284,14 +290,15 @@ impl Session {
         let name = name.split(|b| *b == 0).next().unwrap_or_default();
         let Ok(name) = std::str::from_utf8(name) else { return Reply::Err(libc::ENOENT) };
         let f = self.files.read().expect("files lock");
-        let Some((ino, s)) = f.by_name.get(name).and_then(|i| f.by_ino.get(i).map(|s| (*i, s.clone()))) else {
+        let Some((ino, s)) = f.inos.get(name).and_then(|i| f.by_ino.get(i).map(|s| (*i, s.clone()))) else {
             return Reply::Err(libc::ENOENT);
         };
         drop(f);
         out[..128].fill(0);
         put_u64(out, 0, ino); // nodeid
-        put_u64(out, 16, 1); // entry_valid (s)
-        // attr_valid = 0: sizes are always fetched fresh (online grow).
+        // entry_valid = attr_valid = 0: every open looks the name up again
+        // (files come and go with attach/detach) and sizes are always
+        // fetched fresh (online grow).
         Self::file_attr(&mut out[40..], ino, &s);
         Reply::Data(&out[..128])
     }
