@@ -76,11 +76,16 @@ pub struct Config {
 }
 
 fn parse_disk_file(s: &str) -> Result<DiskSpec, String> {
-    let (path, size) = s.rsplit_once(':').ok_or_else(|| format!("--disk-file {s:?}: expected PATH:SIZE, e.g. /var/lib/cairn/d0.img:100GiB"))?;
+    let (path, size) = s.rsplit_once(':').ok_or_else(|| {
+        format!("--disk-file {s:?}: expected PATH:SIZE, e.g. /var/lib/cairn/d0.img:100GiB")
+    })?;
     if path.is_empty() {
         return Err(format!("--disk-file {s:?}: the path is empty"));
     }
-    let size = size.parse::<ByteSize>().map_err(|e| format!("--disk-file {s:?}: {e}"))?.0;
+    let size = size
+        .parse::<ByteSize>()
+        .map_err(|e| format!("--disk-file {s:?}: {e}"))?
+        .0;
     if size < 2 * crate::pool::EXTENT_SIZE {
         return Err(format!("--disk-file {s:?}: size must be at least 2 MiB"));
     }
@@ -91,7 +96,9 @@ fn absolute(p: &Path) -> Result<PathBuf, String> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
     } else {
-        Ok(std::env::current_dir().map_err(|e| format!("current directory: {e}"))?.join(p))
+        Ok(std::env::current_dir()
+            .map_err(|e| format!("current directory: {e}"))?
+            .join(p))
     }
 }
 
@@ -100,37 +107,83 @@ impl Config {
         let file: FileConfig = match &args.config {
             None => FileConfig::default(),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| format!("config file {}: {e}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("config file {}: {e}", p.display()))?;
                 toml::from_str(&text).map_err(|e| format!("config file {}: {e}", p.display()))?
             }
         };
-        let data_dir = absolute(&args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))?;
-        let block = if args.disks.is_empty() { file.disks } else { args.disks };
-        let files = if args.disk_files.is_empty() { file.disk_files } else { args.disk_files };
-        let mut disks: Vec<DiskSpec> = block.into_iter().map(|p| absolute(&p).map(DiskSpec::Block)).collect::<Result<_, _>>()?;
+        let data_dir = absolute(
+            &args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        )?;
+        let block = if args.disks.is_empty() {
+            file.disks
+        } else {
+            args.disks
+        };
+        let files = if args.disk_files.is_empty() {
+            file.disk_files
+        } else {
+            args.disk_files
+        };
+        let mut disks: Vec<DiskSpec> = block
+            .into_iter()
+            .map(|p| absolute(&p).map(DiskSpec::Block))
+            .collect::<Result<_, _>>()?;
         for f in files {
-            let DiskSpec::File(p, size) = parse_disk_file(&f)? else { unreachable!("parse_disk_file returns files") };
+            let DiskSpec::File(p, size) = parse_disk_file(&f)? else {
+                unreachable!("parse_disk_file returns files")
+            };
             disks.push(DiskSpec::File(absolute(&p)?, size));
         }
         if disks.is_empty() {
-            disks.push(DiskSpec::File(data_dir.join("disks").join("disk0.img"), DEFAULT_DISK_SIZE));
+            disks.push(DiskSpec::File(
+                data_dir.join("disks").join("disk0.img"),
+                DEFAULT_DISK_SIZE,
+            ));
         }
-        let listen_s = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen: SocketAddr = listen_s.parse().map_err(|e| format!("--listen {listen_s:?}: {e}"))?;
-        let nbd_socket = absolute(&args.nbd_socket.or(file.nbd_socket).unwrap_or_else(|| data_dir.join("nbd.sock")))?;
+        let listen_s = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_s
+            .parse()
+            .map_err(|e| format!("--listen {listen_s:?}: {e}"))?;
+        let nbd_socket = absolute(
+            &args
+                .nbd_socket
+                .or(file.nbd_socket)
+                .unwrap_or_else(|| data_dir.join("nbd.sock")),
+        )?;
         let nbd_listen = args.nbd_listen.or(file.nbd_listen);
         if let Some(a) = &nbd_listen {
-            a.parse::<SocketAddr>().map_err(|e| format!("--nbd-listen {a:?}: {e}"))?;
+            a.parse::<SocketAddr>()
+                .map_err(|e| format!("--nbd-listen {a:?}: {e}"))?;
         }
         let node_name = match args.node_name.or(file.node_name) {
             Some(n) => n,
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into()),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "node".into()),
         };
         let fuse_threads = args.fuse_threads.or(file.fuse_threads).unwrap_or(16);
         if !(1..=256).contains(&fuse_threads) {
-            return Err(format!("--fuse-threads {fuse_threads}: must be between 1 and 256"));
+            return Err(format!(
+                "--fuse-threads {fuse_threads}: must be between 1 and 256"
+            ));
         }
-        Ok(Config { data_dir, disks, listen, nbd_socket, nbd_listen, node_name, fuse_threads, force_format: args.force_format })
+        Ok(Config {
+            data_dir,
+            disks,
+            listen,
+            nbd_socket,
+            nbd_listen,
+            node_name,
+            fuse_threads,
+            force_format: args.force_format,
+        })
     }
 }
 
@@ -158,7 +211,13 @@ mod tests {
         let mut a = args();
         a.data_dir = Some("/tmp/x".into());
         let c = Config::resolve(a).expect("valid");
-        assert_eq!(c.disks, vec![DiskSpec::File("/tmp/x/disks/disk0.img".into(), DEFAULT_DISK_SIZE)]);
+        assert_eq!(
+            c.disks,
+            vec![DiskSpec::File(
+                "/tmp/x/disks/disk0.img".into(),
+                DEFAULT_DISK_SIZE
+            )]
+        );
         assert_eq!(c.nbd_socket, PathBuf::from("/tmp/x/nbd.sock"));
     }
 
@@ -186,6 +245,9 @@ mod tests {
         assert!(parse_disk_file("/x").is_err());
         assert!(parse_disk_file("/x:abc").is_err());
         assert!(parse_disk_file("/x:1K").is_err());
-        assert_eq!(parse_disk_file("/x:2GiB"), Ok(DiskSpec::File("/x".into(), 2 << 30)));
+        assert_eq!(
+            parse_disk_file("/x:2GiB"),
+            Ok(DiskSpec::File("/x".into(), 2 << 30))
+        );
     }
 }

@@ -21,21 +21,32 @@ use crate::volume::{ManagerConfig, VolumeManager};
 fn node_identity(db: &sled::Db) -> Result<NodeId, String> {
     let t = db.open_tree("node").map_err(|e| e.to_string())?;
     if let Some(v) = t.get("id").map_err(|e| e.to_string())? {
-        return String::from_utf8_lossy(&v).parse().map_err(|e| format!("stored node id: {e}"));
+        return String::from_utf8_lossy(&v)
+            .parse()
+            .map_err(|e| format!("stored node id: {e}"));
     }
     let id = Id128::random();
-    t.insert("id", id.to_string().as_bytes()).map_err(|e| e.to_string())?;
+    t.insert("id", id.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
     Ok(id)
 }
 
 fn lock_data_dir(cfg: &Config) -> Result<std::fs::File, String> {
     let p = cfg.data_dir.join("cairn.lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
     // SAFETY: flock on an fd we own; no memory is passed.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
-        return Err(format!("data directory {} is in use by another cairn daemon", cfg.data_dir.display()));
+        return Err(format!(
+            "data directory {} is in use by another cairn daemon",
+            cfg.data_dir.display()
+        ));
     }
     Ok(f)
 }
@@ -45,12 +56,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if let Err(e) = crate::sys::set_io_flusher() {
         tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed; memory reclaim may wait on our own I/O");
     }
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg)?;
     // Bind the API first so a port conflict fails before anything changes.
-    let api_listener =
-        std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    api_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let api_listener = std::net::TcpListener::bind(cfg.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    api_listener
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
 
     let db = sled::Config::new()
         .path(cfg.data_dir.join("meta"))
@@ -58,11 +72,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("metadata db {}: {e}", cfg.data_dir.join("meta").display()))?;
     let node_id = node_identity(&db)?;
     let pool_tree = db.open_tree("pool").map_err(|e| e.to_string())?;
-    let pool = Arc::new(Pool::open(&pool_tree, node_id, &cfg.disks, cfg.force_format).map_err(|e| e.to_string())?);
+    let pool = Arc::new(
+        Pool::open(&pool_tree, node_id, &cfg.disks, cfg.force_format).map_err(|e| e.to_string())?,
+    );
     tracing::info!(pool = %pool.id, capacity = pool.capacity_bytes(), devices = pool.devices().len(), "pool ready");
     let store = Arc::new(ClusterStore::open(&db).map_err(|e| e.to_string())?);
     let mgr = VolumeManager::open(
-        ManagerConfig { node_id, fuse_dir: cfg.data_dir.join("fuse"), fuse_threads: cfg.fuse_threads },
+        ManagerConfig {
+            node_id,
+            fuse_dir: cfg.data_dir.join("fuse"),
+            fuse_threads: cfg.fuse_threads,
+        },
         db.clone(),
         pool,
         store,
@@ -75,7 +95,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         Ok(n) => n,
         Err(e) => {
             mgr.shutdown();
-            return Err(format!("cannot start NBD on {}: {e}", cfg.nbd_socket.display()));
+            return Err(format!(
+                "cannot start NBD on {}: {e}",
+                cfg.nbd_socket.display()
+            ));
         }
     };
 

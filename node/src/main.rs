@@ -17,7 +17,7 @@ fn main() {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            match Config::resolve(args).and_then(cairn_node::daemon::run) {
+            match Config::resolve(*args).and_then(cairn_node::daemon::run) {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::error!("{e}");

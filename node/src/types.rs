@@ -93,6 +93,8 @@ pub enum SizeError {
     UnknownUnit(String),
     #[error("size {0:?} is too large to represent")]
     Overflow(String),
+    #[error("size {0:?} is not a whole number of bytes")]
+    Fractional(String),
 }
 
 impl FromStr for ByteSize {
@@ -105,7 +107,9 @@ impl FromStr for ByteSize {
         if s.starts_with('-') {
             return Err(SizeError::Negative(input.into()));
         }
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let unit = unit.trim();
         if num.is_empty() || num.matches('.').count() > 1 || num == "." {
@@ -126,17 +130,33 @@ impl FromStr for ByteSize {
         };
         let overflow = || SizeError::Overflow(input.into());
         let bytes: u128 = match num.split_once('.') {
-            None => num.parse::<u128>().map_err(|_| overflow())?.checked_mul(mult).ok_or_else(overflow)?,
+            None => num
+                .parse::<u128>()
+                .map_err(|_| overflow())?
+                .checked_mul(mult)
+                .ok_or_else(overflow)?,
             Some((int, frac)) => {
                 // Exact decimal arithmetic: int * mult + frac * mult / 10^len.
-                let int: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| overflow())? };
+                let int: u128 = if int.is_empty() {
+                    0
+                } else {
+                    int.parse().map_err(|_| overflow())?
+                };
                 if frac.len() > 18 {
                     return Err(SizeError::NotANumber(input.into()));
                 }
                 let scale = 10u128.pow(frac.len() as u32);
-                let frac: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| overflow())? };
+                let frac: u128 = if frac.is_empty() {
+                    0
+                } else {
+                    frac.parse().map_err(|_| overflow())?
+                };
                 let whole = int.checked_mul(mult).ok_or_else(overflow)?;
-                let part = frac.checked_mul(mult).ok_or_else(overflow)? / scale;
+                let scaled = frac.checked_mul(mult).ok_or_else(overflow)?;
+                if scaled % scale != 0 {
+                    return Err(SizeError::Fractional(input.into()));
+                }
+                let part = scaled / scale;
                 whole.checked_add(part).ok_or_else(overflow)?
             }
         };
@@ -190,7 +210,9 @@ impl FromStr for FsType {
             "ext4" => Ok(FsType::Ext4),
             "xfs" => Ok(FsType::Xfs),
             "none" => Ok(FsType::None),
-            other => Err(format!("filesystem {other:?} is not supported; use ext4, xfs or none")),
+            other => Err(format!(
+                "filesystem {other:?} is not supported; use ext4, xfs or none"
+            )),
         }
     }
 }
@@ -202,14 +224,24 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
         return Err("volume name is empty".into());
     }
     if name.len() > 128 {
-        return Err(format!("volume name is {} characters long; the limit is 128", name.len()));
+        return Err(format!(
+            "volume name is {} characters long; the limit is 128",
+            name.len()
+        ));
     }
     let first = name.as_bytes()[0];
     if !first.is_ascii_alphanumeric() {
-        return Err(format!("volume name {name:?} must start with a letter or digit"));
+        return Err(format!(
+            "volume name {name:?} must start with a letter or digit"
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
-        return Err(format!("volume name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "volume name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"
+        ));
     }
     Ok(())
 }
@@ -241,12 +273,34 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert_eq!("".parse::<ByteSize>(), Err(SizeError::Empty));
-        assert!(matches!("-1G".parse::<ByteSize>(), Err(SizeError::Negative(_))));
-        assert!(matches!("abc".parse::<ByteSize>(), Err(SizeError::NotANumber(_))));
-        assert!(matches!("1.2.3G".parse::<ByteSize>(), Err(SizeError::NotANumber(_))));
-        assert!(matches!("10XB".parse::<ByteSize>(), Err(SizeError::UnknownUnit(_))));
-        assert!(matches!("99999999999999999999999P".parse::<ByteSize>(), Err(SizeError::Overflow(_))));
-        assert!(matches!("20000P".parse::<ByteSize>(), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            "-1G".parse::<ByteSize>(),
+            Err(SizeError::Negative(_))
+        ));
+        assert!(matches!(
+            "abc".parse::<ByteSize>(),
+            Err(SizeError::NotANumber(_))
+        ));
+        assert!(matches!(
+            "1.2.3G".parse::<ByteSize>(),
+            Err(SizeError::NotANumber(_))
+        ));
+        assert!(matches!(
+            "10XB".parse::<ByteSize>(),
+            Err(SizeError::UnknownUnit(_))
+        ));
+        assert!(matches!(
+            "99999999999999999999999P".parse::<ByteSize>(),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            "20000P".parse::<ByteSize>(),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            "1.5".parse::<ByteSize>(),
+            Err(SizeError::Fractional(_))
+        ));
     }
 
     #[test]

@@ -24,7 +24,11 @@ pub fn cairn_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("cairn");
-    assert!(bin.exists(), "{} not built: run `cargo build --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --bins` first",
+        bin.display()
+    );
     bin
 }
 
@@ -36,13 +40,20 @@ pub fn test_root() -> PathBuf {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub struct TestNode {
@@ -62,7 +73,13 @@ impl TestNode {
             cleanup_dir(&dir);
         }
         std::fs::create_dir_all(&dir).expect("test dir");
-        let mut node = TestNode { dir, port: free_port(), pool_size: pool_size.into(), child: None, starts: 0 };
+        let mut node = TestNode {
+            dir,
+            port: free_port(),
+            pool_size: pool_size.into(),
+            child: None,
+            starts: 0,
+        };
         node.spawn();
         node
     }
@@ -76,7 +93,10 @@ impl TestNode {
     }
 
     pub fn nbd_url(&self, volume: &str) -> String {
-        format!("nbd+unix:///{volume}?socket={}", self.nbd_socket().display())
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.nbd_socket().display()
+        )
     }
 
     pub fn disk_path(&self) -> PathBuf {
@@ -86,20 +106,27 @@ impl TestNode {
     pub fn log(&self) -> String {
         let mut out = String::new();
         for i in 0..self.starts {
-            out += &std::fs::read_to_string(self.dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
+            out += &std::fs::read_to_string(self.dir.join(format!("daemon-{i}.log")))
+                .unwrap_or_default();
         }
         out
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.join(format!("daemon-{}.log", self.starts))).expect("log file");
+        let log = std::fs::File::create(self.dir.join(format!("daemon-{}.log", self.starts)))
+            .expect("log file");
         self.starts += 1;
         let child = Command::new(cairn_bin())
             .args(["node", "run", "--data-dir"])
             .arg(self.dir.join("data"))
             .arg("--disk-file")
             .arg(format!("{}:{}", self.disk_path().display(), self.pool_size))
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--node-name", "test"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--node-name",
+                "test",
+            ])
             .env("CAIRN_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -110,13 +137,27 @@ impl TestNode {
         let url = self.api_url();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("daemon exited with {status} during start; log:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "daemon exited with {status} during start; log:\n{}",
+                    self.log()
+                );
             }
-            if Client::new(&url).and_then(|c| c.request("GET", "/v1/node", None)).is_ok_and(|r| r.status == 200) {
+            if Client::new(&url)
+                .and_then(|c| c.request("GET", "/v1/node", None))
+                .is_ok_and(|r| r.status == 200)
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "daemon did not answer within 30 s; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not answer within 30 s; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -159,8 +200,15 @@ impl TestNode {
 
     /// Raw API call: (status, JSON body or Null).
     pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let r = Client::new(&self.api_url()).expect("url").request(method, path, body).expect("API reachable");
-        let v = if r.body.is_empty() { Value::Null } else { serde_json::from_slice(&r.body).unwrap_or(Value::Null) };
+        let r = Client::new(&self.api_url())
+            .expect("url")
+            .request(method, path, body)
+            .expect("API reachable");
+        let v = if r.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+        };
         (r.status, v)
     }
 
@@ -177,14 +225,23 @@ impl TestNode {
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).expect("read");
         let text = String::from_utf8_lossy(&raw).into_owned();
-        let status: u16 = text.split(' ').nth(1).and_then(|x| x.parse().ok()).expect("status");
+        let status: u16 = text
+            .split(' ')
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .expect("status");
         let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
     /// Runs the `cairn` CLI against this node.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(cairn_bin()).args(args).env("CAIRN_API", self.api_url()).stdin(Stdio::null()).output().expect("run cairn")
+        Command::new(cairn_bin())
+            .args(args)
+            .env("CAIRN_API", self.api_url())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cairn")
     }
 
     /// Runs the CLI and asserts success; returns stdout.
@@ -212,7 +269,9 @@ impl TestNode {
     }
 
     pub fn pool_allocated(&self) -> u64 {
-        self.pool()["allocated_bytes"].as_u64().expect("allocated_bytes")
+        self.pool()["allocated_bytes"]
+            .as_u64()
+            .expect("allocated_bytes")
     }
 
     /// A directory under this node's dir (for mount points).
@@ -252,7 +311,10 @@ pub fn cleanup_dir(dir: &Path) {
         mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for (dev, _) in cairn_node::sys::loopdev::devices_backed_under(dir) {
             let src = dev.to_string_lossy().into_owned();
-            for m in cairn_node::sys::mount::mounts().into_iter().filter(|m| m.source == src) {
+            for m in cairn_node::sys::mount::mounts()
+                .into_iter()
+                .filter(|m| m.source == src)
+            {
                 let _ = cairn_node::sys::mount::umount(&m.mount_point, libc::MNT_DETACH);
             }
         }
@@ -271,13 +333,23 @@ pub fn cleanup_dir(dir: &Path) {
 
 /// Runs a shell command; returns its output (no assertion).
 pub fn sh(cmd: &str) -> Output {
-    Command::new("sh").arg("-c").arg(cmd).stdin(Stdio::null()).output().expect("sh")
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh")
 }
 
 /// Runs a shell command and asserts success; returns stdout.
 pub fn sh_ok(cmd: &str) -> String {
     let o = sh(cmd);
-    assert!(o.status.success(), "`{cmd}` failed: {}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -313,8 +385,13 @@ pub fn write_manifest(dir: &Path, files: usize, file_size: usize, seed: u64) -> 
         f.sync_all().expect("fsync data file");
         out.push((name, s, crc32fast::hash(&buf)));
     }
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).expect("fsync dir");
-    Manifest { files: out, file_size }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .expect("fsync dir");
+    Manifest {
+        files: out,
+        file_size,
+    }
 }
 
 /// Verifies every file of a manifest byte for byte; on a mismatch reports
@@ -326,7 +403,11 @@ pub fn verify_manifest(dir: &Path, m: &Manifest) {
         assert_eq!(data.len(), m.file_size, "{name} has the wrong length");
         if crc32fast::hash(&data) != *crc {
             fill_pattern(&mut expect, *seed);
-            let at = data.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(0);
+            let at = data
+                .iter()
+                .zip(&expect)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             let bad = data.iter().zip(&expect).filter(|(a, b)| a != b).count();
             panic!("{name}: content differs from what was written, first at byte {at}, {bad} bytes differ");
         }

@@ -25,7 +25,10 @@ fn data_survives_sigkill_and_restart() {
     verify_manifest(&mnt, &manifest);
     let v = node.inspect("db");
     assert_eq!(v["formatted"], true);
-    assert!(v["allocated_bytes"].as_u64().unwrap() >= 256 << 20, "allocation does not cover the data: {v}");
+    assert!(
+        v["allocated_bytes"].as_u64().unwrap() >= 256 << 20,
+        "allocation does not cover the data: {v}"
+    );
 
     // SIGKILL while mounted: the restart cleans the dead loop device and
     // mount and re-serves the attachment at the same path.
@@ -37,24 +40,46 @@ fn data_survives_sigkill_and_restart() {
     assert_eq!(v["state"], "mounted", "attachment not re-served: {v}");
     assert_eq!(v["mounts"][0].as_str(), Some(mnt_s.as_str()));
     let dev = v["device"].as_str().unwrap().to_string();
-    let backing = cairn_node::sys::loopdev::backing_file(std::path::Path::new(&dev)).expect("device bound");
-    assert!(backing.starts_with(node.dir.join("data/fuse")), "{dev} is bound to {backing:?}");
+    let backing =
+        cairn_node::sys::loopdev::backing_file(std::path::Path::new(&dev)).expect("device bound");
+    assert!(
+        backing.starts_with(node.dir.join("data/fuse")),
+        "{dev} is bound to {backing:?}"
+    );
     // Exactly one loop device serves the volume: the stale one is gone.
     let ours = cairn_node::sys::loopdev::devices_backed_under(&node.dir);
-    assert_eq!(ours.len(), 1, "stale loop devices remain (old {old_dev}): {ours:?}");
+    assert_eq!(
+        ours.len(),
+        1,
+        "stale loop devices remain (old {old_dev}): {ours:?}"
+    );
     verify_manifest(&mnt, &manifest);
     verify_manifest(&mnt, &more);
 
     // Graceful stop unmounts and detaches; the next start re-serves.
-    assert!(node.terminate().expect("was running").success(), "log:\n{}", node.log());
-    assert!(cairn_node::sys::loopdev::devices_backed_under(&node.dir).is_empty(), "SIGTERM left a loop device");
-    assert!(!cairn_node::sys::mount::is_mount_point(&mnt), "SIGTERM left the volume mounted");
+    assert!(
+        node.terminate().expect("was running").success(),
+        "log:\n{}",
+        node.log()
+    );
+    assert!(
+        cairn_node::sys::loopdev::devices_backed_under(&node.dir).is_empty(),
+        "SIGTERM left a loop device"
+    );
+    assert!(
+        !cairn_node::sys::mount::is_mount_point(&mnt),
+        "SIGTERM left the volume mounted"
+    );
     node.restart();
     assert_eq!(node.inspect("db")["state"], "mounted");
     verify_manifest(&mnt, &more);
     node.cli_ok(&["volume", "unmount", "db", &mnt_s]);
     node.cli_ok(&["volume", "rm", "db"]);
-    assert_eq!(node.pool_allocated(), 0, "deleting the volume must return its space");
+    assert_eq!(
+        node.pool_allocated(),
+        0,
+        "deleting the volume must return its space"
+    );
 }
 
 #[test]
@@ -63,18 +88,40 @@ fn raw_block_attach_detach_is_idempotent() {
     node.cli_ok(&["volume", "create", "raw", "--size", "64MiB", "--fs", "none"]);
     let dev = node.cli_ok(&["volume", "attach", "raw"]).trim().to_string();
     assert!(dev.starts_with("/dev/loop"), "{dev}");
-    assert_eq!(node.cli_ok(&["volume", "attach", "raw"]).trim(), dev, "second attach must return the same device");
-    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/loop/dio", &dev[5..])).unwrap().trim(), "1", "loop device without direct I/O");
-    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/size", &dev[5..])).unwrap().trim(), (64u64 << 20 >> 9).to_string());
+    assert_eq!(
+        node.cli_ok(&["volume", "attach", "raw"]).trim(),
+        dev,
+        "second attach must return the same device"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{}/loop/dio", &dev[5..]))
+            .unwrap()
+            .trim(),
+        "1",
+        "loop device without direct I/O"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{}/size", &dev[5..]))
+            .unwrap()
+            .trim(),
+        (64u64 << 20 >> 9).to_string()
+    );
     sh_ok(&format!("dd if=/dev/urandom of={0}/pat bs=1M count=8 status=none && dd if={0}/pat of={dev} bs=1M oflag=direct conv=fsync status=none", node.dir.display()));
     sh_ok(&format!("cmp -n 8388608 {}/pat {dev}", node.dir.display()));
     // A raw volume cannot be mounted.
     let o = node.cli(&["volume", "mount", "raw", &node.path("m").to_string_lossy()]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("RawVolume"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("RawVolume"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     node.cli_ok(&["volume", "detach", "raw"]);
     node.cli_ok(&["volume", "detach", "raw"]);
-    assert!(cairn_node::sys::loopdev::backing_file(std::path::Path::new(&dev)).is_none_or(|b| !b.starts_with(&node.dir)));
+    assert!(
+        cairn_node::sys::loopdev::backing_file(std::path::Path::new(&dev))
+            .is_none_or(|b| !b.starts_with(&node.dir))
+    );
     // Data persists across detach/attach.
     let dev2 = node.cli_ok(&["volume", "attach", "raw"]).trim().to_string();
     sh_ok(&format!("cmp -n 8388608 {}/pat {dev2}", node.dir.display()));

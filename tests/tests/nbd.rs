@@ -19,7 +19,8 @@ fn nbd_matches_block_device_and_writes_persist() {
     let mnt = node.path("m");
     let mnt_s = mnt.to_string_lossy().into_owned();
     let v: serde_json::Value =
-        serde_json::from_str(&node.cli_ok(&["-o", "json", "volume", "mount", "vm", &mnt_s])).expect("json");
+        serde_json::from_str(&node.cli_ok(&["-o", "json", "volume", "mount", "vm", &mnt_s]))
+            .expect("json");
     let dev = v["device"].as_str().expect("device").to_string();
     write_manifest(&mnt, 8, 4 << 20, 77);
     sh_ok("sync");
@@ -30,19 +31,34 @@ fn nbd_matches_block_device_and_writes_persist() {
     // A writer is refused while the volume is attached.
     let o = sh(&format!("qemu-io -f raw -c 'write -P 0x11 0 64k' '{url}'"));
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && text.contains("Permission denied"), "write over NBD while attached was accepted: {text}");
+    assert!(
+        !o.status.success() && text.contains("Permission denied"),
+        "write over NBD while attached was accepted: {text}"
+    );
     node.cli_ok(&["volume", "unmount", "vm", &mnt_s]);
 
     // Detached: qemu-io writes through NBD, visible on the next attach.
-    sh_ok(&format!("qemu-io -f raw -c 'write -P 0xab 1M 2M' -c 'write -P 0xcd 300M 4k' -c flush '{url}'"));
-    sh_ok(&format!("qemu-io -f raw -c 'read -P 0xab 1M 2M' -c 'read -P 0xcd 300M 4k' '{url}'"));
+    sh_ok(&format!(
+        "qemu-io -f raw -c 'write -P 0xab 1M 2M' -c 'write -P 0xcd 300M 4k' -c flush '{url}'"
+    ));
+    sh_ok(&format!(
+        "qemu-io -f raw -c 'read -P 0xab 1M 2M' -c 'read -P 0xcd 300M 4k' '{url}'"
+    ));
     // Unaligned I/O goes through read-modify-write.
     sh_ok(&format!("qemu-io -f raw -c 'write -P 0x5a 1000 3000' -c 'read -P 0x5a 1000 3000' -c 'read -P 0xab 1048576 512' '{url}'"));
     let dev = node.cli_ok(&["volume", "attach", "vm"]).trim().to_string();
     let check = |off: u64, len: usize, byte: u8| {
-        let data = sh(&format!("dd if={dev} bs=4096 skip={} count={} iflag=direct status=none", off / 4096, len / 4096)).stdout;
+        let data = sh(&format!(
+            "dd if={dev} bs=4096 skip={} count={} iflag=direct status=none",
+            off / 4096,
+            len / 4096
+        ))
+        .stdout;
         assert_eq!(data.len(), len);
-        assert!(data.iter().all(|b| *b == byte), "device bytes at {off} are not {byte:#x}");
+        assert!(
+            data.iter().all(|b| *b == byte),
+            "device bytes at {off} are not {byte:#x}"
+        );
     };
     check(1 << 20, 2 << 20, 0xab);
     check(300 << 20, 4096, 0xcd);
@@ -50,22 +66,40 @@ fn nbd_matches_block_device_and_writes_persist() {
 
     // qemu-img convert into the export, then compare with the source.
     let src = node.path("src.raw");
-    sh_ok(&format!("dd if=/dev/urandom of={} bs=1M count=512 status=none", src.display()));
-    sh_ok(&format!("qemu-img convert -n -f raw -O raw {} '{url}'", src.display()));
-    let out = sh_ok(&format!("qemu-img compare -f raw -F raw {} '{url}'", src.display()));
+    sh_ok(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=512 status=none",
+        src.display()
+    ));
+    sh_ok(&format!(
+        "qemu-img convert -n -f raw -O raw {} '{url}'",
+        src.display()
+    ));
+    let out = sh_ok(&format!(
+        "qemu-img compare -f raw -F raw {} '{url}'",
+        src.display()
+    ));
     assert!(out.contains("Images are identical"), "{out}");
 
     // TRIM over NBD returns space.
     let before = node.inspect("vm")["allocated_bytes"].as_u64().unwrap();
     sh_ok(&format!("qemu-io -f raw -c 'discard 0 256M' '{url}'"));
     let after = node.inspect("vm")["allocated_bytes"].as_u64().unwrap();
-    assert_eq!(before - after, 256 << 20, "discarding 256 MiB freed {} bytes", before - after);
+    assert_eq!(
+        before - after,
+        256 << 20,
+        "discarding 256 MiB freed {} bytes",
+        before - after
+    );
     sh_ok(&format!("qemu-io -f raw -c 'read -P 0 0 256M' '{url}'"));
 
     // Unknown export: a clear refusal.
     let o = sh(&format!("qemu-img info '{}'", node.nbd_url("nope")));
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The daemon kept serving throughout.
     assert_eq!(node.api("GET", "/v1/node", None).0, 200);
 }

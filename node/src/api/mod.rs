@@ -44,7 +44,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -77,7 +81,12 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
-        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -87,22 +96,41 @@ type ApiResult<T> = Result<T, ApiError>;
 /// Parses a JSON body strictly, with serde's message (line, column, field).
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidBody", "request body is empty; a JSON object is required"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidBody",
+            "request body is empty; a JSON object is required",
+        ));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidBody", format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidBody",
+            format!("invalid JSON body: {e}"),
+        )
+    })
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static) -> ApiResult<T> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
+) -> ApiResult<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", format!("operation aborted: {e}"))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal",
+            format!("operation aborted: {e}"),
+        )),
     }
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route("/v1/volumes/{name}", get(get_volume).patch(update_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(update_volume).delete(delete_volume),
+        )
         .route("/v1/volumes/{name}/attach", post(attach))
         .route("/v1/volumes/{name}/detach", post(detach))
         .route("/v1/volumes/{name}/mount", post(mount))
@@ -113,7 +141,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed on this endpoint")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "method not allowed on this endpoint",
+            )
         })
         .with_state(state)
 }
@@ -123,18 +155,31 @@ async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<Vec<api::Volu
     Ok(Json(blocking(move || Ok(m.list())).await?))
 }
 
-async fn create_volume(State(s): State<ApiState>, body: Bytes) -> ApiResult<(StatusCode, Json<api::VolumeInfo>)> {
+async fn create_volume(
+    State(s): State<ApiState>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<api::VolumeInfo>)> {
     let req: VolumeCreate = parse_body(&body)?;
     let m = s.mgr.clone();
-    Ok((StatusCode::CREATED, Json(blocking(move || m.create(&req)).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(blocking(move || m.create(&req)).await?),
+    ))
 }
 
-async fn get_volume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<api::VolumeInfo>> {
+async fn get_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<api::VolumeInfo>> {
     let m = s.mgr.clone();
     Ok(Json(blocking(move || m.inspect(&name)).await?))
 }
 
-async fn update_volume(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+async fn update_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<api::VolumeInfo>> {
     let req: VolumeUpdate = parse_body(&body)?;
     let m = s.mgr.clone();
     Ok(Json(blocking(move || m.resize(&name, &req.size)).await?))
@@ -152,7 +197,8 @@ async fn delete_volume(
     Path(name): Path<String>,
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<StatusCode> {
-    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
     let m = s.mgr.clone();
     blocking(move || m.delete(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -169,26 +215,44 @@ fn empty_body(body: &Bytes) -> ApiResult<()> {
     parse_body::<Empty>(body).map(|_| ())
 }
 
-async fn attach(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::AttachInfo>> {
+async fn attach(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<api::AttachInfo>> {
     empty_body(&body)?;
     let m = s.mgr.clone();
     let device = blocking(move || m.attach(&name)).await?;
     Ok(Json(api::AttachInfo { device }))
 }
 
-async fn detach(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+async fn detach(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<api::VolumeInfo>> {
     empty_body(&body)?;
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.detach(&name).and_then(|_| m.inspect(&name))).await?))
+    Ok(Json(
+        blocking(move || m.detach(&name).and_then(|_| m.inspect(&name))).await?,
+    ))
 }
 
-async fn mount(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+async fn mount(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<api::VolumeInfo>> {
     let req: MountRequest = parse_body(&body)?;
     let m = s.mgr.clone();
     Ok(Json(blocking(move || m.mount(&name, &req.path)).await?))
 }
 
-async fn unmount(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<api::VolumeInfo>> {
+async fn unmount(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<api::VolumeInfo>> {
     let req: MountRequest = parse_body(&body)?;
     let m = s.mgr.clone();
     Ok(Json(blocking(move || m.unmount(&name, &req.path)).await?))
@@ -260,10 +324,14 @@ mod tests {
 
     #[test]
     fn bodies_are_strict() {
-        assert!(parse_body::<VolumeCreate>(&Bytes::from_static(br#"{"name":"a","size":"1G","color":"red"}"#)).is_err());
+        assert!(parse_body::<VolumeCreate>(&Bytes::from_static(
+            br#"{"name":"a","size":"1G","color":"red"}"#
+        ))
+        .is_err());
         assert!(parse_body::<VolumeCreate>(&Bytes::from_static(br#"{"name":"a""#)).is_err());
         assert!(parse_body::<VolumeCreate>(&Bytes::new()).is_err());
-        let ok: VolumeCreate = parse_body(&Bytes::from_static(br#"{"name":"a","size":4096}"#)).expect("valid");
+        let ok: VolumeCreate =
+            parse_body(&Bytes::from_static(br#"{"name":"a","size":4096}"#)).expect("valid");
         assert_eq!(ok.size, api::SizeArg::Bytes(4096));
         assert!(empty_body(&Bytes::from_static(b"{}")).is_ok());
         assert!(empty_body(&Bytes::from_static(br#"{"force":true}"#)).is_err());

@@ -24,10 +24,17 @@ impl Client {
         if host.is_empty() || host.contains('/') {
             return Err(format!("--api {api:?}: expected http://HOST:PORT"));
         }
-        Ok(Client { host: host.to_string() })
+        Ok(Client {
+            host: host.to_string(),
+        })
     }
 
-    pub fn request(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<HttpResponse, String> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<HttpResponse, String> {
         let addr = self
             .host
             .to_socket_addrs()
@@ -37,25 +44,34 @@ impl Client {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|e| format!("cannot reach the cairn API at http://{}: {e}", self.host))?;
         // Mount and mkfs of large volumes can take minutes.
-        s.set_read_timeout(Some(Duration::from_secs(900))).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(900)))
+            .map_err(|e| e.to_string())?;
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n", self.host);
         if body.is_some() {
-            req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", payload.len()));
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                payload.len()
+            ));
         } else if method != "GET" {
             req.push_str("Content-Length: 0\r\n");
         }
         req.push_str("\r\n");
         req.push_str(&payload);
-        s.write_all(req.as_bytes()).map_err(|e| format!("sending request: {e}"))?;
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("sending request: {e}"))?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| format!("reading response: {e}"))?;
+        s.read_to_end(&mut raw)
+            .map_err(|e| format!("reading response: {e}"))?;
         parse_response(&raw)
     }
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("malformed HTTP response (no header end)")?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("malformed HTTP response (no header end)")?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
@@ -78,7 +94,10 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n").ok_or("malformed chunked body")?;
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("malformed chunked body")?;
         let size_s = String::from_utf8_lossy(&b[..eol]);
         let size = usize::from_str_radix(size_s.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|_| "malformed chunk size".to_string())?;
@@ -105,7 +124,9 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").expect("ok");
         assert_eq!(r.body, b"abcde");
         assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
     }
 
     #[test]

@@ -15,10 +15,19 @@ use crate::config::RunArgs;
 use crate::types::ByteSize;
 
 #[derive(Parser, Debug)]
-#[command(name = "cairn", version, about = "Cairn: container-native block storage")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Cairn: container-native block storage"
+)]
 pub struct Cli {
     /// URL of the node's admin API.
-    #[arg(long, global = true, env = "CAIRN_API", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_API",
+        default_value = "http://127.0.0.1:7400"
+    )]
     pub api: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
@@ -49,7 +58,7 @@ pub enum Top {
 #[derive(Subcommand, Debug)]
 pub enum NodeCmd {
     /// Run the node daemon in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show this node's status.
     Status,
 }
@@ -114,7 +123,13 @@ fn seg(name: &str) -> String {
     // Volume names are [A-Za-z0-9_.-]; anything else is escaped so a bad
     // name reaches the API (and its validation) intact.
     name.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"_.-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -123,7 +138,12 @@ fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Val
     let v: Value = if r.body.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&r.body).map_err(|e| format!("the API answered {} with a body that is not JSON: {e}", r.status))?
+        serde_json::from_slice(&r.body).map_err(|e| {
+            format!(
+                "the API answered {} with a body that is not JSON: {e}",
+                r.status
+            )
+        })?
     };
     if (200..300).contains(&r.status) {
         Ok(v)
@@ -135,7 +155,11 @@ fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Val
 }
 
 fn absolute(p: PathBuf) -> Result<String, String> {
-    let p = if p.is_absolute() { p } else { std::env::current_dir().map_err(|e| e.to_string())?.join(p) };
+    let p = if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().map_err(|e| e.to_string())?.join(p)
+    };
     Ok(p.to_string_lossy().into_owned())
 }
 
@@ -154,32 +178,79 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 (call(&c, "POST", "/v1/volumes", Some(body))?, render_volume)
             }
             VolumeCmd::Ls => (call(&c, "GET", "/v1/volumes", None)?, render_volumes),
-            VolumeCmd::Inspect { name } => (call(&c, "GET", &format!("/v1/volumes/{}", seg(&name)), None)?, render_volume),
-            VolumeCmd::Resize { name, size } => {
-                (call(&c, "PATCH", &format!("/v1/volumes/{}", seg(&name)), Some(json!({ "size": size })))?, render_volume)
-            }
+            VolumeCmd::Inspect { name } => (
+                call(&c, "GET", &format!("/v1/volumes/{}", seg(&name)), None)?,
+                render_volume,
+            ),
+            VolumeCmd::Resize { name, size } => (
+                call(
+                    &c,
+                    "PATCH",
+                    &format!("/v1/volumes/{}", seg(&name)),
+                    Some(json!({ "size": size })),
+                )?,
+                render_volume,
+            ),
             VolumeCmd::Rm { name, force } => {
-                call(&c, "DELETE", &format!("/v1/volumes/{}?force={force}", seg(&name)), None)?;
-                (json!({ "deleted": name }), |v| format!("deleted {}", v["deleted"].as_str().unwrap_or_default()))
-            }
-            VolumeCmd::Attach { name } => {
-                (call(&c, "POST", &format!("/v1/volumes/{}/attach", seg(&name)), None)?, |v| {
-                    v["device"].as_str().unwrap_or_default().to_string()
+                call(
+                    &c,
+                    "DELETE",
+                    &format!("/v1/volumes/{}?force={force}", seg(&name)),
+                    None,
+                )?;
+                (json!({ "deleted": name }), |v| {
+                    format!("deleted {}", v["deleted"].as_str().unwrap_or_default())
                 })
             }
-            VolumeCmd::Detach { name } => (call(&c, "POST", &format!("/v1/volumes/{}/detach", seg(&name)), None)?, render_volume),
+            VolumeCmd::Attach { name } => (
+                call(
+                    &c,
+                    "POST",
+                    &format!("/v1/volumes/{}/attach", seg(&name)),
+                    None,
+                )?,
+                |v| v["device"].as_str().unwrap_or_default().to_string(),
+            ),
+            VolumeCmd::Detach { name } => (
+                call(
+                    &c,
+                    "POST",
+                    &format!("/v1/volumes/{}/detach", seg(&name)),
+                    None,
+                )?,
+                render_volume,
+            ),
             VolumeCmd::Mount { name, path } => {
                 let body = json!({ "path": absolute(path)? });
-                (call(&c, "POST", &format!("/v1/volumes/{}/mount", seg(&name)), Some(body))?, render_volume)
+                (
+                    call(
+                        &c,
+                        "POST",
+                        &format!("/v1/volumes/{}/mount", seg(&name)),
+                        Some(body),
+                    )?,
+                    render_volume,
+                )
             }
             VolumeCmd::Unmount { name, path } => {
                 let body = json!({ "path": absolute(path)? });
-                (call(&c, "POST", &format!("/v1/volumes/{}/unmount", seg(&name)), Some(body))?, render_volume)
+                (
+                    call(
+                        &c,
+                        "POST",
+                        &format!("/v1/volumes/{}/unmount", seg(&name)),
+                        Some(body),
+                    )?,
+                    render_volume,
+                )
             }
         },
     };
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&v).expect("serialisable")),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serialisable")
+        ),
         Output::Table => println!("{}", render(&v)),
     }
     Ok(())
@@ -205,7 +276,14 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
     out.extend(rows.into_iter().map(line));
@@ -218,25 +296,52 @@ fn render_volumes(v: &Value) -> String {
         .map(|a| {
             a.iter()
                 .map(|x| {
-                    vec![s(&x["name"]), bytes(&x["size_bytes"]), s(&x["fs"]), s(&x["state"]), s(&x["device"]), bytes(&x["allocated_bytes"])]
+                    vec![
+                        s(&x["name"]),
+                        bytes(&x["size_bytes"]),
+                        s(&x["fs"]),
+                        s(&x["state"]),
+                        s(&x["device"]),
+                        bytes(&x["allocated_bytes"]),
+                    ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    table(&["NAME", "SIZE", "FS", "STATE", "DEVICE", "ALLOCATED"], rows)
+    table(
+        &["NAME", "SIZE", "FS", "STATE", "DEVICE", "ALLOCATED"],
+        rows,
+    )
 }
 
 fn render_volume(v: &Value) -> String {
-    let mounts = v["mounts"].as_array().map(|m| m.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let mounts = v["mounts"]
+        .as_array()
+        .map(|m| m.iter().map(s).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
     [
         ("Name", s(&v["name"])),
         ("ID", s(&v["id"])),
-        ("Size", format!("{} ({} bytes)", bytes(&v["size_bytes"]), s(&v["size_bytes"]))),
+        (
+            "Size",
+            format!(
+                "{} ({} bytes)",
+                bytes(&v["size_bytes"]),
+                s(&v["size_bytes"])
+            ),
+        ),
         ("Filesystem", s(&v["fs"])),
         ("Formatted", s(&v["formatted"])),
         ("State", s(&v["state"])),
         ("Device", s(&v["device"])),
-        ("Mounts", if mounts.is_empty() { "-".into() } else { mounts }),
+        (
+            "Mounts",
+            if mounts.is_empty() {
+                "-".into()
+            } else {
+                mounts
+            },
+        ),
         ("Allocated", bytes(&v["allocated_bytes"])),
         ("Epoch", s(&v["epoch"])),
         ("Attached node", s(&v["attached_node"])),
@@ -261,7 +366,15 @@ fn render_pool(v: &Value) -> String {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|d| vec![s(&d["index"]), s(&d["path"]), s(&d["kind"]), bytes(&d["capacity_bytes"]), bytes(&d["allocated_bytes"])])
+                .map(|d| {
+                    vec![
+                        s(&d["index"]),
+                        s(&d["path"]),
+                        s(&d["kind"]),
+                        bytes(&d["capacity_bytes"]),
+                        bytes(&d["allocated_bytes"]),
+                    ]
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -277,8 +390,22 @@ fn render_node(v: &Value) -> String {
         ("API", s(&v["api_listen"])),
         ("NBD socket", s(&v["nbd_socket"])),
         ("NBD TCP", s(&v["nbd_listen"])),
-        ("Volumes", format!("{} ({} attached here)", s(&v["volumes"]), s(&v["attached_volumes"]))),
-        ("Pool", format!("{} allocated of {}", bytes(&v["pool_allocated_bytes"]), bytes(&v["pool_capacity_bytes"]))),
+        (
+            "Volumes",
+            format!(
+                "{} ({} attached here)",
+                s(&v["volumes"]),
+                s(&v["attached_volumes"])
+            ),
+        ),
+        (
+            "Pool",
+            format!(
+                "{} allocated of {}",
+                bytes(&v["pool_allocated_bytes"]),
+                bytes(&v["pool_capacity_bytes"])
+            ),
+        ),
         ("Uptime", format!("{}s", s(&v["uptime_seconds"]))),
     ]
     .iter()

@@ -34,12 +34,31 @@ pub struct Attachment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    CreateVolume { id: VolumeId, name: String, size_bytes: u64, fs: FsType, created_unix_ms: u64 },
-    ResizeVolume { id: VolumeId, size_bytes: u64 },
-    DeleteVolume { id: VolumeId },
-    Attach { id: VolumeId, node: NodeId },
-    Detach { id: VolumeId, node: NodeId },
-    MarkFormatted { id: VolumeId },
+    CreateVolume {
+        id: VolumeId,
+        name: String,
+        size_bytes: u64,
+        fs: FsType,
+        created_unix_ms: u64,
+    },
+    ResizeVolume {
+        id: VolumeId,
+        size_bytes: u64,
+    },
+    DeleteVolume {
+        id: VolumeId,
+    },
+    Attach {
+        id: VolumeId,
+        node: NodeId,
+    },
+    Detach {
+        id: VolumeId,
+        node: NodeId,
+    },
+    MarkFormatted {
+        id: VolumeId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,12 +89,16 @@ pub struct ClusterState {
 }
 
 fn valid_size(size: u64) -> bool {
-    size > 0 && size % SIZE_ALIGN == 0 && size <= MAX_VOLUME_SIZE
+    size > 0 && size.is_multiple_of(SIZE_ALIGN) && size <= MAX_VOLUME_SIZE
 }
 
 impl ClusterState {
     pub fn new() -> Self {
-        ClusterState { version: STATE_VERSION, applied: 0, volumes: BTreeMap::new() }
+        ClusterState {
+            version: STATE_VERSION,
+            applied: 0,
+            volumes: BTreeMap::new(),
+        }
     }
 
     pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
@@ -89,7 +112,13 @@ impl ClusterState {
     /// Applies one command. On error nothing changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<(), StateError> {
         match cmd {
-            Command::CreateVolume { id, name, size_bytes, fs, created_unix_ms } => {
+            Command::CreateVolume {
+                id,
+                name,
+                size_bytes,
+                fs,
+                created_unix_ms,
+            } => {
                 if self.volume_by_name(name).is_some() {
                     return Err(StateError::VolumeExists(name.clone()));
                 }
@@ -119,7 +148,10 @@ impl ClusterState {
                     return Err(StateError::InvalidSize(*size_bytes));
                 }
                 if *size_bytes < v.size_bytes {
-                    return Err(StateError::Shrink { current: v.size_bytes, requested: *size_bytes });
+                    return Err(StateError::Shrink {
+                        current: v.size_bytes,
+                        requested: *size_bytes,
+                    });
                 }
                 self.volumes.get_mut(id).expect("checked").size_bytes = *size_bytes;
             }
@@ -133,19 +165,32 @@ impl ClusterState {
             Command::Attach { id, node } => {
                 let v = self.volume(*id)?;
                 match &v.attachment {
-                    Some(a) if a.node != *node => return Err(StateError::AttachedElsewhere { id: *id, node: a.node }),
+                    Some(a) if a.node != *node => {
+                        return Err(StateError::AttachedElsewhere {
+                            id: *id,
+                            node: a.node,
+                        })
+                    }
                     Some(_) => {}
                     None => {
                         let v = self.volumes.get_mut(id).expect("checked");
                         v.epoch += 1;
-                        v.attachment = Some(Attachment { node: *node, epoch: v.epoch });
+                        v.attachment = Some(Attachment {
+                            node: *node,
+                            epoch: v.epoch,
+                        });
                     }
                 }
             }
             Command::Detach { id, node } => {
                 let v = self.volume(*id)?;
                 match &v.attachment {
-                    Some(a) if a.node != *node => return Err(StateError::AttachedElsewhere { id: *id, node: a.node }),
+                    Some(a) if a.node != *node => {
+                        return Err(StateError::AttachedElsewhere {
+                            id: *id,
+                            node: a.node,
+                        })
+                    }
                     _ => self.volumes.get_mut(id).expect("checked").attachment = None,
                 }
             }
@@ -165,31 +210,65 @@ mod tests {
     use crate::types::Id128;
 
     fn create(id: VolumeId, name: &str) -> Command {
-        Command::CreateVolume { id, name: name.into(), size_bytes: 1 << 30, fs: FsType::Ext4, created_unix_ms: 1 }
+        Command::CreateVolume {
+            id,
+            name: name.into(),
+            size_bytes: 1 << 30,
+            fs: FsType::Ext4,
+            created_unix_ms: 1,
+        }
     }
 
     #[test]
     fn refused_commands_change_nothing() {
         let mut s = ClusterState::new();
-        let (a, b, n1, n2) = (Id128::random(), Id128::random(), Id128::random(), Id128::random());
+        let (a, b, n1, n2) = (
+            Id128::random(),
+            Id128::random(),
+            Id128::random(),
+            Id128::random(),
+        );
         s.apply(&create(a, "a")).expect("create");
         let before = s.clone();
         let refused = [
             create(b, "a"),
             create(a, "b"),
-            Command::CreateVolume { id: b, name: "b".into(), size_bytes: 0, fs: FsType::Ext4, created_unix_ms: 1 },
-            Command::CreateVolume { id: b, name: "b".into(), size_bytes: 1000, fs: FsType::Ext4, created_unix_ms: 1 },
-            Command::ResizeVolume { id: a, size_bytes: 4096 },
-            Command::ResizeVolume { id: b, size_bytes: 2 << 30 },
+            Command::CreateVolume {
+                id: b,
+                name: "b".into(),
+                size_bytes: 0,
+                fs: FsType::Ext4,
+                created_unix_ms: 1,
+            },
+            Command::CreateVolume {
+                id: b,
+                name: "b".into(),
+                size_bytes: 1000,
+                fs: FsType::Ext4,
+                created_unix_ms: 1,
+            },
+            Command::ResizeVolume {
+                id: a,
+                size_bytes: 4096,
+            },
+            Command::ResizeVolume {
+                id: b,
+                size_bytes: 2 << 30,
+            },
             Command::DeleteVolume { id: b },
         ];
         for c in &refused {
             assert!(s.apply(c).is_err(), "{c:?} was accepted");
             assert_eq!(s, before, "{c:?} changed the state");
         }
-        s.apply(&Command::Attach { id: a, node: n1 }).expect("attach");
+        s.apply(&Command::Attach { id: a, node: n1 })
+            .expect("attach");
         let attached = s.clone();
-        for c in [Command::Attach { id: a, node: n2 }, Command::Detach { id: a, node: n2 }, Command::DeleteVolume { id: a }] {
+        for c in [
+            Command::Attach { id: a, node: n2 },
+            Command::Detach { id: a, node: n2 },
+            Command::DeleteVolume { id: a },
+        ] {
             assert!(s.apply(&c).is_err(), "{c:?} was accepted");
             assert_eq!(s, attached);
         }
@@ -200,12 +279,15 @@ mod tests {
         let mut s = ClusterState::new();
         let (a, n) = (Id128::random(), Id128::random());
         s.apply(&create(a, "a")).expect("create");
-        s.apply(&Command::Attach { id: a, node: n }).expect("attach");
+        s.apply(&Command::Attach { id: a, node: n })
+            .expect("attach");
         s.apply(&Command::Attach { id: a, node: n }).expect("again");
         assert_eq!(s.volumes[&a].epoch, 1);
-        s.apply(&Command::Detach { id: a, node: n }).expect("detach");
+        s.apply(&Command::Detach { id: a, node: n })
+            .expect("detach");
         s.apply(&Command::Detach { id: a, node: n }).expect("again");
-        s.apply(&Command::Attach { id: a, node: n }).expect("attach");
+        s.apply(&Command::Attach { id: a, node: n })
+            .expect("attach");
         assert_eq!(s.volumes[&a].epoch, 2);
     }
 
@@ -214,7 +296,10 @@ mod tests {
         let (a, n) = (Id128::random(), Id128::random());
         let cmds = vec![
             create(a, "a"),
-            Command::ResizeVolume { id: a, size_bytes: 2 << 30 },
+            Command::ResizeVolume {
+                id: a,
+                size_bytes: 2 << 30,
+            },
             Command::Attach { id: a, node: n },
             Command::MarkFormatted { id: a },
         ];
@@ -222,7 +307,8 @@ mod tests {
         for c in &cmds {
             s1.apply(c).expect("apply");
             let json = serde_json::to_string(c).expect("encode");
-            s2.apply(&serde_json::from_str(&json).expect("decode")).expect("apply");
+            s2.apply(&serde_json::from_str(&json).expect("decode"))
+                .expect("apply");
         }
         assert_eq!(s1, s2);
     }

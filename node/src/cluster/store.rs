@@ -25,19 +25,31 @@ pub struct ClusterStore {
 
 impl ClusterStore {
     pub fn open(db: &sled::Db) -> Result<ClusterStore, StoreError> {
-        let tree = db.open_tree("cluster").map_err(|e| StoreError::Storage(e.to_string()))?;
-        let state = match tree.get(STATE_KEY).map_err(|e| StoreError::Storage(e.to_string()))? {
+        let tree = db
+            .open_tree("cluster")
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let state = match tree
+            .get(STATE_KEY)
+            .map_err(|e| StoreError::Storage(e.to_string()))?
+        {
             None => ClusterState::new(),
             Some(v) => {
-                let s: ClusterState =
-                    serde_json::from_slice(&v).map_err(|e| StoreError::Storage(format!("stored cluster state: {e}")))?;
+                let s: ClusterState = serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Storage(format!("stored cluster state: {e}")))?;
                 if s.version != STATE_VERSION {
-                    return Err(StoreError::Storage(format!("cluster state version {} is not supported", s.version)));
+                    return Err(StoreError::Storage(format!(
+                        "cluster state version {} is not supported",
+                        s.version
+                    )));
                 }
                 s
             }
         };
-        Ok(ClusterStore { tree, db: db.clone(), state: Mutex::new(state) })
+        Ok(ClusterStore {
+            tree,
+            db: db.clone(),
+            state: Mutex::new(state),
+        })
     }
 
     /// A consistent view of the state; hold it briefly.
@@ -51,8 +63,12 @@ impl ClusterStore {
         let mut next = live.clone();
         next.apply(&cmd)?;
         let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Storage(e.to_string()))?;
-        self.tree.insert(STATE_KEY, bytes).map_err(|e| StoreError::Storage(e.to_string()))?;
-        self.db.flush().map_err(|e| StoreError::Storage(e.to_string()))?;
+        self.tree
+            .insert(STATE_KEY, bytes)
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
         tracing::debug!(?cmd, applied = next.applied, "applied command");
         *live = next.clone();
         Ok(next)

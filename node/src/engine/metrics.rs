@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in microseconds.
-const BUCKETS_US: [u64; 14] = [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+const BUCKETS_US: [u64; 14] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
 
 #[derive(Default)]
 pub struct Histogram {
@@ -30,11 +32,19 @@ impl Histogram {
         let mut cum = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
             cum += self.buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cum}", *b as f64 / 1e6);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{}\"}} {cum}",
+                *b as f64 / 1e6
+            );
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_us.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
@@ -117,28 +127,67 @@ impl VolumeMetrics {
             ("flush", &self.flush_errors),
             ("discard", &self.discard_errors),
         ] {
-            let _ = writeln!(out, "cairn_volume_io_errors_total{{{l},op=\"{op}\"}} {}", v.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "cairn_volume_io_errors_total{{{l},op=\"{op}\"}} {}",
+                v.load(Relaxed)
+            );
         }
-        self.read_latency.render(out, "cairn_volume_read_latency_seconds", &l);
-        self.write_latency.render(out, "cairn_volume_write_latency_seconds", &l);
-        self.flush_latency.render(out, "cairn_volume_flush_latency_seconds", &l);
+        self.read_latency
+            .render(out, "cairn_volume_read_latency_seconds", &l);
+        self.write_latency
+            .render(out, "cairn_volume_write_latency_seconds", &l);
+        self.flush_latency
+            .render(out, "cairn_volume_flush_latency_seconds", &l);
     }
 }
 
 /// The `# HELP`/`# TYPE` header for the per-volume series.
 pub fn render_headers(out: &mut String) {
     for (name, kind, help) in [
-        ("cairn_volume_reads_total", "counter", "Completed read requests"),
-        ("cairn_volume_writes_total", "counter", "Completed write requests"),
+        (
+            "cairn_volume_reads_total",
+            "counter",
+            "Completed read requests",
+        ),
+        (
+            "cairn_volume_writes_total",
+            "counter",
+            "Completed write requests",
+        ),
         ("cairn_volume_flushes_total", "counter", "Completed flushes"),
-        ("cairn_volume_discards_total", "counter", "Completed discard/zero requests"),
+        (
+            "cairn_volume_discards_total",
+            "counter",
+            "Completed discard/zero requests",
+        ),
         ("cairn_volume_read_bytes_total", "counter", "Bytes read"),
         ("cairn_volume_write_bytes_total", "counter", "Bytes written"),
-        ("cairn_volume_discard_bytes_total", "counter", "Bytes discarded or zeroed"),
-        ("cairn_volume_io_errors_total", "counter", "Failed requests by operation"),
-        ("cairn_volume_read_latency_seconds", "histogram", "Read latency in the engine"),
-        ("cairn_volume_write_latency_seconds", "histogram", "Write latency in the engine"),
-        ("cairn_volume_flush_latency_seconds", "histogram", "Flush latency in the engine"),
+        (
+            "cairn_volume_discard_bytes_total",
+            "counter",
+            "Bytes discarded or zeroed",
+        ),
+        (
+            "cairn_volume_io_errors_total",
+            "counter",
+            "Failed requests by operation",
+        ),
+        (
+            "cairn_volume_read_latency_seconds",
+            "histogram",
+            "Read latency in the engine",
+        ),
+        (
+            "cairn_volume_write_latency_seconds",
+            "histogram",
+            "Write latency in the engine",
+        ),
+        (
+            "cairn_volume_flush_latency_seconds",
+            "histogram",
+            "Flush latency in the engine",
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
@@ -156,9 +205,21 @@ mod tests {
         m.record_write(4096, Duration::from_secs(5), true);
         let mut s = String::new();
         m.render(&mut s, "v");
-        assert!(s.contains("cairn_volume_writes_total{volume=\"v\"} 3"), "{s}");
-        assert!(s.contains("cairn_volume_write_latency_seconds_bucket{volume=\"v\",le=\"0.00005\"} 1"), "{s}");
-        assert!(s.contains("cairn_volume_write_latency_seconds_bucket{volume=\"v\",le=\"0.005\"} 2"), "{s}");
-        assert!(s.contains("cairn_volume_write_latency_seconds_bucket{volume=\"v\",le=\"+Inf\"} 3"), "{s}");
+        assert!(
+            s.contains("cairn_volume_writes_total{volume=\"v\"} 3"),
+            "{s}"
+        );
+        assert!(
+            s.contains("cairn_volume_write_latency_seconds_bucket{volume=\"v\",le=\"0.00005\"} 1"),
+            "{s}"
+        );
+        assert!(
+            s.contains("cairn_volume_write_latency_seconds_bucket{volume=\"v\",le=\"0.005\"} 2"),
+            "{s}"
+        );
+        assert!(
+            s.contains("cairn_volume_write_latency_seconds_bucket{volume=\"v\",le=\"+Inf\"} 3"),
+            "{s}"
+        );
     }
 }

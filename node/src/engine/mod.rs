@@ -66,9 +66,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(volume: VolumeId, size_bytes: u64, replicas: Vec<Arc<dyn Replica>>, metrics: Arc<VolumeMetrics>) -> Engine {
+    pub fn new(
+        volume: VolumeId,
+        size_bytes: u64,
+        replicas: Vec<Arc<dyn Replica>>,
+        metrics: Arc<VolumeMetrics>,
+    ) -> Engine {
         assert!(!replicas.is_empty(), "an engine needs at least one replica");
-        Engine { volume, size: AtomicU64::new(size_bytes), replicas, metrics }
+        Engine {
+            volume,
+            size: AtomicU64::new(size_bytes),
+            replicas,
+            metrics,
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -90,8 +100,11 @@ impl Engine {
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let t = Instant::now();
-        let r = self.check(offset, buf.len() as u64).and_then(|_| Ok(self.replicas[0].read(offset, buf)?));
-        self.metrics.record_read(buf.len() as u64, t.elapsed(), r.is_ok());
+        let r = self
+            .check(offset, buf.len() as u64)
+            .and_then(|_| Ok(self.replicas[0].read(offset, buf)?));
+        self.metrics
+            .record_read(buf.len() as u64, t.elapsed(), r.is_ok());
         r
     }
 
@@ -103,7 +116,8 @@ impl Engine {
             }
             Ok(())
         });
-        self.metrics.record_write(buf.len() as u64, t.elapsed(), r.is_ok());
+        self.metrics
+            .record_write(buf.len() as u64, t.elapsed(), r.is_ok());
         r
     }
 

@@ -24,6 +24,8 @@ use crate::sys::AlignedBuf;
 
 const MAX_CONNECTIONS: usize = 64;
 
+type Closer = Box<dyn Fn() + Send>;
+
 /// An opened export. Dropping it releases whatever the provider holds for it
 /// (the writer registration, the engine reference).
 pub struct Export {
@@ -69,7 +71,8 @@ struct Shared {
     provider: Arc<dyn ExportProvider>,
     stopping: AtomicBool,
     active: AtomicUsize,
-    conns: Mutex<Vec<(u64, Box<dyn Fn() + Send>)>>,
+    /// Open connections and how to close each (at shutdown).
+    conns: Mutex<Vec<(u64, Closer)>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -81,7 +84,11 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    pub fn start(provider: Arc<dyn ExportProvider>, socket: &Path, tcp: Option<&str>) -> io::Result<NbdServer> {
+    pub fn start(
+        provider: Arc<dyn ExportProvider>,
+        socket: &Path,
+        tcp: Option<&str>,
+    ) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             provider,
             stopping: AtomicBool::new(false),
@@ -107,9 +114,11 @@ impl NbdServer {
                 libc::shutdown(fd, libc::SHUT_RDWR);
             }));
             let sh = shared.clone();
-            threads.push(std::thread::Builder::new().name("nbd-unix".into()).spawn(move || {
-                accept_loop(&sh, || unix.accept().map(|(s, _)| s))
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("nbd-unix".into())
+                    .spawn(move || accept_loop(&sh, || unix.accept().map(|(s, _)| s)))?,
+            );
         }
         if let Some(addr) = tcp {
             let l = TcpListener::bind(addr)?;
@@ -119,16 +128,25 @@ impl NbdServer {
                 libc::shutdown(fd, libc::SHUT_RDWR);
             }));
             let sh = shared.clone();
-            threads.push(std::thread::Builder::new().name("nbd-tcp".into()).spawn(move || {
-                accept_loop(&sh, || {
-                    l.accept().map(|(s, _)| {
-                        let _ = s.set_nodelay(true);
-                        s
-                    })
-                })
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("nbd-tcp".into())
+                    .spawn(move || {
+                        accept_loop(&sh, || {
+                            l.accept().map(|(s, _)| {
+                                let _ = s.set_nodelay(true);
+                                s
+                            })
+                        })
+                    })?,
+            );
         }
-        Ok(NbdServer { shared, wakers, threads, socket_path: socket.to_path_buf() })
+        Ok(NbdServer {
+            shared,
+            wakers,
+            threads,
+            socket_path: socket.to_path_buf(),
+        })
     }
 
     /// Stops accepting, closes every connection and waits for the threads.
@@ -144,7 +162,8 @@ impl NbdServer {
             let _ = t.join();
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.shared.active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        while self.shared.active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let _ = std::fs::remove_file(&self.socket_path);
@@ -168,20 +187,28 @@ fn accept_loop<C: Conn>(shared: &Arc<Shared>, accept: impl Fn() -> io::Result<C>
             tracing::warn!("NBD connection refused: {MAX_CONNECTIONS} connections already open");
             continue;
         }
-        let Ok(close) = stream.shutdown_handle() else { continue };
+        let Ok(close) = stream.shutdown_handle() else {
+            continue;
+        };
         let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
         shared.conns.lock().expect("conns").push((id, close));
         shared.active.fetch_add(1, Ordering::SeqCst);
         let sh = shared.clone();
-        let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-            if let Err(e) = serve(stream, sh.provider.as_ref()) {
-                tracing::debug!(error = %e, "NBD connection ended");
-            }
-            sh.conns.lock().expect("conns").retain(|(i, _)| *i != id);
-            sh.active.fetch_sub(1, Ordering::SeqCst);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve(stream, sh.provider.as_ref()) {
+                    tracing::debug!(error = %e, "NBD connection ended");
+                }
+                sh.conns.lock().expect("conns").retain(|(i, _)| *i != id);
+                sh.active.fetch_sub(1, Ordering::SeqCst);
+            });
         if spawned.is_err() {
-            shared.conns.lock().expect("conns").retain(|(i, _)| *i != id);
+            shared
+                .conns
+                .lock()
+                .expect("conns")
+                .retain(|(i, _)| *i != id);
             shared.active.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -237,19 +264,26 @@ fn transmission_flags(read_only: bool) -> u16 {
 /// Parses the payload of INFO/GO: name and the list of requested info types.
 fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     let nlen = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-    let name = std::str::from_utf8(data.get(4..4usize.checked_add(nlen)?)?).ok()?.to_string();
+    let name = std::str::from_utf8(data.get(4..4usize.checked_add(nlen)?)?)
+        .ok()?
+        .to_string();
     let rest = data.get(4 + nlen..)?;
     let n = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
     if rest.len() != 2 + 2 * n {
         return None;
     }
-    let reqs = (0..n).map(|i| u16::from_be_bytes([rest[2 + 2 * i], rest[3 + 2 * i]])).collect();
+    let reqs = (0..n)
+        .map(|i| u16::from_be_bytes([rest[2 + 2 * i], rest[3 + 2 * i]]))
+        .collect();
     Some((name, reqs))
 }
 
 fn serve<C: Conn>(stream: C, provider: &dyn ExportProvider) -> io::Result<()> {
     let w = stream.try_clone_conn()?;
-    let mut c = Wire { r: BufReader::new(stream), w: BufWriter::with_capacity(64 << 10, w) };
+    let mut c = Wire {
+        r: BufReader::new(stream),
+        w: BufWriter::with_capacity(64 << 10, w),
+    };
     c.w.write_all(&NBDMAGIC.to_be_bytes())?;
     c.w.write_all(&IHAVEOPT.to_be_bytes())?;
     c.w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -307,7 +341,11 @@ fn serve<C: Conn>(stream: C, provider: &dyn ExportProvider) -> io::Result<()> {
                 let export = match provider.open_export(&name) {
                     Ok(e) => e,
                     Err(msg) => {
-                        let kind = if msg.contains("not found") { REP_ERR_UNKNOWN } else { REP_ERR_POLICY };
+                        let kind = if msg.contains("not found") {
+                            REP_ERR_UNKNOWN
+                        } else {
+                            REP_ERR_POLICY
+                        };
                         c.opt_reply(opt, kind, msg.as_bytes())?;
                         continue;
                     }
@@ -394,7 +432,13 @@ fn transmit<C: Conn>(c: &mut Wire<C>, export: &Export) -> io::Result<()> {
                 } else {
                     engine
                         .write(offset, src)
-                        .and_then(|_| if flags & CMD_FLAG_FUA != 0 { engine.flush() } else { Ok(()) })
+                        .and_then(|_| {
+                            if flags & CMD_FLAG_FUA != 0 {
+                                engine.flush()
+                            } else {
+                                Ok(())
+                            }
+                        })
                         .map_err(|e| errno_to_nbd(e.errno()))
                 };
                 c.simple_reply(cookie, r.err().unwrap_or(0), &[])?;
@@ -409,7 +453,13 @@ fn transmit<C: Conn>(c: &mut Wire<C>, export: &Export) -> io::Result<()> {
                 } else {
                     engine
                         .zero_range(offset, len as u64)
-                        .and_then(|_| if flags & CMD_FLAG_FUA != 0 { engine.flush() } else { Ok(()) })
+                        .and_then(|_| {
+                            if flags & CMD_FLAG_FUA != 0 {
+                                engine.flush()
+                            } else {
+                                Ok(())
+                            }
+                        })
                         .map_err(|e| errno_to_nbd(e.errno()))
                 };
                 c.simple_reply(cookie, r.err().unwrap_or(0), &[])?;
@@ -430,7 +480,10 @@ mod tests {
         d.extend_from_slice(b"vol");
         d.extend_from_slice(&1u16.to_be_bytes());
         d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(parse_info_request(&d), Some(("vol".into(), vec![INFO_BLOCK_SIZE])));
+        assert_eq!(
+            parse_info_request(&d),
+            Some(("vol".into(), vec![INFO_BLOCK_SIZE]))
+        );
         assert_eq!(parse_info_request(&d[..d.len() - 1]), None);
         let mut huge = u32::MAX.to_be_bytes().to_vec();
         huge.extend_from_slice(b"x");

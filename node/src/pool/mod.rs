@@ -89,7 +89,10 @@ impl ExtentAddr {
         if dev == 0 || dev > u16::MAX as u64 + 1 {
             return None;
         }
-        Some(ExtentAddr { device: (dev - 1) as u16, extent: v as u32 })
+        Some(ExtentAddr {
+            device: (dev - 1) as u16,
+            extent: v as u32,
+        })
     }
 }
 
@@ -141,16 +144,32 @@ const CONFIG_KEY: &[u8] = b"pool";
 impl Pool {
     /// Opens the pool recorded in `meta`, or creates it from `specs`, adding
     /// devices that are new. Every recorded device must be present.
-    pub fn open(meta: &sled::Tree, node_id: NodeId, specs: &[DiskSpec], force_format: bool) -> Result<Pool, PoolError> {
-        let mut config: PoolConfig = match meta.get(CONFIG_KEY).map_err(|e| PoolError::Meta(e.to_string()))? {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| PoolError::Meta(format!("stored pool config: {e}")))?,
-            None => PoolConfig { version: 1, pool_id: Id128::random(), extent_size: EXTENT_SIZE, devices: Vec::new() },
+    pub fn open(
+        meta: &sled::Tree,
+        node_id: NodeId,
+        specs: &[DiskSpec],
+        force_format: bool,
+    ) -> Result<Pool, PoolError> {
+        let mut config: PoolConfig = match meta
+            .get(CONFIG_KEY)
+            .map_err(|e| PoolError::Meta(e.to_string()))?
+        {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| PoolError::Meta(format!("stored pool config: {e}")))?,
+            None => PoolConfig {
+                version: 1,
+                pool_id: Id128::random(),
+                extent_size: EXTENT_SIZE,
+                devices: Vec::new(),
+            },
         };
         let mut seen = std::collections::HashSet::new();
         for s in specs {
             let canon = std::fs::canonicalize(s.path()).unwrap_or_else(|_| s.path().to_path_buf());
             if !seen.insert(canon) {
-                return Err(PoolError::DuplicateDevice { path: s.path().to_path_buf() });
+                return Err(PoolError::DuplicateDevice {
+                    path: s.path().to_path_buf(),
+                });
             }
         }
         // First pass: open and classify every device, changing nothing, so a
@@ -160,32 +179,57 @@ impl Pool {
             let (file, size, is_block) = open_device(spec)?;
             let path = spec.path().to_path_buf();
             let mut sbuf = AlignedBuf::new(SUPERBLOCK_SIZE, IO_ALIGN);
-            file.read_exact_at(sbuf.as_mut_slice(), 0).map_err(|source| PoolError::Io { path: path.clone(), source })?;
+            file.read_exact_at(sbuf.as_mut_slice(), 0)
+                .map_err(|source| PoolError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
             let known = match Superblock::decode(sbuf.as_slice()) {
                 Ok(sb) if sb.pool_id == config.pool_id => {
                     let Some(rec) = config.devices.iter().find(|d| d.id == sb.device_id) else {
                         return Err(PoolError::DeviceRefused {
                             path,
-                            reason: format!("its superblock names device {} which this pool does not record", sb.device_id),
+                            reason: format!(
+                                "its superblock names device {} which this pool does not record",
+                                sb.device_id
+                            ),
                         });
                     };
                     if sb.extent_size != config.extent_size || sb.device_index != rec.index {
-                        return Err(PoolError::DeviceRefused { path, reason: "its superblock disagrees with the pool's records".into() });
+                        return Err(PoolError::DeviceRefused {
+                            path,
+                            reason: "its superblock disagrees with the pool's records".into(),
+                        });
                     }
                     Some(sb)
                 }
                 Ok(sb) if !force_format => {
-                    return Err(PoolError::DeviceRefused { path, reason: format!("it belongs to another Cairn pool ({})", sb.pool_id) })
+                    return Err(PoolError::DeviceRefused {
+                        path,
+                        reason: format!("it belongs to another Cairn pool ({})", sb.pool_id),
+                    })
                 }
                 Err(SuperblockError::Blank) => None,
-                Err(e) if !force_format => return Err(PoolError::DeviceRefused { path, reason: e.to_string() }),
+                Err(e) if !force_format => {
+                    return Err(PoolError::DeviceRefused {
+                        path,
+                        reason: e.to_string(),
+                    })
+                }
                 _ => None,
             };
             probed.push((path, file, size, is_block, known));
         }
         for rec in &config.devices {
-            if !probed.iter().any(|p| p.4.as_ref().map(|sb| sb.device_id) == Some(rec.id)) {
-                return Err(PoolError::DeviceMissing { index: rec.index, path: rec.path.clone(), id: rec.id });
+            if !probed
+                .iter()
+                .any(|p| p.4.as_ref().map(|sb| sb.device_id) == Some(rec.id))
+            {
+                return Err(PoolError::DeviceMissing {
+                    index: rec.index,
+                    path: rec.path.clone(),
+                    id: rec.id,
+                });
             }
         }
         let mut opened: Vec<Device> = Vec::new();
@@ -193,7 +237,11 @@ impl Pool {
         for (path, file, size, is_block, known) in probed {
             let device = match known {
                 Some(sb) => {
-                    let rec = config.devices.iter_mut().find(|d| d.id == sb.device_id).expect("checked above");
+                    let rec = config
+                        .devices
+                        .iter_mut()
+                        .find(|d| d.id == sb.device_id)
+                        .expect("checked above");
                     if rec.path != path.to_string_lossy() {
                         rec.path = path.to_string_lossy().into_owned();
                         changed = true;
@@ -213,9 +261,27 @@ impl Pool {
                     if config.devices.len() >= u16::MAX as usize {
                         return Err(PoolError::Meta("too many devices".into()));
                     }
-                    let index = config.devices.iter().map(|d| d.index + 1).max().unwrap_or(0);
-                    let dev = format_device(file, path, is_block, size, index, config.pool_id, node_id, config.extent_size)?;
-                    config.devices.push(DeviceRecord { index, id: dev.id, path: dev.path.to_string_lossy().into_owned() });
+                    let index = config
+                        .devices
+                        .iter()
+                        .map(|d| d.index + 1)
+                        .max()
+                        .unwrap_or(0);
+                    let dev = format_device(
+                        file,
+                        path,
+                        is_block,
+                        size,
+                        index,
+                        config.pool_id,
+                        node_id,
+                        config.extent_size,
+                    )?;
+                    config.devices.push(DeviceRecord {
+                        index,
+                        id: dev.id,
+                        path: dev.path.to_string_lossy().into_owned(),
+                    });
                     changed = true;
                     dev
                 }
@@ -224,7 +290,8 @@ impl Pool {
         }
         if changed || meta.get(CONFIG_KEY).ok().flatten().is_none() {
             let v = serde_json::to_vec(&config).map_err(|e| PoolError::Meta(e.to_string()))?;
-            meta.insert(CONFIG_KEY, v).map_err(|e| PoolError::Meta(e.to_string()))?;
+            meta.insert(CONFIG_KEY, v)
+                .map_err(|e| PoolError::Meta(e.to_string()))?;
             meta.flush().map_err(|e| PoolError::Meta(e.to_string()))?;
         }
         opened.sort_by_key(|d| d.index);
@@ -234,21 +301,32 @@ impl Pool {
             let i = d.index as usize;
             devices[i] = Some(d);
         }
-        let devices: Vec<Device> = devices.into_iter().map(|d| d.expect("every recorded device was opened")).collect();
+        let devices: Vec<Device> = devices
+            .into_iter()
+            .map(|d| d.expect("every recorded device was opened"))
+            .collect();
         let alloc = Allocator {
-            free: devices.iter().map(|d| (0..d.extent_count).rev().collect()).collect(),
+            free: devices
+                .iter()
+                .map(|d| (0..d.extent_count).rev().collect())
+                .collect(),
             used: vec![0; devices.len()],
         };
-        Ok(Pool { id: config.pool_id, extent_size: config.extent_size, devices, alloc: Mutex::new(alloc) })
+        Ok(Pool {
+            id: config.pool_id,
+            extent_size: config.extent_size,
+            devices,
+            alloc: Mutex::new(alloc),
+        })
     }
 
     pub fn devices(&self) -> &[Device] {
         &self.devices
     }
 
-    /// Records extents found in replica maps at start. Returns false for an
-    /// address outside the pool or already claimed (a corrupted map).
-    pub fn claim_all(&self, addrs: &mut Vec<ExtentAddr>) -> Result<(), ExtentAddr> {
+    /// Records extents found in replica maps at start. Fails with the first
+    /// address that lies outside the pool or is claimed twice (a corrupted map).
+    pub fn claim_all(&self, addrs: &mut [ExtentAddr]) -> Result<(), ExtentAddr> {
         let mut a = self.alloc.lock().expect("allocator lock");
         addrs.sort();
         for w in addrs.windows(2) {
@@ -257,12 +335,17 @@ impl Pool {
             }
         }
         for (dev, free) in a.free.iter_mut().enumerate() {
-            let claimed: std::collections::HashSet<u32> =
-                addrs.iter().filter(|x| x.device as usize == dev).map(|x| x.extent).collect();
+            let claimed: std::collections::HashSet<u32> = addrs
+                .iter()
+                .filter(|x| x.device as usize == dev)
+                .map(|x| x.extent)
+                .collect();
             free.retain(|e| !claimed.contains(e));
         }
         for x in addrs.iter() {
-            let Some(d) = self.devices.get(x.device as usize) else { return Err(*x) };
+            let Some(d) = self.devices.get(x.device as usize) else {
+                return Err(*x);
+            };
             if x.extent >= d.extent_count {
                 return Err(*x);
             }
@@ -274,11 +357,18 @@ impl Pool {
     /// Takes a free extent (reading as zeros) from the device with most room.
     pub fn allocate(&self) -> Result<ExtentAddr, PoolError> {
         let mut a = self.alloc.lock().expect("allocator lock");
-        let best = (0..a.free.len()).max_by_key(|i| a.free[*i].len()).filter(|i| !a.free[*i].is_empty());
-        let Some(dev) = best else { return Err(PoolError::Full) };
+        let best = (0..a.free.len())
+            .max_by_key(|i| a.free[*i].len())
+            .filter(|i| !a.free[*i].is_empty());
+        let Some(dev) = best else {
+            return Err(PoolError::Full);
+        };
         let extent = a.free[dev].pop().expect("non-empty");
         a.used[dev] += 1;
-        Ok(ExtentAddr { device: dev as u16, extent })
+        Ok(ExtentAddr {
+            device: dev as u16,
+            extent,
+        })
     }
 
     /// Returns extents to the free lists. The caller has already zeroed them
@@ -296,7 +386,12 @@ impl Pool {
         self.devices
             .get(addr.device as usize)
             .filter(|d| addr.extent < d.extent_count)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("extent {addr:?} outside the pool")))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("extent {addr:?} outside the pool"),
+                )
+            })
     }
 
     fn offset(&self, d: &Device, addr: ExtentAddr, within: u64, len: usize) -> u64 {
@@ -308,14 +403,16 @@ impl Pool {
     /// offset and the length are [`IO_ALIGN`]-aligned (`O_DIRECT`).
     pub fn read(&self, addr: ExtentAddr, within: u64, buf: &mut [u8]) -> io::Result<()> {
         let d = self.device(addr)?;
-        d.file.read_exact_at(buf, self.offset(d, addr, within, buf.len()))
+        d.file
+            .read_exact_at(buf, self.offset(d, addr, within, buf.len()))
     }
 
     /// Writes at `within` bytes into the extent; same alignment rules as read.
     pub fn write(&self, addr: ExtentAddr, within: u64, buf: &[u8]) -> io::Result<()> {
         let d = self.device(addr)?;
         d.dirty.store(true, Ordering::Release);
-        d.file.write_all_at(buf, self.offset(d, addr, within, buf.len()))
+        d.file
+            .write_all_at(buf, self.offset(d, addr, within, buf.len()))
     }
 
     /// Makes a range inside an extent read as zeros (not yet durable).
@@ -323,7 +420,11 @@ impl Pool {
         let d = self.device(addr)?;
         d.dirty.store(true, Ordering::Release);
         let off = self.offset(d, addr, within, len as usize);
-        if d.is_block { sys::block_zero_out(&d.file, off, len) } else { sys::punch_hole(&d.file, off, len) }
+        if d.is_block {
+            sys::block_zero_out(&d.file, off, len)
+        } else {
+            sys::punch_hole(&d.file, off, len)
+        }
     }
 
     /// Makes every completed write and zeroing durable on every device.
@@ -344,12 +445,21 @@ impl Pool {
         let a = self.alloc.lock().expect("allocator lock");
         self.devices
             .iter()
-            .map(|d| (d, d.extent_count as u64 * self.extent_size, a.used[d.index as usize] * self.extent_size))
+            .map(|d| {
+                (
+                    d,
+                    d.extent_count as u64 * self.extent_size,
+                    a.used[d.index as usize] * self.extent_size,
+                )
+            })
             .collect()
     }
 
     pub fn capacity_bytes(&self) -> u64 {
-        self.devices.iter().map(|d| d.extent_count as u64 * self.extent_size).sum()
+        self.devices
+            .iter()
+            .map(|d| d.extent_count as u64 * self.extent_size)
+            .sum()
     }
 
     pub fn allocated_bytes(&self) -> u64 {
@@ -360,13 +470,20 @@ impl Pool {
 
 fn open_device(spec: &DiskSpec) -> Result<(File, u64, bool), PoolError> {
     let path = spec.path();
-    let err = |source| PoolError::OpenDevice { path: path.to_path_buf(), source };
+    let err = |source| PoolError::OpenDevice {
+        path: path.to_path_buf(),
+        source,
+    };
     if let DiskSpec::File(p, size) = spec {
         if !p.exists() {
             if let Some(parent) = p.parent() {
                 std::fs::create_dir_all(parent).map_err(err)?;
             }
-            let f = OpenOptions::new().write(true).create_new(true).open(p).map_err(err)?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(err)?;
             f.set_len(*size).map_err(err)?;
             f.sync_all().map_err(err)?;
             if let Some(parent) = p.parent() {
@@ -374,17 +491,29 @@ fn open_device(spec: &DiskSpec) -> Result<(File, u64, bool), PoolError> {
             }
         }
     }
-    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).map_err(err)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     let is_block = meta.file_type().is_block_device();
     let size = match spec {
-        DiskSpec::Block(_) if !is_block => return Err(PoolError::NotBlockDevice { path: path.to_path_buf() }),
+        DiskSpec::Block(_) if !is_block => {
+            return Err(PoolError::NotBlockDevice {
+                path: path.to_path_buf(),
+            })
+        }
         DiskSpec::Block(_) => sys::block_device_size(&file).map_err(err)?,
         DiskSpec::File(..) if is_block => sys::block_device_size(&file).map_err(err)?,
         DiskSpec::File(..) => meta.len(),
     };
     if size < 2 * EXTENT_SIZE {
-        return Err(PoolError::DeviceTooSmall { path: path.to_path_buf(), size });
+        return Err(PoolError::DeviceTooSmall {
+            path: path.to_path_buf(),
+            size,
+        });
     }
     Ok((file, size, is_block))
 }
@@ -400,7 +529,10 @@ fn format_device(
     node_id: NodeId,
     extent_size: u64,
 ) -> Result<Device, PoolError> {
-    let io_err = |source| PoolError::Io { path: path.clone(), source };
+    let io_err = |source| PoolError::Io {
+        path: path.clone(),
+        source,
+    };
     let data_offset = extent_size;
     let extent_count = ((size - data_offset) / extent_size).min(u32::MAX as u64);
     // Free extents must read as zeros: a fresh file is sparse, a block device
@@ -443,10 +575,20 @@ mod tests {
 
     #[test]
     fn extent_addr_packing() {
-        let a = ExtentAddr { device: 3, extent: 77 };
+        let a = ExtentAddr {
+            device: 3,
+            extent: 77,
+        };
         assert_eq!(ExtentAddr::unpack(a.pack()), Some(a));
         assert_eq!(ExtentAddr::unpack(0), None);
-        assert_ne!(ExtentAddr { device: 0, extent: 0 }.pack(), 0);
+        assert_ne!(
+            ExtentAddr {
+                device: 0,
+                extent: 0
+            }
+            .pack(),
+            0
+        );
     }
 
     fn tmpdir(tag: &str) -> PathBuf {
@@ -479,16 +621,23 @@ mod tests {
         drop(pool);
 
         // Another pool's metadata db refuses the device.
-        let db2 = sled::Config::new().path(dir.join("db2")).open().expect("db2");
+        let db2 = sled::Config::new()
+            .path(dir.join("db2"))
+            .open()
+            .expect("db2");
         let meta2 = db2.open_tree("pool").expect("tree");
-        let e = Pool::open(&meta2, node, std::slice::from_ref(&spec), false).err().expect("refused");
+        let e = Pool::open(&meta2, node, std::slice::from_ref(&spec), false)
+            .err()
+            .expect("refused");
         assert!(matches!(e, PoolError::DeviceRefused { .. }), "{e}");
 
         // Garbage is refused; forcing formats it.
         let junk = dir.join("junk.img");
         std::fs::write(&junk, vec![0xabu8; 4 * EXTENT_SIZE as usize]).expect("junk");
         let jspec = DiskSpec::File(junk, 0);
-        let e = Pool::open(&meta2, node, std::slice::from_ref(&jspec), false).err().expect("refused");
+        let e = Pool::open(&meta2, node, std::slice::from_ref(&jspec), false)
+            .err()
+            .expect("refused");
         assert!(e.to_string().contains("other data"), "{e}");
         Pool::open(&meta2, node, std::slice::from_ref(&jspec), true).expect("forced");
 

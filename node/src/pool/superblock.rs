@@ -90,14 +90,20 @@ impl Superblock {
             data_offset: u64::from_le_bytes(r.take()),
             created_unix_ms: u64::from_le_bytes(r.take()),
         };
-        if !sb.extent_size.is_power_of_two() || sb.extent_size < 4096 || sb.data_offset < SUPERBLOCK_SIZE as u64 {
+        if !sb.extent_size.is_power_of_two()
+            || sb.extent_size < 4096
+            || sb.data_offset < SUPERBLOCK_SIZE as u64
+        {
             return Err(SuperblockError::Geometry(format!(
                 "extent size {} / data offset {}",
                 sb.extent_size, sb.data_offset
             )));
         }
         if sb.extent_count > u32::MAX as u64 {
-            return Err(SuperblockError::Geometry(format!("{} extents", sb.extent_count)));
+            return Err(SuperblockError::Geometry(format!(
+                "{} extents",
+                sb.extent_count
+            )));
         }
         Ok(sb)
     }
@@ -120,7 +126,9 @@ struct Reader<'a> {
 }
 impl Reader<'_> {
     fn take<const N: usize>(&mut self) -> [u8; N] {
-        let v: [u8; N] = self.buf[self.pos..self.pos + N].try_into().expect("length checked by caller");
+        let v: [u8; N] = self.buf[self.pos..self.pos + N]
+            .try_into()
+            .expect("length checked by caller");
         self.pos += N;
         v
     }
@@ -158,19 +166,28 @@ mod tests {
         for i in 12..BODY_LEN + 4 {
             let mut b = buf.clone();
             b[i] ^= 0x40;
-            assert!(Superblock::decode(&b).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                Superblock::decode(&b).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
     }
 
     #[test]
     fn blank_foreign_and_version() {
-        assert_eq!(Superblock::decode(&[0u8; SUPERBLOCK_SIZE]), Err(SuperblockError::Blank));
+        assert_eq!(
+            Superblock::decode(&[0u8; SUPERBLOCK_SIZE]),
+            Err(SuperblockError::Blank)
+        );
         let mut g = vec![0u8; SUPERBLOCK_SIZE];
         g[100] = 7;
         assert_eq!(Superblock::decode(&g), Err(SuperblockError::Foreign));
         let mut buf = vec![0u8; SUPERBLOCK_SIZE];
         sample().encode(&mut buf);
         buf[8] = 9;
-        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::UnsupportedVersion(9)));
+        assert_eq!(
+            Superblock::decode(&buf),
+            Err(SuperblockError::UnsupportedVersion(9))
+        );
     }
 }

@@ -65,17 +65,32 @@ pub struct LocalReplica {
 impl LocalReplica {
     /// Loads the replica's map (creating an empty one), returning the extents
     /// it owns so the caller can claim them in the pool.
-    pub fn load(db: &sled::Db, pool: Arc<Pool>, volume: VolumeId) -> Result<(LocalReplica, Vec<ExtentAddr>), ReplicaError> {
-        let tree = db.open_tree(tree_name(volume)).map_err(|e| ReplicaError::Meta(e.to_string()))?;
+    pub fn load(
+        db: &sled::Db,
+        pool: Arc<Pool>,
+        volume: VolumeId,
+    ) -> Result<(LocalReplica, Vec<ExtentAddr>), ReplicaError> {
+        let tree = db
+            .open_tree(tree_name(volume))
+            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
         let mut table = ExtentTable::default();
         let mut owned = Vec::new();
         for kv in tree.iter() {
             let (k, v) = kv.map_err(|e| ReplicaError::Meta(e.to_string()))?;
-            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| ReplicaError::Meta(format!("bad key length {}", k.len())))?;
-            let val: [u8; 8] = v.as_ref().try_into().map_err(|_| ReplicaError::Meta(format!("bad value length {}", v.len())))?;
+            let key: [u8; 8] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| ReplicaError::Meta(format!("bad key length {}", k.len())))?;
+            let val: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| ReplicaError::Meta(format!("bad value length {}", v.len())))?;
             let logical = u64::from_be_bytes(key);
-            let addr = ExtentAddr::unpack(u64::from_le_bytes(val))
-                .ok_or_else(|| ReplicaError::Meta(format!("invalid extent address for logical extent {logical}")))?;
+            let addr = ExtentAddr::unpack(u64::from_le_bytes(val)).ok_or_else(|| {
+                ReplicaError::Meta(format!(
+                    "invalid extent address for logical extent {logical}"
+                ))
+            })?;
             table.set(logical, Some(addr));
             owned.push(addr);
         }
@@ -114,18 +129,26 @@ impl LocalReplica {
             PoolError::Full => ReplicaError::NoSpace,
             other => ReplicaError::Meta(other.to_string()),
         })?;
-        if let Err(e) = self.tree.insert(logical.to_be_bytes(), &addr.pack().to_le_bytes()) {
+        if let Err(e) = self
+            .tree
+            .insert(logical.to_be_bytes(), &addr.pack().to_le_bytes())
+        {
             self.pool.release(&[addr]);
             return Err(ReplicaError::Meta(e.to_string()));
         }
         self.map_dirty.store(true, Ordering::Release);
-        self.table.write().expect("table lock").set(logical, Some(addr));
+        self.table
+            .write()
+            .expect("table lock")
+            .set(logical, Some(addr));
         self.allocated_extents.fetch_add(1, Ordering::Relaxed);
         Ok(addr)
     }
 
     fn aligned(offset: u64, buf: &[u8]) -> bool {
-        offset % IO_ALIGN as u64 == 0 && buf.len() % IO_ALIGN == 0 && (buf.as_ptr() as usize) % IO_ALIGN == 0
+        offset.is_multiple_of(IO_ALIGN as u64)
+            && buf.len().is_multiple_of(IO_ALIGN)
+            && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN)
     }
 
     /// Reads into `buf`. Fast path: offset, length and buffer aligned to
@@ -194,7 +217,7 @@ impl LocalReplica {
         let mut tmp = AlignedBuf::new(blen, IO_ALIGN);
         let skip = (offset - start) as usize;
         let head_partial = skip != 0;
-        let tail_partial = (skip + buf.len()) % IO_ALIGN != 0;
+        let tail_partial = !(skip + buf.len()).is_multiple_of(IO_ALIGN);
         if head_partial || tail_partial {
             self.read(start, tmp.as_mut_slice())?;
         }
@@ -243,8 +266,10 @@ impl LocalReplica {
     /// durably, then give them back to the pool.
     fn free_extents(&self, logical: &[u64]) -> Result<(), ReplicaError> {
         let _gate = self.free_gate.write().expect("free gate");
-        let victims: Vec<(u64, ExtentAddr)> =
-            logical.iter().filter_map(|l| self.lookup(*l).map(|a| (*l, a))).collect();
+        let victims: Vec<(u64, ExtentAddr)> = logical
+            .iter()
+            .filter_map(|l| self.lookup(*l).map(|a| (*l, a)))
+            .collect();
         if victims.is_empty() {
             return Ok(());
         }
@@ -256,8 +281,12 @@ impl LocalReplica {
         for (l, _) in &victims {
             batch.remove(&l.to_be_bytes());
         }
-        self.tree.apply_batch(batch).map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        self.db.flush().map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.db
+            .flush()
+            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
         {
             let mut t = self.table.write().expect("table lock");
             for (l, _) in &victims {
@@ -265,7 +294,8 @@ impl LocalReplica {
             }
         }
         let addrs: Vec<ExtentAddr> = victims.iter().map(|v| v.1).collect();
-        self.allocated_extents.fetch_sub(addrs.len() as u64, Ordering::Relaxed);
+        self.allocated_extents
+            .fetch_sub(addrs.len() as u64, Ordering::Relaxed);
         self.pool.release(&addrs);
         Ok(())
     }
@@ -288,8 +318,12 @@ impl LocalReplica {
         let all: Vec<u64> = self.table.read().expect("table lock").logical_extents();
         self.free_extents(&all)?;
         let name = tree_name(self.volume);
-        self.db.drop_tree(name).map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        self.db.flush().map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.db
+            .drop_tree(name)
+            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.db
+            .flush()
+            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
         Ok(())
     }
 }

@@ -13,13 +13,19 @@ pub struct ExtentTable {
 
 impl ExtentTable {
     pub fn get(&self, logical: u64) -> Option<ExtentAddr> {
-        let (hi, lo) = ((logical / LEAF as u64) as usize, (logical % LEAF as u64) as usize);
+        let (hi, lo) = (
+            (logical / LEAF as u64) as usize,
+            (logical % LEAF as u64) as usize,
+        );
         let leaf = self.leaves.get(hi)?.as_ref()?;
         ExtentAddr::unpack(leaf[lo])
     }
 
     pub fn set(&mut self, logical: u64, addr: Option<ExtentAddr>) {
-        let (hi, lo) = ((logical / LEAF as u64) as usize, (logical % LEAF as u64) as usize);
+        let (hi, lo) = (
+            (logical / LEAF as u64) as usize,
+            (logical % LEAF as u64) as usize,
+        );
         if self.leaves.len() <= hi {
             if addr.is_none() {
                 return;
@@ -52,7 +58,10 @@ mod tests {
     #[test]
     fn sparse_set_get_clear() {
         let mut t = ExtentTable::default();
-        let a = ExtentAddr { device: 1, extent: 9 };
+        let a = ExtentAddr {
+            device: 1,
+            extent: 9,
+        };
         assert_eq!(t.get(5_000_000), None);
         t.set(5_000_000, Some(a));
         t.set(3, Some(a));

@@ -43,7 +43,10 @@ struct LoopConfig {
 /// Binds a free loop device to `backing` and returns its path. The loop device
 /// keeps its own reference to the file; `backing` may be closed afterwards.
 pub fn attach(backing: &File, block_size: u32) -> io::Result<PathBuf> {
-    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
     // Another process may take the free device between GET_FREE and
     // CONFIGURE; that shows as EBUSY and we ask again, a bounded number of times.
     let mut last = io::Error::other("no loop device configured");
@@ -79,13 +82,22 @@ pub fn refresh_capacity(device: &Path) -> io::Result<()> {
     let dev = OpenOptions::new().read(true).open(device)?;
     // SAFETY: LOOP_SET_CAPACITY takes no argument.
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_CAPACITY, 0) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Whether the loop device runs with direct I/O (as reported by sysfs).
 pub fn uses_direct_io(device: &Path) -> bool {
-    let name = device.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).map(|s| s.trim() == "1").unwrap_or(false)
+    let name = device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
 }
 
 /// Turns direct I/O on for a loop device (used when CONFIGURE refused it).
@@ -93,7 +105,11 @@ pub fn set_direct_io(device: &Path) -> io::Result<()> {
     let dev = OpenOptions::new().read(true).open(device)?;
     // SAFETY: LOOP_SET_DIRECT_IO takes an unsigned long by value.
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_DIRECT_IO, 1 as libc::c_ulong) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Unbinds a loop device. Not bound is success (idempotent). While something
@@ -110,20 +126,28 @@ pub fn detach(device: &Path) -> io::Result<()> {
         return Ok(());
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) }
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 /// The backing file of a bound loop device, if any.
 pub fn backing_file(device: &Path) -> Option<PathBuf> {
     let name = device.file_name()?.to_str()?;
     let s = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(s.trim_end_matches('\n').trim_end_matches(" (deleted)")))
+    Some(PathBuf::from(
+        s.trim_end_matches('\n').trim_end_matches(" (deleted)"),
+    ))
 }
 
 /// Every bound loop device whose backing file lies under `dir`.
 pub fn devices_backed_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else { return out };
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with("loop") {

@@ -38,7 +38,11 @@ pub fn set_io_flusher() -> io::Result<()> {
     const PR_SET_IO_FLUSHER: libc::c_int = 57;
     // SAFETY: prctl with integer arguments only; no memory is passed.
     let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A zero-initialised heap buffer whose start is aligned to `align` bytes, for
@@ -55,7 +59,8 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     pub fn new(len: usize, align: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), align).expect("alignment is a power of two");
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align)
+            .expect("alignment is a power of two");
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
@@ -93,7 +98,11 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
             len as libc::off_t,
         )
     };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -105,7 +114,11 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to
     // a live local.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if r == 0 { Ok(size) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(size)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Makes a range of a block device read as zeros (`BLKZEROOUT`).
@@ -114,14 +127,22 @@ pub fn block_zero_out(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: BLKZEROOUT reads two u64s through the pointer, which points to a
     // live local array of two u64s.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `fdatasync(2)`.
 pub fn fdatasync(file: &File) -> io::Result<()> {
     // SAFETY: fdatasync on an fd we own.
     let r = unsafe { libc::fdatasync(file.as_raw_fd()) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// fsyncs a directory so that entries created or removed in it are durable.

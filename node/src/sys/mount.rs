@@ -6,18 +6,40 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
 /// `mount(source, target, fstype, flags, data)`.
-pub fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
-    let src = CString::new(source).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in source"))?;
+pub fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let src = CString::new(source)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in source"))?;
     let tgt = cstr(target)?;
-    let fst = CString::new(fstype).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in fstype"))?;
-    let dat = CString::new(data).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in data"))?;
+    let fst = CString::new(fstype)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in fstype"))?;
+    let dat = CString::new(data)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in data"))?;
     // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fst.as_ptr(), flags, dat.as_ptr().cast()) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fst.as_ptr(),
+            flags,
+            dat.as_ptr().cast(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `umount2(target, flags)`; "not mounted" is success.
@@ -57,7 +79,9 @@ fn unescape(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
                 out.push(v);
                 i += 4;
                 continue;
@@ -71,7 +95,9 @@ fn unescape(s: &str) -> String {
 
 /// Parses `/proc/self/mountinfo`.
 pub fn mounts() -> Vec<MountEntry> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
@@ -79,7 +105,11 @@ pub fn mounts() -> Vec<MountEntry> {
             let mut post = post.split(' ');
             let fstype = post.next()?;
             let source = post.next()?;
-            Some(MountEntry { mount_point: PathBuf::from(unescape(mount_point)), fstype: fstype.into(), source: unescape(source) })
+            Some(MountEntry {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                fstype: fstype.into(),
+                source: unescape(source),
+            })
         })
         .collect()
 }

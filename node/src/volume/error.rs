@@ -26,8 +26,14 @@ pub enum VolumeError {
     #[error("another operation on volume {0:?} is in progress; retry")]
     Busy(String),
     #[error("volume {name:?} can only grow: it has {current} bytes, {requested} were requested")]
-    Shrink { name: String, current: u64, requested: u64 },
-    #[error("volume {0:?} has fs=none (raw block); attach it and use the device instead of mounting")]
+    Shrink {
+        name: String,
+        current: u64,
+        requested: u64,
+    },
+    #[error(
+        "volume {0:?} has fs=none (raw block); attach it and use the device instead of mounting"
+    )]
     RawVolume(String),
     #[error("{0}")]
     Device(String),

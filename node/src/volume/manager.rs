@@ -23,7 +23,10 @@ use crate::frontend::nbd::{Export, ExportProvider};
 use crate::pool::Pool;
 use crate::replica::{self, LocalReplica};
 use crate::sys::loopdev;
-use crate::types::{now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
+use crate::types::{
+    now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE,
+    SIZE_ALIGN,
+};
 
 pub struct ManagerConfig {
     pub node_id: NodeId,
@@ -83,10 +86,16 @@ fn store_err(e: StoreError) -> VolumeError {
 pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
     let bytes = match arg {
         SizeArg::Bytes(b) => *b,
-        SizeArg::Text(t) => t.parse::<ByteSize>().map_err(|e| VolumeError::InvalidSize(e.to_string()))?.0,
+        SizeArg::Text(t) => {
+            t.parse::<ByteSize>()
+                .map_err(|e| VolumeError::InvalidSize(e.to_string()))?
+                .0
+        }
     };
     if bytes == 0 {
-        return Err(VolumeError::InvalidSize(format!("size {arg} must be greater than zero")));
+        return Err(VolumeError::InvalidSize(format!(
+            "size {arg} must be greater than zero"
+        )));
     }
     if bytes > MAX_VOLUME_SIZE {
         return Err(VolumeError::InvalidSize(format!(
@@ -100,13 +109,21 @@ pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
 impl VolumeManager {
     /// Opens every replica, claims its extents, removes orphans, cleans stale
     /// kernel state, mounts FUSE and re-serves this node's attachments.
-    pub fn open(cfg: ManagerConfig, db: sled::Db, pool: Arc<Pool>, store: Arc<ClusterStore>) -> Result<Arc<Self>, String> {
-        let local = db.open_tree("local_attachments").map_err(|e| e.to_string())?;
+    pub fn open(
+        cfg: ManagerConfig,
+        db: sled::Db,
+        pool: Arc<Pool>,
+        store: Arc<ClusterStore>,
+    ) -> Result<Arc<Self>, String> {
+        let local = db
+            .open_tree("local_attachments")
+            .map_err(|e| e.to_string())?;
         let volumes: Vec<Volume> = store.read().volumes.values().cloned().collect();
         let mut runtime = HashMap::new();
         let mut claimed = Vec::new();
         for v in &volumes {
-            let (rep, owned) = LocalReplica::load(&db, pool.clone(), v.id).map_err(|e| format!("volume {}: {e}", v.name))?;
+            let (rep, owned) = LocalReplica::load(&db, pool.clone(), v.id)
+                .map_err(|e| format!("volume {}: {e}", v.name))?;
             claimed.extend(owned);
             let rep = Arc::new(rep);
             let engine = Arc::new(Engine::new(
@@ -115,22 +132,37 @@ impl VolumeManager {
                 vec![rep.clone() as Arc<dyn Replica>],
                 Arc::new(VolumeMetrics::default()),
             ));
-            runtime.insert(v.id, Runtime { replica: rep, engine });
+            runtime.insert(
+                v.id,
+                Runtime {
+                    replica: rep,
+                    engine,
+                },
+            );
         }
         // Orphans: replicas of volumes the state no longer has (a crash
         // between the delete command and freeing the space).
         for name in db.tree_names() {
             let name = String::from_utf8_lossy(&name).into_owned();
-            let Some(id) = name.strip_prefix("extents/").and_then(|s| s.parse::<VolumeId>().ok()) else { continue };
+            let Some(id) = name
+                .strip_prefix("extents/")
+                .and_then(|s| s.parse::<VolumeId>().ok())
+            else {
+                continue;
+            };
             if runtime.contains_key(&id) {
                 continue;
             }
             tracing::info!(volume = %id, "freeing the space of a deleted volume");
-            let (rep, mut owned) = LocalReplica::load(&db, pool.clone(), id).map_err(|e| e.to_string())?;
-            pool.claim_all(&mut owned).map_err(|a| format!("orphan replica {id} claims {a:?} twice"))?;
-            rep.destroy().map_err(|e| format!("freeing orphan replica {id}: {e}"))?;
+            let (rep, mut owned) =
+                LocalReplica::load(&db, pool.clone(), id).map_err(|e| e.to_string())?;
+            pool.claim_all(&mut owned)
+                .map_err(|a| format!("orphan replica {id} claims {a:?} twice"))?;
+            rep.destroy()
+                .map_err(|e| format!("freeing orphan replica {id}: {e}"))?;
         }
-        pool.claim_all(&mut claimed).map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
+        pool.claim_all(&mut claimed)
+            .map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
 
         mount::cleanup_stale(&cfg.fuse_dir);
         let fuse = FuseServer::mount(&cfg.fuse_dir, cfg.fuse_threads)
@@ -163,11 +195,18 @@ impl VolumeManager {
         if !self.busy.lock().expect("busy lock").insert(id) {
             return Err(VolumeError::Busy(name.into()));
         }
-        Ok(OpGuard { busy: &self.busy, id })
+        Ok(OpGuard {
+            busy: &self.busy,
+            id,
+        })
     }
 
     fn find(&self, name: &str) -> Result<Volume, VolumeError> {
-        self.store.read().volume_by_name(name).cloned().ok_or_else(|| VolumeError::NotFound(name.into()))
+        self.store
+            .read()
+            .volume_by_name(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::NotFound(name.into()))
     }
 
     fn engine(&self, id: VolumeId) -> Result<Arc<Engine>, VolumeError> {
@@ -187,10 +226,14 @@ impl VolumeManager {
     fn save_local(&self, id: VolumeId, rec: Option<&LocalAttachment>) -> Result<(), VolumeError> {
         let key = id.to_string();
         let r = match rec {
-            Some(rec) => self.local.insert(key, serde_json::to_vec(rec).expect("serialisable")).map(|_| ()),
+            Some(rec) => self
+                .local
+                .insert(key, serde_json::to_vec(rec).expect("serialisable"))
+                .map(|_| ()),
             None => self.local.remove(key).map(|_| ()),
         };
-        r.and_then(|_| self.db.flush().map(|_| ())).map_err(|e| VolumeError::Store(e.to_string()))
+        r.and_then(|_| self.db.flush().map(|_| ()))
+            .map_err(|e| VolumeError::Store(e.to_string()))
     }
 
     fn propose(&self, cmd: Command, name: &str) -> Result<(), VolumeError> {
@@ -200,9 +243,19 @@ impl VolumeManager {
                 StateError::VolumeExists(n) => VolumeError::AlreadyExists(n),
                 StateError::VolumeNotFound(_) => VolumeError::NotFound(name.into()),
                 StateError::InvalidSize(s) => VolumeError::InvalidSize(format!("{s} bytes")),
-                StateError::Shrink { current, requested } => VolumeError::Shrink { name: name.into(), current, requested },
-                StateError::AttachedElsewhere { node, .. } => VolumeError::AttachedElsewhere { name: name.into(), node: node.to_string() },
-                StateError::Attached(_) => VolumeError::Attached { name: name.into(), node: "?".into() },
+                StateError::Shrink { current, requested } => VolumeError::Shrink {
+                    name: name.into(),
+                    current,
+                    requested,
+                },
+                StateError::AttachedElsewhere { node, .. } => VolumeError::AttachedElsewhere {
+                    name: name.into(),
+                    node: node.to_string(),
+                },
+                StateError::Attached(_) => VolumeError::Attached {
+                    name: name.into(),
+                    node: "?".into(),
+                },
                 other => VolumeError::Store(other.to_string()),
             }),
             Err(e) => Err(store_err(e)),
@@ -213,7 +266,13 @@ impl VolumeManager {
 
     fn info(&self, v: &Volume) -> api::VolumeInfo {
         let rec = self.local_record(v.id);
-        let allocated = self.runtime.read().expect("runtime lock").get(&v.id).map(|r| r.replica.allocated_bytes()).unwrap_or(0);
+        let allocated = self
+            .runtime
+            .read()
+            .expect("runtime lock")
+            .get(&v.id)
+            .map(|r| r.replica.allocated_bytes())
+            .unwrap_or(0);
         let device = rec.as_ref().map(|r| r.device.clone());
         let mounts = rec.map(|r| r.mounts).unwrap_or_default();
         let state = if !mounts.is_empty() {
@@ -252,7 +311,13 @@ impl VolumeManager {
 
     pub fn pool_info(&self) -> api::PoolInfo {
         let usage = self.pool.usage();
-        let provisioned = self.store.read().volumes.values().map(|v| v.size_bytes).sum();
+        let provisioned = self
+            .store
+            .read()
+            .volumes
+            .values()
+            .map(|v| v.size_bytes)
+            .sum();
         let capacity: u64 = usage.iter().map(|u| u.1).sum();
         let allocated: u64 = usage.iter().map(|u| u.2).sum();
         api::PoolInfo {
@@ -278,7 +343,15 @@ impl VolumeManager {
 
     pub fn counts(&self) -> (u64, u64) {
         let s = self.store.read();
-        let attached = s.volumes.values().filter(|v| v.attachment.as_ref().is_some_and(|a| a.node == self.cfg.node_id)).count();
+        let attached = s
+            .volumes
+            .values()
+            .filter(|v| {
+                v.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.node == self.cfg.node_id)
+            })
+            .count();
         (s.volumes.len() as u64, attached as u64)
     }
 
@@ -291,7 +364,13 @@ impl VolumeManager {
         let _ = writeln!(out, "cairn_pool_capacity_bytes {cap}");
         let _ = writeln!(out, "# HELP cairn_pool_allocated_bytes Pool bytes allocated to volumes\n# TYPE cairn_pool_allocated_bytes gauge");
         let _ = writeln!(out, "cairn_pool_allocated_bytes {used}");
-        let names: HashMap<VolumeId, String> = self.store.read().volumes.values().map(|v| (v.id, v.name.clone())).collect();
+        let names: HashMap<VolumeId, String> = self
+            .store
+            .read()
+            .volumes
+            .values()
+            .map(|v| (v.id, v.name.clone()))
+            .collect();
         render_headers(out);
         let rt = self.runtime.read().expect("runtime lock");
         let mut ids: Vec<_> = rt.keys().copied().collect();
@@ -299,7 +378,11 @@ impl VolumeManager {
         for id in ids {
             if let (Some(name), Some(r)) = (names.get(&id), rt.get(&id)) {
                 r.engine.metrics.render(out, name);
-                let _ = writeln!(out, "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {}", r.replica.allocated_bytes());
+                let _ = writeln!(
+                    out,
+                    "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {}",
+                    r.replica.allocated_bytes()
+                );
             }
         }
     }
@@ -317,17 +400,35 @@ impl VolumeManager {
             return Err(VolumeError::AlreadyExists(req.name.clone()));
         }
         let id = VolumeId::random();
-        let (rep, _) = LocalReplica::load(&self.db, self.pool.clone(), id).map_err(|e| VolumeError::Store(e.to_string()))?;
+        let (rep, _) = LocalReplica::load(&self.db, self.pool.clone(), id)
+            .map_err(|e| VolumeError::Store(e.to_string()))?;
         let rep = Arc::new(rep);
         if let Err(e) = self.propose(
-            Command::CreateVolume { id, name: req.name.clone(), size_bytes: size, fs, created_unix_ms: now_unix_ms() },
+            Command::CreateVolume {
+                id,
+                name: req.name.clone(),
+                size_bytes: size,
+                fs,
+                created_unix_ms: now_unix_ms(),
+            },
             &req.name,
         ) {
             let _ = self.db.drop_tree(replica::tree_name(id));
             return Err(e);
         }
-        let engine = Arc::new(Engine::new(id, size, vec![rep.clone() as Arc<dyn Replica>], Arc::new(VolumeMetrics::default())));
-        self.runtime.write().expect("runtime lock").insert(id, Runtime { replica: rep, engine });
+        let engine = Arc::new(Engine::new(
+            id,
+            size,
+            vec![rep.clone() as Arc<dyn Replica>],
+            Arc::new(VolumeMetrics::default()),
+        ));
+        self.runtime.write().expect("runtime lock").insert(
+            id,
+            Runtime {
+                replica: rep,
+                engine,
+            },
+        );
         tracing::info!(volume = %req.name, size, fs = fs.as_str(), "created volume");
         self.inspect(&req.name)
     }
@@ -337,10 +438,20 @@ impl VolumeManager {
         let _g = self.guard(v.id, name)?;
         let size = parse_size(size)?;
         if size < v.size_bytes {
-            return Err(VolumeError::Shrink { name: name.into(), current: v.size_bytes, requested: size });
+            return Err(VolumeError::Shrink {
+                name: name.into(),
+                current: v.size_bytes,
+                requested: size,
+            });
         }
         if size > v.size_bytes {
-            self.propose(Command::ResizeVolume { id: v.id, size_bytes: size }, name)?;
+            self.propose(
+                Command::ResizeVolume {
+                    id: v.id,
+                    size_bytes: size,
+                },
+                name,
+            )?;
             self.engine(v.id)?.set_size(size);
             tracing::info!(volume = %name, size, "grew volume");
         }
@@ -350,10 +461,12 @@ impl VolumeManager {
             // The FUSE file reports the new size on its next stat (its
             // attributes are never cached); the loop device re-reads it.
             let file = self.fuse_path(v.id);
-            std::fs::metadata(&file).map_err(|e| VolumeError::Device(format!("stat {}: {e}", file.display())))?;
+            std::fs::metadata(&file)
+                .map_err(|e| VolumeError::Device(format!("stat {}: {e}", file.display())))?;
             let dev = PathBuf::from(&rec.device);
-            loopdev::refresh_capacity(&dev)
-                .map_err(|e| VolumeError::Device(format!("loop capacity refresh on {}: {e}", rec.device)))?;
+            loopdev::refresh_capacity(&dev).map_err(|e| {
+                VolumeError::Device(format!("loop capacity refresh on {}: {e}", rec.device))
+            })?;
             for m in &rec.mounts {
                 mount::grow(v.fs, &dev, Path::new(m)).map_err(VolumeError::Device)?;
             }
@@ -366,16 +479,25 @@ impl VolumeManager {
         let _g = self.guard(v.id, name)?;
         if let Some(a) = &v.attachment {
             if !force {
-                return Err(VolumeError::Attached { name: name.into(), node: a.node.to_string() });
+                return Err(VolumeError::Attached {
+                    name: name.into(),
+                    node: a.node.to_string(),
+                });
             }
             if a.node != self.cfg.node_id {
-                return Err(VolumeError::AttachedElsewhere { name: name.into(), node: a.node.to_string() });
+                return Err(VolumeError::AttachedElsewhere {
+                    name: name.into(),
+                    node: a.node.to_string(),
+                });
             }
         }
         {
             let ex = self.exports.lock().expect("exports lock");
             if let Some(u) = ex.get(&v.id).filter(|u| u.readers + u.writers > 0) {
-                return Err(VolumeError::InUse { name: name.into(), why: format!("{} NBD connection(s) open", u.readers + u.writers) });
+                return Err(VolumeError::InUse {
+                    name: name.into(),
+                    why: format!("{} NBD connection(s) open", u.readers + u.writers),
+                });
             }
         }
         if v.attachment.is_some() {
@@ -408,16 +530,27 @@ impl VolumeManager {
 
     fn attach_locked(&self, v: &Volume) -> Result<String, VolumeError> {
         if let Some(rec) = self.local_record(v.id) {
-            if loopdev::backing_file(Path::new(&rec.device)).as_deref() == Some(self.fuse_path(v.id).as_path()) {
+            if loopdev::backing_file(Path::new(&rec.device)).as_deref()
+                == Some(self.fuse_path(v.id).as_path())
+            {
                 return Ok(rec.device);
             }
         }
         {
             let ex = self.exports.lock().expect("exports lock");
             if ex.get(&v.id).is_some_and(|u| u.writers > 0) {
-                return Err(VolumeError::InUse { name: v.name.clone(), why: "it is open for writing over NBD".into() });
+                return Err(VolumeError::InUse {
+                    name: v.name.clone(),
+                    why: "it is open for writing over NBD".into(),
+                });
             }
-            self.propose(Command::Attach { id: v.id, node: self.cfg.node_id }, &v.name)?;
+            self.propose(
+                Command::Attach {
+                    id: v.id,
+                    node: self.cfg.node_id,
+                },
+                &v.name,
+            )?;
         }
         match self.bind_device(v) {
             Ok(dev) => {
@@ -428,7 +561,13 @@ impl VolumeManager {
                 Ok(dev)
             }
             Err(e) => {
-                let _ = self.propose(Command::Detach { id: v.id, node: self.cfg.node_id }, &v.name);
+                let _ = self.propose(
+                    Command::Detach {
+                        id: v.id,
+                        node: self.cfg.node_id,
+                    },
+                    &v.name,
+                );
                 Err(e)
             }
         }
@@ -439,7 +578,9 @@ impl VolumeManager {
         let engine = self.engine(v.id)?;
         let path = {
             let fuse = self.fuse.lock().expect("fuse lock");
-            let fuse = fuse.as_ref().ok_or_else(|| VolumeError::Device("the daemon is shutting down".into()))?;
+            let fuse = fuse
+                .as_ref()
+                .ok_or_else(|| VolumeError::Device("the daemon is shutting down".into()))?;
             fuse.add(&v.id.to_string(), engine)
         };
         let result = std::fs::OpenOptions::new()
@@ -472,7 +613,10 @@ impl VolumeManager {
         match &v.attachment {
             None => return Ok(()),
             Some(a) if a.node != self.cfg.node_id => {
-                return Err(VolumeError::AttachedElsewhere { name: name.into(), node: a.node.to_string() })
+                return Err(VolumeError::AttachedElsewhere {
+                    name: name.into(),
+                    node: a.node.to_string(),
+                })
             }
             Some(_) => {}
         }
@@ -484,18 +628,29 @@ impl VolumeManager {
         let mut rec = self.local_record(v.id).unwrap_or_default();
         if !rec.mounts.is_empty() {
             if !unmount {
-                return Err(VolumeError::Mounted { name: v.name.clone(), paths: rec.mounts.join(", ") });
+                return Err(VolumeError::Mounted {
+                    name: v.name.clone(),
+                    paths: rec.mounts.join(", "),
+                });
             }
             while let Some(m) = rec.mounts.first().cloned() {
-                crate::sys::mount::umount(Path::new(&m), 0)
-                    .map_err(|e| VolumeError::InUse { name: v.name.clone(), why: format!("unmounting {m}: {e}") })?;
+                crate::sys::mount::umount(Path::new(&m), 0).map_err(|e| VolumeError::InUse {
+                    name: v.name.clone(),
+                    why: format!("unmounting {m}: {e}"),
+                })?;
                 rec.mounts.remove(0);
                 self.save_local(v.id, Some(&rec))?;
             }
         }
         self.unbind_device(v.id, &rec.device)?;
         self.save_local(v.id, None)?;
-        self.propose(Command::Detach { id: v.id, node: self.cfg.node_id }, &v.name)?;
+        self.propose(
+            Command::Detach {
+                id: v.id,
+                node: self.cfg.node_id,
+            },
+            &v.name,
+        )?;
         if let Ok(e) = self.engine(v.id) {
             if let Err(err) = e.flush() {
                 tracing::error!(volume = %v.name, error = %err, "flush after detach failed");
@@ -509,7 +664,8 @@ impl VolumeManager {
         if !device.is_empty() {
             let dev = Path::new(device);
             if loopdev::backing_file(dev).as_deref() == Some(self.fuse_path(id).as_path()) {
-                loopdev::detach(dev).map_err(|e| VolumeError::Device(format!("detach {device}: {e}")))?;
+                loopdev::detach(dev)
+                    .map_err(|e| VolumeError::Device(format!("detach {device}: {e}")))?;
             }
         }
         if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
@@ -523,10 +679,17 @@ impl VolumeManager {
     fn check_path(path: &str) -> Result<PathBuf, VolumeError> {
         let p = Path::new(path);
         if !p.is_absolute() {
-            return Err(VolumeError::InvalidPath(format!("{path:?} is not an absolute path")));
+            return Err(VolumeError::InvalidPath(format!(
+                "{path:?} is not an absolute path"
+            )));
         }
-        if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) || path.contains('\0') {
-            return Err(VolumeError::InvalidPath(format!("{path:?} must not contain '..' or NUL")));
+        if p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+            || path.contains('\0')
+        {
+            return Err(VolumeError::InvalidPath(format!(
+                "{path:?} must not contain '..' or NUL"
+            )));
         }
         if p == Path::new("/") {
             return Err(VolumeError::InvalidPath("refusing to mount over /".into()));
@@ -548,7 +711,9 @@ impl VolumeManager {
             }
         }
         if crate::sys::mount::is_mount_point(&path) {
-            return Err(VolumeError::InvalidPath(format!("{path_s} is already a mount point")));
+            return Err(VolumeError::InvalidPath(format!(
+                "{path_s} is already a mount point"
+            )));
         }
         let was_attached = self.local_record(v.id).is_some();
         let dev = self.attach_locked(&v)?;
@@ -590,7 +755,15 @@ impl VolumeManager {
             }
             self.propose(Command::MarkFormatted { id: v.id }, &v.name)?;
         }
-        mount::mount(dev, path, v.fs).map_err(VolumeError::Device)
+        mount::grow_before_mount(v.fs, dev, current.size_bytes).map_err(VolumeError::Device)?;
+        mount::mount(dev, path, v.fs).map_err(VolumeError::Device)?;
+        if v.fs == FsType::Xfs {
+            // XFS grows only while mounted; a no-op when it already fits.
+            if let Err(e) = mount::grow(v.fs, dev, path) {
+                tracing::warn!(volume = %v.name, error = %e, "growing xfs after mount failed");
+            }
+        }
+        Ok(())
     }
 
     pub fn unmount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {
@@ -598,11 +771,16 @@ impl VolumeManager {
         let path_s = path.to_string_lossy().into_owned();
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
-        let Some(mut rec) = self.local_record(v.id) else { return self.inspect(name) };
+        let Some(mut rec) = self.local_record(v.id) else {
+            return self.inspect(name);
+        };
         if !rec.mounts.contains(&path_s) {
             return self.inspect(name);
         }
-        crate::sys::mount::umount(&path, 0).map_err(|e| VolumeError::InUse { name: name.into(), why: format!("unmounting {path_s}: {e}") })?;
+        crate::sys::mount::umount(&path, 0).map_err(|e| VolumeError::InUse {
+            name: name.into(),
+            why: format!("unmounting {path_s}: {e}"),
+        })?;
         rec.mounts.retain(|m| *m != path_s);
         self.save_local(v.id, Some(&rec))?;
         if rec.mounts.is_empty() {
@@ -621,11 +799,19 @@ impl VolumeManager {
             .local
             .iter()
             .filter_map(|kv| kv.ok())
-            .filter_map(|(k, v)| Some((String::from_utf8_lossy(&k).parse().ok()?, serde_json::from_slice(&v).ok()?)))
+            .filter_map(|(k, v)| {
+                Some((
+                    String::from_utf8_lossy(&k).parse().ok()?,
+                    serde_json::from_slice(&v).ok()?,
+                ))
+            })
             .collect();
         for (id, mut rec) in recorded {
-            let Some(v) = state.volumes.get(&id).filter(|v| v.attachment.as_ref().is_some_and(|a| a.node == self.cfg.node_id))
-            else {
+            let Some(v) = state.volumes.get(&id).filter(|v| {
+                v.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.node == self.cfg.node_id)
+            }) else {
                 let _ = self.save_local(id, None);
                 continue;
             };
@@ -636,7 +822,9 @@ impl VolumeManager {
                     for m in mounts {
                         match mount::mount(Path::new(&dev), Path::new(&m), v.fs) {
                             Ok(()) => rec.mounts.push(m),
-                            Err(e) => tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart"),
+                            Err(e) => {
+                                tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart")
+                            }
                         }
                     }
                     tracing::info!(volume = %v.name, device = %dev, mounts = rec.mounts.len(), "re-served attachment");
@@ -645,15 +833,31 @@ impl VolumeManager {
                 Err(e) => {
                     tracing::error!(volume = %v.name, error = %e, "cannot re-serve attachment; detaching");
                     let _ = self.save_local(id, None);
-                    let _ = self.propose(Command::Detach { id, node: self.cfg.node_id }, &v.name);
+                    let _ = self.propose(
+                        Command::Detach {
+                            id,
+                            node: self.cfg.node_id,
+                        },
+                        &v.name,
+                    );
                 }
             }
         }
         // Attachments recorded in the state without local reality (a crash
         // between the attach command and the local record).
         for v in state.volumes.values() {
-            if v.attachment.as_ref().is_some_and(|a| a.node == self.cfg.node_id) && self.local_record(v.id).is_none() {
-                let _ = self.propose(Command::Detach { id: v.id, node: self.cfg.node_id }, &v.name);
+            if v.attachment
+                .as_ref()
+                .is_some_and(|a| a.node == self.cfg.node_id)
+                && self.local_record(v.id).is_none()
+            {
+                let _ = self.propose(
+                    Command::Detach {
+                        id: v.id,
+                        node: self.cfg.node_id,
+                    },
+                    &v.name,
+                );
             }
         }
     }
@@ -665,7 +869,12 @@ impl VolumeManager {
             .local
             .iter()
             .filter_map(|kv| kv.ok())
-            .filter_map(|(k, v)| Some((String::from_utf8_lossy(&k).parse().ok()?, serde_json::from_slice(&v).ok()?)))
+            .filter_map(|(k, v)| {
+                Some((
+                    String::from_utf8_lossy(&k).parse().ok()?,
+                    serde_json::from_slice(&v).ok()?,
+                ))
+            })
             .collect();
         for (id, rec) in &recorded {
             for m in &rec.mounts {
@@ -716,7 +925,13 @@ pub struct NbdExports(pub Arc<VolumeManager>);
 
 impl ExportProvider for NbdExports {
     fn export_names(&self) -> Vec<String> {
-        self.0.store.read().volumes.values().map(|v| v.name.clone()).collect()
+        self.0
+            .store
+            .read()
+            .volumes
+            .values()
+            .map(|v| v.name.clone())
+            .collect()
     }
 
     fn open_export(&self, name: &str) -> Result<Export, String> {
@@ -733,6 +948,14 @@ impl ExportProvider for NbdExports {
         } else {
             u.readers += 1;
         }
-        Ok(Export { engine, read_only: !writer, _release: Box::new(ExportClaim { mgr: Arc::downgrade(m), id: v.id, writer }) })
+        Ok(Export {
+            engine,
+            read_only: !writer,
+            _release: Box::new(ExportClaim {
+                mgr: Arc::downgrade(m),
+                id: v.id,
+                writer,
+            }),
+        })
     }
 }

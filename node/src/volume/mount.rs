@@ -24,7 +24,10 @@ pub fn probe_fs(device: &Path) -> Result<Option<String>, String> {
         }
         // 2: nothing found.
         Some(2) => Ok(None),
-        _ => Err(format!("blkid {dev} failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        _ => Err(format!(
+            "blkid {dev} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
     }
 }
 
@@ -33,19 +36,32 @@ pub fn probe_fs(device: &Path) -> Result<Option<String>, String> {
 pub fn format(device: &Path, fs: FsType) -> Result<(), String> {
     let dev = device.to_string_lossy();
     match fs {
-        FsType::Ext4 => {
-            sys::run_command("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", &dev])
-                .map(|_| ())
-        }
+        FsType::Ext4 => sys::run_command(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                &dev,
+            ],
+        )
+        .map(|_| ()),
         FsType::Xfs => sys::run_command("mkfs.xfs", &["-q", "-f", "-K", &dev]).map(|_| ()),
         FsType::None => Err("fs=none volumes are not formatted".into()),
     }
 }
 
 pub fn mount(device: &Path, path: &Path, fs: FsType) -> Result<(), String> {
-    std::fs::create_dir_all(path).map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
-    sys::mount::mount(&device.to_string_lossy(), path, fs.as_str(), 0, "")
-        .map_err(|e| format!("mount {} on {} failed: {e}", device.display(), path.display()))
+    std::fs::create_dir_all(path)
+        .map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
+    sys::mount::mount(&device.to_string_lossy(), path, fs.as_str(), 0, "").map_err(|e| {
+        format!(
+            "mount {} on {} failed: {e}",
+            device.display(),
+            path.display()
+        )
+    })
 }
 
 /// Grows the mounted filesystem to the size of its (already grown) device.
@@ -53,7 +69,7 @@ pub fn grow(fs: FsType, device: &Path, path: &Path) -> Result<(), String> {
     match fs {
         FsType::Ext4 => sys::run_command("resize2fs", &[&device.to_string_lossy()]).map(|_| ()).map_err(|e| {
             if e.contains("Permission denied") {
-                format!("{e} (growing a mounted ext4 needs CAP_SYS_RESOURCE, which this daemon lacks; the volume has grown, the filesystem has not: retry the resize where the daemon has that capability)")
+                format!("{e} (growing a mounted ext4 needs CAP_SYS_RESOURCE, which this daemon lacks; the volume has grown and its filesystem will grow at the next mount)")
             } else {
                 e
             }
@@ -61,6 +77,43 @@ pub fn grow(fs: FsType, device: &Path, path: &Path) -> Result<(), String> {
         FsType::Xfs => sys::run_command("xfs_growfs", &[&path.to_string_lossy()]).map(|_| ()),
         FsType::None => Ok(()),
     }
+}
+
+/// Bytes an unmounted ext4 filesystem spans (`dumpe2fs -h`).
+fn ext4_size(device: &Path) -> Result<u64, String> {
+    let out = sys::run_command("dumpe2fs", &["-h", &device.to_string_lossy()])?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("dumpe2fs output lacks {name:?}"))
+    };
+    Ok(field("Block count:")? * field("Block size:")?)
+}
+
+/// Before mounting: an ext4 filesystem smaller than its device (the volume
+/// grew while it was not mounted, or an online grow was not permitted) is
+/// checked and grown offline, which needs no special capability.
+pub fn grow_before_mount(fs: FsType, device: &Path, device_bytes: u64) -> Result<(), String> {
+    if fs != FsType::Ext4 || ext4_size(device)? + (1 << 20) > device_bytes {
+        return Ok(());
+    }
+    tracing::info!(device = %device.display(), "growing ext4 to its device before mounting");
+    let dev = device.to_string_lossy();
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-p", &dev])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run e2fsck: {e}"))?;
+    // e2fsck exit codes 0 and 1 mean clean or corrected.
+    if !matches!(fsck.status.code(), Some(0) | Some(1)) {
+        return Err(format!(
+            "e2fsck -f -p {dev} failed ({}): {}",
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stdout).trim()
+        ));
+    }
+    sys::run_command("resize2fs", &[&dev]).map(|_| ())
 }
 
 /// Unmounts everything mounted from `device` (lazily if busy).

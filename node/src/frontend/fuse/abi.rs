@@ -82,7 +82,12 @@ pub struct InHeader {
 
 impl InHeader {
     pub fn parse(b: &[u8]) -> Option<InHeader> {
-        Some(InHeader { len: u32_at(b, 0)?, opcode: u32_at(b, 4)?, unique: u64_at(b, 8)?, nodeid: u64_at(b, 16)? })
+        Some(InHeader {
+            len: u32_at(b, 0)?,
+            opcode: u32_at(b, 4)?,
+            unique: u64_at(b, 8)?,
+            nodeid: u64_at(b, 16)?,
+        })
     }
 }
 

@@ -29,7 +29,6 @@ use abi::*;
 use crate::engine::Engine;
 use crate::sys::{self, AlignedBuf};
 
-
 /// Largest READ/WRITE payload we negotiate.
 const MAX_IO: usize = 1 << 20;
 /// Requests are read at this offset into the thread buffer: the in-header
@@ -65,13 +64,25 @@ impl FuseServer {
     /// session threads.
     pub fn mount(mountpoint: &Path, threads: usize) -> io::Result<FuseServer> {
         std::fs::create_dir_all(mountpoint)?;
-        let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")?;
         let opts = format!(
             "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={MAX_IO}",
             dev.as_raw_fd()
         );
-        sys::mount::mount("cairn", mountpoint, "fuse.cairn", libc::MS_NOSUID | libc::MS_NODEV, &opts)?;
-        let files = Arc::new(RwLock::new(Files { next_ino: 2, ..Default::default() }));
+        sys::mount::mount(
+            "cairn",
+            mountpoint,
+            "fuse.cairn",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            &opts,
+        )?;
+        let files = Arc::new(RwLock::new(Files {
+            next_ino: 2,
+            ..Default::default()
+        }));
         let mut fds = vec![dev];
         for _ in 1..threads.max(1) {
             match clone_fd(&fds[0]) {
@@ -91,7 +102,11 @@ impl FuseServer {
                 .spawn(move || Session { fd, files }.run())?;
             handles.push(h);
         }
-        Ok(FuseServer { mountpoint: mountpoint.to_path_buf(), files, threads: handles })
+        Ok(FuseServer {
+            mountpoint: mountpoint.to_path_buf(),
+            files,
+            threads: handles,
+        })
     }
 
     /// Exposes `engine` as `<mountpoint>/<name>` and returns that path. A
@@ -108,7 +123,13 @@ impl FuseServer {
                 i
             }
         };
-        f.by_ino.insert(ino, Arc::new(Served { name: name.into(), engine }));
+        f.by_ino.insert(
+            ino,
+            Arc::new(Served {
+                name: name.into(),
+                engine,
+            }),
+        );
         self.mountpoint.join(name)
     }
 
@@ -140,12 +161,19 @@ impl FuseServer {
 }
 
 fn clone_fd(session: &File) -> io::Result<File> {
-    let f = OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
     let mut src: u32 = session.as_raw_fd() as u32;
     // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the session fd) through the
     // pointer, which points to a live local.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), FUSE_DEV_IOC_CLONE, &mut src as *mut u32) };
-    if r == 0 { Ok(f) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(f)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 struct Session {
@@ -178,7 +206,9 @@ impl Session {
                 }
             }
             let n = n as usize;
-            let Some(h) = InHeader::parse(&buf.as_slice()[HDR_OFF..HDR_OFF + n]) else { continue };
+            let Some(h) = InHeader::parse(&buf.as_slice()[HDR_OFF..HDR_OFF + n]) else {
+                continue;
+            };
             if h.len as usize != n {
                 self.send(h.unique, Reply::Err(libc::EIO));
                 continue;
@@ -190,7 +220,12 @@ impl Session {
     }
 
     fn served(&self, ino: u64) -> Option<Arc<Served>> {
-        self.files.read().expect("files lock").by_ino.get(&ino).cloned()
+        self.files
+            .read()
+            .expect("files lock")
+            .by_ino
+            .get(&ino)
+            .cloned()
     }
 
     fn dispatch(&self, h: InHeader, buf: &mut AlignedBuf, n: usize) -> std::ops::ControlFlow<()> {
@@ -198,7 +233,11 @@ impl Session {
         // Request bodies other than WRITE's payload are small; copy them out
         // (bounded) so the data area is free for READ replies.
         let mut inb = [0u8; 512];
-        let copy = if h.opcode == WRITE { WRITE_IN_LEN.min(body_len) } else { body_len.min(inb.len()) };
+        let copy = if h.opcode == WRITE {
+            WRITE_IN_LEN.min(body_len)
+        } else {
+            body_len.min(inb.len())
+        };
         let start = HDR_OFF + IN_HEADER_LEN;
         inb[..copy].copy_from_slice(&buf.as_slice()[start..start + copy]);
         let body = &inb[..];
@@ -252,9 +291,12 @@ impl Session {
     }
 
     fn init<'a>(&self, body: &[u8], out: &'a mut [u8; 256]) -> Reply<'a> {
-        let (Some(major), Some(minor), Some(readahead), Some(flags)) =
-            (u32_at(body, 0), u32_at(body, 4), u32_at(body, 8), u32_at(body, 12))
-        else {
+        let (Some(major), Some(minor), Some(readahead), Some(flags)) = (
+            u32_at(body, 0),
+            u32_at(body, 4),
+            u32_at(body, 8),
+            u32_at(body, 12),
+        ) else {
             return Reply::Err(libc::EINVAL);
         };
         out[..64].fill(0);
@@ -262,7 +304,11 @@ impl Session {
         if major != KERNEL_MAJOR || minor < 28 {
             // The kernel retries with our major, or we cannot serve it.
             tracing::error!(major, minor, "unsupported FUSE protocol version");
-            return if major > KERNEL_MAJOR { Reply::Data(&out[..8]) } else { Reply::Err(libc::EPROTO) };
+            return if major > KERNEL_MAJOR {
+                Reply::Data(&out[..8])
+            } else {
+                Reply::Err(libc::EPROTO)
+            };
         }
         let want = ASYNC_READ | BIG_WRITES | ASYNC_DIO | MAX_PAGES;
         if flags & ASYNC_DIO == 0 {
@@ -288,17 +334,23 @@ impl Session {
             return Reply::Err(libc::ENOTDIR);
         }
         let name = name.split(|b| *b == 0).next().unwrap_or_default();
-        let Ok(name) = std::str::from_utf8(name) else { return Reply::Err(libc::ENOENT) };
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Reply::Err(libc::ENOENT);
+        };
         let f = self.files.read().expect("files lock");
-        let Some((ino, s)) = f.inos.get(name).and_then(|i| f.by_ino.get(i).map(|s| (*i, s.clone()))) else {
+        let Some((ino, s)) = f
+            .inos
+            .get(name)
+            .and_then(|i| f.by_ino.get(i).map(|s| (*i, s.clone())))
+        else {
             return Reply::Err(libc::ENOENT);
         };
         drop(f);
         out[..128].fill(0);
         put_u64(out, 0, ino); // nodeid
-        // entry_valid = attr_valid = 0: every open looks the name up again
-        // (files come and go with attach/detach) and sizes are always
-        // fetched fresh (online grow).
+                              // entry_valid = attr_valid = 0: every open looks the name up again
+                              // (files come and go with attach/detach) and sizes are always
+                              // fetched fresh (online grow).
         Self::file_attr(&mut out[40..], ino, &s);
         Reply::Data(&out[..128])
     }
@@ -309,7 +361,9 @@ impl Session {
             encode_attr(&mut out[16..], ROOT_INO, 0, libc::S_IFDIR | 0o755, 2);
             return Reply::Data(&out[..104]);
         }
-        let Some(s) = self.served(h.nodeid) else { return Reply::Err(libc::ENOENT) };
+        let Some(s) = self.served(h.nodeid) else {
+            return Reply::Err(libc::ENOENT);
+        };
         if h.opcode == SETATTR {
             let valid = u32_at(body, 0).unwrap_or(0);
             let size = u64_at(body, 16).unwrap_or(0);
@@ -335,11 +389,18 @@ impl Session {
         if h.nodeid != ROOT_INO {
             return Reply::Err(libc::ENOTDIR);
         }
-        let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else { return Reply::Err(libc::EINVAL) };
+        let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else {
+            return Reply::Err(libc::EINVAL);
+        };
         let size = (size as usize).min(MAX_IO);
         let f = self.files.read().expect("files lock");
-        let mut entries: Vec<(u64, String, u32)> = vec![(ROOT_INO, ".".into(), 4), (ROOT_INO, "..".into(), 4)];
-        let mut files: Vec<_> = f.by_ino.iter().map(|(i, s)| (*i, s.name.clone(), 8u32)).collect();
+        let mut entries: Vec<(u64, String, u32)> =
+            vec![(ROOT_INO, ".".into(), 4), (ROOT_INO, "..".into(), 4)];
+        let mut files: Vec<_> = f
+            .by_ino
+            .iter()
+            .map(|(i, s)| (*i, s.name.clone(), 8u32))
+            .collect();
         files.sort();
         entries.extend(files);
         drop(f);
@@ -362,8 +423,12 @@ impl Session {
     }
 
     fn read<'a>(&self, h: InHeader, body: &[u8], data: &'a mut [u8]) -> Reply<'a> {
-        let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else { return Reply::Err(libc::EINVAL) };
-        let Some(s) = self.served(h.nodeid) else { return Reply::Err(libc::ENOENT) };
+        let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        let Some(s) = self.served(h.nodeid) else {
+            return Reply::Err(libc::ENOENT);
+        };
         let end = s.engine.size();
         if offset >= end {
             return Reply::Data(&[]);
@@ -378,13 +443,24 @@ impl Session {
         }
     }
 
-    fn write<'a>(&self, h: InHeader, body: &[u8], body_len: usize, data: &[u8], out: &'a mut [u8; 256]) -> Reply<'a> {
-        let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else { return Reply::Err(libc::EINVAL) };
+    fn write<'a>(
+        &self,
+        h: InHeader,
+        body: &[u8],
+        body_len: usize,
+        data: &[u8],
+        out: &'a mut [u8; 256],
+    ) -> Reply<'a> {
+        let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else {
+            return Reply::Err(libc::EINVAL);
+        };
         let size = size as usize;
         if body_len < WRITE_IN_LEN + size || size > MAX_IO {
             return Reply::Err(libc::EINVAL);
         }
-        let Some(s) = self.served(h.nodeid) else { return Reply::Err(libc::ENOENT) };
+        let Some(s) = self.served(h.nodeid) else {
+            return Reply::Err(libc::ENOENT);
+        };
         if offset.saturating_add(size as u64) > s.engine.size() {
             return Reply::Err(libc::ENOSPC);
         }
@@ -402,10 +478,14 @@ impl Session {
     }
 
     fn fallocate<'a>(&self, h: InHeader, body: &[u8]) -> Reply<'a> {
-        let (Some(offset), Some(length), Some(mode)) = (u64_at(body, 8), u64_at(body, 16), u32_at(body, 24)) else {
+        let (Some(offset), Some(length), Some(mode)) =
+            (u64_at(body, 8), u64_at(body, 16), u32_at(body, 24))
+        else {
             return Reply::Err(libc::EINVAL);
         };
-        let Some(s) = self.served(h.nodeid) else { return Reply::Err(libc::ENOENT) };
+        let Some(s) = self.served(h.nodeid) else {
+            return Reply::Err(libc::ENOENT);
+        };
         let zeroing = mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0;
         if !zeroing || mode & !(FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE) != 0 {
             return Reply::Err(libc::EOPNOTSUPP);
@@ -435,8 +515,14 @@ impl Session {
         hdr[4..8].copy_from_slice(&err.to_le_bytes());
         put_u64(&mut hdr, 8, unique);
         let iov = [
-            libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: hdr.len() },
-            libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: payload.len() },
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut _,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: payload.as_ptr() as *mut _,
+                iov_len: payload.len(),
+            },
         ];
         let cnt = if payload.is_empty() { 1 } else { 2 };
         // SAFETY: both iovecs point to live buffers of the stated lengths that
