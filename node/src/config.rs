@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// This node's name (default: the host name).
     #[arg(long, env = "CAIRN_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Number of FUSE session threads (default 16).
+    /// Number of FUSE session threads (default 32, about the queue depth served).
     #[arg(long, env = "CAIRN_FUSE_THREADS")]
     pub fuse_threads: Option<usize>,
     /// Erase devices that carry other data or another pool's superblock.
@@ -168,7 +168,7 @@ impl Config {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "node".into()),
         };
-        let fuse_threads = args.fuse_threads.or(file.fuse_threads).unwrap_or(16);
+        let fuse_threads = args.fuse_threads.or(file.fuse_threads).unwrap_or(32);
         if !(1..=256).contains(&fuse_threads) {
             return Err(format!(
                 "--fuse-threads {fuse_threads}: must be between 1 and 256"

@@ -181,6 +181,24 @@ fn api_refuses_bad_requests_and_changes_nothing() {
     let o = node.cli(&["volume", "inspect", "ghost"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not found"));
 
+    // The OpenAPI description is served, and inspect -o json carries the
+    // documented fields.
+    let (st, spec) = node.api("GET", "/v1/openapi.json", None);
+    assert_eq!(st, 200);
+    assert!(
+        spec["paths"]["/v1/volumes/{name}/mount"]["post"].is_object(),
+        "{spec}"
+    );
+    node.cli_ok(&["volume", "create", "j", "--size", "10MiB", "--fs", "xfs"]);
+    let v: Value = serde_json::from_str(&node.cli_ok(&["-o", "json", "volume", "inspect", "j"]))
+        .expect("json");
+    assert_eq!(v["name"], "j");
+    assert_eq!(v["size_bytes"], 10u64 << 20);
+    assert_eq!(v["fs"], "xfs");
+    assert_eq!(v["state"], "detached");
+    assert!(v["device"].is_null());
+    assert_eq!(v["allocated_bytes"], 0);
+
     // Still serving.
     assert_eq!(node.api("GET", "/v1/node", None).0, 200);
     assert_eq!(node.api("GET", "/v1/nonexistent", None).0, 404);

@@ -108,6 +108,17 @@ fn raw_block_attach_detach_is_idempotent() {
     );
     sh_ok(&format!("dd if=/dev/urandom of={0}/pat bs=1M count=8 status=none && dd if={0}/pat of={dev} bs=1M oflag=direct conv=fsync status=none", node.dir.display()));
     sh_ok(&format!("cmp -n 8388608 {}/pat {dev}", node.dir.display()));
+    // Concurrent verified I/O through the loop device and FUSE (queue depth 32).
+    let fio = sh(&format!(
+        "fio --name=verify --filename={dev} --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+         --size=32M --offset=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse"
+    ));
+    assert!(
+        fio.status.success(),
+        "fio verify failed: {}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    sh_ok(&format!("cmp -n 8388608 {}/pat {dev}", node.dir.display()));
     // A raw volume cannot be mounted.
     let o = node.cli(&["volume", "mount", "raw", &node.path("m").to_string_lossy()]);
     assert!(!o.status.success());

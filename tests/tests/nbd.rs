@@ -92,6 +92,63 @@ fn nbd_matches_block_device_and_writes_persist() {
     );
     sh_ok(&format!("qemu-io -f raw -c 'read -P 0 0 256M' '{url}'"));
 
+    // While an NBD client holds the volume open for writing, attach is refused.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    {
+        use std::io::{BufRead, Write};
+        let stdin = holder.stdin.as_mut().unwrap();
+        stdin.write_all(b"write -P 0x22 0 4k\n").unwrap();
+        stdin.flush().unwrap();
+        // The write's report proves the writer connection is open.
+        let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("wrote 4096/4096") {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "qemu-io ended before writing"
+            );
+        }
+    }
+    let o = node.cli(&["volume", "attach", "vm"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("VolumeInUse") && err.contains("NBD"),
+        "{err}"
+    );
+    drop(holder.stdin.take());
+    holder.wait().expect("qemu-io exit");
+    wait_for(
+        "attach after the NBD writer left",
+        std::time::Duration::from_secs(10),
+        || node.cli(&["volume", "attach", "vm"]).status.success(),
+    );
+    node.cli_ok(&["volume", "detach", "vm"]);
+
+    // Metrics count the I/O per volume and report the pool.
+    let r = cairn_node::cli::client::Client::new(&node.api_url())
+        .unwrap()
+        .request("GET", "/metrics", None)
+        .unwrap();
+    let text = String::from_utf8(r.body).unwrap();
+    let metric = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    };
+    assert!(metric("cairn_volume_write_bytes_total{volume=\"vm\"}") >= 512 << 20);
+    assert!(metric("cairn_volume_reads_total{volume=\"vm\"}") > 0);
+    assert!(metric("cairn_volume_write_latency_seconds_count{volume=\"vm\"}") > 0);
+    assert!(metric("cairn_pool_capacity_bytes") > 0);
+    assert_eq!(metric("cairn_pool_allocated_bytes"), node.pool_allocated());
+
     // Unknown export: a clear refusal.
     let o = sh(&format!("qemu-img info '{}'", node.nbd_url("nope")));
     assert!(!o.status.success());

@@ -327,3 +327,116 @@ impl LocalReplica {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{DiskSpec, EXTENT_SIZE};
+    use crate::types::Id128;
+
+    struct Fixture {
+        dir: std::path::PathBuf,
+        db: sled::Db,
+        pool: Arc<Pool>,
+    }
+
+    fn fixture(extents: u64) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("cairn-replica-{}", Id128::random()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let db = sled::Config::new().path(dir.join("db")).open().expect("db");
+        let meta = db.open_tree("pool").expect("tree");
+        let spec = DiskSpec::File(dir.join("d.img"), (extents + 1) * EXTENT_SIZE);
+        let pool = Arc::new(Pool::open(&meta, Id128::random(), &[spec], false).expect("pool"));
+        Fixture { dir, db, pool }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn aligned(len: usize, byte: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(len, IO_ALIGN);
+        b.as_mut_slice().fill(byte);
+        b
+    }
+
+    #[test]
+    fn thin_write_read_zero_and_reload() {
+        let f = fixture(8);
+        let vol = Id128::random();
+        let (r, owned) = LocalReplica::load(&f.db, f.pool.clone(), vol).expect("load");
+        assert!(owned.is_empty());
+        // Unwritten space reads as zeros and allocates nothing.
+        let mut buf = aligned(8192, 0xff);
+        r.read(5 * EXTENT_SIZE, buf.as_mut_slice()).expect("read");
+        assert!(buf.as_slice().iter().all(|b| *b == 0));
+        assert_eq!(r.allocated_bytes(), 0);
+        // A write spanning an extent boundary allocates two extents.
+        let w = aligned(8192, 0xab);
+        r.write(EXTENT_SIZE - 4096, w.as_slice()).expect("write");
+        assert_eq!(r.allocated_bytes(), 2 * EXTENT_SIZE);
+        r.read(EXTENT_SIZE - 4096, buf.as_mut_slice())
+            .expect("read");
+        assert!(buf.as_slice().iter().all(|b| *b == 0xab));
+        // Unaligned write and read (read-modify-write path).
+        r.write(EXTENT_SIZE - 100, &[7u8; 300])
+            .expect("unaligned write");
+        let mut small = [0u8; 400];
+        r.read(EXTENT_SIZE - 150, &mut small)
+            .expect("unaligned read");
+        assert_eq!(&small[..50], &[0xab; 50][..]);
+        assert_eq!(&small[50..350], &[7u8; 300][..]);
+        assert_eq!(&small[350..], &[0xab; 50][..]);
+        // Partial zeroing keeps the extent, whole-extent zeroing frees it.
+        r.zero_range(EXTENT_SIZE, 4096).expect("partial zero");
+        assert_eq!(r.allocated_bytes(), 2 * EXTENT_SIZE);
+        r.read(EXTENT_SIZE, &mut buf.as_mut_slice()[..4096])
+            .expect("read");
+        assert!(buf.as_slice()[..4096].iter().all(|b| *b == 0));
+        r.zero_range(0, EXTENT_SIZE).expect("whole zero");
+        assert_eq!(r.allocated_bytes(), EXTENT_SIZE);
+        assert_eq!(f.pool.allocated_bytes(), EXTENT_SIZE);
+        r.write(EXTENT_SIZE + 8192, aligned(4096, 0xcd).as_slice())
+            .expect("write");
+        r.flush().expect("flush");
+        drop(r);
+        // The map survives a reload; the freed extent stays freed.
+        let (r, owned) = LocalReplica::load(&f.db, f.pool.clone(), vol).expect("reload");
+        assert_eq!(owned.len(), 1);
+        let mut one = aligned(4096, 0);
+        r.read(EXTENT_SIZE + 8192, one.as_mut_slice())
+            .expect("read");
+        assert!(one.as_slice().iter().all(|b| *b == 0xcd));
+        r.read(0, one.as_mut_slice()).expect("read");
+        assert!(
+            one.as_slice().iter().all(|b| *b == 0),
+            "a freed extent came back"
+        );
+        r.destroy().expect("destroy");
+        assert_eq!(f.pool.allocated_bytes(), 0);
+        assert!(!f
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == tree_name(vol).as_bytes()));
+    }
+
+    #[test]
+    fn full_pool_is_an_error_not_a_silent_drop() {
+        let f = fixture(2);
+        let (r, _) = LocalReplica::load(&f.db, f.pool.clone(), Id128::random()).expect("load");
+        let w = aligned(4096, 1);
+        r.write(0, w.as_slice()).expect("first extent");
+        r.write(EXTENT_SIZE, w.as_slice()).expect("second extent");
+        let e = r
+            .write(2 * EXTENT_SIZE, w.as_slice())
+            .expect_err("pool is full");
+        assert!(matches!(e, ReplicaError::NoSpace));
+        assert_eq!(e.errno(), libc::ENOSPC);
+        // Existing extents still take writes.
+        r.write(4096, w.as_slice())
+            .expect("write into an allocated extent");
+    }
+}
