@@ -48,7 +48,7 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -60,6 +60,9 @@ pub struct TestNode {
     pub dir: PathBuf,
     pub port: u16,
     pub pool_size: String,
+    /// Extra `cairn node run` arguments (replacing the default disk file
+    /// when they name a disk).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
@@ -67,6 +70,11 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a daemon with a file-backed pool of `pool_size` (e.g. "2GiB").
     pub fn start(tag: &str, pool_size: &str) -> TestNode {
+        Self::start_with(tag, pool_size, &[])
+    }
+
+    /// Like [`TestNode::start`], with extra daemon arguments.
+    pub fn start_with(tag: &str, pool_size: &str, extra_args: &[&str]) -> TestNode {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = test_root().join(format!("{tag}-{}-{n}", std::process::id()));
         if dir.exists() {
@@ -77,6 +85,7 @@ impl TestNode {
             dir,
             port: free_port(),
             pool_size: pool_size.into(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             starts: 0,
         };
@@ -116,11 +125,18 @@ impl TestNode {
         let log = std::fs::File::create(self.dir.join(format!("daemon-{}.log", self.starts)))
             .expect("log file");
         self.starts += 1;
-        let child = Command::new(cairn_bin())
-            .args(["node", "run", "--data-dir"])
-            .arg(self.dir.join("data"))
-            .arg("--disk-file")
-            .arg(format!("{}:{}", self.disk_path().display(), self.pool_size))
+        let mut cmd = Command::new(cairn_bin());
+        cmd.args(["node", "run", "--data-dir"])
+            .arg(self.dir.join("data"));
+        if !self.extra_args.iter().any(|a| a == "--disk") {
+            cmd.arg("--disk-file").arg(format!(
+                "{}:{}",
+                self.disk_path().display(),
+                self.pool_size
+            ));
+        }
+        let child = cmd
+            .args(&self.extra_args)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{}", self.port),

@@ -6,7 +6,8 @@ use cairn_tests::*;
 
 #[test]
 fn nbd_matches_block_device_and_writes_persist() {
-    let node = TestNode::start("nbd", "2GiB");
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let node = TestNode::start_with("nbd", "2GiB", &["--nbd-listen", &tcp]);
     node.cli_ok(&["volume", "create", "vm", "--size", "512MiB"]);
     let url = node.nbd_url("vm");
 
@@ -148,6 +149,18 @@ fn nbd_matches_block_device_and_writes_persist() {
     assert!(metric("cairn_volume_write_latency_seconds_count{volume=\"vm\"}") > 0);
     assert!(metric("cairn_pool_capacity_bytes") > 0);
     assert_eq!(metric("cairn_pool_allocated_bytes"), node.pool_allocated());
+
+    // Listing exports, and the TCP listener.
+    node.cli_ok(&["volume", "create", "other", "--size", "4MiB"]);
+    let list = sh_ok(&format!("qemu-nbd -L -k {}", node.nbd_socket().display()));
+    assert!(
+        list.contains("export=\"vm\"") || list.contains("vm"),
+        "{list}"
+    );
+    assert!(list.contains("other"), "{list}");
+    sh_ok(&format!(
+        "qemu-io -f raw -r -c 'read -P 0 1M 255M' -c 'read -P 0x22 0 4k' 'nbd://{tcp}/vm'"
+    ));
 
     // Unknown export: a clear refusal.
     let o = sh(&format!("qemu-img info '{}'", node.nbd_url("nope")));
