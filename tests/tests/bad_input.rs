@@ -133,7 +133,15 @@ fn api_refuses_bad_requests_and_changes_nothing() {
         assert_eq!((st, code(&v)), (404, "VolumeNotFound"), "{m} {p}: {v}");
     }
     // Bad mount paths.
-    for path in ["relative/dir", "/tmp/../etc", "/"] {
+    let fuse_dir = node.dir.join("data/fuse").to_string_lossy().into_owned();
+    let inside = format!("{fuse_dir}/x");
+    for path in [
+        "relative/dir",
+        "/tmp/../etc",
+        "/",
+        fuse_dir.as_str(),
+        inside.as_str(),
+    ] {
         let (st, v) = node.api(
             "POST",
             "/v1/volumes/ok/mount",

@@ -122,6 +122,12 @@ fn nbd_matches_block_device_and_writes_persist() {
         !o.status.success() && err.contains("VolumeInUse") && err.contains("NBD"),
         "{err}"
     );
+    let o = node.cli(&["volume", "rm", "vm", "--force"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("VolumeInUse"),
+        "delete while an NBD client is connected: {err}"
+    );
     drop(holder.stdin.take());
     holder.wait().expect("qemu-io exit");
     wait_for(

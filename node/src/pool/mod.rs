@@ -410,21 +410,26 @@ impl Pool {
     /// Writes at `within` bytes into the extent; same alignment rules as read.
     pub fn write(&self, addr: ExtentAddr, within: u64, buf: &[u8]) -> io::Result<()> {
         let d = self.device(addr)?;
-        d.dirty.store(true, Ordering::Release);
         d.file
-            .write_all_at(buf, self.offset(d, addr, within, buf.len()))
+            .write_all_at(buf, self.offset(d, addr, within, buf.len()))?;
+        // Marked after the write completed and before it is acknowledged: a
+        // sync that cleared the flag while this write was in flight would
+        // otherwise leave it out of every later sync.
+        d.dirty.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Makes a range inside an extent read as zeros (not yet durable).
     pub fn zero(&self, addr: ExtentAddr, within: u64, len: u64) -> io::Result<()> {
         let d = self.device(addr)?;
-        d.dirty.store(true, Ordering::Release);
         let off = self.offset(d, addr, within, len as usize);
         if d.is_block {
-            sys::block_zero_out(&d.file, off, len)
+            sys::block_zero_out(&d.file, off, len)?;
         } else {
-            sys::punch_hole(&d.file, off, len)
+            sys::punch_hole(&d.file, off, len)?;
         }
+        d.dirty.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Makes every completed write and zeroing durable on every device.

@@ -491,20 +491,24 @@ impl VolumeManager {
                 });
             }
         }
-        {
-            let ex = self.exports.lock().expect("exports lock");
-            if let Some(u) = ex.get(&v.id).filter(|u| u.readers + u.writers > 0) {
-                return Err(VolumeError::InUse {
-                    name: name.into(),
-                    why: format!("{} NBD connection(s) open", u.readers + u.writers),
-                });
-            }
-        }
+        let nbd_users = |ex: &HashMap<VolumeId, ExportUse>| match ex.get(&v.id) {
+            Some(u) if u.readers + u.writers > 0 => Err(VolumeError::InUse {
+                name: name.into(),
+                why: format!("{} NBD connection(s) open", u.readers + u.writers),
+            }),
+            _ => Ok(()),
+        };
+        // Checked before unmounting anything, and again under the lock that
+        // keeps new NBD connections out until the volume is gone.
+        nbd_users(&self.exports.lock().expect("exports lock"))?;
         if v.attachment.is_some() {
             self.teardown(&v, true)?;
         }
+        let ex = self.exports.lock().expect("exports lock");
+        nbd_users(&ex)?;
         self.propose(Command::DeleteVolume { id: v.id }, name)?;
         let rt = self.runtime.write().expect("runtime lock").remove(&v.id);
+        drop(ex);
         if let Some(rt) = rt {
             // The volume is gone from the state; if freeing fails here the
             // next start frees the orphaned replica.
@@ -699,6 +703,13 @@ impl VolumeManager {
 
     pub fn mount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {
         let path = Self::check_path(path)?;
+        if path.starts_with(&self.cfg.fuse_dir) || self.cfg.fuse_dir.starts_with(&path) {
+            return Err(VolumeError::InvalidPath(format!(
+                "{} overlaps the daemon's FUSE directory {}",
+                path.display(),
+                self.cfg.fuse_dir.display()
+            )));
+        }
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
         if v.fs == FsType::None {
