@@ -11,6 +11,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +20,7 @@ use std::thread::JoinHandle;
 
 use cairn_proto::nbd::*;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 use crate::sys::AlignedBuf;
 
 const MAX_CONNECTIONS: usize = 64;
@@ -78,7 +79,8 @@ struct Shared {
 
 pub struct NbdServer {
     shared: Arc<Shared>,
-    wakers: Vec<Box<dyn Fn() + Send>>,
+    /// Kept so `stop` can wake the accept threads with shutdown(2).
+    listeners: Vec<Arc<dyn AsRawFd + Send + Sync>>,
     threads: Vec<JoinHandle<()>>,
     socket_path: PathBuf,
 }
@@ -103,47 +105,26 @@ impl NbdServer {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let unix = UnixListener::bind(socket)?;
-        let mut wakers: Vec<Box<dyn Fn() + Send>> = Vec::new();
+        let mut listeners: Vec<Arc<dyn AsRawFd + Send + Sync>> = Vec::new();
         let mut threads = Vec::new();
-        {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&unix);
-            // SAFETY: shutdown(2) on the listening socket, which lives until the
-            // accept thread ends; it only wakes a blocked accept.
-            wakers.push(Box::new(move || unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }));
-            let sh = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("nbd-unix".into())
-                    .spawn(move || accept_loop(&sh, || unix.accept().map(|(s, _)| s)))?,
-            );
-        }
+        let unix = Arc::new(UnixListener::bind(socket)?);
+        listeners.push(unix.clone());
+        threads.push(spawn_acceptor("nbd-unix", &shared, move || {
+            unix.accept().map(|(s, _)| s)
+        })?);
         if let Some(addr) = tcp {
-            let l = TcpListener::bind(addr)?;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
-            // SAFETY: as above, for the TCP listener.
-            wakers.push(Box::new(move || unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }));
-            let sh = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("nbd-tcp".into())
-                    .spawn(move || {
-                        accept_loop(&sh, || {
-                            l.accept().map(|(s, _)| {
-                                let _ = s.set_nodelay(true);
-                                s
-                            })
-                        })
-                    })?,
-            );
+            let l = Arc::new(TcpListener::bind(addr)?);
+            listeners.push(l.clone());
+            threads.push(spawn_acceptor("nbd-tcp", &shared, move || {
+                l.accept().map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    s
+                })
+            })?);
         }
         Ok(NbdServer {
             shared,
-            wakers,
+            listeners,
             threads,
             socket_path: socket.to_path_buf(),
         })
@@ -152,8 +133,10 @@ impl NbdServer {
     /// Stops accepting, closes every connection and waits for the threads.
     pub fn stop(self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        for w in &self.wakers {
-            w();
+        for l in &self.listeners {
+            // SAFETY: shutdown(2) on a listening socket we still own (the
+            // Arc keeps it open); it only wakes the blocked accept.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
         for (_, close) in self.shared.conns.lock().expect("conns").iter() {
             close();
@@ -168,6 +151,17 @@ impl NbdServer {
         }
         let _ = std::fs::remove_file(&self.socket_path);
     }
+}
+
+fn spawn_acceptor<C: Conn>(
+    name: &str,
+    shared: &Arc<Shared>,
+    accept: impl Fn() -> io::Result<C> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || accept_loop(&sh, accept))
 }
 
 fn accept_loop<C: Conn>(shared: &Arc<Shared>, accept: impl Fn() -> io::Result<C>) {
@@ -387,6 +381,22 @@ fn errno_to_nbd(errno: i32) -> u32 {
     }
 }
 
+/// Runs a modifying command and returns the NBD error (0 for success): refused
+/// on a read-only export, followed by a flush when the client asked for FUA.
+fn modify(export: &Export, flags: u16, op: impl FnOnce() -> Result<(), EngineError>) -> u32 {
+    if export.read_only {
+        return EPERM;
+    }
+    let r = op().and_then(|_| {
+        if flags & CMD_FLAG_FUA != 0 {
+            export.engine.flush()
+        } else {
+            Ok(())
+        }
+    });
+    r.map_or_else(|e| errno_to_nbd(e.errno()), |_| 0)
+}
+
 fn transmit<C: Conn>(c: &mut Wire<C>, export: &Export) -> io::Result<()> {
     let engine = &export.engine;
     let mut buf = AlignedBuf::new(1 << 20, 4096);
@@ -427,42 +437,16 @@ fn transmit<C: Conn>(c: &mut Wire<C>, export: &Export) -> io::Result<()> {
                 }
                 let src = &mut buf.as_mut_slice()[..len as usize];
                 c.r.read_exact(src)?;
-                let r = if export.read_only {
-                    Err(EPERM)
-                } else {
-                    engine
-                        .write(offset, src)
-                        .and_then(|_| {
-                            if flags & CMD_FLAG_FUA != 0 {
-                                engine.flush()
-                            } else {
-                                Ok(())
-                            }
-                        })
-                        .map_err(|e| errno_to_nbd(e.errno()))
-                };
-                c.simple_reply(cookie, r.err().unwrap_or(0), &[])?;
+                let err = modify(export, flags, || engine.write(offset, src));
+                c.simple_reply(cookie, err, &[])?;
             }
             CMD_FLUSH => {
                 let r = engine.flush().map_err(|e| errno_to_nbd(e.errno()));
                 c.simple_reply(cookie, r.err().unwrap_or(0), &[])?;
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                let r = if export.read_only {
-                    Err(EPERM)
-                } else {
-                    engine
-                        .zero_range(offset, len as u64)
-                        .and_then(|_| {
-                            if flags & CMD_FLAG_FUA != 0 {
-                                engine.flush()
-                            } else {
-                                Ok(())
-                            }
-                        })
-                        .map_err(|e| errno_to_nbd(e.errno()))
-                };
-                c.simple_reply(cookie, r.err().unwrap_or(0), &[])?;
+                let err = modify(export, flags, || engine.zero_range(offset, len as u64));
+                c.simple_reply(cookie, err, &[])?;
             }
             CMD_DISC => return Ok(()),
             _ => c.simple_reply(cookie, EINVAL, &[])?,

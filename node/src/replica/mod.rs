@@ -145,6 +145,27 @@ impl LocalReplica {
         Ok(addr)
     }
 
+    /// Calls `f(logical extent, offset within it, range of the buffer)` for
+    /// each extent-sized piece of `[offset, offset+len)`, stopping at the
+    /// first error.
+    fn each_piece(
+        &self,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> Result<(), ReplicaError>,
+    ) -> Result<(), ReplicaError> {
+        let es = self.pool.extent_size;
+        let mut pos = 0usize;
+        while pos < len {
+            let abs = offset + pos as u64;
+            let (logical, within) = (abs / es, abs % es);
+            let n = ((es - within) as usize).min(len - pos);
+            f(logical, within, pos..pos + n)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
     fn aligned(offset: u64, buf: &[u8]) -> bool {
         offset.is_multiple_of(IO_ALIGN as u64)
             && buf.len().is_multiple_of(IO_ALIGN)
@@ -158,20 +179,14 @@ impl LocalReplica {
             return self.read_unaligned(offset, buf);
         }
         let _gate = self.free_gate.read().expect("free gate");
-        let es = self.pool.extent_size;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let abs = offset + pos as u64;
-            let (logical, within) = (abs / es, abs % es);
-            let n = ((es - within) as usize).min(buf.len() - pos);
-            let dst = &mut buf[pos..pos + n];
+        self.each_piece(offset, buf.len(), |logical, within, range| {
+            let dst = &mut buf[range];
             match self.lookup(logical) {
                 None => dst.fill(0),
                 Some(addr) => self.pool.read(addr, within, dst)?,
             }
-            pos += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Writes `buf`; same alignment rules as [`LocalReplica::read`].
@@ -180,17 +195,10 @@ impl LocalReplica {
             return self.write_unaligned(offset, buf);
         }
         let _gate = self.free_gate.read().expect("free gate");
-        let es = self.pool.extent_size;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let abs = offset + pos as u64;
-            let (logical, within) = (abs / es, abs % es);
-            let n = ((es - within) as usize).min(buf.len() - pos);
+        self.each_piece(offset, buf.len(), |logical, within, range| {
             let addr = self.lookup_or_allocate(logical)?;
-            self.pool.write(addr, within, &buf[pos..pos + n])?;
-            pos += n;
-        }
-        Ok(())
+            Ok(self.pool.write(addr, within, &buf[range])?)
+        })
     }
 
     fn bounce_range(offset: u64, len: usize) -> (u64, usize) {

@@ -223,6 +223,20 @@ impl VolumeManager {
         serde_json::from_slice(&v).ok()
     }
 
+    /// Every local attachment record (unreadable ones are skipped).
+    fn local_records(&self) -> Vec<(VolumeId, LocalAttachment)> {
+        self.local
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| {
+                Some((
+                    String::from_utf8_lossy(&k).parse().ok()?,
+                    serde_json::from_slice(&v).ok()?,
+                ))
+            })
+            .collect()
+    }
+
     fn save_local(&self, id: VolumeId, rec: Option<&LocalAttachment>) -> Result<(), VolumeError> {
         let key = id.to_string();
         let r = match rec {
@@ -806,17 +820,7 @@ impl VolumeManager {
     /// Re-creates the loop devices and mounts of this node's attachments.
     fn reserve_attachments(&self) {
         let state = self.store.read().clone();
-        let recorded: Vec<(VolumeId, LocalAttachment)> = self
-            .local
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .filter_map(|(k, v)| {
-                Some((
-                    String::from_utf8_lossy(&k).parse().ok()?,
-                    serde_json::from_slice(&v).ok()?,
-                ))
-            })
-            .collect();
+        let recorded = self.local_records();
         for (id, mut rec) in recorded {
             let Some(v) = state.volumes.get(&id).filter(|v| {
                 v.attachment
@@ -876,17 +880,7 @@ impl VolumeManager {
     /// Graceful shutdown: unmount and unbind every attachment (records are
     /// kept so the next start re-serves them), flush, unmount FUSE.
     pub fn shutdown(&self) {
-        let recorded: Vec<(VolumeId, LocalAttachment)> = self
-            .local
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .filter_map(|(k, v)| {
-                Some((
-                    String::from_utf8_lossy(&k).parse().ok()?,
-                    serde_json::from_slice(&v).ok()?,
-                ))
-            })
-            .collect();
+        let recorded = self.local_records();
         for (id, rec) in &recorded {
             for m in &rec.mounts {
                 if let Err(e) = crate::sys::mount::umount_or_detach(Path::new(m)) {
