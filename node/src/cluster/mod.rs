@@ -1,10 +1,12 @@
 //! Cluster metadata: a deterministic state machine ([`state`]) changed only
-//! by [`state::Command`]s, and the store that persists it ([`store`]).
+//! by [`state::Command`]s, replicated through a Raft log ([`store`], with the
+//! log, hard state and snapshots in sled: [`raft_storage`]).
 //!
-//! Today one node applies commands locally and persists the resulting state
-//! before acknowledging; the Raft issue replaces the store with a replicated
-//! log without touching `state`: applying a command stays a pure function of
-//! the state and the command.
+//! Applying a command is a pure function of the state and the command, so
+//! every replica that applies the same log holds the same state. Today the
+//! Raft group has a single voter; peers, transport and membership are the
+//! next step and change only `store`.
 
+pub mod raft_storage;
 pub mod state;
 pub mod store;

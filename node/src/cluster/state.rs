@@ -83,7 +83,7 @@ pub enum StateError {
 #[serde(deny_unknown_fields)]
 pub struct ClusterState {
     pub version: u32,
-    /// Number of commands applied; the Raft applied index later.
+    /// Raft index of the last applied entry (set by the store).
     pub applied: u64,
     pub volumes: BTreeMap<VolumeId, Volume>,
 }
@@ -199,7 +199,6 @@ impl ClusterState {
                 self.volumes.get_mut(id).expect("checked").formatted = true;
             }
         }
-        self.applied += 1;
         Ok(())
     }
 }
