@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// This node's name (default: the host name).
     #[arg(long, env = "CAIRN_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Labels describing this node, e.g. zone=a,rack=r1.
+    #[arg(long, env = "CAIRN_LABELS")]
+    pub labels: Option<String>,
     /// Number of FUSE session threads (default 32, about the queue depth served).
     #[arg(long, env = "CAIRN_FUSE_THREADS")]
     pub fuse_threads: Option<usize>,
@@ -60,6 +63,7 @@ struct FileConfig {
     nbd_socket: Option<PathBuf>,
     nbd_listen: Option<String>,
     node_name: Option<String>,
+    labels: Option<String>,
     fuse_threads: Option<usize>,
 }
 
@@ -71,6 +75,7 @@ pub struct Config {
     pub nbd_socket: PathBuf,
     pub nbd_listen: Option<String>,
     pub node_name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub fuse_threads: usize,
     pub force_format: bool,
 }
@@ -90,6 +95,30 @@ fn parse_disk_file(s: &str) -> Result<DiskSpec, String> {
         return Err(format!("--disk-file {s:?}: size must be at least 2 MiB"));
     }
     Ok(DiskSpec::File(PathBuf::from(path), size))
+}
+
+/// Parses `zone=a,rack=r1`: keys and values of 1–63 characters from
+/// `[A-Za-z0-9._/-]`, each key once.
+pub fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let ok = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 63
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c))
+    };
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--labels: {pair:?} is not KEY=VALUE"))?;
+        if !ok(k) || !ok(v) {
+            return Err(format!("--labels: {pair:?}: keys and values are 1-63 characters of letters, digits, '.', '_', '/', '-'"));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("--labels: key {k:?} is given twice"));
+        }
+    }
+    Ok(out)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {
@@ -168,6 +197,7 @@ impl Config {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "node".into()),
         };
+        let labels = parse_labels(&args.labels.or(file.labels).unwrap_or_default())?;
         let fuse_threads = args.fuse_threads.or(file.fuse_threads).unwrap_or(32);
         if !(1..=256).contains(&fuse_threads) {
             return Err(format!(
@@ -181,6 +211,7 @@ impl Config {
             nbd_socket,
             nbd_listen,
             node_name,
+            labels,
             fuse_threads,
             force_format: args.force_format,
         })
@@ -201,6 +232,7 @@ mod tests {
             nbd_socket: None,
             nbd_listen: None,
             node_name: Some("n".into()),
+            labels: None,
             fuse_threads: None,
             force_format: false,
         }
@@ -238,6 +270,17 @@ mod tests {
         a.config = Some(f);
         assert!(Config::resolve(a).unwrap_err().contains("colour"));
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn labels() {
+        let l = parse_labels("zone=a, rack=r1").expect("valid");
+        assert_eq!(l.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(l.len(), 2);
+        assert!(parse_labels("").expect("empty").is_empty());
+        for bad in ["zone", "=a", "zone=", "zone=a,zone=b", "zo ne=a", "k=v;rm"] {
+            assert!(parse_labels(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -11,11 +11,15 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::api::{self, ApiState, NodeFacts};
+use crate::cluster::state::{Command, NodeRole};
 use crate::cluster::store::ClusterStore;
 use crate::config::Config;
 use crate::frontend::nbd::NbdServer;
 use crate::pool::Pool;
-use crate::types::{Id128, NodeId};
+use crate::types::{now_unix_ms, Id128, NodeId};
+
+/// How often a node reports itself; it shows `down` after three missed beats.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::volume::{ManagerConfig, VolumeManager};
 
 fn node_identity(db: &sled::Db) -> Result<NodeId, String> {
@@ -85,8 +89,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         },
         db.clone(),
         pool,
-        store,
+        store.clone(),
     )?;
+    register_node(&store, &cfg, node_id).inspect_err(|_| mgr.shutdown())?;
     let nbd = match NbdServer::start(
         Arc::new(crate::volume::NbdExports(mgr.clone())),
         &cfg.nbd_socket,
@@ -104,6 +109,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
 
     let state = ApiState {
         mgr: mgr.clone(),
+        store: store.clone(),
         node: Arc::new(NodeFacts {
             name: cfg.node_name.clone(),
             data_dir: cfg.data_dir.to_string_lossy().into_owned(),
@@ -119,10 +125,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .thread_name("cairn-rt")
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
+    let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
         tracing::info!(listen = %cfg.listen, nbd = %cfg.nbd_socket.display(), "cairn node is serving");
-        axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await.map_err(|e| e.to_string())
+        let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, node_id));
+        let r = axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| e.to_string());
+        beats.abort();
+        r
     });
     tracing::info!("shutting down");
     nbd.stop();
@@ -130,6 +143,47 @@ pub fn run(cfg: Config) -> Result<(), String> {
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     tracing::info!("stopped");
     served
+}
+
+/// Records this node (name, API address, labels) in the cluster state.
+fn register_node(store: &ClusterStore, cfg: &Config, node_id: NodeId) -> Result<(), String> {
+    let cmd = Command::RegisterNode {
+        id: node_id,
+        name: cfg.node_name.clone(),
+        raft_id: store.raft_id(),
+        api_address: cfg.listen.to_string(),
+        labels: cfg.labels.clone(),
+        role: NodeRole::Voter,
+        at_unix_ms: now_unix_ms(),
+    };
+    store
+        .propose(cmd)
+        .map(|_| ())
+        .map_err(|e| format!("registering node {:?}: {e}", cfg.node_name))
+}
+
+/// Reports liveness and pool usage every [`HEARTBEAT_INTERVAL`].
+async fn heartbeats(store: Arc<ClusterStore>, mgr: Arc<VolumeManager>, node_id: NodeId) {
+    let mut every = tokio::time::interval(HEARTBEAT_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let (store, mgr) = (store.clone(), mgr.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            store.propose(Command::NodeHeartbeat {
+                id: node_id,
+                pool_capacity_bytes: mgr.pool().capacity_bytes(),
+                pool_allocated_bytes: mgr.pool().allocated_bytes(),
+                at_unix_ms: now_unix_ms(),
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat not recorded"),
+            Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

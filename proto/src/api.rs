@@ -155,3 +155,41 @@ pub struct ErrorDetail {
     pub code: String,
     pub message: String,
 }
+
+/// `GET /v1/nodes`: one cluster member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub raft_id: u64,
+    pub address: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// `up` while heartbeats arrive, `down` after they stop.
+    pub state: String,
+    pub pool_capacity_bytes: u64,
+    pub pool_allocated_bytes: u64,
+    pub last_heartbeat_unix_ms: u64,
+}
+
+/// `GET /v1/cluster`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    /// Name of the metadata leader, if one is known.
+    pub leader: Option<String>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub members: Vec<ClusterMember>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterMember {
+    pub name: String,
+    pub id: String,
+    pub raft_id: u64,
+    /// `voter` or `learner` in the Raft group.
+    pub role: String,
+}

@@ -16,6 +16,9 @@ use cairn_proto::api::{self, ErrorBody, ErrorDetail, MountRequest, VolumeCreate,
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::cluster::state::NodeRole;
+use crate::cluster::store::ClusterStore;
+use crate::types::now_unix_ms;
 use crate::volume::{VolumeError, VolumeManager};
 
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -23,6 +26,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct ApiState {
     pub mgr: Arc<VolumeManager>,
+    pub store: Arc<ClusterStore>,
     pub node: Arc<NodeFacts>,
 }
 
@@ -137,6 +141,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/unmount", post(unmount))
         .route("/v1/pool", get(pool))
         .route("/v1/node", get(node))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
@@ -288,6 +294,70 @@ async fn node(State(s): State<ApiState>) -> ApiResult<Json<api::NodeStatus>> {
     ))
 }
 
+fn role_name(r: NodeRole) -> &'static str {
+    match r {
+        NodeRole::Voter => "voter",
+        NodeRole::Learner => "learner",
+    }
+}
+
+async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
+    let now = now_unix_ms();
+    let down_after = 3 * crate::daemon::HEARTBEAT_INTERVAL.as_millis() as u64;
+    let state = s.store.read();
+    let mut out: Vec<api::NodeInfo> = state
+        .nodes
+        .values()
+        .map(|n| api::NodeInfo {
+            id: n.id.to_string(),
+            name: n.name.clone(),
+            raft_id: n.raft_id,
+            address: n.api_address.clone(),
+            labels: n.labels.clone(),
+            role: role_name(n.role).into(),
+            state: if now.saturating_sub(n.last_heartbeat_unix_ms) <= down_after {
+                "up"
+            } else {
+                "down"
+            }
+            .into(),
+            pool_capacity_bytes: n.pool_capacity_bytes,
+            pool_allocated_bytes: n.pool_allocated_bytes,
+            last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(out)
+}
+
+async fn cluster(State(s): State<ApiState>) -> Json<api::ClusterStatus> {
+    let st = s.store.status();
+    let state = s.store.read();
+    let name_of = |raft_id: u64| state.nodes.values().find(|n| n.raft_id == raft_id);
+    let members = st
+        .voters
+        .iter()
+        .map(|id| (*id, "voter"))
+        .chain(st.learners.iter().map(|id| (*id, "learner")))
+        .map(|(id, role)| api::ClusterMember {
+            name: name_of(id).map(|n| n.name.clone()).unwrap_or_default(),
+            id: name_of(id).map(|n| n.id.to_string()).unwrap_or_default(),
+            raft_id: id,
+            role: role.into(),
+        })
+        .collect();
+    Json(api::ClusterStatus {
+        cluster_id: state.cluster_id.to_string(),
+        leader: (st.leader_id != 0)
+            .then(|| name_of(st.leader_id).map(|n| n.name.clone()))
+            .flatten(),
+        term: st.term,
+        commit_index: st.commit_index,
+        applied_index: st.applied_index,
+        members,
+    })
+}
+
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
@@ -315,6 +385,8 @@ mod tests {
             "/v1/volumes/{name}/unmount",
             "/v1/pool",
             "/v1/node",
+            "/v1/nodes",
+            "/v1/cluster",
             "/v1/openapi.json",
             "/metrics",
         ] {

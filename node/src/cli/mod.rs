@@ -53,6 +53,15 @@ pub enum Top {
     /// Inspect the disk pool.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Inspect the cluster's metadata group.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Cluster id, metadata leader, term, commit/applied index, members.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -61,6 +70,8 @@ pub enum NodeCmd {
     Run(Box<RunArgs>),
     /// Show this node's status.
     Status,
+    /// List the cluster's nodes.
+    Ls,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,6 +180,8 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
         Top::Node(NodeCmd::Run(_)) => unreachable!("handled by main"),
         Top::Node(NodeCmd::Status) => (call(&c, "GET", "/v1/node", None)?, render_node),
         Top::Pool(PoolCmd::Ls) => (call(&c, "GET", "/v1/pool", None)?, render_pool),
+        Top::Node(NodeCmd::Ls) => (call(&c, "GET", "/v1/nodes", None)?, render_nodes),
+        Top::Cluster(ClusterCmd::Status) => (call(&c, "GET", "/v1/cluster", None)?, render_cluster),
         Top::Volume(cmd) => match cmd {
             VolumeCmd::Create { name, size, fs } => {
                 let mut body = json!({ "name": name, "size": size });
@@ -379,6 +392,87 @@ fn render_pool(v: &Value) -> String {
         })
         .unwrap_or_default();
     head + &table(&["INDEX", "PATH", "KIND", "CAPACITY", "ALLOCATED"], rows)
+}
+
+fn render_nodes(v: &Value) -> String {
+    let now = crate::types::now_unix_ms();
+    let rows = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    let labels = n["labels"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(k, v)| format!("{k}={}", s(v)))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    let age = now.saturating_sub(n["last_heartbeat_unix_ms"].as_u64().unwrap_or(0))
+                        / 1000;
+                    vec![
+                        s(&n["name"]),
+                        s(&n["id"]),
+                        s(&n["address"]),
+                        if labels.is_empty() {
+                            "-".into()
+                        } else {
+                            labels
+                        },
+                        s(&n["role"]),
+                        s(&n["state"]),
+                        format!(
+                            "{} / {}",
+                            bytes(&n["pool_allocated_bytes"]),
+                            bytes(&n["pool_capacity_bytes"])
+                        ),
+                        format!("{age}s ago"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "NAME",
+            "ID",
+            "ADDRESS",
+            "LABELS",
+            "ROLE",
+            "STATE",
+            "POOL USED / CAPACITY",
+            "LAST HEARTBEAT",
+        ],
+        rows,
+    )
+}
+
+fn render_cluster(v: &Value) -> String {
+    let head = [
+        ("Cluster ID", s(&v["cluster_id"])),
+        ("Leader", s(&v["leader"])),
+        ("Term", s(&v["term"])),
+        ("Commit index", s(&v["commit_index"])),
+        ("Applied index", s(&v["applied_index"])),
+    ]
+    .iter()
+    .map(|(k, val)| format!("{k:<15}{val}"))
+    .collect::<Vec<_>>()
+    .join("\n");
+    let rows = v["members"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| vec![s(&m["name"]), s(&m["id"]), s(&m["raft_id"]), s(&m["role"])])
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{head}\n\n{}",
+        table(&["MEMBER", "ID", "RAFT ID", "ROLE"], rows)
+    )
 }
 
 fn render_node(v: &Value) -> String {

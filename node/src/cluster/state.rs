@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{FsType, NodeId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
+use crate::types::{FsType, Id128, NodeId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -31,9 +31,50 @@ pub struct Attachment {
     pub epoch: u64,
 }
 
+/// A member of the cluster as the state machine records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    /// The node's id inside the Raft group.
+    pub raft_id: u64,
+    /// Where the node's admin API listens.
+    pub api_address: String,
+    pub labels: BTreeMap<String, String>,
+    pub role: NodeRole,
+    pub pool_capacity_bytes: u64,
+    pub pool_allocated_bytes: u64,
+    pub last_heartbeat_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    Voter,
+    Learner,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, tag = "op", rename_all = "snake_case")]
 pub enum Command {
+    /// Adds a node or updates its description (name, address, labels).
+    RegisterNode {
+        id: NodeId,
+        name: String,
+        raft_id: u64,
+        api_address: String,
+        labels: BTreeMap<String, String>,
+        role: NodeRole,
+        at_unix_ms: u64,
+    },
+    /// A node reports itself alive with its pool usage.
+    NodeHeartbeat {
+        id: NodeId,
+        pool_capacity_bytes: u64,
+        pool_allocated_bytes: u64,
+        at_unix_ms: u64,
+    },
     CreateVolume {
         id: VolumeId,
         name: String,
@@ -77,14 +118,21 @@ pub enum StateError {
     AttachedElsewhere { id: VolumeId, node: NodeId },
     #[error("volume {0} is attached; detach it before deleting")]
     Attached(VolumeId),
+    #[error("node name {0:?} is already used by node {1}")]
+    NodeNameTaken(String, NodeId),
+    #[error("node {0} is not a member of the cluster")]
+    NodeNotFound(NodeId),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterState {
     pub version: u32,
+    /// Chosen when the cluster is bootstrapped; joining nodes must match it.
+    pub cluster_id: Id128,
     /// Raft index of the last applied entry (set by the store).
     pub applied: u64,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub volumes: BTreeMap<VolumeId, Volume>,
 }
 
@@ -93,10 +141,12 @@ fn valid_size(size: u64) -> bool {
 }
 
 impl ClusterState {
-    pub fn new() -> Self {
+    pub fn new(cluster_id: Id128) -> Self {
         ClusterState {
             version: STATE_VERSION,
+            cluster_id,
             applied: 0,
+            nodes: BTreeMap::new(),
             volumes: BTreeMap::new(),
         }
     }
@@ -112,6 +162,46 @@ impl ClusterState {
     /// Applies one command. On error nothing changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<(), StateError> {
         match cmd {
+            Command::RegisterNode {
+                id,
+                name,
+                raft_id,
+                api_address,
+                labels,
+                role,
+                at_unix_ms,
+            } => {
+                if let Some(other) = self.nodes.values().find(|n| n.name == *name && n.id != *id) {
+                    return Err(StateError::NodeNameTaken(name.clone(), other.id));
+                }
+                let prev = self.nodes.get(id);
+                let record = NodeRecord {
+                    id: *id,
+                    name: name.clone(),
+                    raft_id: *raft_id,
+                    api_address: api_address.clone(),
+                    labels: labels.clone(),
+                    role: *role,
+                    pool_capacity_bytes: prev.map(|p| p.pool_capacity_bytes).unwrap_or(0),
+                    pool_allocated_bytes: prev.map(|p| p.pool_allocated_bytes).unwrap_or(0),
+                    last_heartbeat_unix_ms: *at_unix_ms,
+                };
+                self.nodes.insert(*id, record);
+            }
+            Command::NodeHeartbeat {
+                id,
+                pool_capacity_bytes,
+                pool_allocated_bytes,
+                at_unix_ms,
+            } => {
+                let n = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(StateError::NodeNotFound(*id))?;
+                n.pool_capacity_bytes = *pool_capacity_bytes;
+                n.pool_allocated_bytes = *pool_allocated_bytes;
+                n.last_heartbeat_unix_ms = n.last_heartbeat_unix_ms.max(*at_unix_ms);
+            }
             Command::CreateVolume {
                 id,
                 name,
@@ -220,7 +310,7 @@ mod tests {
 
     #[test]
     fn refused_commands_change_nothing() {
-        let mut s = ClusterState::new();
+        let mut s = ClusterState::new(Id128::random());
         let (a, b, n1, n2) = (
             Id128::random(),
             Id128::random(),
@@ -275,7 +365,7 @@ mod tests {
 
     #[test]
     fn attach_bumps_epoch_once_and_is_idempotent() {
-        let mut s = ClusterState::new();
+        let mut s = ClusterState::new(Id128::random());
         let (a, n) = (Id128::random(), Id128::random());
         s.apply(&create(a, "a")).expect("create");
         s.apply(&Command::Attach { id: a, node: n })
@@ -290,6 +380,55 @@ mod tests {
         assert_eq!(s.volumes[&a].epoch, 2);
     }
 
+    fn register(id: NodeId, name: &str) -> Command {
+        Command::RegisterNode {
+            id,
+            name: name.into(),
+            raft_id: 1,
+            api_address: "127.0.0.1:7400".into(),
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            role: NodeRole::Voter,
+            at_unix_ms: 10,
+        }
+    }
+
+    #[test]
+    fn node_registry() {
+        let mut s = ClusterState::new(Id128::random());
+        let (a, b) = (Id128::random(), Id128::random());
+        s.apply(&register(a, "n1")).expect("register");
+        s.apply(&register(a, "n1"))
+            .expect("re-register is an update");
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&register(b, "n1")),
+            Err(StateError::NodeNameTaken("n1".into(), a))
+        );
+        let beat = |id, at| Command::NodeHeartbeat {
+            id,
+            pool_capacity_bytes: 100,
+            pool_allocated_bytes: 7,
+            at_unix_ms: at,
+        };
+        assert_eq!(s.apply(&beat(b, 20)), Err(StateError::NodeNotFound(b)));
+        assert_eq!(s, before);
+        s.apply(&beat(a, 20)).expect("heartbeat");
+        s.apply(&beat(a, 15)).expect("late heartbeat");
+        let n = &s.nodes[&a];
+        assert_eq!(
+            (
+                n.pool_capacity_bytes,
+                n.pool_allocated_bytes,
+                n.last_heartbeat_unix_ms
+            ),
+            (100, 7, 20)
+        );
+        // Re-registering keeps the reported usage.
+        s.apply(&register(a, "renamed")).expect("rename");
+        assert_eq!(s.nodes[&a].pool_capacity_bytes, 100);
+        assert_eq!(s.nodes[&a].name, "renamed");
+    }
+
     #[test]
     fn replay_is_deterministic() {
         let (a, n) = (Id128::random(), Id128::random());
@@ -302,7 +441,8 @@ mod tests {
             Command::Attach { id: a, node: n },
             Command::MarkFormatted { id: a },
         ];
-        let (mut s1, mut s2) = (ClusterState::new(), ClusterState::new());
+        let cluster = Id128::random();
+        let (mut s1, mut s2) = (ClusterState::new(cluster), ClusterState::new(cluster));
         for c in &cmds {
             s1.apply(c).expect("apply");
             let json = serde_json::to_string(c).expect("encode");

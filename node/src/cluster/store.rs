@@ -51,8 +51,24 @@ enum Msg {
     Stop,
 }
 
+/// What the Raft group looks like from this node, refreshed by the driver.
+#[derive(Debug, Clone, Default)]
+pub struct RaftStatus {
+    pub raft_id: u64,
+    /// 0 while no leader is known.
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// `leader`, `follower`, `candidate` or `precandidate`.
+    pub role: String,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
 pub struct ClusterStore {
     state: Arc<Mutex<ClusterState>>,
+    status: Arc<Mutex<RaftStatus>>,
     tx: SyncSender<Msg>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -108,7 +124,7 @@ impl ClusterStore {
             snap.mut_metadata().index = 1;
             snap.mut_metadata().term = 1;
             snap.mut_metadata().mut_conf_state().voters = vec![RAFT_ID];
-            snap.data = encode_state(&ClusterState::new())?.into();
+            snap.data = encode_state(&ClusterState::new(crate::types::Id128::random()))?.into();
             storage.apply_snapshot(&snap).map_err(raft_err)?;
             db.flush().map_err(|e| StoreError::Storage(e.to_string()))?;
         }
@@ -132,12 +148,14 @@ impl ClusterStore {
         node.campaign().map_err(raft_err)?;
 
         let state = Arc::new(Mutex::new(state));
+        let status = Arc::new(Mutex::new(RaftStatus::default()));
         let (tx, rx) = mpsc::sync_channel::<Msg>(1024);
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         let mut driver = Driver {
             node,
             db: db.clone(),
             state: state.clone(),
+            status: status.clone(),
             waiters: HashMap::new(),
             next_id: 1,
             since_snapshot: 0,
@@ -158,9 +176,19 @@ impl ClusterStore {
         }
         Ok(ClusterStore {
             state,
+            status,
             tx,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    /// This node's id in the Raft group.
+    pub fn raft_id(&self) -> u64 {
+        RAFT_ID
     }
 
     /// A consistent view of the applied state; hold it briefly.
@@ -202,6 +230,7 @@ struct Driver {
     node: RawNode<SledStorage>,
     db: sled::Db,
     state: Arc<Mutex<ClusterState>>,
+    status: Arc<Mutex<RaftStatus>>,
     waiters: HashMap<u64, Reply>,
     next_id: u64,
     since_snapshot: u64,
@@ -222,7 +251,9 @@ impl Driver {
                 self.node.tick();
                 last_tick = Instant::now();
             }
-            if let Err(e) = self.on_ready() {
+            let r = self.on_ready();
+            self.publish_status();
+            if let Err(e) = r {
                 // Persisting failed: nothing more may be acknowledged.
                 tracing::error!(error = %e, "raft storage failed; the metadata group stops");
                 self.fail_all(&e.to_string());
@@ -233,6 +264,22 @@ impl Driver {
             }
         }
         self.fail_all("the daemon is stopping");
+    }
+
+    fn publish_status(&self) {
+        let r = &self.node.raft;
+        let conf = r.prs().conf();
+        let mut st = self.status.lock().expect("status lock");
+        st.raft_id = r.id;
+        st.leader_id = r.leader_id;
+        st.term = r.term;
+        st.commit_index = r.raft_log.committed;
+        st.applied_index = r.raft_log.applied;
+        st.role = format!("{:?}", r.state).to_lowercase();
+        st.voters = conf.voters().ids().iter().collect();
+        st.learners = conf.learners().iter().copied().collect();
+        st.voters.sort_unstable();
+        st.learners.sort_unstable();
     }
 
     fn fail_all(&mut self, why: &str) {
