@@ -12,6 +12,7 @@ use crate::types::ByteSize;
 /// Size of the file-backed disk created when no disk is configured.
 pub const DEFAULT_DISK_SIZE: u64 = 16 << 30;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:7410";
 pub const DEFAULT_DATA_DIR: &str = "cairn-data";
 
 #[derive(Debug, Clone, clap::Args)]
@@ -40,6 +41,18 @@ pub struct RunArgs {
     /// This node's name (default: the host name).
     #[arg(long, env = "CAIRN_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Address for the peer service (Raft, joins, forwarded proposals).
+    #[arg(long, env = "CAIRN_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// Peer address other nodes use to reach this one (default: --peer-listen).
+    #[arg(long, env = "CAIRN_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Join the cluster of the node whose peer address this is (first start only).
+    #[arg(long, env = "CAIRN_JOIN")]
+    pub join: Option<String>,
+    /// The cluster id to bootstrap, or to insist on when joining.
+    #[arg(long, env = "CAIRN_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
     /// Labels describing this node, e.g. zone=a,rack=r1.
     #[arg(long, env = "CAIRN_LABELS")]
     pub labels: Option<String>,
@@ -63,6 +76,10 @@ struct FileConfig {
     nbd_socket: Option<PathBuf>,
     nbd_listen: Option<String>,
     node_name: Option<String>,
+    peer_listen: Option<String>,
+    advertise: Option<String>,
+    join: Option<String>,
+    cluster_id: Option<String>,
     labels: Option<String>,
     fuse_threads: Option<usize>,
 }
@@ -75,6 +92,10 @@ pub struct Config {
     pub nbd_socket: PathBuf,
     pub nbd_listen: Option<String>,
     pub node_name: String,
+    pub peer_listen: SocketAddr,
+    pub advertise: String,
+    pub join: Option<String>,
+    pub cluster_id: Option<crate::types::Id128>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub fuse_threads: usize,
     pub force_format: bool,
@@ -197,6 +218,29 @@ impl Config {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "node".into()),
         };
+        let peer_s = args
+            .peer_listen
+            .or(file.peer_listen)
+            .unwrap_or_else(|| DEFAULT_PEER_LISTEN.into());
+        let peer_listen: SocketAddr = peer_s
+            .parse()
+            .map_err(|e| format!("--peer-listen {peer_s:?}: {e}"))?;
+        let advertise = args
+            .advertise
+            .or(file.advertise)
+            .unwrap_or_else(|| peer_listen.to_string());
+        advertise
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("--advertise {advertise:?}: {e}"))?;
+        let join = args.join.or(file.join);
+        if let Some(j) = &join {
+            j.parse::<SocketAddr>()
+                .map_err(|e| format!("--join {j:?}: {e}"))?;
+        }
+        let cluster_id = match args.cluster_id.or(file.cluster_id) {
+            None => None,
+            Some(c) => Some(c.parse().map_err(|e| format!("--cluster-id: {e}"))?),
+        };
         let labels = parse_labels(&args.labels.or(file.labels).unwrap_or_default())?;
         let fuse_threads = args.fuse_threads.or(file.fuse_threads).unwrap_or(32);
         if !(1..=256).contains(&fuse_threads) {
@@ -211,6 +255,10 @@ impl Config {
             nbd_socket,
             nbd_listen,
             node_name,
+            peer_listen,
+            advertise,
+            join,
+            cluster_id,
             labels,
             fuse_threads,
             force_format: args.force_format,
@@ -232,6 +280,10 @@ mod tests {
             nbd_socket: None,
             nbd_listen: None,
             node_name: Some("n".into()),
+            peer_listen: None,
+            advertise: None,
+            join: None,
+            cluster_id: None,
             labels: None,
             fuse_threads: None,
             force_format: false,

@@ -11,12 +11,15 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::api::{self, ApiState, NodeFacts};
+use crate::cluster::peer_service::PeerService;
 use crate::cluster::state::{Command, NodeRole};
-use crate::cluster::store::ClusterStore;
+use crate::cluster::store::{ClusterStore, StoreOptions};
 use crate::config::Config;
 use crate::frontend::nbd::NbdServer;
 use crate::pool::Pool;
 use crate::types::{now_unix_ms, Id128, NodeId};
+use cairn_proto::peer::peer_server::PeerServer;
+use cairn_proto::peer::{JoinReply, JoinRequest};
 
 /// How often a node reports itself; it shows `down` after three missed beats.
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -70,6 +73,19 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
 
+    let peer_listener = std::net::TcpListener::bind(cfg.peer_listen)
+        .map_err(|e| format!("cannot listen for peers on {}: {e}", cfg.peer_listen))?;
+    peer_listener
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .thread_name("cairn-rt")
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+
     let db = sled::Config::new()
         .path(cfg.data_dir.join("meta"))
         .open()
@@ -80,7 +96,41 @@ pub fn run(cfg: Config) -> Result<(), String> {
         Pool::open(&pool_tree, node_id, &cfg.disks, cfg.force_format).map_err(|e| e.to_string())?,
     );
     tracing::info!(pool = %pool.id, capacity = pool.capacity_bytes(), devices = pool.devices().len(), "pool ready");
-    let store = Arc::new(ClusterStore::open(&db).map_err(|e| e.to_string())?);
+
+    // The peer service answers (UNAVAILABLE) from now on, so a leader that
+    // admits this node can reach it while the store opens.
+    let peer_service = PeerService::default();
+    let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    {
+        let listener = rt
+            .block_on(async { tokio::net::TcpListener::from_std(peer_listener) })
+            .map_err(|e| e.to_string())?;
+        let svc = peer_service.clone();
+        rt.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(PeerServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = peer_stop_rx.await;
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "peer service failed");
+            }
+        });
+    }
+    let (store, joined) = open_store(&db, &cfg, node_id, &rt)?;
+    let store = Arc::new(store);
+    let _ = peer_service.store.set(store.clone());
+    if joined {
+        // Caught up once the leader's snapshot or log carried our own record.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        if !store.wait_until(deadline, |s, _| s.nodes.contains_key(&node_id)) {
+            return Err("admitted to the cluster but did not catch up with it within 60 s".into());
+        }
+    }
     let mgr = VolumeManager::open(
         ManagerConfig {
             node_id,
@@ -118,13 +168,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
             nbd_listen: cfg.nbd_listen.clone(),
         }),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(64)
-        .enable_all()
-        .thread_name("cairn-rt")
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
     let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
@@ -138,6 +181,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         r
     });
     tracing::info!("shutting down");
+    let _ = peer_stop_tx.send(());
     nbd.stop();
     mgr.shutdown();
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
@@ -145,13 +189,107 @@ pub fn run(cfg: Config) -> Result<(), String> {
     served
 }
 
-/// Records this node (name, API address, labels) in the cluster state.
+/// Opens the metadata store: restart from stored state, join the cluster at
+/// `--join`, or bootstrap a new cluster.
+fn open_store(
+    db: &sled::Db,
+    cfg: &Config,
+    node_id: NodeId,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(ClusterStore, bool), String> {
+    let ident = db.open_tree("node").map_err(|e| e.to_string())?;
+    let stored_raft_id = ident
+        .get("raft_id")
+        .map_err(|e| e.to_string())?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_le_bytes);
+    let fresh = ClusterStore::is_fresh(db).map_err(|e| e.to_string())?;
+    let handle = rt.handle().clone();
+    let (raft_id, bootstrap, cluster_id, joined) = match (&cfg.join, stored_raft_id) {
+        (_, Some(id)) if !fresh => (id, None, None, false),
+        (Some(addr), _) => {
+            let reply = rt.block_on(join_cluster(addr, cfg, node_id))?;
+            let cluster: Id128 = reply
+                .cluster_id
+                .parse()
+                .map_err(|e| format!("join reply: {e}"))?;
+            tracing::info!(raft_id = reply.raft_id, cluster = %cluster, role = %reply.role, "admitted to the cluster");
+            (reply.raft_id, None, Some(cluster), true)
+        }
+        (None, _) => {
+            let cluster = cfg.cluster_id.unwrap_or_else(Id128::random);
+            tracing::info!(cluster = %cluster, "bootstrapping a new cluster");
+            (1, Some(cluster), None, false)
+        }
+    };
+    ident
+        .insert("raft_id", &raft_id.to_le_bytes())
+        .map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    let store = ClusterStore::open(
+        db,
+        StoreOptions {
+            raft_id,
+            bootstrap,
+            cluster_id,
+            advertise: cfg.advertise.clone(),
+            handle,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((store, joined))
+}
+
+/// Asks a member at `addr` to admit this node, retrying for a while when it
+/// cannot be reached.
+async fn join_cluster(addr: &str, cfg: &Config, node_id: NodeId) -> Result<JoinReply, String> {
+    let req = JoinRequest {
+        cluster_id: cfg.cluster_id.map(|c| c.to_string()).unwrap_or_default(),
+        node_id: node_id.to_string(),
+        name: cfg.node_name.clone(),
+        peer_address: cfg.advertise.clone(),
+        api_address: cfg.listen.to_string(),
+        labels: cfg.labels.clone().into_iter().collect(),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut client = crate::cluster::peer_service::client_with_timeout(
+            addr,
+            std::time::Duration::from_secs(30),
+        )?;
+        let retryable = |c: tonic::Code| {
+            matches!(
+                c,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            )
+        };
+        match client.join(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if retryable(s.code()) && tokio::time::Instant::now() < deadline => {
+                tracing::info!(join = %addr, error = %s.message(), "join address not ready; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(s) if retryable(s.code()) => {
+                return Err(format!("cannot join through {addr}: {}", s.message()))
+            }
+            Err(s) => {
+                return Err(format!(
+                    "joining through {addr} was refused: {}",
+                    s.message()
+                ))
+            }
+        }
+    }
+}
+
+/// Records this node (name, addresses, labels) in the cluster state.
 fn register_node(store: &ClusterStore, cfg: &Config, node_id: NodeId) -> Result<(), String> {
     let cmd = Command::RegisterNode {
         id: node_id,
         name: cfg.node_name.clone(),
         raft_id: store.raft_id(),
         api_address: cfg.listen.to_string(),
+        peer_address: cfg.advertise.clone(),
         labels: cfg.labels.clone(),
         role: NodeRole::Voter,
         at_unix_ms: now_unix_ms(),

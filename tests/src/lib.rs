@@ -49,7 +49,12 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    free_port_on("127.0.0.1")
+}
+
+/// A port that is free on `ip` right now.
+pub fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
         .expect("bind")
         .local_addr()
         .expect("addr")
@@ -58,7 +63,10 @@ pub fn free_port() -> u16 {
 
 pub struct TestNode {
     pub dir: PathBuf,
+    /// Loopback address the node's API and peer service listen on.
+    pub ip: String,
     pub port: u16,
+    pub peer_port: u16,
     pub pool_size: String,
     /// Extra `cairn node run` arguments (replacing the default disk file
     /// when they name a disk).
@@ -75,26 +83,53 @@ impl TestNode {
 
     /// Like [`TestNode::start`], with extra daemon arguments.
     pub fn start_with(tag: &str, pool_size: &str, extra_args: &[&str]) -> TestNode {
+        Self::start_on(tag, "127.0.0.1", pool_size, extra_args)
+    }
+
+    /// A node listening on loopback address `ip` (API and peer service).
+    pub fn start_on(tag: &str, ip: &str, pool_size: &str, extra_args: &[&str]) -> TestNode {
+        let mut node = Self::prepare(tag, ip, pool_size, extra_args);
+        node.spawn();
+        node
+    }
+
+    /// Creates the node's directory and picks its ports without starting it.
+    pub fn prepare(tag: &str, ip: &str, pool_size: &str, extra_args: &[&str]) -> TestNode {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = test_root().join(format!("{tag}-{}-{n}", std::process::id()));
         if dir.exists() {
             cleanup_dir(&dir);
         }
         std::fs::create_dir_all(&dir).expect("test dir");
-        let mut node = TestNode {
+        let port = free_port_on(ip);
+        let peer_port = std::iter::repeat_with(|| free_port_on(ip))
+            .find(|p| *p != port)
+            .expect("a second port");
+        let node = TestNode {
             dir,
-            port: free_port(),
+            ip: ip.to_string(),
+            port,
+            peer_port,
             pool_size: pool_size.into(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             starts: 0,
         };
-        node.spawn();
         node
     }
 
+    pub fn peer_address(&self) -> String {
+        format!("{}:{}", self.ip, self.peer_port)
+    }
+
+    /// Starts the daemon prepared by [`TestNode::prepare`].
+    pub fn start_prepared(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.spawn();
+    }
+
     pub fn api_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     pub fn nbd_socket(&self) -> PathBuf {
@@ -135,13 +170,16 @@ impl TestNode {
                 self.pool_size
             ));
         }
+        if !self.extra_args.iter().any(|a| a == "--node-name") {
+            cmd.args(["--node-name", "test"]);
+        }
         let child = cmd
             .args(&self.extra_args)
             .args([
                 "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--node-name",
-                "test",
+                &format!("{}:{}", self.ip, self.port),
+                "--peer-listen",
+                &format!("{}:{}", self.ip, self.peer_port),
             ])
             .env("CAIRN_LOG", "info")
             .stdin(Stdio::null())
@@ -231,7 +269,7 @@ impl TestNode {
     /// Sends raw bytes as a request body (for malformed-JSON tests).
     pub fn api_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         use std::io::Read;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut s = std::net::TcpStream::connect((self.ip.as_str(), self.port)).expect("connect");
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()

@@ -71,6 +71,7 @@ impl From<VolumeError> for ApiError {
             Mounted { .. } => (StatusCode::CONFLICT, "VolumeMounted"),
             InUse { .. } => (StatusCode::CONFLICT, "VolumeInUse"),
             Busy(_) => (StatusCode::CONFLICT, "OperationInProgress"),
+            NotLocal { .. } => (StatusCode::CONFLICT, "VolumeNotLocal"),
             Shrink { .. } => (StatusCode::BAD_REQUEST, "ShrinkNotSupported"),
             RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
             Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),

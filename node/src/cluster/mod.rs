@@ -7,6 +7,9 @@
 //! Raft group has a single voter; peers, transport and membership are the
 //! next step and change only `store`.
 
+mod driver;
+pub mod peer_service;
 pub mod raft_storage;
 pub mod state;
 pub mod store;
+mod transport;

@@ -21,6 +21,10 @@ pub struct Volume {
     /// Bumped by every attach; replicas accept I/O only from the current epoch.
     pub epoch: u64,
     pub attachment: Option<Attachment>,
+    /// Nodes holding a replica of the volume's data. Until replication
+    /// exists this is the one node that created it, and I/O happens only
+    /// there.
+    pub replicas: Vec<NodeId>,
     pub created_unix_ms: u64,
 }
 
@@ -41,6 +45,8 @@ pub struct NodeRecord {
     pub raft_id: u64,
     /// Where the node's admin API listens.
     pub api_address: String,
+    /// Where peers reach the node's peer service (Raft, join, proposals).
+    pub peer_address: String,
     pub labels: BTreeMap<String, String>,
     pub role: NodeRole,
     pub pool_capacity_bytes: u64,
@@ -64,6 +70,7 @@ pub enum Command {
         name: String,
         raft_id: u64,
         api_address: String,
+        peer_address: String,
         labels: BTreeMap<String, String>,
         role: NodeRole,
         at_unix_ms: u64,
@@ -80,6 +87,7 @@ pub enum Command {
         name: String,
         size_bytes: u64,
         fs: FsType,
+        replica_node: NodeId,
         created_unix_ms: u64,
     },
     ResizeVolume {
@@ -102,7 +110,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum StateError {
     #[error("volume {0:?} already exists")]
     VolumeExists(String),
@@ -167,6 +175,7 @@ impl ClusterState {
                 name,
                 raft_id,
                 api_address,
+                peer_address,
                 labels,
                 role,
                 at_unix_ms,
@@ -180,6 +189,7 @@ impl ClusterState {
                     name: name.clone(),
                     raft_id: *raft_id,
                     api_address: api_address.clone(),
+                    peer_address: peer_address.clone(),
                     labels: labels.clone(),
                     role: *role,
                     pool_capacity_bytes: prev.map(|p| p.pool_capacity_bytes).unwrap_or(0),
@@ -207,6 +217,7 @@ impl ClusterState {
                 name,
                 size_bytes,
                 fs,
+                replica_node,
                 created_unix_ms,
             } => {
                 if self.volume_by_name(name).is_some() {
@@ -228,6 +239,7 @@ impl ClusterState {
                         formatted: false,
                         epoch: 0,
                         attachment: None,
+                        replicas: vec![*replica_node],
                         created_unix_ms: *created_unix_ms,
                     },
                 );
@@ -304,6 +316,7 @@ mod tests {
             name: name.into(),
             size_bytes: 1 << 30,
             fs: FsType::Ext4,
+            replica_node: Id128([7; 16]),
             created_unix_ms: 1,
         }
     }
@@ -327,6 +340,7 @@ mod tests {
                 name: "b".into(),
                 size_bytes: 0,
                 fs: FsType::Ext4,
+                replica_node: n1,
                 created_unix_ms: 1,
             },
             Command::CreateVolume {
@@ -334,6 +348,7 @@ mod tests {
                 name: "b".into(),
                 size_bytes: 1000,
                 fs: FsType::Ext4,
+                replica_node: n1,
                 created_unix_ms: 1,
             },
             Command::ResizeVolume {
@@ -386,6 +401,7 @@ mod tests {
             name: name.into(),
             raft_id: 1,
             api_address: "127.0.0.1:7400".into(),
+            peer_address: "127.0.0.1:7401".into(),
             labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
             role: NodeRole::Voter,
             at_unix_ms: 10,

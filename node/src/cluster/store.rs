@@ -1,55 +1,45 @@
 //! The cluster store: the state machine of [`super::state`] replicated with
-//! Raft (raft-rs `RawNode`, log and snapshots in sled via
-//! [`super::raft_storage`]).
+//! Raft. [`super::driver`] runs the `RawNode`; this is its front: proposing
+//! (on the leader directly, from followers by forwarding to the leader over
+//! the peer service and then waiting until the local replica has applied the
+//! entry), admitting nodes, and reading the applied state.
 //!
-//! One thread drives the `RawNode` in the documented Ready order: send
-//! messages, install a snapshot, apply committed entries, persist entries and
-//! hard state (one db flush), send persisted messages, advance, apply again.
-//! A proposal carries a unique id in the entry context; the proposer's reply
-//! is sent when that entry is applied — after it was persisted and committed
-//! — so an acknowledged command is durable. Proposals pending when leadership
-//! is lost fail with [`StoreError::Unavailable`].
-//!
-//! Today the group has one voter (this node); peers, transport and
-//! membership come with the cluster issue and slot into `send`.
-//! Every `SNAPSHOT_EVERY` applied entries the state is snapshotted and the log
-//! compacted, so a restart replays at most that many entries.
+//! An acknowledged command has been persisted and committed by a quorum and
+//! applied. Without a leader (no quorum) proposals fail with
+//! [`StoreError::Unavailable`] after a bounded wait instead of hanging.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, EntryType, Message, Snapshot};
-use raft::{RawNode, StateRole, Storage};
+use cairn_proto::peer::{JoinReply, JoinRequest, ProposeRequest};
+use raft::prelude::{ConfChange, ConfChangeType, Snapshot};
+use raft::RawNode;
+use serde::{Deserialize, Serialize};
 
+use super::driver::{Driver, Msg};
 use super::raft_storage::SledStorage;
-use super::state::{ClusterState, Command, StateError, STATE_VERSION};
+use super::state::{ClusterState, Command, NodeRole, StateError, STATE_VERSION};
+use super::transport::{self, Transport};
+use crate::types::{now_unix_ms, Id128, NodeId};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum StoreError {
     #[error(transparent)]
     Refused(#[from] StateError),
     #[error("cluster metadata is unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Rejected(String),
     #[error("metadata store: {0}")]
     Storage(String),
 }
 
-const TICK: Duration = Duration::from_millis(100);
-const SNAPSHOT_EVERY: u64 = 1000;
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// This node's id in its Raft group (the only voter for now).
-const RAFT_ID: u64 = 1;
-
-type Reply = SyncSender<Result<ClusterState, StoreError>>;
-
-enum Msg {
-    Propose { cmd: Command, reply: Reply },
-    Stop,
-}
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long a proposal may wait for a leader, a commit and the local apply.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the Raft group looks like from this node, refreshed by the driver.
 #[derive(Debug, Clone, Default)]
@@ -66,11 +56,36 @@ pub struct RaftStatus {
     pub learners: Vec<u64>,
 }
 
+/// State shared by the store and its driver thread. `changed` is notified
+/// (under the `state` lock) after entries are applied and status changes.
+pub struct Shared {
+    pub state: Mutex<ClusterState>,
+    pub status: Mutex<RaftStatus>,
+    pub changed: Condvar,
+}
+
+/// How to open the store.
+pub struct StoreOptions {
+    pub raft_id: u64,
+    /// Bootstrap a new cluster with this id (only with empty storage).
+    pub bootstrap: Option<Id128>,
+    /// The cluster this node belongs to, when known before the first
+    /// snapshot arrives (a joining node).
+    pub cluster_id: Option<Id128>,
+    /// This node's peer address.
+    pub advertise: String,
+    pub handle: tokio::runtime::Handle,
+}
+
 pub struct ClusterStore {
-    state: Arc<Mutex<ClusterState>>,
-    status: Arc<Mutex<RaftStatus>>,
+    shared: Arc<Shared>,
     tx: SyncSender<Msg>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    handle: tokio::runtime::Handle,
+    raft_id: u64,
+    transport: Arc<Transport>,
+    /// One admission at a time: Raft takes one membership change at a time.
+    join_lock: Mutex<()>,
 }
 
 /// Forwards raft-rs's slog records to tracing.
@@ -92,15 +107,15 @@ impl slog::Drain for TracingDrain {
     }
 }
 
-fn raft_err(e: raft::Error) -> StoreError {
+pub fn raft_err(e: raft::Error) -> StoreError {
     StoreError::Storage(e.to_string())
 }
 
-fn encode_state(s: &ClusterState) -> Result<Vec<u8>, StoreError> {
+pub fn encode_state(s: &ClusterState) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(s).map_err(|e| StoreError::Storage(e.to_string()))
 }
 
-fn decode_state(data: &[u8]) -> Result<ClusterState, StoreError> {
+pub fn decode_state(data: &[u8]) -> Result<ClusterState, StoreError> {
     let s: ClusterState = serde_json::from_slice(data)
         .map_err(|e| StoreError::Storage(format!("snapshot state: {e}")))?;
     if s.version != STATE_VERSION {
@@ -113,26 +128,35 @@ fn decode_state(data: &[u8]) -> Result<ClusterState, StoreError> {
 }
 
 impl ClusterStore {
-    /// Opens (or bootstraps) the Raft group and returns once this node leads
-    /// it and has applied everything committed before.
-    pub fn open(db: &sled::Db) -> Result<ClusterStore, StoreError> {
+    /// Opens the Raft group: bootstraps a new one-voter cluster, restarts
+    /// from stored state, or starts empty as a node that was just admitted
+    /// (the leader then sends it a snapshot). A sole voter returns once it
+    /// leads and has applied everything committed before.
+    pub fn open(db: &sled::Db, opts: StoreOptions) -> Result<ClusterStore, StoreError> {
         let storage = SledStorage::open(db).map_err(raft_err)?;
         if storage.is_empty() {
-            // A new single-voter cluster: an initial snapshot at index 1
-            // holding the empty state and the configuration.
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().index = 1;
-            snap.mut_metadata().term = 1;
-            snap.mut_metadata().mut_conf_state().voters = vec![RAFT_ID];
-            snap.data = encode_state(&ClusterState::new(crate::types::Id128::random()))?.into();
-            storage.apply_snapshot(&snap).map_err(raft_err)?;
-            db.flush().map_err(|e| StoreError::Storage(e.to_string()))?;
+            if let Some(cluster_id) = opts.bootstrap {
+                let mut snap = Snapshot::default();
+                snap.mut_metadata().index = 1;
+                snap.mut_metadata().term = 1;
+                snap.mut_metadata().mut_conf_state().voters = vec![opts.raft_id];
+                snap.data = encode_state(&ClusterState::new(cluster_id))?.into();
+                storage.apply_snapshot(&snap).map_err(raft_err)?;
+                db.flush().map_err(|e| StoreError::Storage(e.to_string()))?;
+            }
         }
         let snap = storage.latest_snapshot().map_err(raft_err)?;
-        let mut state = decode_state(&snap.data)?;
+        let mut state = if snap.data.is_empty() {
+            let id = opts.cluster_id.ok_or_else(|| {
+                StoreError::Storage("empty metadata store and no cluster to join".into())
+            })?;
+            ClusterState::new(id)
+        } else {
+            decode_state(&snap.data)?
+        };
         state.applied = snap.get_metadata().index;
         let config = raft::Config {
-            id: RAFT_ID,
+            id: opts.raft_id,
             election_tick: 10,
             heartbeat_tick: 3,
             applied: snap.get_metadata().index,
@@ -144,18 +168,32 @@ impl ClusterStore {
         };
         config.validate().map_err(raft_err)?;
         let logger = slog::Logger::root(TracingDrain, slog::o!());
+        let hard_commit = storage.hard_state().map_err(raft_err)?.commit;
         let mut node = RawNode::new(&config, storage, &logger).map_err(raft_err)?;
-        node.campaign().map_err(raft_err)?;
-
-        let state = Arc::new(Mutex::new(state));
-        let status = Arc::new(Mutex::new(RaftStatus::default()));
-        let (tx, rx) = mpsc::sync_channel::<Msg>(1024);
+        let sole_voter = {
+            let ids = node.raft.prs().conf().voters().ids();
+            ids.len() == 1 && ids.contains(opts.raft_id)
+        };
+        if sole_voter {
+            node.campaign().map_err(raft_err)?;
+        }
+        let transport = Arc::new(Transport::new(
+            opts.handle.clone(),
+            state.cluster_id.to_string(),
+            opts.advertise.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            status: Mutex::new(RaftStatus::default()),
+            changed: Condvar::new(),
+        });
+        let (tx, rx) = mpsc::sync_channel::<Msg>(4096);
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         let mut driver = Driver {
             node,
             db: db.clone(),
-            state: state.clone(),
-            status: status.clone(),
+            shared: shared.clone(),
+            transport: transport.clone(),
             waiters: HashMap::new(),
             next_id: 1,
             since_snapshot: 0,
@@ -165,41 +203,147 @@ impl ClusterStore {
             .name("raft".into())
             .spawn(move || driver.run(rx))
             .map_err(|e| StoreError::Storage(format!("raft thread: {e}")))?;
-        match ready_rx.recv_timeout(PROPOSE_TIMEOUT) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "the metadata group did not become ready".into(),
-                ))
-            }
-        }
-        Ok(ClusterStore {
-            state,
-            status,
+        let store = ClusterStore {
+            shared,
             tx,
             thread: Mutex::new(Some(thread)),
-        })
+            handle: opts.handle,
+            raft_id: opts.raft_id,
+            transport,
+            join_lock: Mutex::new(()),
+        };
+        if !sole_voter {
+            // Entries this node already knows committed are replayed from its
+            // own log without a quorum; callers see at least that state.
+            let commit = hard_commit;
+            let deadline = Instant::now() + PROPOSE_TIMEOUT;
+            if !store.wait_until(deadline, |s, _| s.applied >= commit) {
+                return Err(StoreError::Unavailable(
+                    "replaying the local raft log timed out".into(),
+                ));
+            }
+        }
+        if sole_voter {
+            match ready_rx.recv_timeout(PROPOSE_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(StoreError::Unavailable(
+                        "the metadata group did not become ready".into(),
+                    ))
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Whether the metadata store has never been initialised on this node.
+    pub fn is_fresh(db: &sled::Db) -> Result<bool, StoreError> {
+        Ok(SledStorage::open(db).map_err(raft_err)?.is_empty())
     }
 
     pub fn status(&self) -> RaftStatus {
-        self.status.lock().expect("status lock").clone()
+        self.shared.status.lock().expect("status lock").clone()
     }
 
     /// This node's id in the Raft group.
     pub fn raft_id(&self) -> u64 {
-        RAFT_ID
+        self.raft_id
     }
 
-    /// A consistent view of the applied state; hold it briefly.
+    /// A view of the applied state; hold it briefly.
     pub fn read(&self) -> MutexGuard<'_, ClusterState> {
-        self.state.lock().expect("cluster state lock")
+        self.shared.state.lock().expect("cluster state lock")
     }
 
-    /// Proposes a command and waits until it is applied; returns the state
-    /// after it. A command the state machine refuses is refused before it
-    /// reaches the log when that can be seen from the current state.
+    /// Delivers a Raft message from a peer to the driver (dropped when the
+    /// driver's queue is full; Raft retransmits).
+    pub fn step(&self, m: raft::prelude::Message, from_address: &str) -> bool {
+        self.transport.learn(m.from, from_address);
+        self.tx.try_send(Msg::Raft(Box::new(m))).is_ok()
+    }
+
+    /// Waits until `cond(state)` holds or the deadline passes.
+    pub fn wait_until(
+        &self,
+        deadline: Instant,
+        mut cond: impl FnMut(&ClusterState, &RaftStatus) -> bool,
+    ) -> bool {
+        let mut s = self.read();
+        loop {
+            let st = self.status();
+            if cond(&s, &st) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, (deadline - now).min(TICK))
+                .expect("cluster state lock")
+                .0;
+        }
+    }
+
+    fn leader_address(&self, st: &RaftStatus) -> Option<String> {
+        self.read()
+            .nodes
+            .values()
+            .find(|n| n.raft_id == st.leader_id)
+            .map(|n| n.peer_address.clone())
+    }
+
+    /// Proposes a command and waits until this node has applied it; returns
+    /// the state after it. Followers forward to the leader.
     pub fn propose(&self, cmd: Command) -> Result<ClusterState, StoreError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let st = self.status();
+            if st.leader_id == self.raft_id {
+                return self.propose_local(cmd, deadline);
+            }
+            if st.leader_id != 0 {
+                if let Some(addr) = self.leader_address(&st) {
+                    match self.forward(&addr, &cmd, deadline) {
+                        Ok(index) => {
+                            if self.wait_until(deadline, |s, _| s.applied >= index) {
+                                return Ok(self.read().clone());
+                            }
+                            return Err(StoreError::Unavailable(
+                                "committed on the leader but not yet applied here".into(),
+                            ));
+                        }
+                        Err(
+                            e @ (StoreError::Refused(_)
+                            | StoreError::Rejected(_)
+                            | StoreError::Storage(_)),
+                        ) => return Err(e),
+                        Err(StoreError::Unavailable(why)) => {
+                            tracing::debug!(%why, "forwarding to the leader failed; retrying")
+                        }
+                    }
+                }
+            }
+            let seen = st.leader_id;
+            if !self.wait_until(deadline, |_, now| {
+                now.leader_id != 0 && now.leader_id != seen
+            }) {
+                return Err(StoreError::Unavailable(format!(
+                    "no metadata leader within {PROPOSE_TIMEOUT:?} (is a quorum of voters reachable?)"
+                )));
+            }
+        }
+    }
+
+    /// The leader's path: validate against the applied state, propose, wait.
+    pub fn propose_local(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<ClusterState, StoreError> {
         {
             let mut trial = self.read().clone();
             trial.apply(&cmd)?;
@@ -208,12 +352,172 @@ impl ClusterStore {
         self.tx
             .send(Msg::Propose { cmd, reply })
             .map_err(|_| StoreError::Unavailable("the metadata group has stopped".into()))?;
-        match rx.recv_timeout(PROPOSE_TIMEOUT) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {PROPOSE_TIMEOUT:?}"
+                "not committed within {PROPOSE_TIMEOUT:?} (is a quorum of voters reachable?)"
             ))),
         }
+    }
+
+    fn forward(&self, addr: &str, cmd: &Command, deadline: Instant) -> Result<u64, StoreError> {
+        let command = serde_json::to_vec(cmd).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let cluster_id = self.read().cluster_id.to_string();
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        // The client is built inside the runtime: its connection task needs one.
+        let r = self.handle.block_on(async move {
+            let mut client = transport::client(addr).map_err(StoreError::Unavailable)?;
+            match tokio::time::timeout(
+                timeout,
+                client.propose(ProposeRequest {
+                    cluster_id,
+                    command,
+                }),
+            )
+            .await
+            {
+                Err(_) => Err(StoreError::Unavailable(
+                    "the leader did not answer in time".into(),
+                )),
+                Ok(Err(status)) => Err(StoreError::Unavailable(status.message().to_string())),
+                Ok(Ok(reply)) => Ok(reply.into_inner()),
+            }
+        });
+        let reply = r?;
+        if reply.error_code.is_empty() {
+            return Ok(reply.applied_index);
+        }
+        Err(serde_json::from_str::<StoreError>(&reply.error)
+            .unwrap_or(StoreError::Unavailable(reply.error)))
+    }
+
+    fn conf_change(&self, cc: ConfChange, deadline: Instant) -> Result<ClusterState, StoreError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Msg::ConfChange { cc, reply })
+            .map_err(|_| StoreError::Unavailable("the metadata group has stopped".into()))?;
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(
+                "membership change not committed in time".into(),
+            )),
+        }
+    }
+
+    /// Admits a node (on the leader; followers forward). Idempotent for a
+    /// node that is already a member.
+    pub fn join(&self, req: &JoinRequest) -> Result<JoinReply, StoreError> {
+        let deadline = Instant::now() + 2 * PROPOSE_TIMEOUT;
+        let st = self.status();
+        if st.leader_id != self.raft_id {
+            let addr = (st.leader_id != 0)
+                .then(|| self.leader_address(&st))
+                .flatten();
+            let Some(addr) = addr else {
+                return Err(StoreError::Unavailable(
+                    "no metadata leader to admit the node".into(),
+                ));
+            };
+            let req = req.clone();
+            return self.handle.block_on(async move {
+                let mut client = transport::client_with_timeout(&addr, 2 * PROPOSE_TIMEOUT)
+                    .map_err(StoreError::Unavailable)?;
+                client
+                    .join(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| match s.code() {
+                        tonic::Code::InvalidArgument
+                        | tonic::Code::AlreadyExists
+                        | tonic::Code::FailedPrecondition => {
+                            StoreError::Rejected(s.message().to_string())
+                        }
+                        _ => StoreError::Unavailable(s.message().to_string()),
+                    })
+            });
+        }
+        let _one = self.join_lock.lock().expect("join lock");
+        let st = self.status();
+        let state = self.read().clone();
+        if !req.cluster_id.is_empty() && req.cluster_id != state.cluster_id.to_string() {
+            return Err(StoreError::Rejected(format!(
+                "this is cluster {}, not {}",
+                state.cluster_id, req.cluster_id
+            )));
+        }
+        let id: NodeId = req
+            .node_id
+            .parse()
+            .map_err(|e: String| StoreError::Rejected(format!("node id: {e}")))?;
+        if req.name.is_empty() || req.peer_address.is_empty() {
+            return Err(StoreError::Rejected(
+                "a joining node needs a name and a peer address".into(),
+            ));
+        }
+        if let Some(other) = state
+            .nodes
+            .values()
+            .find(|n| n.name == req.name && n.id != id)
+        {
+            return Err(StoreError::Refused(StateError::NodeNameTaken(
+                req.name.clone(),
+                other.id,
+            )));
+        }
+        let voters = st.voters.len();
+        let (raft_id, role) = match state.nodes.get(&id) {
+            Some(n) => (n.raft_id, n.role),
+            None => {
+                let next = state
+                    .nodes
+                    .values()
+                    .map(|n| n.raft_id)
+                    .max()
+                    .unwrap_or(0)
+                    .max(self.raft_id)
+                    + 1;
+                let want_voters = if state.nodes.len() + 1 >= 5 { 5 } else { 3 };
+                (
+                    next,
+                    if voters < want_voters {
+                        NodeRole::Voter
+                    } else {
+                        NodeRole::Learner
+                    },
+                )
+            }
+        };
+        self.propose_local(
+            Command::RegisterNode {
+                id,
+                name: req.name.clone(),
+                raft_id,
+                api_address: req.api_address.clone(),
+                peer_address: req.peer_address.clone(),
+                labels: req.labels.clone().into_iter().collect(),
+                role,
+                at_unix_ms: now_unix_ms(),
+            },
+            deadline,
+        )?;
+        let member = st.voters.contains(&raft_id) || st.learners.contains(&raft_id);
+        if !member {
+            let mut cc = ConfChange {
+                node_id: raft_id,
+                ..Default::default()
+            };
+            cc.set_change_type(match role {
+                NodeRole::Voter => ConfChangeType::AddNode,
+                NodeRole::Learner => ConfChangeType::AddLearnerNode,
+            });
+            self.conf_change(cc, deadline)?;
+        }
+        tracing::info!(node = %req.name, raft_id, ?role, "admitted node");
+        Ok(JoinReply {
+            raft_id,
+            cluster_id: state.cluster_id.to_string(),
+            role: format!("{role:?}").to_lowercase(),
+        })
     }
 }
 
@@ -226,248 +530,33 @@ impl Drop for ClusterStore {
     }
 }
 
-struct Driver {
-    node: RawNode<SledStorage>,
-    db: sled::Db,
-    state: Arc<Mutex<ClusterState>>,
-    status: Arc<Mutex<RaftStatus>>,
-    waiters: HashMap<u64, Reply>,
-    next_id: u64,
-    since_snapshot: u64,
-    /// Signalled once the node leads and has applied an entry of its term.
-    caught_up: Option<SyncSender<Result<(), StoreError>>>,
-}
-
-impl Driver {
-    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
-        let mut last_tick = Instant::now();
-        loop {
-            match rx.recv_timeout(TICK.saturating_sub(last_tick.elapsed())) {
-                Ok(Msg::Propose { cmd, reply }) => self.propose(cmd, reply),
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            if last_tick.elapsed() >= TICK {
-                self.node.tick();
-                last_tick = Instant::now();
-            }
-            let r = self.on_ready();
-            self.publish_status();
-            if let Err(e) = r {
-                // Persisting failed: nothing more may be acknowledged.
-                tracing::error!(error = %e, "raft storage failed; the metadata group stops");
-                self.fail_all(&e.to_string());
-                if let Some(tx) = self.caught_up.take() {
-                    let _ = tx.send(Err(e));
-                }
-                return;
-            }
-        }
-        self.fail_all("the daemon is stopping");
-    }
-
-    fn publish_status(&self) {
-        let r = &self.node.raft;
-        let conf = r.prs().conf();
-        let mut st = self.status.lock().expect("status lock");
-        st.raft_id = r.id;
-        st.leader_id = r.leader_id;
-        st.term = r.term;
-        st.commit_index = r.raft_log.committed;
-        st.applied_index = r.raft_log.applied;
-        st.role = format!("{:?}", r.state).to_lowercase();
-        st.voters = conf.voters().ids().iter().collect();
-        st.learners = conf.learners().iter().copied().collect();
-        st.voters.sort_unstable();
-        st.learners.sort_unstable();
-    }
-
-    fn fail_all(&mut self, why: &str) {
-        for (_, w) in self.waiters.drain() {
-            let _ = w.send(Err(StoreError::Unavailable(why.into())));
-        }
-    }
-
-    fn propose(&mut self, cmd: Command, reply: Reply) {
-        if self.node.raft.state != StateRole::Leader {
-            let _ = reply.send(Err(StoreError::Unavailable(
-                "this node is not the metadata leader".into(),
-            )));
-            return;
-        }
-        let data = match serde_json::to_vec(&cmd) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = reply.send(Err(StoreError::Storage(e.to_string())));
-                return;
-            }
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        match self.node.propose(id.to_le_bytes().to_vec(), data) {
-            Ok(()) => {
-                self.waiters.insert(id, reply);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
-            }
-        }
-    }
-
-    fn send(&mut self, msgs: Vec<Message>) {
-        // A single-voter group has no peers; the transport arrives with the
-        // cluster issue.
-        if !msgs.is_empty() {
-            tracing::warn!(
-                count = msgs.len(),
-                "raft messages without a transport dropped"
-            );
-        }
-    }
-
-    fn on_ready(&mut self) -> Result<(), StoreError> {
-        if !self.node.has_ready() {
-            return Ok(());
-        }
-        let was_leader = self.node.raft.state == StateRole::Leader;
-        let mut ready = self.node.ready();
-        self.send(ready.take_messages());
-        if !ready.snapshot().is_empty() {
-            let snap = ready.snapshot().clone();
-            self.node
-                .mut_store()
-                .apply_snapshot(&snap)
-                .map_err(raft_err)?;
-            let mut s = decode_state(&snap.data)?;
-            s.applied = snap.get_metadata().index;
-            *self.state.lock().expect("cluster state lock") = s;
-            self.since_snapshot = 0;
-        }
-        self.apply(ready.take_committed_entries())?;
-        self.node
-            .mut_store()
-            .append(ready.entries())
-            .map_err(raft_err)?;
-        if let Some(hs) = ready.hs() {
-            self.node.mut_store().set_hard_state(hs).map_err(raft_err)?;
-        }
-        self.db
-            .flush()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
-        self.send(ready.take_persisted_messages());
-        let mut light = self.node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            let mut hs = self.node.store().hard_state().map_err(raft_err)?;
-            hs.commit = commit;
-            self.node
-                .mut_store()
-                .set_hard_state(&hs)
-                .map_err(raft_err)?;
-            self.db
-                .flush()
-                .map_err(|e| StoreError::Storage(e.to_string()))?;
-        }
-        self.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.node.advance_apply();
-        if was_leader && self.node.raft.state != StateRole::Leader {
-            self.fail_all("leadership lost");
-        }
-        if self.since_snapshot >= SNAPSHOT_EVERY {
-            self.snapshot()?;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
-        for e in entries {
-            match e.get_entry_type() {
-                EntryType::EntryNormal if e.data.is_empty() => {
-                    // The empty entry a new leader commits: everything
-                    // before it is applied now.
-                    self.state.lock().expect("cluster state lock").applied = e.index;
-                    if e.term == self.node.raft.term {
-                        if let Some(tx) = self.caught_up.take() {
-                            let _ = tx.send(Ok(()));
-                        }
-                    }
-                }
-                EntryType::EntryNormal => {
-                    let result = match serde_json::from_slice::<Command>(&e.data) {
-                        Ok(cmd) => {
-                            let mut s = self.state.lock().expect("cluster state lock");
-                            let r = s.apply(&cmd);
-                            s.applied = e.index;
-                            r.map(|_| s.clone()).map_err(StoreError::from)
-                        }
-                        Err(err) => {
-                            // Deterministic on every replica: the entry is skipped.
-                            tracing::error!(index = e.index, error = %err, "undecodable command in the raft log skipped");
-                            self.state.lock().expect("cluster state lock").applied = e.index;
-                            Err(StoreError::Storage(format!("undecodable command: {err}")))
-                        }
-                    };
-                    let id = <[u8; 8]>::try_from(e.context.as_ref())
-                        .map(u64::from_le_bytes)
-                        .ok();
-                    if let Some(w) = id.and_then(|id| self.waiters.remove(&id)) {
-                        let _ = w.send(result);
-                    }
-                }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    // Membership changes arrive with the cluster issue; a
-                    // single-voter group never proposes one.
-                    tracing::error!(
-                        index = e.index,
-                        "unexpected configuration change in the raft log"
-                    );
-                }
-            }
-            self.since_snapshot += 1;
-        }
-        Ok(())
-    }
-
-    /// Snapshots the applied state and compacts the log up to it.
-    fn snapshot(&mut self) -> Result<(), StoreError> {
-        let (data, index) = {
-            let s = self.state.lock().expect("cluster state lock");
-            (encode_state(&s)?, s.applied)
-        };
-        let term = self.node.store().term(index).map_err(raft_err)?;
-        let mut snap = Snapshot::default();
-        snap.mut_metadata().index = index;
-        snap.mut_metadata().term = term;
-        *snap.mut_metadata().mut_conf_state() = ConfState::from((
-            self.node
-                .raft
-                .prs()
-                .conf()
-                .voters()
-                .ids()
-                .iter()
-                .collect::<Vec<_>>(),
-            vec![],
-        ));
-        snap.data = data.into();
-        self.node.mut_store().compact(&snap).map_err(raft_err)?;
-        self.db
-            .flush()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
-        tracing::debug!(
-            index,
-            bytes = snap.write_to_bytes().map(|b| b.len()).unwrap_or(0),
-            "raft snapshot taken, log compacted"
-        );
-        self.since_snapshot = 0;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::types::{FsType, Id128};
+
+    use super::super::driver::SNAPSHOT_EVERY;
+
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RT.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("rt")
+        })
+    }
+
+    fn opts(bootstrap: Option<Id128>) -> StoreOptions {
+        StoreOptions {
+            raft_id: 1,
+            bootstrap,
+            cluster_id: None,
+            advertise: "127.0.0.1:1".into(),
+            handle: runtime().handle().clone(),
+        }
+    }
 
     fn create(name: &str) -> Command {
         Command::CreateVolume {
@@ -475,6 +564,7 @@ mod tests {
             name: name.into(),
             size_bytes: 1 << 20,
             fs: FsType::Ext4,
+            replica_node: Id128::random(),
             created_unix_ms: 0,
         }
     }
@@ -486,7 +576,7 @@ mod tests {
         let n = SNAPSHOT_EVERY + 50;
         {
             let db = open();
-            let store = ClusterStore::open(&db).expect("bootstrap");
+            let store = ClusterStore::open(&db, opts(Some(Id128::random()))).expect("bootstrap");
             for i in 0..n {
                 let s = store.propose(create(&format!("v{i}"))).expect("accepted");
                 assert_eq!(s.volumes.len() as u64, i + 1);
@@ -503,7 +593,7 @@ mod tests {
             );
         }
         let db = open();
-        let store = ClusterStore::open(&db).expect("reopen");
+        let store = ClusterStore::open(&db, opts(None)).expect("reopen");
         let s = store.read().clone();
         assert_eq!(s.volumes.len() as u64, n);
         assert!(s.volume_by_name(&format!("v{}", n - 1)).is_some());

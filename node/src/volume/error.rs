@@ -23,6 +23,8 @@ pub enum VolumeError {
     Mounted { name: String, paths: String },
     #[error("volume {name:?} is in use: {why}")]
     InUse { name: String, why: String },
+    #[error("volume {name:?} keeps its data on node {nodes}; use it through that node (volumes move between nodes once replication exists)")]
+    NotLocal { name: String, nodes: String },
     #[error("another operation on volume {0:?} is in progress; retry")]
     Busy(String),
     #[error("volume {name:?} can only grow: it has {current} bytes, {requested} were requested")]

@@ -121,7 +121,8 @@ impl VolumeManager {
         let volumes: Vec<Volume> = store.read().volumes.values().cloned().collect();
         let mut runtime = HashMap::new();
         let mut claimed = Vec::new();
-        for v in &volumes {
+        // Only volumes with a replica here have local data (and a runtime).
+        for v in volumes.iter().filter(|v| v.replicas.contains(&cfg.node_id)) {
             let (rep, owned) = LocalReplica::load(&db, pool.clone(), v.id)
                 .map_err(|e| format!("volume {}: {e}", v.name))?;
             claimed.extend(owned);
@@ -207,6 +208,33 @@ impl VolumeManager {
             .volume_by_name(name)
             .cloned()
             .ok_or_else(|| VolumeError::NotFound(name.into()))
+    }
+
+    /// Volumes live on the node that holds their replica until replication
+    /// exists; data operations elsewhere are refused rather than served
+    /// from an empty local copy.
+    fn require_local(&self, v: &Volume) -> Result<(), VolumeError> {
+        if v.replicas.contains(&self.cfg.node_id) {
+            return Ok(());
+        }
+        Err(VolumeError::NotLocal {
+            name: v.name.clone(),
+            nodes: v
+                .replicas
+                .iter()
+                .map(|n| self.node_name(*n))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    fn node_name(&self, id: NodeId) -> String {
+        self.store
+            .read()
+            .nodes
+            .get(&id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| id.to_string())
     }
 
     fn engine(&self, id: VolumeId) -> Result<Arc<Engine>, VolumeError> {
@@ -423,6 +451,7 @@ impl VolumeManager {
                 name: req.name.clone(),
                 size_bytes: size,
                 fs,
+                replica_node: self.cfg.node_id,
                 created_unix_ms: now_unix_ms(),
             },
             &req.name,
@@ -450,6 +479,7 @@ impl VolumeManager {
     pub fn resize(&self, name: &str, size: &SizeArg) -> Result<api::VolumeInfo, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
+        self.require_local(&v)?;
         let size = parse_size(size)?;
         if size < v.size_bytes {
             return Err(VolumeError::Shrink {
@@ -491,6 +521,7 @@ impl VolumeManager {
     pub fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
+        self.require_local(&v)?;
         if let Some(a) = &v.attachment {
             if !force {
                 return Err(VolumeError::Attached {
@@ -547,6 +578,7 @@ impl VolumeManager {
     }
 
     fn attach_locked(&self, v: &Volume) -> Result<String, VolumeError> {
+        self.require_local(v)?;
         if let Some(rec) = self.local_record(v.id) {
             if loopdev::backing_file(Path::new(&rec.device)).as_deref()
                 == Some(self.fuse_path(v.id).as_path())
@@ -943,6 +975,7 @@ impl ExportProvider for NbdExports {
         let m = &self.0;
         let mut ex = m.exports.lock().expect("exports lock");
         let v = m.find(name).map_err(|e| e.to_string())?;
+        m.require_local(&v).map_err(|e| e.to_string())?;
         let engine = m.engine(v.id).map_err(|e| e.to_string())?;
         // Attached anywhere: readers only, so NBD never writes under a
         // mounted filesystem or another node's engine.

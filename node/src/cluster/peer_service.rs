@@ -1,0 +1,104 @@
+//! The `Peer` gRPC service every node serves on its peer address: Raft
+//! messages in, join requests, and proposals forwarded by followers. The
+//! store is set once it is open; until then every call answers UNAVAILABLE.
+//! Store calls that block run on the blocking pool.
+
+use std::sync::{Arc, OnceLock};
+
+use cairn_proto::peer::peer_server::Peer;
+use cairn_proto::peer::{
+    JoinReply, JoinRequest, ProposeReply, ProposeRequest, RaftAck, RaftMessage,
+};
+use protobuf::Message as _;
+use tonic::{Request, Response, Status};
+
+use super::state::Command;
+use super::store::{ClusterStore, StoreError, PROPOSE_TIMEOUT};
+
+pub use super::transport::{client, client_with_timeout};
+
+#[derive(Clone, Default)]
+pub struct PeerService {
+    pub store: Arc<OnceLock<Arc<ClusterStore>>>,
+}
+
+impl PeerService {
+    // tonic's Status is large; these helpers return it because every caller
+    // hands it straight back to tonic.
+    #[allow(clippy::result_large_err)]
+    fn store(&self) -> Result<Arc<ClusterStore>, Status> {
+        self.store
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn check_cluster(store: &ClusterStore, cluster_id: &str) -> Result<(), Status> {
+        let ours = store.read().cluster_id.to_string();
+        if cluster_id != ours {
+            return Err(Status::failed_precondition(format!(
+                "this node belongs to cluster {ours}, not {cluster_id}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
+        let store = self.store()?;
+        let req = req.into_inner();
+        Self::check_cluster(&store, &req.cluster_id)?;
+        let m = raft::prelude::Message::parse_from_bytes(&req.message)
+            .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
+        if !store.step(m, &req.from_address) {
+            return Err(Status::resource_exhausted("raft queue full"));
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let store = self.store()?;
+        let req = req.into_inner();
+        let r = tokio::task::spawn_blocking(move || store.join(&req))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match r {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(StoreError::Refused(e)) => Err(Status::already_exists(e.to_string())),
+            Err(StoreError::Rejected(m)) => Err(Status::failed_precondition(m)),
+            Err(e @ StoreError::Unavailable(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn propose(
+        &self,
+        req: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeReply>, Status> {
+        let store = self.store()?;
+        let req = req.into_inner();
+        Self::check_cluster(&store, &req.cluster_id)?;
+        let cmd: Command = serde_json::from_slice(&req.command)
+            .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        let r = tokio::task::spawn_blocking(move || {
+            store.propose_local(cmd, std::time::Instant::now() + PROPOSE_TIMEOUT)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(match r {
+            Ok(state) => ProposeReply {
+                applied_index: state.applied,
+                error_code: String::new(),
+                error: String::new(),
+            },
+            Err(e) => ProposeReply {
+                applied_index: 0,
+                error_code: "error".into(),
+                error: serde_json::to_string(&e).unwrap_or_else(|_| e.to_string()),
+            },
+        }))
+    }
+}

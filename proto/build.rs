@@ -1,0 +1,15 @@
+//! Compiles `proto/cairn/v1/*.proto` with a pure-Rust protobuf compiler
+//! (protox), so building never needs `protoc` or the network.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/cairn/v1/peer.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

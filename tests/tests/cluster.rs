@@ -1,0 +1,226 @@
+//! Real daemons on 127.0.0.x form a cluster whose metadata is replicated
+//! with Raft: joining, metadata visible through every node, leader failover,
+//! a killed node catching up, and refused joins.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_tests::*;
+use serde_json::Value;
+
+fn status(n: &TestNode) -> Option<Value> {
+    let r = cairn_node::cli::client::Client::new(&n.api_url())
+        .ok()?
+        .request("GET", "/v1/cluster", None)
+        .ok()?;
+    serde_json::from_slice(&r.body).ok()
+}
+
+fn names(n: &TestNode) -> Vec<String> {
+    let (_, v) = n.api("GET", "/v1/volumes", None);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts a bootstrap node and `n - 1` joiners on 127.0.0.(base+i).
+fn cluster(tag: &str, n: usize, base: u8) -> Vec<TestNode> {
+    let first = TestNode::start_on(
+        &format!("{tag}-1"),
+        &format!("127.0.0.{base}"),
+        "256MiB",
+        &["--node-name", "n1"],
+    );
+    let join = first.peer_address();
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        let name = format!("n{i}");
+        let node = TestNode::start_on(
+            &format!("{tag}-{i}"),
+            &format!("127.0.0.{}", base as usize + i - 1),
+            "256MiB",
+            &["--node-name", &name, "--join", &join],
+        );
+        nodes.push(node);
+    }
+    wait_for(
+        "every node to see the same leader and all members",
+        Duration::from_secs(30),
+        || {
+            let all: Vec<Option<Value>> = nodes.iter().map(status).collect();
+            let leaders: Vec<_> = all
+                .iter()
+                .map(|s| s.as_ref().map(|s| s["leader"].clone()))
+                .collect();
+            all.iter().all(|s| {
+                s.as_ref().is_some_and(|s| {
+                    s["members"].as_array().map(|m| m.len()) == Some(n) && !s["leader"].is_null()
+                })
+            }) && leaders.windows(2).all(|w| w[0] == w[1])
+        },
+    );
+    nodes
+}
+
+fn leader_index(nodes: &[TestNode]) -> usize {
+    let s = status(&nodes[0]).expect("status");
+    let leader = s["leader"].as_str().expect("leader").to_string();
+    (0..nodes.len())
+        .find(|i| format!("n{}", i + 1) == leader)
+        .expect("leader among nodes")
+}
+
+#[test]
+fn three_nodes_replicate_metadata_and_survive_leader_loss() {
+    let mut nodes = cluster("c3", 3, 21);
+    let s = status(&nodes[1]).unwrap();
+    let voters = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "voter")
+        .count();
+    assert_eq!(voters, 3, "{s}");
+    // Metadata created through any node is visible through every node.
+    for (i, n) in nodes.iter().enumerate() {
+        n.cli_ok(&[
+            "volume",
+            "create",
+            &format!("from-n{}", i + 1),
+            "--size",
+            "1GiB",
+        ]);
+    }
+    for n in &nodes {
+        wait_for("volumes on every node", Duration::from_secs(5), || {
+            names(n).len() == 3
+        });
+    }
+    // Data operations stay on the node holding the replica.
+    let o = nodes[0].cli(&["volume", "attach", "from-n2"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("VolumeNotLocal"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // SIGKILL the leader; a write through a survivor succeeds within 5 s.
+    let li = leader_index(&nodes);
+    nodes[li].kill9();
+    let survivor = (li + 1) % 3;
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(5);
+    loop {
+        let o = nodes[survivor].cli(&["volume", "create", "after-failover", "--size", "1GiB"]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metadata write within 5 s of killing the leader: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    println!(
+        "metadata write through a survivor succeeded {} ms after SIGKILL of the leader",
+        t.elapsed().as_millis()
+    );
+    // The killed node restarts and catches up.
+    nodes[li].restart();
+    wait_for(
+        "the restarted node to catch up",
+        Duration::from_secs(15),
+        || names(&nodes[li]).contains(&"after-failover".to_string()),
+    );
+
+    // Refused joins change nothing.
+    let before = nodes[0]
+        .api("GET", "/v1/nodes", None)
+        .1
+        .as_array()
+        .unwrap()
+        .len();
+    let join = nodes[survivor].peer_address();
+    let err = join_refused(
+        "c3-dup",
+        "127.0.0.31",
+        &["--node-name", "n2", "--join", &join],
+    );
+    assert!(err.contains("already used"), "duplicate name: {err}");
+    let err = join_refused(
+        "c3-wrongid",
+        "127.0.0.32",
+        &[
+            "--node-name",
+            "x",
+            "--join",
+            &join,
+            "--cluster-id",
+            "00000000-0000-0000-0000-000000000001",
+        ],
+    );
+    assert!(
+        err.contains("not 00000000-0000-0000-0000-000000000001"),
+        "wrong cluster id: {err}"
+    );
+    let err = join_refused(
+        "c3-unreachable",
+        "127.0.0.33",
+        &["--node-name", "y", "--join", "127.0.0.34:9"],
+    );
+    assert!(
+        err.contains("cannot join through 127.0.0.34:9"),
+        "unreachable: {err}"
+    );
+    assert_eq!(
+        nodes[0]
+            .api("GET", "/v1/nodes", None)
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
+}
+
+/// Runs a daemon that must fail to join; returns its stderr.
+fn join_refused(tag: &str, ip: &str, args: &[&str]) -> String {
+    let node = TestNode::prepare(tag, ip, "64MiB", &[]);
+    let mut child = Command::new(cairn_bin())
+        .args(["node", "run", "--data-dir"])
+        .arg(node.dir.join("data"))
+        .arg("--disk-file")
+        .arg(format!("{}:64MiB", node.disk_path().display()))
+        .args([
+            "--listen",
+            &format!("{ip}:{}", node.port),
+            "--peer-listen",
+            &node.peer_address(),
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a join that must fail did not end within 40 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    err
+}
