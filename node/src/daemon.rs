@@ -141,7 +141,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         pool,
         store.clone(),
     )?;
-    register_node(&store, &cfg, node_id).inspect_err(|_| mgr.shutdown())?;
+    let registration = Registration::new(&cfg, node_id);
+    register_node(&store, &registration).inspect_err(|_| mgr.shutdown())?;
     let nbd = match NbdServer::start(
         Arc::new(crate::volume::NbdExports(mgr.clone())),
         &cfg.nbd_socket,
@@ -172,7 +173,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
         tracing::info!(listen = %cfg.listen, nbd = %cfg.nbd_socket.display(), "cairn node is serving");
-        let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, node_id));
+        let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, registration));
         let r = axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
@@ -282,38 +283,85 @@ async fn join_cluster(addr: &str, cfg: &Config, node_id: NodeId) -> Result<JoinR
     }
 }
 
-/// Records this node (name, addresses, labels) in the cluster state.
-fn register_node(store: &ClusterStore, cfg: &Config, node_id: NodeId) -> Result<(), String> {
-    let cmd = Command::RegisterNode {
-        id: node_id,
-        name: cfg.node_name.clone(),
-        raft_id: store.raft_id(),
-        api_address: cfg.listen.to_string(),
-        peer_address: cfg.advertise.clone(),
-        labels: cfg.labels.clone(),
-        role: NodeRole::Voter,
-        at_unix_ms: now_unix_ms(),
-    };
-    store
-        .propose(cmd)
-        .map(|_| ())
-        .map_err(|e| format!("registering node {:?}: {e}", cfg.node_name))
+/// How this node describes itself in the cluster state.
+#[derive(Clone)]
+struct Registration {
+    node_id: NodeId,
+    name: String,
+    api_address: String,
+    peer_address: String,
+    labels: std::collections::BTreeMap<String, String>,
 }
 
-/// Reports liveness and pool usage every [`HEARTBEAT_INTERVAL`].
-async fn heartbeats(store: Arc<ClusterStore>, mgr: Arc<VolumeManager>, node_id: NodeId) {
+impl Registration {
+    fn new(cfg: &Config, node_id: NodeId) -> Self {
+        Registration {
+            node_id,
+            name: cfg.node_name.clone(),
+            api_address: cfg.listen.to_string(),
+            peer_address: cfg.advertise.clone(),
+            labels: cfg.labels.clone(),
+        }
+    }
+
+    /// The command that brings the recorded description up to date, if the
+    /// record is missing or differs.
+    fn command(&self, store: &ClusterStore) -> Option<Command> {
+        let state = store.read();
+        let current = state.nodes.get(&self.node_id);
+        if current.is_some_and(|n| {
+            n.name == self.name
+                && n.api_address == self.api_address
+                && n.peer_address == self.peer_address
+                && n.labels == self.labels
+        }) {
+            return None;
+        }
+        Some(Command::RegisterNode {
+            id: self.node_id,
+            name: self.name.clone(),
+            raft_id: store.raft_id(),
+            api_address: self.api_address.clone(),
+            peer_address: self.peer_address.clone(),
+            labels: self.labels.clone(),
+            role: current.map(|n| n.role).unwrap_or(NodeRole::Voter),
+            at_unix_ms: now_unix_ms(),
+        })
+    }
+}
+
+/// A node new to the cluster state must be recorded before it serves; a
+/// known node whose description changed is updated by the heartbeat loop
+/// (a restart may find no quorum yet).
+fn register_node(store: &ClusterStore, reg: &Registration) -> Result<(), String> {
+    if store.read().nodes.contains_key(&reg.node_id) {
+        return Ok(());
+    }
+    match reg.command(store) {
+        None => Ok(()),
+        Some(cmd) => store
+            .propose(cmd)
+            .map(|_| ())
+            .map_err(|e| format!("registering node {:?}: {e}", reg.name)),
+    }
+}
+
+/// Reports liveness and pool usage every [`HEARTBEAT_INTERVAL`], first
+/// bringing this node's record up to date when it changed.
+async fn heartbeats(store: Arc<ClusterStore>, mgr: Arc<VolumeManager>, reg: Registration) {
     let mut every = tokio::time::interval(HEARTBEAT_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let (store, mgr) = (store.clone(), mgr.clone());
+        let (store, mgr, reg) = (store.clone(), mgr.clone(), reg.clone());
         let r = tokio::task::spawn_blocking(move || {
-            store.propose(Command::NodeHeartbeat {
-                id: node_id,
+            let cmd = reg.command(&store).unwrap_or(Command::NodeHeartbeat {
+                id: reg.node_id,
                 pool_capacity_bytes: mgr.pool().capacity_bytes(),
                 pool_allocated_bytes: mgr.pool().allocated_bytes(),
                 at_unix_ms: now_unix_ms(),
-            })
+            });
+            store.propose(cmd)
         })
         .await;
         match r {

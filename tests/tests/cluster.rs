@@ -224,3 +224,87 @@ fn join_refused(tag: &str, ip: &str, args: &[&str]) -> String {
     assert!(!status.success());
     err
 }
+
+fn signal(node: &TestNode, sig: i32) {
+    // SAFETY: kill(2) on a child process this test started.
+    unsafe { libc::kill(node.pid(), sig) };
+}
+
+#[test]
+fn quorum_loss_fails_cleanly_and_full_restart_keeps_everything() {
+    let mut nodes = cluster("c3q", 3, 41);
+    nodes[0].cli_ok(&["volume", "create", "before-pause", "--size", "1GiB"]);
+    // Pause two of the three voters: nothing can commit, and the API says so
+    // within a bounded time instead of hanging.
+    let li = leader_index(&nodes);
+    let kept = (li + 1) % 3;
+    let paused: Vec<usize> = (0..3).filter(|i| *i != kept).collect();
+    for i in &paused {
+        signal(&nodes[*i], libc::SIGSTOP);
+    }
+    let t = Instant::now();
+    let o = nodes[kept].cli(&["volume", "create", "during-pause", "--size", "1GiB"]);
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    for i in &paused {
+        signal(&nodes[*i], libc::SIGCONT);
+    }
+    assert!(!o.status.success(), "a write committed without a quorum");
+    assert!(
+        err.contains("MetadataError") && err.contains("unavailable"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(15), "the refusal took {took:?}");
+    println!(
+        "without a quorum the API refused after {} ms: {}",
+        took.as_millis(),
+        err.trim()
+    );
+    // Recovery: writes succeed again and nothing acknowledged was lost.
+    wait_for("writes after SIGCONT", Duration::from_secs(20), || {
+        nodes[kept]
+            .cli(&["volume", "create", "after-pause", "--size", "1GiB"])
+            .status
+            .success()
+            || names(&nodes[kept]).contains(&"after-pause".to_string())
+    });
+    for n in &nodes {
+        wait_for(
+            "the recovered cluster to agree",
+            Duration::from_secs(10),
+            || {
+                let v = names(n);
+                v.contains(&"before-pause".to_string()) && v.contains(&"after-pause".to_string())
+            },
+        );
+    }
+
+    // Stop every node at once, start them again: all committed metadata is there.
+    for n in nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in nodes.iter_mut() {
+        n.restart();
+    }
+    wait_for(
+        "a leader after the full restart",
+        Duration::from_secs(30),
+        || {
+            nodes
+                .iter()
+                .all(|n| status(n).is_some_and(|s| !s["leader"].is_null()))
+        },
+    );
+    for n in &nodes {
+        let v = names(n);
+        assert!(
+            v.contains(&"before-pause".to_string()) && v.contains(&"after-pause".to_string()),
+            "{v:?}"
+        );
+        assert!(
+            !v.contains(&"during-pause".to_string()),
+            "a refused write appeared: {v:?}"
+        );
+    }
+    nodes[1].cli_ok(&["volume", "create", "after-restart", "--size", "1GiB"]);
+}

@@ -83,8 +83,21 @@ impl Peer for PeerService {
         Self::check_cluster(&store, &req.cluster_id)?;
         let cmd: Command = serde_json::from_slice(&req.command)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        let now = crate::types::now_unix_ms();
+        if req.deadline_unix_ms != 0 && now >= req.deadline_unix_ms {
+            return Err(Status::deadline_exceeded(
+                "the proposer's deadline has passed",
+            ));
+        }
+        let left = std::time::Duration::from_millis(req.deadline_unix_ms.saturating_sub(now))
+            .min(PROPOSE_TIMEOUT);
+        let left = if req.deadline_unix_ms == 0 {
+            PROPOSE_TIMEOUT
+        } else {
+            left
+        };
         let r = tokio::task::spawn_blocking(move || {
-            store.propose_local(cmd, std::time::Instant::now() + PROPOSE_TIMEOUT)
+            store.propose_local(cmd, std::time::Instant::now() + left)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

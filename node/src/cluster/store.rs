@@ -364,6 +364,7 @@ impl ClusterStore {
         let command = serde_json::to_vec(cmd).map_err(|e| StoreError::Storage(e.to_string()))?;
         let cluster_id = self.read().cluster_id.to_string();
         let timeout = deadline.saturating_duration_since(Instant::now());
+        let deadline_unix_ms = now_unix_ms() + timeout.as_millis() as u64;
         // The client is built inside the runtime: its connection task needs one.
         let r = self.handle.block_on(async move {
             let mut client = transport::client(addr).map_err(StoreError::Unavailable)?;
@@ -372,6 +373,7 @@ impl ClusterStore {
                 client.propose(ProposeRequest {
                     cluster_id,
                     command,
+                    deadline_unix_ms,
                 }),
             )
             .await
