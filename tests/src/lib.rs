@@ -156,6 +156,15 @@ impl TestNode {
         out
     }
 
+    /// The log of the most recent start only.
+    pub fn last_log(&self) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .join(format!("daemon-{}.log", self.starts.saturating_sub(1))),
+        )
+        .unwrap_or_default()
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join(format!("daemon-{}.log", self.starts)))
             .expect("log file");

@@ -308,3 +308,48 @@ fn quorum_loss_fails_cleanly_and_full_restart_keeps_everything() {
     }
     nodes[1].cli_ok(&["volume", "create", "after-restart", "--size", "1GiB"]);
 }
+
+#[test]
+fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
+    let mut nodes = cluster("c3s", 3, 51);
+    let down = 2;
+    nodes[down].kill9();
+    // More than a snapshot interval of entries while it is down.
+    let client = cairn_node::cli::client::Client::new(&nodes[0].api_url()).unwrap();
+    let t = Instant::now();
+    for i in 0..1100 {
+        let body = serde_json::json!({ "name": format!("bulk-{i}"), "size": "1GiB" });
+        let r = client
+            .request("POST", "/v1/volumes", Some(&body))
+            .expect("API");
+        assert_eq!(
+            r.status,
+            201,
+            "create bulk-{i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    println!(
+        "1100 creates through the API took {} ms",
+        t.elapsed().as_millis()
+    );
+    nodes[down].restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while names(&nodes[down]).len() != 1100 {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node did not catch up: it lists {} volumes; its log:\n{}\nleader log:\n{}",
+            names(&nodes[down]).len(),
+            nodes[down].last_log(),
+            nodes[0].last_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        nodes[down]
+            .last_log()
+            .contains("installed a metadata snapshot from the leader"),
+        "the node caught up without a snapshot; log:\n{}",
+        nodes[down].last_log()
+    );
+}

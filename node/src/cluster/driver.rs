@@ -24,6 +24,7 @@ pub const SNAPSHOT_EVERY: u64 = 1000;
 pub type Reply = SyncSender<Result<ClusterState, StoreError>>;
 
 pub enum Msg {
+    Delivery(super::transport::Delivery),
     Propose {
         cmd: super::state::Command,
         reply: Reply,
@@ -55,6 +56,19 @@ impl Driver {
             match rx.recv_timeout(TICK.saturating_sub(last_tick.elapsed())) {
                 Ok(Msg::Propose { cmd, reply }) => self.propose(cmd, reply),
                 Ok(Msg::ConfChange { cc, reply }) => self.propose_conf_change(cc, reply),
+                Ok(Msg::Delivery(d)) => match d {
+                    super::transport::Delivery::Snapshot { to, ok } => {
+                        let status = if ok {
+                            raft::SnapshotStatus::Finish
+                        } else {
+                            raft::SnapshotStatus::Failure
+                        };
+                        self.node.report_snapshot(to, status);
+                    }
+                    super::transport::Delivery::Unreachable { to } => {
+                        self.node.report_unreachable(to)
+                    }
+                },
                 Ok(Msg::Raft(m)) => {
                     if let Err(e) = self.node.step(*m) {
                         tracing::debug!(error = %e, "raft message ignored");
@@ -177,7 +191,10 @@ impl Driver {
                 continue;
             };
             match m.write_to_bytes() {
-                Ok(bytes) => self.transport.send(m.to, &addr, bytes),
+                Ok(bytes) => {
+                    let snapshot = m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+                    self.transport.send(m.to, &addr, bytes, snapshot)
+                }
                 Err(e) => tracing::error!(error = %e, "encoding a raft message failed"),
             }
         }
@@ -196,6 +213,10 @@ impl Driver {
                 .mut_store()
                 .apply_snapshot(&snap)
                 .map_err(raft_err)?;
+            tracing::info!(
+                index = snap.get_metadata().index,
+                "installed a metadata snapshot from the leader"
+            );
             let mut s = decode_state(&snap.data)?;
             s.applied = snap.get_metadata().index;
             *self.shared.state.lock().expect("cluster state lock") = s;

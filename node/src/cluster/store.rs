@@ -177,17 +177,21 @@ impl ClusterStore {
         if sole_voter {
             node.campaign().map_err(raft_err)?;
         }
+        let (tx, rx) = mpsc::sync_channel::<Msg>(4096);
+        let report_tx = tx.clone();
         let transport = Arc::new(Transport::new(
             opts.handle.clone(),
             state.cluster_id.to_string(),
             opts.advertise.clone(),
+            Box::new(move |d| {
+                let _ = report_tx.try_send(Msg::Delivery(d));
+            }),
         ));
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             status: Mutex::new(RaftStatus::default()),
             changed: Condvar::new(),
         });
-        let (tx, rx) = mpsc::sync_channel::<Msg>(4096);
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         let mut driver = Driver {
             node,

@@ -3,8 +3,9 @@
 //! One task per peer drains a bounded queue and sends in order over one
 //! lazily connected channel. The Raft thread never blocks on the network:
 //! when a peer's queue is full the message is dropped and counted (Raft
-//! retransmits), and a failed send is logged at debug level (a down peer is
-//! normal; liveness tracking reports it).
+//! retransmits), and a failed send drops what is queued for that peer and
+//! is logged at debug level (a down peer is normal; liveness tracking
+//! reports it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +17,6 @@ use cairn_proto::peer::RaftMessage;
 use tokio::sync::mpsc;
 
 const QUEUE: usize = 1024;
-
-type PeerQueue = (String, mpsc::Sender<Vec<u8>>);
 
 /// A gRPC client for `addr` (host:port), connecting on first use.
 pub fn client(addr: &str) -> Result<PeerClient<tonic::transport::Channel>, String> {
@@ -37,6 +36,22 @@ pub fn client_with_timeout(
     Ok(PeerClient::new(ep.connect_lazy()))
 }
 
+/// Outcome of sending to a peer, reported back to the Raft driver: a failed
+/// snapshot must be reported or the leader waits for it forever, and an
+/// unreachable peer moves back to probing.
+pub enum Delivery {
+    Snapshot { to: u64, ok: bool },
+    Unreachable { to: u64 },
+}
+
+/// A queued message: the encoded bytes and whether it carries a snapshot.
+struct Outgoing {
+    bytes: Vec<u8>,
+    snapshot: bool,
+}
+
+type PeerQueue = (String, mpsc::Sender<Outgoing>);
+
 pub struct Transport {
     handle: tokio::runtime::Handle,
     cluster_id: String,
@@ -47,6 +62,8 @@ pub struct Transport {
     learned: Mutex<HashMap<u64, String>>,
     /// Per peer: the address its task sends to, and that task's queue.
     peers: Mutex<HashMap<u64, PeerQueue>>,
+    /// Where delivery outcomes go (the driver's queue; dropped when full).
+    report: Box<dyn Fn(Delivery) + Send + Sync>,
     pub dropped: AtomicU64,
 }
 
@@ -55,6 +72,7 @@ impl Transport {
         handle: tokio::runtime::Handle,
         cluster_id: String,
         own_address: String,
+        report: Box<dyn Fn(Delivery) + Send + Sync>,
     ) -> Transport {
         Transport {
             handle,
@@ -62,6 +80,7 @@ impl Transport {
             own_address,
             learned: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            report,
             dropped: AtomicU64::new(0),
         }
     }
@@ -84,34 +103,32 @@ impl Transport {
     }
 
     /// Queues an encoded Raft message for peer `to` at `addr`.
-    pub fn send(&self, to: u64, addr: &str, message: Vec<u8>) {
+    pub fn send(self: &std::sync::Arc<Self>, to: u64, addr: &str, bytes: Vec<u8>, snapshot: bool) {
         let mut peers = self.peers.lock().expect("peers lock");
         let stale = peers
             .get(&to)
             .is_none_or(|(a, tx)| a != addr || tx.is_closed());
         if stale {
             let (tx, rx) = mpsc::channel(QUEUE);
-            let (addr_owned, cluster) = (addr.to_string(), self.cluster_id.clone());
-            self.handle.spawn(peer_task(
-                addr_owned.clone(),
-                cluster,
-                self.own_address.clone(),
-                rx,
-            ));
-            peers.insert(to, (addr_owned, tx));
+            self.handle
+                .spawn(peer_task(self.clone(), to, addr.to_string(), rx));
+            peers.insert(to, (addr.to_string(), tx));
         }
         let (_, tx) = peers.get(&to).expect("inserted above");
-        if tx.try_send(message).is_err() {
+        if tx.try_send(Outgoing { bytes, snapshot }).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            if snapshot {
+                (self.report)(Delivery::Snapshot { to, ok: false });
+            }
         }
     }
 }
 
 async fn peer_task(
+    t: std::sync::Arc<Transport>,
+    to: u64,
     addr: String,
-    cluster_id: String,
-    from_address: String,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Outgoing>,
 ) {
     let mut c = match client(&addr) {
         Ok(c) => c,
@@ -120,14 +137,30 @@ async fn peer_task(
             return;
         }
     };
-    while let Some(message) = rx.recv().await {
+    while let Some(out) = rx.recv().await {
         let m = RaftMessage {
-            cluster_id: cluster_id.clone(),
-            message,
-            from_address: from_address.clone(),
+            cluster_id: t.cluster_id.clone(),
+            message: out.bytes,
+            from_address: t.own_address.clone(),
         };
-        if let Err(e) = c.raft(m).await {
-            tracing::debug!(peer = %addr, error = %e, "raft message not delivered");
+        let ok = c.raft(m).await;
+        if out.snapshot {
+            (t.report)(Delivery::Snapshot { to, ok: ok.is_ok() });
+        }
+        if let Err(e) = ok {
+            // The peer is down or unreachable: what is queued is stale by the
+            // time it comes back, and Raft resends what matters. Drop it and
+            // pause briefly instead of timing out once per queued message.
+            let mut dropped = 0;
+            while let Ok(stale) = rx.try_recv() {
+                dropped += 1;
+                if stale.snapshot {
+                    (t.report)(Delivery::Snapshot { to, ok: false });
+                }
+            }
+            (t.report)(Delivery::Unreachable { to });
+            tracing::debug!(peer = %addr, error = %e, dropped, "raft messages not delivered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
