@@ -58,6 +58,16 @@ fn single_node_cluster_status_nodes_and_restart() {
     let c2 = json(&node, &["cluster", "status"]);
     assert!(c2["commit_index"].as_u64().unwrap() >= commit + 20, "{c2}");
     assert_eq!(c2["applied_index"], c2["commit_index"]);
+    let r = cairn_node::cli::client::Client::new(&node.api_url())
+        .unwrap()
+        .request("GET", "/metrics", None)
+        .unwrap();
+    let text = String::from_utf8(r.body).unwrap();
+    assert!(text.contains("cairn_raft_is_leader 1"), "{text}");
+    assert!(
+        text.contains(&format!("cairn_raft_term {}", c2["term"])),
+        "{text}"
+    );
 
     // SIGKILL: every acknowledged command is there after the restart, and
     // the node is still the same cluster member.

@@ -366,6 +366,21 @@ async fn openapi() -> impl IntoResponse {
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let mut out = String::with_capacity(16 << 10);
     s.mgr.render_metrics(&mut out);
+    let st = s.store.status();
+    use std::fmt::Write;
+    let _ = write!(
+        out,
+        "# HELP cairn_raft_term Current Raft term\n# TYPE cairn_raft_term gauge\ncairn_raft_term {}\n\
+         # HELP cairn_raft_commit_index Raft commit index\n# TYPE cairn_raft_commit_index gauge\ncairn_raft_commit_index {}\n\
+         # HELP cairn_raft_applied_index Raft applied index\n# TYPE cairn_raft_applied_index gauge\ncairn_raft_applied_index {}\n\
+         # HELP cairn_raft_is_leader 1 when this node leads the metadata group\n# TYPE cairn_raft_is_leader gauge\ncairn_raft_is_leader {}\n\
+         # HELP cairn_raft_messages_dropped_total Raft messages dropped on a full peer queue\n# TYPE cairn_raft_messages_dropped_total counter\ncairn_raft_messages_dropped_total {}\n",
+        st.term,
+        st.commit_index,
+        st.applied_index,
+        u8::from(st.leader_id == st.raft_id && st.raft_id != 0),
+        s.store.dropped_messages()
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

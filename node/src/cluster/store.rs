@@ -250,6 +250,13 @@ impl ClusterStore {
         self.shared.status.lock().expect("status lock").clone()
     }
 
+    /// Raft messages dropped because a peer's queue was full.
+    pub fn dropped_messages(&self) -> u64 {
+        self.transport
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// This node's id in the Raft group.
     pub fn raft_id(&self) -> u64 {
         self.raft_id
