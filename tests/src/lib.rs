@@ -486,3 +486,31 @@ pub fn has_cap_sys_resource() -> bool {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << 24) != 0)
 }
+
+/// Runs a command that must exit with failure within `timeout`; returns its
+/// standard error. Kills it (and panics) if it is still running then.
+pub fn expect_failure(mut cmd: Command, timeout: Duration) -> String {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was expected to fail but still runs after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert!(!status.success(), "{cmd:?} succeeded");
+    err
+}

@@ -2,7 +2,7 @@
 //! with Raft: joining, metadata visible through every node, leader failover,
 //! a killed node catching up, and refused joins.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cairn_tests::*;
@@ -190,8 +190,8 @@ fn three_nodes_replicate_metadata_and_survive_leader_loss() {
 /// Runs a daemon that must fail to join; returns its stderr.
 fn join_refused(tag: &str, ip: &str, args: &[&str]) -> String {
     let node = TestNode::prepare(tag, ip, "64MiB", &[]);
-    let mut child = Command::new(cairn_bin())
-        .args(["node", "run", "--data-dir"])
+    let mut cmd = Command::new(cairn_bin());
+    cmd.args(["node", "run", "--data-dir"])
         .arg(node.dir.join("data"))
         .arg("--disk-file")
         .arg(format!("{}:64MiB", node.disk_path().display()))
@@ -201,28 +201,8 @@ fn join_refused(tag: &str, ip: &str, args: &[&str]) -> String {
             "--peer-listen",
             &node.peer_address(),
         ])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("a join that must fail did not end within 40 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    err
+        .args(args);
+    expect_failure(cmd, Duration::from_secs(40))
 }
 
 fn signal(node: &TestNode, sig: i32) {

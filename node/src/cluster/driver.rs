@@ -270,14 +270,12 @@ impl Driver {
                         .lock()
                         .expect("cluster state lock")
                         .applied = e.index;
-                    let id = <[u8; 8]>::try_from(e.context.as_ref())
-                        .map(u64::from_le_bytes)
-                        .ok();
-                    if let Some(w) = id.and_then(|id| self.waiters.remove(&id)) {
-                        let _ = w.send(Err(StoreError::Unavailable(
+                    self.answer(
+                        &e.context,
+                        Err(StoreError::Unavailable(
                             "membership change dropped: another one was pending".into(),
-                        )));
-                    }
+                        )),
+                    );
                     if e.term == self.node.raft.term {
                         if let Some(tx) = self.caught_up.take() {
                             let _ = tx.send(Ok(()));
@@ -303,12 +301,7 @@ impl Driver {
                             Err(StoreError::Storage(format!("undecodable command: {err}")))
                         }
                     };
-                    let id = <[u8; 8]>::try_from(e.context.as_ref())
-                        .map(u64::from_le_bytes)
-                        .ok();
-                    if let Some(w) = id.and_then(|id| self.waiters.remove(&id)) {
-                        let _ = w.send(result);
-                    }
+                    self.answer(&e.context, result);
                 }
                 EntryType::EntryConfChange => {
                     let result = match ConfChange::parse_from_bytes(&e.data) {
@@ -338,12 +331,7 @@ impl Driver {
                             )))
                         }
                     };
-                    let id = <[u8; 8]>::try_from(e.context.as_ref())
-                        .map(u64::from_le_bytes)
-                        .ok();
-                    if let Some(w) = id.and_then(|id| self.waiters.remove(&id)) {
-                        let _ = w.send(result);
-                    }
+                    self.answer(&e.context, result);
                 }
                 EntryType::EntryConfChangeV2 => {
                     tracing::error!(
@@ -360,6 +348,14 @@ impl Driver {
             self.since_snapshot += 1;
         }
         Ok(())
+    }
+
+    /// Answers the proposer whose id is in an applied entry's context.
+    fn answer(&mut self, context: &[u8], result: Result<ClusterState, StoreError>) {
+        let id = <[u8; 8]>::try_from(context).map(u64::from_le_bytes).ok();
+        if let Some(w) = id.and_then(|id| self.waiters.remove(&id)) {
+            let _ = w.send(result);
+        }
     }
 
     /// Snapshots the applied state and compacts the log up to it.
