@@ -3,6 +3,7 @@
 //! human tables by default and the API's JSON with `-o json`.
 
 pub mod client;
+mod dev;
 
 use std::path::PathBuf;
 
@@ -56,6 +57,28 @@ pub enum Top {
     /// Inspect the cluster's metadata group.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// A local cluster of daemons on 127.0.0.x for development and tests.
+    #[command(subcommand)]
+    Dev(DevCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevCmd {
+    /// Start N daemons on 127.0.0.11, .12, ... (API port 7400, peer port 7410).
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = "cairn-dev")]
+        dir: PathBuf,
+        /// Size of each node's file-backed disk.
+        #[arg(long, default_value = "4GiB")]
+        disk_size: String,
+    },
+    /// Stop the daemons started by `dev up` and remove what they created.
+    Down {
+        #[arg(long, default_value = "cairn-dev")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,9 +198,25 @@ fn absolute(p: PathBuf) -> Result<String, String> {
 }
 
 fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
+    if let Top::Dev(cmd) = cmd {
+        return match cmd {
+            DevCmd::Up {
+                nodes,
+                dir,
+                disk_size,
+            } => dev::up(
+                nodes,
+                &std::path::absolute(&dir).map_err(|e| e.to_string())?,
+                &disk_size,
+            ),
+            DevCmd::Down { dir } => {
+                dev::down(&std::path::absolute(&dir).map_err(|e| e.to_string())?)
+            }
+        };
+    }
     let c = Client::new(api)?;
     let (v, render): (Value, fn(&Value) -> String) = match cmd {
-        Top::Node(NodeCmd::Run(_)) => unreachable!("handled by main"),
+        Top::Node(NodeCmd::Run(_)) | Top::Dev(_) => unreachable!("handled before"),
         Top::Node(NodeCmd::Status) => (call(&c, "GET", "/v1/node", None)?, render_node),
         Top::Pool(PoolCmd::Ls) => (call(&c, "GET", "/v1/pool", None)?, render_pool),
         Top::Node(NodeCmd::Ls) => (call(&c, "GET", "/v1/nodes", None)?, render_nodes),
