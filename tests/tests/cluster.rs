@@ -333,3 +333,22 @@ fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
         nodes[down].last_log()
     );
 }
+
+#[test]
+fn five_nodes_form_with_five_voters() {
+    let nodes = cluster("c5", 5, 61);
+    let s = status(&nodes[4]).unwrap();
+    let voters = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "voter")
+        .count();
+    assert_eq!(voters, 5, "{s}");
+    nodes[3].cli_ok(&["volume", "create", "five", "--size", "1GiB"]);
+    for n in &nodes {
+        wait_for("the volume on every node", Duration::from_secs(5), || {
+            names(n).contains(&"five".to_string())
+        });
+    }
+}

@@ -526,11 +526,53 @@ impl ClusterStore {
             self.conf_change(cc, deadline)?;
         }
         tracing::info!(node = %req.name, raft_id, ?role, "admitted node");
+        self.promote_learners(deadline)?;
         Ok(JoinReply {
             raft_id,
             cluster_id: state.cluster_id.to_string(),
             role: format!("{role:?}").to_lowercase(),
         })
+    }
+}
+
+impl ClusterStore {
+    /// Promotes learners while the group has fewer voters than it wants:
+    /// three, or five once the cluster has five or more nodes.
+    fn promote_learners(&self, deadline: Instant) -> Result<(), StoreError> {
+        loop {
+            let st = self.status();
+            let state = self.read().clone();
+            let want = if state.nodes.len() >= 5 { 5 } else { 3 };
+            if st.voters.len() >= want {
+                return Ok(());
+            }
+            let Some(n) = state
+                .nodes
+                .values()
+                .find(|n| st.learners.contains(&n.raft_id))
+            else {
+                return Ok(());
+            };
+            // The record keeps its last heartbeat; only the role changes.
+            let record = Command::RegisterNode {
+                id: n.id,
+                name: n.name.clone(),
+                raft_id: n.raft_id,
+                api_address: n.api_address.clone(),
+                peer_address: n.peer_address.clone(),
+                labels: n.labels.clone(),
+                role: NodeRole::Voter,
+                at_unix_ms: n.last_heartbeat_unix_ms,
+            };
+            self.propose_local(record, deadline)?;
+            let mut cc = ConfChange {
+                node_id: n.raft_id,
+                ..Default::default()
+            };
+            cc.set_change_type(ConfChangeType::AddNode);
+            self.conf_change(cc, deadline)?;
+            tracing::info!(node = %n.name, raft_id = n.raft_id, "promoted learner to voter");
+        }
     }
 }
 
