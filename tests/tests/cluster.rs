@@ -336,7 +336,7 @@ fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
 
 #[test]
 fn five_nodes_form_with_five_voters() {
-    let nodes = cluster("c5", 5, 61);
+    let mut nodes = cluster("c5", 5, 61);
     let s = status(&nodes[4]).unwrap();
     let voters = s["members"]
         .as_array()
@@ -351,4 +351,44 @@ fn five_nodes_form_with_five_voters() {
             names(n).contains(&"five".to_string())
         });
     }
+    remove_nodes(&mut nodes);
+}
+
+/// Continues the five-node scenario: removing nodes.
+fn remove_nodes(nodes: &mut [TestNode]) {
+    let o = nodes[0].cli(&["node", "rm", "ghost"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("NodeNotFound"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // n4 holds the only copy of "five": refused unless forced.
+    nodes[3].kill9();
+    let o = nodes[1].cli(&["node", "rm", "n4"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("NodeRemoveRefused") && err.contains("five"),
+        "{err}"
+    );
+    assert_eq!(
+        nodes[0]
+            .api("GET", "/v1/nodes", None)
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    nodes[1].cli_ok(&["node", "rm", "n4", "--force"]);
+    for n in nodes.iter().filter(|n| n.ip != nodes[3].ip) {
+        wait_for("the removal everywhere", Duration::from_secs(10), || {
+            status(n).is_some_and(|s| s["members"].as_array().map(|m| m.len()) == Some(4))
+                && n.api("GET", "/v1/nodes", None)
+                    .1
+                    .as_array()
+                    .map(|a| a.len())
+                    == Some(4)
+        });
+    }
+    nodes[4].cli_ok(&["volume", "create", "after-removal", "--size", "1GiB"]);
 }

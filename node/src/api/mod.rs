@@ -143,6 +143,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/pool", get(pool))
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/cluster", get(cluster))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -293,6 +294,39 @@ async fn node(State(s): State<ApiState>) -> ApiResult<Json<api::NodeStatus>> {
         })
         .await?,
     ))
+}
+
+async fn remove_node(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<StatusCode> {
+    use crate::cluster::store::StoreError;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
+    let store = s.store.clone();
+    let r = tokio::task::spawn_blocking(move || store.remove_node(&name, q.force))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    match r {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::Rejected(m)) if m.starts_with("no node named") => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "NodeNotFound", m))
+        }
+        Err(StoreError::Rejected(m)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "NodeRemoveRefused", m))
+        }
+        Err(e @ StoreError::Unavailable(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "MetadataError",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "MetadataError",
+            e.to_string(),
+        )),
+    }
 }
 
 fn role_name(r: NodeRole) -> &'static str {

@@ -95,6 +95,13 @@ pub enum NodeCmd {
     Status,
     /// List the cluster's nodes.
     Ls,
+    /// Remove a node from the cluster.
+    Rm {
+        name: String,
+        /// Remove it even though it holds the only copy of some volumes' data.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +227,17 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
         Top::Node(NodeCmd::Status) => (call(&c, "GET", "/v1/node", None)?, render_node),
         Top::Pool(PoolCmd::Ls) => (call(&c, "GET", "/v1/pool", None)?, render_pool),
         Top::Node(NodeCmd::Ls) => (call(&c, "GET", "/v1/nodes", None)?, render_nodes),
+        Top::Node(NodeCmd::Rm { name, force }) => {
+            call(
+                &c,
+                "DELETE",
+                &format!("/v1/nodes/{}?force={force}", seg(&name)),
+                None,
+            )?;
+            (json!({ "removed": name }), |v| {
+                format!("removed {}", v["removed"].as_str().unwrap_or_default())
+            })
+        }
         Top::Cluster(ClusterCmd::Status) => (call(&c, "GET", "/v1/cluster", None)?, render_cluster),
         Top::Volume(cmd) => match cmd {
             VolumeCmd::Create { name, size, fs } => {

@@ -7,7 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cairn_proto::peer::peer_server::Peer;
 use cairn_proto::peer::{
-    JoinReply, JoinRequest, ProposeReply, ProposeRequest, RaftAck, RaftMessage,
+    JoinReply, JoinRequest, ProposeReply, ProposeRequest, RaftAck, RaftMessage, RemoveNodeReply,
+    RemoveNodeRequest,
 };
 use protobuf::Message as _;
 use tonic::{Request, Response, Status};
@@ -113,5 +114,23 @@ impl Peer for PeerService {
                 error: serde_json::to_string(&e).unwrap_or_else(|_| e.to_string()),
             },
         }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeReply>, Status> {
+        let store = self.store()?;
+        let req = req.into_inner();
+        Self::check_cluster(&store, &req.cluster_id)?;
+        let r = tokio::task::spawn_blocking(move || store.remove_node(&req.name, req.force))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match r {
+            Ok(()) => Ok(Response::new(RemoveNodeReply {})),
+            Err(StoreError::Rejected(m)) => Err(Status::failed_precondition(m)),
+            Err(e @ StoreError::Unavailable(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 }

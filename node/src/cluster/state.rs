@@ -75,6 +75,10 @@ pub enum Command {
         role: NodeRole,
         at_unix_ms: u64,
     },
+    /// Forgets a node that left the Raft group.
+    RemoveNode {
+        id: NodeId,
+    },
     /// A node reports itself alive with its pool usage.
     NodeHeartbeat {
         id: NodeId,
@@ -197,6 +201,9 @@ impl ClusterState {
                     last_heartbeat_unix_ms: *at_unix_ms,
                 };
                 self.nodes.insert(*id, record);
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(id).ok_or(StateError::NodeNotFound(*id))?;
             }
             Command::NodeHeartbeat {
                 id,

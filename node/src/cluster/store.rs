@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cairn_proto::peer::{JoinReply, JoinRequest, ProposeRequest};
+use cairn_proto::peer::{JoinReply, JoinRequest, ProposeRequest, RemoveNodeRequest};
 use raft::prelude::{ConfChange, ConfChangeType, Snapshot};
 use raft::RawNode;
 use serde::{Deserialize, Serialize};
@@ -536,6 +536,78 @@ impl ClusterStore {
 }
 
 impl ClusterStore {
+    /// Removes a node from the Raft group and the cluster state (on the
+    /// leader; followers forward). Refused while the node holds the only
+    /// copy of a volume's data, unless `force`.
+    pub fn remove_node(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        let deadline = Instant::now() + 2 * PROPOSE_TIMEOUT;
+        let st = self.status();
+        if st.leader_id != self.raft_id {
+            let addr = (st.leader_id != 0)
+                .then(|| self.leader_address(&st))
+                .flatten();
+            let Some(addr) = addr else {
+                return Err(StoreError::Unavailable("no metadata leader".into()));
+            };
+            let req = RemoveNodeRequest {
+                cluster_id: self.read().cluster_id.to_string(),
+                name: name.into(),
+                force,
+            };
+            return self.handle.block_on(async move {
+                let mut client = transport::client_with_timeout(&addr, 2 * PROPOSE_TIMEOUT)
+                    .map_err(StoreError::Unavailable)?;
+                client
+                    .remove_node(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| match s.code() {
+                        tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+                            StoreError::Rejected(s.message().to_string())
+                        }
+                        _ => StoreError::Unavailable(s.message().to_string()),
+                    })
+            });
+        }
+        let _one = self.join_lock.lock().expect("join lock");
+        let state = self.read().clone();
+        let Some(node) = state.nodes.values().find(|n| n.name == name).cloned() else {
+            return Err(StoreError::Rejected(format!(
+                "no node named {name:?} in the cluster"
+            )));
+        };
+        if node.raft_id == self.raft_id {
+            return Err(StoreError::Rejected(format!(
+                "{name:?} is the metadata leader; stop it first so another node leads"
+            )));
+        }
+        let only: Vec<&str> = state
+            .volumes
+            .values()
+            .filter(|v| v.replicas == [node.id])
+            .map(|v| v.name.as_str())
+            .collect();
+        if !only.is_empty() && !force {
+            return Err(StoreError::Rejected(format!(
+                "{name:?} holds the only copy of {} volume(s) ({}); pass force to remove it anyway",
+                only.len(),
+                only.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let st = self.status();
+        if st.voters.contains(&node.raft_id) || st.learners.contains(&node.raft_id) {
+            let mut cc = ConfChange {
+                node_id: node.raft_id,
+                ..Default::default()
+            };
+            cc.set_change_type(ConfChangeType::RemoveNode);
+            self.conf_change(cc, deadline)?;
+        }
+        self.propose_local(Command::RemoveNode { id: node.id }, deadline)?;
+        tracing::info!(node = %name, raft_id = node.raft_id, forced = force, "removed node");
+        self.promote_learners(deadline)
+    }
+
     /// Promotes learners while the group has fewer voters than it wants:
     /// three, or five once the cluster has five or more nodes.
     fn promote_learners(&self, deadline: Instant) -> Result<(), StoreError> {
