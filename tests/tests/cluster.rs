@@ -66,6 +66,13 @@ fn cluster(tag: &str, n: usize, base: u8) -> Vec<TestNode> {
     nodes
 }
 
+fn voter_count(status: &Value) -> usize {
+    status["members"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["role"] == "voter").count())
+        .unwrap_or(0)
+}
+
 fn leader_index(nodes: &[TestNode]) -> usize {
     let s = status(&nodes[0]).expect("status");
     let leader = s["leader"].as_str().expect("leader").to_string();
@@ -78,12 +85,7 @@ fn leader_index(nodes: &[TestNode]) -> usize {
 fn three_nodes_replicate_metadata_and_survive_leader_loss() {
     let mut nodes = cluster("c3", 3, 21);
     let s = status(&nodes[1]).unwrap();
-    let voters = s["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "voter")
-        .count();
+    let voters = voter_count(&s);
     assert_eq!(voters, 3, "{s}");
     // Metadata created through any node is visible through every node.
     for (i, n) in nodes.iter().enumerate() {
@@ -338,12 +340,7 @@ fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
 fn five_nodes_form_with_five_voters() {
     let mut nodes = cluster("c5", 5, 61);
     let s = status(&nodes[4]).unwrap();
-    let voters = s["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "voter")
-        .count();
+    let voters = voter_count(&s);
     assert_eq!(voters, 5, "{s}");
     nodes[3].cli_ok(&["volume", "create", "five", "--size", "1GiB"]);
     for n in &nodes {

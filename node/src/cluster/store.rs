@@ -299,6 +299,22 @@ impl ClusterStore {
         }
     }
 
+    /// `None` on the leader; otherwise the leader's peer address to forward
+    /// a request to, or an error when no leader is known.
+    fn forward_to(&self) -> Result<Option<String>, StoreError> {
+        let st = self.status();
+        if st.leader_id == self.raft_id {
+            return Ok(None);
+        }
+        match (st.leader_id != 0)
+            .then(|| self.leader_address(&st))
+            .flatten()
+        {
+            Some(addr) => Ok(Some(addr)),
+            None => Err(StoreError::Unavailable("no metadata leader".into())),
+        }
+    }
+
     fn leader_address(&self, st: &RaftStatus) -> Option<String> {
         self.read()
             .nodes
@@ -421,16 +437,7 @@ impl ClusterStore {
     /// node that is already a member.
     pub fn join(&self, req: &JoinRequest) -> Result<JoinReply, StoreError> {
         let deadline = Instant::now() + 2 * PROPOSE_TIMEOUT;
-        let st = self.status();
-        if st.leader_id != self.raft_id {
-            let addr = (st.leader_id != 0)
-                .then(|| self.leader_address(&st))
-                .flatten();
-            let Some(addr) = addr else {
-                return Err(StoreError::Unavailable(
-                    "no metadata leader to admit the node".into(),
-                ));
-            };
+        if let Some(addr) = self.forward_to()? {
             let req = req.clone();
             return self.handle.block_on(async move {
                 let mut client = transport::client_with_timeout(&addr, 2 * PROPOSE_TIMEOUT)
@@ -541,14 +548,7 @@ impl ClusterStore {
     /// copy of a volume's data, unless `force`.
     pub fn remove_node(&self, name: &str, force: bool) -> Result<(), StoreError> {
         let deadline = Instant::now() + 2 * PROPOSE_TIMEOUT;
-        let st = self.status();
-        if st.leader_id != self.raft_id {
-            let addr = (st.leader_id != 0)
-                .then(|| self.leader_address(&st))
-                .flatten();
-            let Some(addr) = addr else {
-                return Err(StoreError::Unavailable("no metadata leader".into()));
-            };
+        if let Some(addr) = self.forward_to()? {
             let req = RemoveNodeRequest {
                 cluster_id: self.read().cluster_id.to_string(),
                 name: name.into(),
