@@ -200,15 +200,22 @@ struct DeleteQuery {
     force: bool,
 }
 
+/// The `?force=` flag of the DELETE endpoints; any other parameter is refused.
+fn force_flag(
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<bool> {
+    q.map(|Query(q)| q.force)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))
+}
+
 async fn delete_volume(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<StatusCode> {
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
+    let force = force_flag(q)?;
     let m = s.mgr.clone();
-    blocking(move || m.delete(&name, q.force)).await?;
+    blocking(move || m.delete(&name, force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -302,10 +309,9 @@ async fn remove_node(
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<StatusCode> {
     use crate::cluster::store::StoreError;
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
+    let force = force_flag(q)?;
     let store = s.store.clone();
-    let r = tokio::task::spawn_blocking(move || store.remove_node(&name, q.force))
+    let r = tokio::task::spawn_blocking(move || store.remove_node(&name, force))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
     match r {

@@ -123,32 +123,25 @@ impl Driver {
     }
 
     fn propose(&mut self, cmd: super::state::Command, reply: Reply) {
-        if self.node.raft.state != StateRole::Leader {
-            let _ = reply.send(Err(StoreError::Unavailable(
-                "this node is not the metadata leader".into(),
-            )));
-            return;
-        }
-        let data = match serde_json::to_vec(&cmd) {
-            Ok(d) => d,
+        match serde_json::to_vec(&cmd) {
+            Ok(data) => self.submit(reply, |node, ctx| node.propose(ctx, data)),
             Err(e) => {
                 let _ = reply.send(Err(StoreError::Storage(e.to_string())));
-                return;
-            }
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        match self.node.propose(id.to_le_bytes().to_vec(), data) {
-            Ok(()) => {
-                self.waiters.insert(id, reply);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
             }
         }
     }
 
     fn propose_conf_change(&mut self, cc: ConfChange, reply: Reply) {
+        self.submit(reply, |node, ctx| node.propose_conf_change(ctx, cc));
+    }
+
+    /// Proposes on the leader with a fresh id in the entry context and
+    /// registers the proposer to be answered when that entry is applied.
+    fn submit(
+        &mut self,
+        reply: Reply,
+        propose: impl FnOnce(&mut RawNode<SledStorage>, Vec<u8>) -> raft::Result<()>,
+    ) {
         if self.node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(StoreError::Unavailable(
                 "this node is not the metadata leader".into(),
@@ -157,7 +150,7 @@ impl Driver {
         }
         let id = self.next_id;
         self.next_id += 1;
-        match self.node.propose_conf_change(id.to_le_bytes().to_vec(), cc) {
+        match propose(&mut self.node, id.to_le_bytes().to_vec()) {
             Ok(()) => {
                 self.waiters.insert(id, reply);
             }
