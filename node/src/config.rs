@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -59,6 +60,12 @@ pub struct RunArgs {
     /// Number of FUSE session threads (default 32, about the queue depth served).
     #[arg(long, env = "CAIRN_FUSE_THREADS")]
     pub fuse_threads: Option<usize>,
+    /// How often this node reports liveness and pool usage (e.g. `5s`, `500ms`).
+    #[arg(long, env = "CAIRN_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<String>,
+    /// The leader marks a node `down` after this long without a heartbeat.
+    #[arg(long, env = "CAIRN_NODE_DOWN_TIMEOUT")]
+    pub node_down_timeout: Option<String>,
     /// Erase devices that carry other data or another pool's superblock.
     #[arg(long)]
     pub force_format: bool,
@@ -82,6 +89,8 @@ struct FileConfig {
     cluster_id: Option<String>,
     labels: Option<String>,
     fuse_threads: Option<usize>,
+    heartbeat_interval: Option<String>,
+    node_down_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +107,33 @@ pub struct Config {
     pub cluster_id: Option<crate::types::Id128>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub fuse_threads: usize,
+    pub heartbeat_interval: Duration,
+    pub node_down_timeout: Duration,
     pub force_format: bool,
+}
+
+/// Parses `500ms`, `5s`, `2m` (a number and a unit).
+pub fn parse_duration(flag: &str, s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{flag} {s:?}: expected a number and a unit, e.g. 500ms, 5s, 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => {
+            return Err(format!(
+                "{flag} {s:?}: unknown unit {unit:?}; use ms, s or m"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("{flag} {s:?}: must be positive"));
+    }
+    Ok(d)
 }
 
 fn parse_disk_file(s: &str) -> Result<DiskSpec, String> {
@@ -248,6 +283,25 @@ impl Config {
                 "--fuse-threads {fuse_threads}: must be between 1 and 256"
             ));
         }
+        let heartbeat_interval = parse_duration(
+            "--heartbeat-interval",
+            &args
+                .heartbeat_interval
+                .or(file.heartbeat_interval)
+                .unwrap_or_else(|| "5s".into()),
+        )?;
+        let node_down_timeout = parse_duration(
+            "--node-down-timeout",
+            &args
+                .node_down_timeout
+                .or(file.node_down_timeout)
+                .unwrap_or_else(|| "15s".into()),
+        )?;
+        if node_down_timeout < 2 * heartbeat_interval {
+            return Err(format!(
+                "--node-down-timeout {node_down_timeout:?} must be at least twice --heartbeat-interval {heartbeat_interval:?}, or live nodes would be marked down"
+            ));
+        }
         Ok(Config {
             data_dir,
             disks,
@@ -261,6 +315,8 @@ impl Config {
             cluster_id,
             labels,
             fuse_threads,
+            heartbeat_interval,
+            node_down_timeout,
             force_format: args.force_format,
         })
     }
@@ -286,6 +342,8 @@ mod tests {
             cluster_id: None,
             labels: None,
             fuse_threads: None,
+            heartbeat_interval: None,
+            node_down_timeout: None,
             force_format: false,
         }
     }
@@ -344,5 +402,23 @@ mod tests {
             parse_disk_file("/x:2GiB"),
             Ok(DiskSpec::File("/x".into(), 2 << 30))
         );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("--x", "500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("--x", "5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("--x", "2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "5", "s", "0s", "5h", "-1s", "1.5s"] {
+            assert!(parse_duration("--x", bad).is_err(), "{bad}");
+        }
+        let mut a = args();
+        a.data_dir = Some("/tmp/x".into());
+        a.heartbeat_interval = Some("5s".into());
+        a.node_down_timeout = Some("6s".into());
+        assert!(Config::resolve(a).is_err(), "timeout below two heartbeats");
     }
 }

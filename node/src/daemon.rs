@@ -21,8 +21,6 @@ use crate::types::{now_unix_ms, Id128, NodeId};
 use cairn_proto::peer::peer_server::PeerServer;
 use cairn_proto::peer::{JoinReply, JoinRequest};
 
-/// How often a node reports itself; it shows `down` after three missed beats.
-pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::volume::{ManagerConfig, VolumeManager};
 
 fn node_identity(db: &sled::Db) -> Result<NodeId, String> {
@@ -110,7 +108,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
             let r = tonic::transport::Server::builder()
                 .add_service(PeerServer::new(svc))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // Small Raft messages must not wait for Nagle.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async {
                         let _ = peer_stop_rx.await;
                     },
@@ -170,15 +169,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }),
     };
     let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
+    let (beat_every, down_after) = (cfg.heartbeat_interval, cfg.node_down_timeout);
+    let live_store = store.clone();
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
         tracing::info!(listen = %cfg.listen, nbd = %cfg.nbd_socket.display(), "cairn node is serving");
-        let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, registration));
+        let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, registration, beat_every));
+        let liveness = tokio::spawn(crate::cluster::liveness::run(live_store, down_after));
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set on an API connection");
+            }
+        });
         let r = axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(|e| e.to_string());
         beats.abort();
+        liveness.abort();
         r
     });
     tracing::info!("shutting down");
@@ -346,10 +355,15 @@ fn register_node(store: &ClusterStore, reg: &Registration) -> Result<(), String>
     }
 }
 
-/// Reports liveness and pool usage every [`HEARTBEAT_INTERVAL`], first
-/// bringing this node's record up to date when it changed.
-async fn heartbeats(store: Arc<ClusterStore>, mgr: Arc<VolumeManager>, reg: Registration) {
-    let mut every = tokio::time::interval(HEARTBEAT_INTERVAL);
+/// Reports liveness and pool usage every `interval`, first bringing this
+/// node's record up to date when it changed.
+async fn heartbeats(
+    store: Arc<ClusterStore>,
+    mgr: Arc<VolumeManager>,
+    reg: Registration,
+    interval: std::time::Duration,
+) {
+    let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;

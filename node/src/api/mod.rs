@@ -18,7 +18,6 @@ use serde::Deserialize;
 
 use crate::cluster::state::NodeRole;
 use crate::cluster::store::ClusterStore;
-use crate::types::now_unix_ms;
 use crate::volume::{VolumeError, VolumeManager};
 
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -160,7 +159,13 @@ pub fn router(state: ApiState) -> Router {
 
 async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<Vec<api::VolumeInfo>>> {
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || Ok(m.list())).await?))
+    Ok(Json(
+        blocking(move || {
+            m.sync_read()?;
+            Ok(m.list())
+        })
+        .await?,
+    ))
 }
 
 async fn create_volume(
@@ -180,7 +185,13 @@ async fn get_volume(
     Path(name): Path<String>,
 ) -> ApiResult<Json<api::VolumeInfo>> {
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.inspect(&name)).await?))
+    Ok(Json(
+        blocking(move || {
+            m.sync_read()?;
+            m.inspect(&name)
+        })
+        .await?,
+    ))
 }
 
 async fn update_volume(
@@ -342,9 +353,9 @@ fn role_name(r: NodeRole) -> &'static str {
     }
 }
 
-async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
-    let now = now_unix_ms();
-    let down_after = 3 * crate::daemon::HEARTBEAT_INTERVAL.as_millis() as u64;
+async fn nodes(State(s): State<ApiState>) -> ApiResult<Json<Vec<api::NodeInfo>>> {
+    let m = s.mgr.clone();
+    blocking(move || m.sync_read()).await?;
     let state = s.store.read();
     let mut out: Vec<api::NodeInfo> = state
         .nodes
@@ -356,19 +367,14 @@ async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
             address: n.api_address.clone(),
             labels: n.labels.clone(),
             role: role_name(n.role).into(),
-            state: if now.saturating_sub(n.last_heartbeat_unix_ms) <= down_after {
-                "up"
-            } else {
-                "down"
-            }
-            .into(),
+            state: n.state.as_str().into(),
             pool_capacity_bytes: n.pool_capacity_bytes,
             pool_allocated_bytes: n.pool_allocated_bytes,
             last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    Json(out)
+    Ok(Json(out))
 }
 
 async fn cluster(State(s): State<ApiState>) -> Json<api::ClusterStatus> {
@@ -421,6 +427,10 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         u8::from(st.leader_id == st.raft_id && st.raft_id != 0),
         s.store.dropped_messages()
     );
+    out.push_str("# HELP cairn_raft_propose_seconds Leader time from proposing a metadata command to applying it\n# TYPE cairn_raft_propose_seconds histogram\n");
+    s.store
+        .propose_latency
+        .render(&mut out, "cairn_raft_propose_seconds", "");
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

@@ -34,8 +34,17 @@ pub enum Msg {
         reply: Reply,
     },
     Raft(Box<Message>),
+    /// Asks the leader for a read index (answered with the index once the
+    /// leader confirmed with a quorum that it still leads).
+    ReadIndex {
+        reply: SyncSender<u64>,
+    },
     Stop,
 }
+
+/// Read requests older than this are forgotten: raft-rs drops a request
+/// it cannot serve (no leader), and the caller has retried or given up.
+const READ_FORGET: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Driver {
     pub node: RawNode<SledStorage>,
@@ -43,6 +52,7 @@ pub struct Driver {
     pub shared: Arc<Shared>,
     pub transport: Arc<Transport>,
     pub waiters: HashMap<u64, Reply>,
+    pub reads: HashMap<u64, (Instant, SyncSender<u64>)>,
     pub next_id: u64,
     pub since_snapshot: u64,
     /// Signalled once the node leads and has applied an entry of its term.
@@ -69,6 +79,12 @@ impl Driver {
                         self.node.report_unreachable(to)
                     }
                 },
+                Ok(Msg::ReadIndex { reply }) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.reads.insert(id, (Instant::now(), reply));
+                    self.node.read_index(id.to_le_bytes().to_vec());
+                }
                 Ok(Msg::Raft(m)) => {
                     if let Err(e) = self.node.step(*m) {
                         tracing::debug!(error = %e, "raft message ignored");
@@ -80,6 +96,7 @@ impl Driver {
             if last_tick.elapsed() >= TICK {
                 self.node.tick();
                 last_tick = Instant::now();
+                self.reads.retain(|_, (at, _)| at.elapsed() < READ_FORGET);
             }
             let r = self.on_ready();
             self.publish_status();
@@ -200,6 +217,12 @@ impl Driver {
         let was_leader = self.node.raft.state == StateRole::Leader;
         let mut ready = self.node.ready();
         self.send(ready.take_messages());
+        for rs in ready.take_read_states() {
+            let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_le_bytes);
+            if let Some((_, reply)) = id.ok().and_then(|id| self.reads.remove(&id)) {
+                let _ = reply.send(rs.index);
+            }
+        }
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.node

@@ -52,6 +52,29 @@ pub struct NodeRecord {
     pub pool_capacity_bytes: u64,
     pub pool_allocated_bytes: u64,
     pub last_heartbeat_unix_ms: u64,
+    /// Set by the leader from missed heartbeats (see `daemon::liveness`).
+    #[serde(default)]
+    pub state: NodeState,
+    /// Heartbeats applied so far: the leader watches it change.
+    #[serde(default)]
+    pub heartbeats: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    #[default]
+    Up,
+    Down,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Up => "up",
+            NodeState::Down => "down",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +108,12 @@ pub enum Command {
         pool_capacity_bytes: u64,
         pool_allocated_bytes: u64,
         at_unix_ms: u64,
+    },
+    /// The leader marks a node `down` after missed heartbeats and `up`
+    /// when they resume.
+    SetNodeState {
+        id: NodeId,
+        state: NodeState,
     },
     CreateVolume {
         id: VolumeId,
@@ -199,6 +228,8 @@ impl ClusterState {
                     pool_capacity_bytes: prev.map(|p| p.pool_capacity_bytes).unwrap_or(0),
                     pool_allocated_bytes: prev.map(|p| p.pool_allocated_bytes).unwrap_or(0),
                     last_heartbeat_unix_ms: *at_unix_ms,
+                    state: prev.map(|p| p.state).unwrap_or_default(),
+                    heartbeats: prev.map(|p| p.heartbeats).unwrap_or(0),
                 };
                 self.nodes.insert(*id, record);
             }
@@ -218,6 +249,13 @@ impl ClusterState {
                 n.pool_capacity_bytes = *pool_capacity_bytes;
                 n.pool_allocated_bytes = *pool_allocated_bytes;
                 n.last_heartbeat_unix_ms = n.last_heartbeat_unix_ms.max(*at_unix_ms);
+                n.heartbeats += 1;
+            }
+            Command::SetNodeState { id, state } => {
+                self.nodes
+                    .get_mut(id)
+                    .ok_or(StateError::NodeNotFound(*id))?
+                    .state = *state;
             }
             Command::CreateVolume {
                 id,

@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use cairn_proto::peer::peer_client::PeerClient;
 use cairn_proto::peer::{JoinReply, JoinRequest, ProposeRequest, RemoveNodeRequest};
 use raft::prelude::{ConfChange, ConfChangeType, Snapshot};
 use raft::RawNode;
@@ -86,6 +87,11 @@ pub struct ClusterStore {
     transport: Arc<Transport>,
     /// One admission at a time: Raft takes one membership change at a time.
     join_lock: Mutex<()>,
+    /// Peer clients for forwarding proposals, one multiplexed connection
+    /// per leader address (a new connection per proposal costs a handshake).
+    forward_clients: Mutex<HashMap<String, PeerClient<tonic::transport::Channel>>>,
+    /// Leader-side time from proposing a command to applying it.
+    pub propose_latency: crate::engine::metrics::Histogram,
 }
 
 /// Forwards raft-rs's slog records to tracing.
@@ -199,6 +205,7 @@ impl ClusterStore {
             shared: shared.clone(),
             transport: transport.clone(),
             waiters: HashMap::new(),
+            reads: HashMap::new(),
             next_id: 1,
             since_snapshot: 0,
             caught_up: Some(ready_tx),
@@ -215,6 +222,8 @@ impl ClusterStore {
             raft_id: opts.raft_id,
             transport,
             join_lock: Mutex::new(()),
+            propose_latency: Default::default(),
+            forward_clients: Mutex::new(HashMap::new()),
         };
         if !sole_voter {
             // Entries this node already knows committed are replayed from its
@@ -299,6 +308,37 @@ impl ClusterStore {
         }
     }
 
+    /// Makes this node's applied state at least as new as everything
+    /// committed before the call (Raft ReadIndex: the leader confirms with a
+    /// quorum that it still leads, then this node waits until it has applied
+    /// up to the leader's commit index). Reads that decide something call
+    /// this first; without a quorum it fails within [`PROPOSE_TIMEOUT`].
+    pub fn sync_read(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        // raft-rs drops a request it cannot serve yet (no leader, or a new
+        // leader that has not committed in its term); ask again.
+        const RETRY: Duration = Duration::from_millis(300);
+        loop {
+            let (reply, rx) = mpsc::sync_channel(1);
+            self.tx
+                .send(Msg::ReadIndex { reply })
+                .map_err(|_| StoreError::Unavailable("the metadata group has stopped".into()))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(index) = rx.recv_timeout(left.min(RETRY)) {
+                if self.wait_until(deadline, |s, _| s.applied >= index) {
+                    return Ok(());
+                }
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "no metadata leader confirmed a read within {PROPOSE_TIMEOUT:?} (is a quorum of voters reachable?)"
+        )))
+    }
+
     /// `None` on the leader; otherwise the leader's peer address to forward
     /// a request to, or an error when no leader is known.
     fn forward_to(&self) -> Result<Option<String>, StoreError> {
@@ -379,8 +419,14 @@ impl ClusterStore {
         self.tx
             .send(Msg::Propose { cmd, reply })
             .map_err(|_| StoreError::Unavailable("the metadata group has stopped".into()))?;
+        let started = Instant::now();
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(r) => r,
+            Ok(r) => {
+                if r.is_ok() {
+                    self.propose_latency.observe(started.elapsed());
+                }
+                r
+            }
             Err(_) => Err(StoreError::Unavailable(format!(
                 "not committed within {PROPOSE_TIMEOUT:?} (is a quorum of voters reachable?)"
             ))),
@@ -394,7 +440,17 @@ impl ClusterStore {
         let deadline_unix_ms = now_unix_ms() + timeout.as_millis() as u64;
         // The client is built inside the runtime: its connection task needs one.
         let r = self.handle.block_on(async move {
-            let mut client = transport::client(addr).map_err(StoreError::Unavailable)?;
+            let mut client = {
+                let mut clients = self.forward_clients.lock().expect("clients lock");
+                match clients.get(addr) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = transport::client(addr).map_err(StoreError::Unavailable)?;
+                        clients.insert(addr.to_string(), c.clone());
+                        c
+                    }
+                }
+            };
             match tokio::time::timeout(
                 timeout,
                 client.propose(ProposeRequest {
@@ -570,6 +626,8 @@ impl ClusterStore {
             });
         }
         let _one = self.join_lock.lock().expect("join lock");
+        // Decide on everything committed, as a leader that still leads.
+        self.sync_read()?;
         let state = self.read().clone();
         let Some(node) = state.nodes.values().find(|n| n.name == name).cloned() else {
             return Err(StoreError::Rejected(format!(

@@ -19,7 +19,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn observe(&self, d: Duration) {
+    pub fn observe(&self, d: Duration) {
         let us = d.as_micros() as u64;
         if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
             self.buckets[i].fetch_add(1, Relaxed);
@@ -28,18 +28,21 @@ impl Histogram {
         self.sum_us.fetch_add(us, Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// Prometheus series `name_bucket`, `_sum`, `_count`; `labels` is
+    /// `k="v",...` or empty.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
         let mut cum = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
             cum += self.buckets[i].load(Relaxed);
             let _ = writeln!(
                 out,
-                "{name}_bucket{{{labels},le=\"{}\"}} {cum}",
+                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cum}",
                 *b as f64 / 1e6
             );
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let _ = writeln!(
             out,
             "{name}_sum{{{labels}}} {}",

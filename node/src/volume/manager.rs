@@ -340,6 +340,11 @@ impl VolumeManager {
         }
     }
 
+    /// Brings the applied metadata up to everything committed (ReadIndex).
+    pub fn sync_read(&self) -> Result<(), VolumeError> {
+        self.store.sync_read().map_err(store_err)
+    }
+
     pub fn list(&self) -> Vec<api::VolumeInfo> {
         let vols: Vec<Volume> = self.store.read().volumes.values().cloned().collect();
         let mut out: Vec<_> = vols.iter().map(|v| self.info(v)).collect();
