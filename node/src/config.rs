@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// The leader marks a node `down` after this long without a heartbeat.
     #[arg(long, env = "CAIRN_NODE_DOWN_TIMEOUT")]
     pub node_down_timeout: Option<String>,
+    /// Replicas of a volume created without `--replicas` (1 to 3).
+    #[arg(long, env = "CAIRN_DEFAULT_REPLICAS")]
+    pub default_replicas: Option<u32>,
+    /// Rebuild copy limit per second, e.g. `200MiB` (`0`: unlimited).
+    #[arg(long, env = "CAIRN_REBUILD_BANDWIDTH")]
+    pub rebuild_bandwidth: Option<String>,
     /// Erase devices that carry other data or another pool's superblock.
     #[arg(long)]
     pub force_format: bool,
@@ -91,6 +97,8 @@ struct FileConfig {
     fuse_threads: Option<usize>,
     heartbeat_interval: Option<String>,
     node_down_timeout: Option<String>,
+    default_replicas: Option<u32>,
+    rebuild_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +117,8 @@ pub struct Config {
     pub fuse_threads: usize,
     pub heartbeat_interval: Duration,
     pub node_down_timeout: Duration,
+    pub default_replicas: u32,
+    pub rebuild_bandwidth: u64,
     pub force_format: bool,
 }
 
@@ -302,6 +312,21 @@ impl Config {
                 "--node-down-timeout {node_down_timeout:?} must be at least twice --heartbeat-interval {heartbeat_interval:?}, or live nodes would be marked down"
             ));
         }
+        let default_replicas = args.default_replicas.or(file.default_replicas).unwrap_or(1);
+        if !(1..=3).contains(&default_replicas) {
+            return Err(format!(
+                "--default-replicas {default_replicas}: must be 1, 2 or 3"
+            ));
+        }
+        let rebuild_bandwidth = match args.rebuild_bandwidth.or(file.rebuild_bandwidth) {
+            None => 256 << 20,
+            Some(s) if s.trim() == "0" => 0,
+            Some(s) => {
+                s.parse::<ByteSize>()
+                    .map_err(|e| format!("--rebuild-bandwidth {s:?}: {e}"))?
+                    .0
+            }
+        };
         Ok(Config {
             data_dir,
             disks,
@@ -317,6 +342,8 @@ impl Config {
             fuse_threads,
             heartbeat_interval,
             node_down_timeout,
+            default_replicas,
+            rebuild_bandwidth,
             force_format: args.force_format,
         })
     }
@@ -344,6 +371,8 @@ mod tests {
             fuse_threads: None,
             heartbeat_interval: None,
             node_down_timeout: None,
+            default_replicas: None,
+            rebuild_bandwidth: None,
             force_format: false,
         }
     }

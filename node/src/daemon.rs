@@ -98,15 +98,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // The peer service answers (UNAVAILABLE) from now on, so a leader that
     // admits this node can reach it while the store opens.
     let peer_service = PeerService::default();
+    let data_service = crate::replica::service::DataService::default();
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let listener = rt
             .block_on(async { tokio::net::TcpListener::from_std(peer_listener) })
             .map_err(|e| e.to_string())?;
         let svc = peer_service.clone();
+        let data = cairn_proto::data::data_server::DataServer::new(data_service.clone())
+            .max_decoding_message_size(crate::replica::remote::MAX_MESSAGE)
+            .max_encoding_message_size(crate::replica::remote::MAX_MESSAGE);
         rt.spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(PeerServer::new(svc))
+                .add_service(data)
                 .serve_with_incoming_shutdown(
                     // Small Raft messages must not wait for Nagle.
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -135,11 +140,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
             node_id,
             fuse_dir: cfg.data_dir.join("fuse"),
             fuse_threads: cfg.fuse_threads,
+            default_replicas: cfg.default_replicas,
+            rebuild_bandwidth: cfg.rebuild_bandwidth,
+            handle: rt.handle().clone(),
         },
         db.clone(),
         pool,
         store.clone(),
     )?;
+    let _ = data_service.inner.set((store.clone(), mgr.hosts()));
     let registration = Registration::new(&cfg, node_id);
     register_node(&store, &registration).inspect_err(|_| mgr.shutdown())?;
     let nbd = match NbdServer::start(
@@ -171,11 +180,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
     let (beat_every, down_after) = (cfg.heartbeat_interval, cfg.node_down_timeout);
     let live_store = store.clone();
+    let recon_mgr = mgr.clone();
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
         tracing::info!(listen = %cfg.listen, nbd = %cfg.nbd_socket.display(), "cairn node is serving");
         let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, registration, beat_every));
         let liveness = tokio::spawn(crate::cluster::liveness::run(live_store, down_after));
+        let reconciler = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                every.tick().await;
+                let m = recon_mgr.clone();
+                let _ = tokio::task::spawn_blocking(move || m.reconcile()).await;
+            }
+        });
         use axum::serve::ListenerExt;
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
@@ -188,6 +206,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| e.to_string());
         beats.abort();
         liveness.abort();
+        reconciler.abort();
         r
     });
     tracing::info!("shutting down");

@@ -60,6 +60,24 @@ pub struct VolumeCreate {
     /// `ext4` (default), `xfs` or `none` (raw block).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<String>,
+    /// Copies on distinct nodes, 1 to 3 (default: the daemon's
+    /// `--default-replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Keep one replica on the node that serves this request (the node
+    /// that will attach it), when it has room.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locality: bool,
+}
+
+/// `POST /v1/volumes/{name}/attach` (body optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// Take the volume over from the node it is attached to (use when that
+    /// node is dead): its engine is fenced by a new epoch.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `PATCH /v1/volumes/{name}`: only growing is supported.
@@ -75,6 +93,10 @@ pub struct VolumeUpdate {
 pub struct MountRequest {
     /// Absolute path on the daemon's host.
     pub path: String,
+    /// Mount only: take the volume over from another node (see
+    /// [`AttachRequest::force`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// A volume as the API reports it.
@@ -94,6 +116,20 @@ pub struct VolumeInfo {
     pub epoch: u64,
     pub attached_node: Option<String>,
     pub created_unix_ms: u64,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One copy of a volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// Node name.
+    pub node: String,
+    /// `healthy`, `rebuilding`, `faulted`, or `offline` (its node is down).
+    pub state: String,
+    /// Rebuild progress 0.0–1.0 while rebuilding, as seen by the engine on
+    /// the node answering (the attaching node knows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_progress: Option<f64>,
 }
 
 /// Answer of `POST /v1/volumes/{name}/attach`.

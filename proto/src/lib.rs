@@ -5,6 +5,8 @@
 //!   reject unknown fields; create and update requests are separate types.
 //! - [`peer`]: the node-to-node gRPC service (Raft transport, join,
 //!   forwarded proposals), generated from `proto/cairn/v1/peer.proto`.
+//! - [`data`]: the replica data protocol (engine to remote replicas),
+//!   generated from `proto/cairn/v1/data.proto`.
 //! - [`nbd`]: the constants of the NBD protocol (fixed newstyle handshake,
 //!   simple replies) as the daemon's NBD export speaks it.
 //!
@@ -17,4 +19,15 @@ pub mod nbd;
 #[allow(clippy::all, missing_docs)]
 pub mod peer {
     tonic::include_proto!("cairn.v1");
+}
+
+/// The replica data protocol (`proto/cairn/v1/data.proto`), generated.
+#[allow(clippy::all, missing_docs)]
+pub mod data {
+    tonic::include_proto!("cairn.data.v1");
+
+    /// The version this build speaks.
+    pub const DATA_PROTOCOL_VERSION: u32 = 1;
+    /// The oldest version this build still accepts.
+    pub const DATA_PROTOCOL_MIN: u32 = 1;
 }

@@ -133,13 +133,17 @@ fn three_nodes_replicate_metadata_and_survive_leader_loss() {
             names(n).len() == 3
         });
     }
-    // Data operations stay on the node holding the replica.
-    let o = nodes[0].cli(&["volume", "attach", "from-n2"]);
+    // A volume attaches on a node without its replica (all I/O remote),
+    // and not on a second node while attached.
+    let dev = nodes[0].cli_ok(&["volume", "attach", "from-n2"]);
+    assert!(dev.trim().starts_with("/dev/loop"), "{dev}");
+    let o = nodes[2].cli(&["volume", "attach", "from-n2"]);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("VolumeNotLocal"),
+        String::from_utf8_lossy(&o.stderr).contains("VolumeAttachedElsewhere"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    nodes[0].cli_ok(&["volume", "detach", "from-n2"]);
 
     // SIGKILL the leader; a write through a survivor succeeds within 5 s.
     let li = leader_index(&nodes);
@@ -409,7 +413,7 @@ fn five_nodes_form_with_five_voters() {
     let s = status(&nodes[4]).unwrap();
     let voters = voter_count(&s);
     assert_eq!(voters, 5, "{s}");
-    nodes[3].cli_ok(&["volume", "create", "five", "--size", "1GiB"]);
+    nodes[3].cli_ok(&["volume", "create", "five", "--size", "1GiB", "--locality"]);
     for n in &nodes {
         wait_for("the volume on every node", Duration::from_secs(5), || {
             names(n).contains(&"five".to_string())

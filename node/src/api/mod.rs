@@ -70,7 +70,8 @@ impl From<VolumeError> for ApiError {
             Mounted { .. } => (StatusCode::CONFLICT, "VolumeMounted"),
             InUse { .. } => (StatusCode::CONFLICT, "VolumeInUse"),
             Busy(_) => (StatusCode::CONFLICT, "OperationInProgress"),
-            NotLocal { .. } => (StatusCode::CONFLICT, "VolumeNotLocal"),
+            InvalidReplicas(_) => (StatusCode::BAD_REQUEST, "InvalidReplicas"),
+            NotEnoughNodes(_) => (StatusCode::CONFLICT, "NotEnoughNodes"),
             Shrink { .. } => (StatusCode::BAD_REQUEST, "ShrinkNotSupported"),
             RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
             Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),
@@ -246,9 +247,13 @@ async fn attach(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<api::AttachInfo>> {
-    empty_body(&body)?;
+    let req: api::AttachRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        parse_body(&body)?
+    };
     let m = s.mgr.clone();
-    let device = blocking(move || m.attach(&name)).await?;
+    let device = blocking(move || m.attach(&name, req.force)).await?;
     Ok(Json(api::AttachInfo { device }))
 }
 
@@ -271,7 +276,9 @@ async fn mount(
 ) -> ApiResult<Json<api::VolumeInfo>> {
     let req: MountRequest = parse_body(&body)?;
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.mount(&name, &req.path)).await?))
+    Ok(Json(
+        blocking(move || m.mount(&name, &req.path, req.force)).await?,
+    ))
 }
 
 async fn unmount(

@@ -121,11 +121,23 @@ pub enum VolumeCmd {
         /// Filesystem created on first mount.
         #[arg(long, value_parser = ["ext4", "xfs", "none"])]
         fs: Option<String>,
+        /// Copies on distinct nodes, 1 to 3 (default: the daemon's --default-replicas).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Keep one replica on the node that answers (the one that will attach it).
+        #[arg(long)]
+        locality: bool,
     },
     /// List volumes.
     Ls,
     /// Show one volume.
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        /// Refresh every second, with rebuild progress bars, until every
+        /// replica is healthy.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Grow a volume (online; a mounted filesystem grows too).
     Resize {
         name: String,
@@ -140,11 +152,23 @@ pub enum VolumeCmd {
         force: bool,
     },
     /// Attach as a block device on the node; prints the device path.
-    Attach { name: String },
+    Attach {
+        name: String,
+        /// Take the volume over from the node it is attached to (when that
+        /// node is dead); the old node's engine is fenced.
+        #[arg(long)]
+        force: bool,
+    },
     /// Detach the block device.
     Detach { name: String },
     /// Attach, format on first use, and mount at PATH.
-    Mount { name: String, path: PathBuf },
+    Mount {
+        name: String,
+        path: PathBuf,
+        /// Take the volume over from the node it is attached to (see attach --force).
+        #[arg(long)]
+        force: bool,
+    },
     /// Unmount from PATH (detaches after the last mount).
     Unmount { name: String, path: PathBuf },
 }
@@ -240,18 +264,33 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
         }
         Top::Cluster(ClusterCmd::Status) => (call(&c, "GET", "/v1/cluster", None)?, render_cluster),
         Top::Volume(cmd) => match cmd {
-            VolumeCmd::Create { name, size, fs } => {
+            VolumeCmd::Create {
+                name,
+                size,
+                fs,
+                replicas,
+                locality,
+            } => {
                 let mut body = json!({ "name": name, "size": size });
                 if let Some(fs) = fs {
                     body["fs"] = json!(fs);
                 }
+                if let Some(r) = replicas {
+                    body["replicas"] = json!(r);
+                }
+                if locality {
+                    body["locality"] = json!(true);
+                }
                 (call(&c, "POST", "/v1/volumes", Some(body))?, render_volume)
             }
             VolumeCmd::Ls => (call(&c, "GET", "/v1/volumes", None)?, render_volumes),
-            VolumeCmd::Inspect { name } => (
-                call(&c, "GET", &format!("/v1/volumes/{}", seg(&name)), None)?,
-                render_volume,
-            ),
+            VolumeCmd::Inspect { name, watch } => {
+                let path = format!("/v1/volumes/{}", seg(&name));
+                if watch && output == Output::Table {
+                    return watch_volume(&c, &path);
+                }
+                (call(&c, "GET", &path, None)?, render_volume)
+            }
             VolumeCmd::Resize { name, size } => (
                 call(
                     &c,
@@ -272,12 +311,12 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                     format!("deleted {}", v["deleted"].as_str().unwrap_or_default())
                 })
             }
-            VolumeCmd::Attach { name } => (
+            VolumeCmd::Attach { name, force } => (
                 call(
                     &c,
                     "POST",
                     &format!("/v1/volumes/{}/attach", seg(&name)),
-                    None,
+                    force.then(|| json!({ "force": true })),
                 )?,
                 |v| v["device"].as_str().unwrap_or_default().to_string(),
             ),
@@ -290,8 +329,11 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 )?,
                 render_volume,
             ),
-            VolumeCmd::Mount { name, path } => {
-                let body = json!({ "path": absolute(path)? });
+            VolumeCmd::Mount { name, path, force } => {
+                let mut body = json!({ "path": absolute(path)? });
+                if force {
+                    body["force"] = json!(true);
+                }
                 (
                     call(
                         &c,
@@ -415,11 +457,50 @@ fn render_volume(v: &Value) -> String {
         ("Allocated", bytes(&v["allocated_bytes"])),
         ("Epoch", s(&v["epoch"])),
         ("Attached node", s(&v["attached_node"])),
+        ("Replicas", render_replicas(&v["replicas"])),
     ]
     .iter()
     .map(|(k, val)| format!("{k:<14}{val}"))
     .collect::<Vec<_>>()
     .join("\n")
+}
+
+/// One line per replica: node, state, and a progress bar while rebuilding.
+fn render_replicas(r: &Value) -> String {
+    let Some(list) = r.as_array() else {
+        return "-".into();
+    };
+    list.iter()
+        .map(|x| {
+            let mut line = format!("{:<12}{}", s(&x["node"]), s(&x["state"]));
+            if let Some(p) = x["rebuild_progress"].as_f64() {
+                let filled = (p.clamp(0.0, 1.0) * 30.0).round() as usize;
+                line.push_str(&format!(
+                    "  [{}{}] {:>3.0}%",
+                    "#".repeat(filled),
+                    ".".repeat(30 - filled),
+                    p * 100.0
+                ));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join(&format!("\n{:14}", ""))
+}
+
+/// `volume inspect --watch`: redraws until every replica is healthy.
+fn watch_volume(c: &Client, path: &str) -> Result<(), String> {
+    loop {
+        let v = call(c, "GET", path, None)?;
+        println!("{}\n", render_volume(&v));
+        let healthy = v["replicas"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|x| x["state"] == "healthy"));
+        if healthy {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 fn render_pool(v: &Value) -> String {

@@ -10,6 +10,7 @@
 mod driver;
 pub mod liveness;
 pub mod peer_service;
+pub mod placement;
 pub mod raft_storage;
 pub mod state;
 pub mod store;

@@ -21,11 +21,74 @@ pub struct Volume {
     /// Bumped by every attach; replicas accept I/O only from the current epoch.
     pub epoch: u64,
     pub attachment: Option<Attachment>,
-    /// Nodes holding a replica of the volume's data. Until replication
-    /// exists this is the one node that created it, and I/O happens only
-    /// there.
-    pub replicas: Vec<NodeId>,
+    /// The volume's copies, on distinct nodes. At least one is healthy.
+    pub replicas: Vec<ReplicaRecord>,
     pub created_unix_ms: u64,
+}
+
+impl Volume {
+    pub fn replica(&self, node: NodeId) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| r.node == node)
+    }
+
+    pub fn has_replica_on(&self, node: NodeId) -> bool {
+        self.replica(node).is_some()
+    }
+
+    pub fn healthy(&self) -> impl Iterator<Item = &ReplicaRecord> {
+        self.replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+    }
+}
+
+/// One copy of a volume on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ReplicaRepr")]
+pub struct ReplicaRecord {
+    pub node: NodeId,
+    pub state: ReplicaState,
+}
+
+/// State written before replication recorded a bare node id per replica.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReplicaRepr {
+    Record { node: NodeId, state: ReplicaState },
+    Node(NodeId),
+}
+
+impl From<ReplicaRepr> for ReplicaRecord {
+    fn from(r: ReplicaRepr) -> Self {
+        match r {
+            ReplicaRepr::Record { node, state } => ReplicaRecord { node, state },
+            ReplicaRepr::Node(node) => ReplicaRecord {
+                node,
+                state: ReplicaState::Healthy,
+            },
+        }
+    }
+}
+
+/// Only `healthy` replicas are read from; `rebuilding` ones receive writes
+/// while they are copied; `faulted` ones missed writes and get nothing
+/// until a rebuild starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Healthy,
+    Rebuilding,
+    Faulted,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Healthy => "healthy",
+            ReplicaState::Rebuilding => "rebuilding",
+            ReplicaState::Faulted => "faulted",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,8 +183,31 @@ pub enum Command {
         name: String,
         size_bytes: u64,
         fs: FsType,
+        /// The first replica's node.
         replica_node: NodeId,
+        /// Further replicas' nodes (distinct).
+        #[serde(default)]
+        more_replicas: Vec<NodeId>,
         created_unix_ms: u64,
+    },
+    /// The engine of `epoch` reports a replica's state: `faulted` when it
+    /// failed I/O (recorded before the engine drops it), `rebuilding` when
+    /// a copy starts, `healthy` when the copy is complete and durable.
+    SetReplicaState {
+        id: VolumeId,
+        node: NodeId,
+        state: ReplicaState,
+        epoch: u64,
+    },
+    /// Adds a replica (starts `faulted`: it has no data until rebuilt).
+    AddReplica {
+        id: VolumeId,
+        node: NodeId,
+    },
+    /// Removes a replica; never the last healthy one.
+    RemoveReplica {
+        id: VolumeId,
+        node: NodeId,
     },
     ResizeVolume {
         id: VolumeId,
@@ -133,6 +219,10 @@ pub enum Command {
     Attach {
         id: VolumeId,
         node: NodeId,
+        /// Take the volume over from another node (its engine is fenced
+        /// by the new epoch).
+        #[serde(default)]
+        force: bool,
     },
     Detach {
         id: VolumeId,
@@ -163,7 +253,24 @@ pub enum StateError {
     NodeNameTaken(String, NodeId),
     #[error("node {0} is not a member of the cluster")]
     NodeNotFound(NodeId),
+    #[error("volume {id} has no replica on node {node}")]
+    NoSuchReplica { id: VolumeId, node: NodeId },
+    #[error("volume {id} already has a replica on node {node}")]
+    ReplicaExists { id: VolumeId, node: NodeId },
+    #[error("epoch {given} of volume {id} is stale (current {current})")]
+    StaleEpoch {
+        id: VolumeId,
+        given: u64,
+        current: u64,
+    },
+    #[error("replica on node {node} is the last healthy copy of volume {id}")]
+    LastHealthy { id: VolumeId, node: NodeId },
+    #[error("a volume needs 1 to {MAX_REPLICAS} replicas on distinct nodes")]
+    BadReplicaSet,
 }
+
+/// Most replicas a volume may have.
+pub const MAX_REPLICAS: usize = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,8 +370,17 @@ impl ClusterState {
                 size_bytes,
                 fs,
                 replica_node,
+                more_replicas,
                 created_unix_ms,
             } => {
+                let mut nodes = vec![*replica_node];
+                nodes.extend(more_replicas.iter().copied());
+                let mut uniq = nodes.clone();
+                uniq.sort();
+                uniq.dedup();
+                if uniq.len() != nodes.len() || nodes.len() > MAX_REPLICAS {
+                    return Err(StateError::BadReplicaSet);
+                }
                 if self.volume_by_name(name).is_some() {
                     return Err(StateError::VolumeExists(name.clone()));
                 }
@@ -284,7 +400,13 @@ impl ClusterState {
                         formatted: false,
                         epoch: 0,
                         attachment: None,
-                        replicas: vec![*replica_node],
+                        replicas: nodes
+                            .into_iter()
+                            .map(|node| ReplicaRecord {
+                                node,
+                                state: ReplicaState::Healthy,
+                            })
+                            .collect(),
                         created_unix_ms: *created_unix_ms,
                     },
                 );
@@ -309,9 +431,17 @@ impl ClusterState {
                 }
                 self.volumes.remove(id);
             }
-            Command::Attach { id, node } => {
+            Command::Attach { id, node, force } => {
                 let v = self.volume(*id)?;
                 match &v.attachment {
+                    Some(a) if a.node != *node && *force => {
+                        let v = self.volumes.get_mut(id).expect("checked");
+                        v.epoch += 1;
+                        v.attachment = Some(Attachment {
+                            node: *node,
+                            epoch: v.epoch,
+                        });
+                    }
                     Some(a) if a.node != *node => {
                         return Err(StateError::AttachedElsewhere {
                             id: *id,
@@ -341,6 +471,79 @@ impl ClusterState {
                     _ => self.volumes.get_mut(id).expect("checked").attachment = None,
                 }
             }
+            Command::SetReplicaState {
+                id,
+                node,
+                state,
+                epoch,
+            } => {
+                let v = self.volume(*id)?;
+                if *epoch != v.epoch {
+                    return Err(StateError::StaleEpoch {
+                        id: *id,
+                        given: *epoch,
+                        current: v.epoch,
+                    });
+                }
+                let r = v.replica(*node).ok_or(StateError::NoSuchReplica {
+                    id: *id,
+                    node: *node,
+                })?;
+                if r.state == ReplicaState::Healthy
+                    && *state != ReplicaState::Healthy
+                    && v.healthy().count() == 1
+                {
+                    return Err(StateError::LastHealthy {
+                        id: *id,
+                        node: *node,
+                    });
+                }
+                let v = self.volumes.get_mut(id).expect("checked");
+                for r in v.replicas.iter_mut().filter(|r| r.node == *node) {
+                    r.state = *state;
+                }
+            }
+            Command::AddReplica { id, node } => {
+                let v = self.volume(*id)?;
+                if v.has_replica_on(*node) {
+                    return Err(StateError::ReplicaExists {
+                        id: *id,
+                        node: *node,
+                    });
+                }
+                if v.replicas.len() >= MAX_REPLICAS {
+                    return Err(StateError::BadReplicaSet);
+                }
+                if !self.nodes.contains_key(node) {
+                    return Err(StateError::NodeNotFound(*node));
+                }
+                self.volumes
+                    .get_mut(id)
+                    .expect("checked")
+                    .replicas
+                    .push(ReplicaRecord {
+                        node: *node,
+                        state: ReplicaState::Faulted,
+                    });
+            }
+            Command::RemoveReplica { id, node } => {
+                let v = self.volume(*id)?;
+                let r = v.replica(*node).ok_or(StateError::NoSuchReplica {
+                    id: *id,
+                    node: *node,
+                })?;
+                if r.state == ReplicaState::Healthy && v.healthy().count() == 1 {
+                    return Err(StateError::LastHealthy {
+                        id: *id,
+                        node: *node,
+                    });
+                }
+                self.volumes
+                    .get_mut(id)
+                    .expect("checked")
+                    .replicas
+                    .retain(|r| r.node != *node);
+            }
             Command::MarkFormatted { id } => {
                 self.volume(*id)?;
                 self.volumes.get_mut(id).expect("checked").formatted = true;
@@ -362,6 +565,7 @@ mod tests {
             size_bytes: 1 << 30,
             fs: FsType::Ext4,
             replica_node: Id128([7; 16]),
+            more_replicas: vec![],
             created_unix_ms: 1,
         }
     }
@@ -386,6 +590,7 @@ mod tests {
                 size_bytes: 0,
                 fs: FsType::Ext4,
                 replica_node: n1,
+                more_replicas: vec![],
                 created_unix_ms: 1,
             },
             Command::CreateVolume {
@@ -394,6 +599,7 @@ mod tests {
                 size_bytes: 1000,
                 fs: FsType::Ext4,
                 replica_node: n1,
+                more_replicas: vec![],
                 created_unix_ms: 1,
             },
             Command::ResizeVolume {
@@ -410,11 +616,19 @@ mod tests {
             assert!(s.apply(c).is_err(), "{c:?} was accepted");
             assert_eq!(s, before, "{c:?} changed the state");
         }
-        s.apply(&Command::Attach { id: a, node: n1 })
-            .expect("attach");
+        s.apply(&Command::Attach {
+            id: a,
+            node: n1,
+            force: false,
+        })
+        .expect("attach");
         let attached = s.clone();
         for c in [
-            Command::Attach { id: a, node: n2 },
+            Command::Attach {
+                id: a,
+                node: n2,
+                force: false,
+            },
             Command::Detach { id: a, node: n2 },
             Command::DeleteVolume { id: a },
         ] {
@@ -428,15 +642,28 @@ mod tests {
         let mut s = ClusterState::new(Id128::random());
         let (a, n) = (Id128::random(), Id128::random());
         s.apply(&create(a, "a")).expect("create");
-        s.apply(&Command::Attach { id: a, node: n })
-            .expect("attach");
-        s.apply(&Command::Attach { id: a, node: n }).expect("again");
+        s.apply(&Command::Attach {
+            id: a,
+            node: n,
+            force: false,
+        })
+        .expect("attach");
+        s.apply(&Command::Attach {
+            id: a,
+            node: n,
+            force: false,
+        })
+        .expect("again");
         assert_eq!(s.volumes[&a].epoch, 1);
         s.apply(&Command::Detach { id: a, node: n })
             .expect("detach");
         s.apply(&Command::Detach { id: a, node: n }).expect("again");
-        s.apply(&Command::Attach { id: a, node: n })
-            .expect("attach");
+        s.apply(&Command::Attach {
+            id: a,
+            node: n,
+            force: false,
+        })
+        .expect("attach");
         assert_eq!(s.volumes[&a].epoch, 2);
     }
 
@@ -499,7 +726,11 @@ mod tests {
                 id: a,
                 size_bytes: 2 << 30,
             },
-            Command::Attach { id: a, node: n },
+            Command::Attach {
+                id: a,
+                node: n,
+                force: false,
+            },
             Command::MarkFormatted { id: a },
         ];
         let cluster = Id128::random();

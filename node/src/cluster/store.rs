@@ -642,7 +642,7 @@ impl ClusterStore {
         let only: Vec<&str> = state
             .volumes
             .values()
-            .filter(|v| v.replicas == [node.id])
+            .filter(|v| v.has_replica_on(node.id) && v.healthy().all(|r| r.node == node.id))
             .map(|v| v.name.as_str())
             .collect();
         if !only.is_empty() && !force {
@@ -750,6 +750,7 @@ mod tests {
             size_bytes: 1 << 20,
             fs: FsType::Ext4,
             replica_node: Id128::random(),
+            more_replicas: vec![],
             created_unix_ms: 0,
         }
     }

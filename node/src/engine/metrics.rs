@@ -177,6 +177,16 @@ pub fn render_headers(out: &mut String) {
             "Failed requests by operation",
         ),
         (
+            "cairn_volume_rebuild_bytes_total",
+            "counter",
+            "Bytes copied to replicas being rebuilt by this node's engine",
+        ),
+        (
+            "cairn_volume_allocated_bytes",
+            "gauge",
+            "Pool bytes held by this node's replica of the volume",
+        ),
+        (
             "cairn_volume_read_latency_seconds",
             "histogram",
             "Read latency in the engine",

@@ -1,45 +1,38 @@
-//! The volume engine: exactly one per open volume on this node. Frontends
-//! (FUSE file, NBD) call it; it bounds-checks, fans writes out to every
-//! replica, reads from the first (local) one, and keeps the volume's metrics.
+//! The volume engine: one per volume served from this node (attached here,
+//! or exported over NBD). Frontends (FUSE file, NBD) call it; it
+//! bounds-checks, fans writes out to every replica that must have them,
+//! reads from a healthy replica (the local one first), keeps the volume's
+//! metrics, and rebuilds replicas that missed writes.
 //!
-//! The replica set is a list behind the [`Replica`] trait so remote replicas
-//! slot in beside the local one; with one replica the fan-out is a loop of one.
-//! Durability: `write` returns after every replica accepted the data; `flush`
-//! returns after every replica made all earlier acknowledged writes durable.
+//! Durability and fencing (DESIGN.md):
+//! - `write` returns after every healthy and rebuilding replica accepted the
+//!   data; `flush` after each of them made every earlier write durable.
+//! - A replica that fails or times out is dropped from the set only after
+//!   the cluster state records it `faulted` (a Raft commit, with this
+//!   engine's epoch). Without that record the I/O fails: it never completes
+//!   on a degraded set the cluster does not know about.
+//! - Every request carries the engine's epoch; replicas refuse older ones.
+//!   A fenced engine fails its I/O and marks nothing.
+//! - Rebuild: the target first receives every new write (`rebuilding`), a
+//!   barrier drains writes that started before, then extents whose
+//!   checksums differ are copied under an exclusive per-extent lock that
+//!   application writes to that extent take shared.
 
 pub mod metrics;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::{Duration, Instant};
 
 use metrics::VolumeMetrics;
+use prost::bytes::Bytes;
 
-use crate::replica::{LocalReplica, ReplicaError};
-use crate::types::VolumeId;
-
-/// What the engine needs of a replica, local or (later) remote.
-pub trait Replica: Send + Sync {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError>;
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError>;
-    fn zero_range(&self, offset: u64, len: u64) -> Result<(), ReplicaError>;
-    fn flush(&self) -> Result<(), ReplicaError>;
-}
-
-impl Replica for LocalReplica {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
-        LocalReplica::read(self, offset, buf)
-    }
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
-        LocalReplica::write(self, offset, buf)
-    }
-    fn zero_range(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
-        LocalReplica::zero_range(self, offset, len)
-    }
-    fn flush(&self) -> Result<(), ReplicaError> {
-        LocalReplica::flush(self)
-    }
-}
+use crate::cluster::state::{Command, ReplicaState, Volume};
+use crate::cluster::store::{ClusterStore, StoreError};
+use crate::replica::host::{HostMap, Hosted};
+use crate::replica::remote::{Channels, RemoteReplica};
+use crate::replica::ReplicaError;
+use crate::types::{NodeId, VolumeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -47,6 +40,16 @@ pub enum EngineError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error(transparent)]
     Replica(#[from] ReplicaError),
+    #[error("no healthy replica is reachable")]
+    NoReplica,
+    #[error(
+        "replica on node {node} failed ({why}) and could not be recorded as faulted: {record}"
+    )]
+    Unrecorded {
+        node: NodeId,
+        why: String,
+        record: String,
+    },
 }
 
 impl EngineError {
@@ -54,40 +57,306 @@ impl EngineError {
         match self {
             EngineError::OutOfRange { .. } => libc::EINVAL,
             EngineError::Replica(r) => r.errno(),
+            EngineError::NoReplica | EngineError::Unrecorded { .. } => libc::EIO,
         }
     }
 }
 
+/// Everything engines on this node share.
+pub struct EngineCtx {
+    pub me: NodeId,
+    pub store: Arc<ClusterStore>,
+    pub hosts: Arc<HostMap>,
+    pub channels: Channels,
+    pub handle: tokio::runtime::Handle,
+    /// Rebuild copy rate limit in bytes per second (0: unlimited).
+    pub rebuild_bandwidth: u64,
+}
+
+pub enum Target {
+    Local(Arc<Hosted>),
+    Remote(Arc<RemoteReplica>),
+}
+
+const HEALTHY: u8 = 0;
+const REBUILDING: u8 = 1;
+const FAULTED: u8 = 2;
+
+fn code(s: ReplicaState) -> u8 {
+    match s {
+        ReplicaState::Healthy => HEALTHY,
+        ReplicaState::Rebuilding => REBUILDING,
+        ReplicaState::Faulted => FAULTED,
+    }
+}
+
+pub struct Slot {
+    pub node: NodeId,
+    target: Target,
+    state: AtomicU8,
+}
+
+impl Slot {
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+    fn is_local(&self) -> bool {
+        matches!(self.target, Target::Local(_))
+    }
+}
+
+/// A rebuild in progress, for the API and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct RebuildProgress {
+    pub node: Option<NodeId>,
+    pub done_extents: u64,
+    pub total_extents: u64,
+}
+
+const STRIPES: usize = 64;
+
 pub struct Engine {
     pub volume: VolumeId,
     size: AtomicU64,
-    replicas: Vec<Arc<dyn Replica>>,
+    epoch: AtomicU64,
+    extent_size: u64,
+    slots: RwLock<Vec<Arc<Slot>>>,
+    stripes: Vec<RwLock<()>>,
+    ctx: Arc<EngineCtx>,
     pub metrics: Arc<VolumeMetrics>,
+    pub progress: Mutex<RebuildProgress>,
+    /// Bytes copied to rebuild targets since the engine started.
+    pub rebuild_bytes: AtomicU64,
+    stopped: AtomicBool,
 }
 
+/// What one replica did with one request.
+type Outcome = (Arc<Slot>, Result<(), ReplicaError>);
+
 impl Engine {
+    /// An engine for `v` at `epoch`, with a slot per replica in the state.
     pub fn new(
-        volume: VolumeId,
-        size_bytes: u64,
-        replicas: Vec<Arc<dyn Replica>>,
+        v: &Volume,
+        epoch: u64,
+        ctx: Arc<EngineCtx>,
         metrics: Arc<VolumeMetrics>,
-    ) -> Engine {
-        assert!(!replicas.is_empty(), "an engine needs at least one replica");
-        Engine {
-            volume,
-            size: AtomicU64::new(size_bytes),
-            replicas,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let e = Arc::new(Engine {
+            volume: v.id,
+            size: AtomicU64::new(v.size_bytes),
+            epoch: AtomicU64::new(epoch),
+            extent_size: ctx.hosts.extent_size(),
+            slots: RwLock::new(Vec::new()),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            ctx,
             metrics,
-        }
+            progress: Mutex::new(RebuildProgress::default()),
+            rebuild_bytes: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        });
+        e.sync_slots(v)?;
+        Ok(e)
     }
 
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
 
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     /// Volumes only grow; the caller recorded the new size in the cluster state.
     pub fn set_size(&self, size_bytes: u64) {
         self.size.fetch_max(size_bytes, Ordering::AcqRel);
+    }
+
+    /// The node and state of each replica as this engine sees it.
+    pub fn replica_states(&self) -> Vec<(NodeId, ReplicaState)> {
+        self.slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .map(|s| {
+                let st = match s.state() {
+                    HEALTHY => ReplicaState::Healthy,
+                    REBUILDING => ReplicaState::Rebuilding,
+                    _ => ReplicaState::Faulted,
+                };
+                (s.node, st)
+            })
+            .collect()
+    }
+
+    fn target_for(&self, node: NodeId) -> Result<Target, ReplicaError> {
+        if node == self.ctx.me {
+            return Ok(Target::Local(
+                self.ctx.hosts.get_or_create(self.volume, &self.ctx.store)?,
+            ));
+        }
+        let (addr, cluster) = {
+            let s = self.ctx.store.read();
+            let addr = s
+                .nodes
+                .get(&node)
+                .map(|n| n.peer_address.clone())
+                .ok_or_else(|| ReplicaError::Remote(format!("node {node} is not a member")))?;
+            (addr, s.cluster_id.to_string())
+        };
+        Ok(Target::Remote(Arc::new(RemoteReplica::new(
+            &self.ctx.channels,
+            node,
+            &addr,
+            cluster,
+            self.volume,
+        )?)))
+    }
+
+    /// Brings the slot list in line with the replicas the state lists:
+    /// new replicas join as faulted (the healer rebuilds them), removed ones
+    /// leave. States of known slots only move through this engine, except
+    /// that a replica the state calls faulted is never written or read.
+    pub fn sync_slots(&self, v: &Volume) -> Result<(), EngineError> {
+        let mut slots = self.slots.write().expect("slots lock");
+        slots.retain(|s| v.has_replica_on(s.node));
+        for r in &v.replicas {
+            match slots.iter().find(|s| s.node == r.node) {
+                Some(s) => {
+                    if r.state == ReplicaState::Faulted {
+                        s.state.store(FAULTED, Ordering::Release);
+                    }
+                }
+                None => {
+                    let target = self.target_for(r.node)?;
+                    slots.push(Arc::new(Slot {
+                        node: r.node,
+                        target,
+                        // Only a healthy replica may be served at once; a
+                        // rebuilding one restarts its rebuild here.
+                        state: AtomicU8::new(if r.state == ReplicaState::Healthy {
+                            HEALTHY
+                        } else {
+                            FAULTED
+                        }),
+                    }));
+                }
+            }
+        }
+        // Local replica first: reads prefer it.
+        slots.sort_by_key(|s| !s.is_local());
+        Ok(())
+    }
+
+    /// Moves the engine to a new epoch (a new attachment on this node) and
+    /// opens every healthy replica with it, which fences older engines.
+    /// A replica that cannot be opened is recorded faulted.
+    pub fn activate(&self, v: &Volume, epoch: u64) -> Result<(), EngineError> {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
+        self.set_size(v.size_bytes);
+        self.sync_slots(v)?;
+        let slots: Vec<Arc<Slot>> = self.slots.read().expect("slots lock").clone();
+        let results = self.fan_out(&slots, |t, e| async move {
+            match t {
+                Target::Local(h) => h.open(e),
+                Target::Remote(r) => r.open(e).await,
+            }
+        });
+        self.settle(results)
+    }
+
+    // ---- fan-out ------------------------------------------------------------
+
+    /// Runs `op` on each slot: remote ones concurrently on the runtime,
+    /// while local ones run inline on this thread.
+    fn fan_out<F, Fut>(&self, slots: &[Arc<Slot>], op: F) -> Vec<Outcome>
+    where
+        F: Fn(Target, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ReplicaError>> + Send + 'static,
+    {
+        let epoch = self.epoch();
+        let mut remote = Vec::new();
+        let mut out = Vec::with_capacity(slots.len());
+        for s in slots.iter().filter(|s| !s.is_local()) {
+            let fut = op(s.target.clone_handle(), epoch);
+            remote.push((s.clone(), self.ctx.handle.spawn(fut)));
+        }
+        for s in slots.iter().filter(|s| s.is_local()) {
+            // Local futures complete without awaiting anything remote.
+            let r = self.ctx.handle.block_on(op(s.target.clone_handle(), epoch));
+            out.push((s.clone(), r));
+        }
+        for (s, h) in remote {
+            let r = self
+                .ctx
+                .handle
+                .block_on(h)
+                .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
+            out.push((s, r));
+        }
+        out
+    }
+
+    /// Handles failures of a fan-out: a fenced engine fails; any other
+    /// failure is recorded as a fault before the replica leaves the set. Ok
+    /// when at least one healthy replica succeeded and every failed one is
+    /// recorded.
+    fn settle(&self, results: Vec<Outcome>) -> Result<(), EngineError> {
+        let mut healthy_ok = false;
+        let mut first_err = None;
+        for (slot, r) in results {
+            match r {
+                Ok(()) => healthy_ok |= slot.state() == HEALTHY,
+                Err(e @ ReplicaError::Fenced { .. }) => return Err(e.into()),
+                Err(e @ ReplicaError::NoSpace) => return Err(e.into()),
+                Err(e) => {
+                    self.mark_faulted(&slot, &e.to_string())?;
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if healthy_ok {
+            Ok(())
+        } else {
+            Err(first_err
+                .map(EngineError::from)
+                .unwrap_or(EngineError::NoReplica))
+        }
+    }
+
+    /// Records `slot` faulted in the cluster state (with this engine's
+    /// epoch), then stops sending it I/O.
+    fn mark_faulted(&self, slot: &Slot, why: &str) -> Result<(), EngineError> {
+        if slot.state() == FAULTED {
+            return Ok(());
+        }
+        tracing::warn!(volume = %self.volume, node = %slot.node, error = why, "replica failed; recording it faulted");
+        let r = self.ctx.store.propose(Command::SetReplicaState {
+            id: self.volume,
+            node: slot.node,
+            state: ReplicaState::Faulted,
+            epoch: self.epoch(),
+        });
+        match r {
+            Ok(_) => {
+                slot.state.store(FAULTED, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => Err(EngineError::Unrecorded {
+                node: slot.node,
+                why: why.into(),
+                record: e.to_string(),
+            }),
+        }
+    }
+
+    fn writable(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .filter(|s| s.state() != FAULTED)
+            .cloned()
+            .collect()
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), EngineError> {
@@ -98,23 +367,115 @@ impl Engine {
         Ok(())
     }
 
+    /// Shared locks on the stripes of the extents `[offset, offset+len)`
+    /// touches, taken in stripe order.
+    fn lock_shared(&self, offset: u64, len: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+        let first = offset / self.extent_size;
+        let last = (offset + len.max(1) - 1) / self.extent_size;
+        let mut idx: Vec<usize> = if last - first >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            (first..=last)
+                .map(|e| (e % STRIPES as u64) as usize)
+                .collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.stripes[i].read().expect("stripe lock"))
+            .collect()
+    }
+
+    fn lock_extent(&self, extent: u64) -> RwLockWriteGuard<'_, ()> {
+        self.stripes[(extent % STRIPES as u64) as usize]
+            .write()
+            .expect("stripe lock")
+    }
+
+    // ---- I/O ----------------------------------------------------------------
+
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let t = Instant::now();
         let r = self
             .check(offset, buf.len() as u64)
-            .and_then(|_| Ok(self.replicas[0].read(offset, buf)?));
+            .and_then(|_| self.read_any(offset, buf));
         self.metrics
             .record_read(buf.len() as u64, t.elapsed(), r.is_ok());
         r
     }
 
+    fn read_any(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        let epoch = self.epoch();
+        let healthy: Vec<Arc<Slot>> = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .filter(|s| s.state() == HEALTHY)
+            .cloned()
+            .collect();
+        for slot in healthy {
+            let r = match &slot.target {
+                Target::Local(h) => h.read(epoch, offset, buf),
+                Target::Remote(rr) => self
+                    .ctx
+                    .handle
+                    .block_on(rr.read(epoch, offset, buf.len()))
+                    .map(|d| buf.copy_from_slice(&d)),
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e @ ReplicaError::Fenced { .. }) => return Err(e.into()),
+                Err(e) => self.mark_faulted(&slot, &e.to_string())?,
+            }
+        }
+        Err(EngineError::NoReplica)
+    }
+
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
         let t = Instant::now();
         let r = self.check(offset, buf.len() as u64).and_then(|_| {
-            for rep in &self.replicas {
-                rep.write(offset, buf)?;
+            let _locks = self.lock_shared(offset, buf.len() as u64);
+            let slots = self.writable();
+            let data = if slots.iter().any(|s| !s.is_local()) {
+                Bytes::copy_from_slice(buf)
+            } else {
+                Bytes::new()
+            };
+            // Local writes use the caller's buffer (no copy); remote ones
+            // share one reference-counted copy.
+            let local_buf = buf;
+            let mut results = Vec::with_capacity(slots.len());
+            let epoch = self.epoch();
+            let remote: Vec<_> = slots
+                .iter()
+                .filter_map(|s| match &s.target {
+                    Target::Remote(r) => {
+                        let (r, d) = (r.clone(), data.clone());
+                        Some((
+                            s.clone(),
+                            self.ctx
+                                .handle
+                                .spawn(async move { r.write(epoch, offset, d).await }),
+                        ))
+                    }
+                    Target::Local(_) => None,
+                })
+                .collect();
+            for s in &slots {
+                if let Target::Local(h) = &s.target {
+                    results.push((s.clone(), h.write(epoch, offset, local_buf)));
+                }
             }
-            Ok(())
+            for (s, h) in remote {
+                let r = self
+                    .ctx
+                    .handle
+                    .block_on(h)
+                    .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
+                results.push((s, r));
+            }
+            self.settle(results)
         });
         self.metrics
             .record_write(buf.len() as u64, t.elapsed(), r.is_ok());
@@ -124,10 +485,15 @@ impl Engine {
     /// TRIM/discard and write-zeroes: the range reads as zeros afterwards.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let r = self.check(offset, len).and_then(|_| {
-            for rep in &self.replicas {
-                rep.zero_range(offset, len)?;
-            }
-            Ok(())
+            let _locks = self.lock_shared(offset, len);
+            let slots = self.writable();
+            let results = self.fan_out(&slots, |t, e| async move {
+                match t {
+                    Target::Local(h) => h.zero_range(e, offset, len),
+                    Target::Remote(r) => r.zero(e, offset, len).await,
+                }
+            });
+            self.settle(results)
         });
         self.metrics.record_discard(len, r.is_ok());
         r
@@ -135,13 +501,272 @@ impl Engine {
 
     pub fn flush(&self) -> Result<(), EngineError> {
         let t = Instant::now();
-        let r = (|| {
-            for rep in &self.replicas {
-                rep.flush()?;
+        let slots = self.writable();
+        let results = self.fan_out(&slots, |t, e| async move {
+            match t {
+                Target::Local(h) => h.flush(e),
+                Target::Remote(r) => r.flush(e).await,
             }
-            Ok(())
-        })();
+        });
+        let r = self.settle(results);
         self.metrics.record_flush(t.elapsed(), r.is_ok());
         r
+    }
+
+    // ---- rebuild ------------------------------------------------------------
+
+    /// Stops the healer (the engine is being dropped from the node).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Starts the healer thread: it keeps the slots in line with the state
+    /// and rebuilds faulted replicas whose node answers, while this engine
+    /// holds the volume's current attachment.
+    pub fn start_healer(self: &Arc<Self>) {
+        let weak: Weak<Engine> = Arc::downgrade(self);
+        let name = format!("heal-{}", &self.volume.to_string()[..8]);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let Some(e) = weak.upgrade() else { return };
+            if e.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            e.heal_once();
+        });
+        if let Err(err) = spawned {
+            tracing::error!(volume = %self.volume, error = %err, "cannot start the replica healer");
+        }
+    }
+
+    /// One pass of the healer.
+    fn heal_once(&self) {
+        let v = {
+            let s = self.ctx.store.read();
+            match s.volumes.get(&self.volume) {
+                Some(v) => v.clone(),
+                None => return,
+            }
+        };
+        let ours = v
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.node == self.ctx.me && a.epoch == self.epoch());
+        if !ours {
+            return;
+        }
+        if let Err(e) = self.sync_slots(&v) {
+            tracing::debug!(volume = %self.volume, error = %e, "replica set not refreshed");
+            return;
+        }
+        let faulted: Vec<Arc<Slot>> = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .filter(|s| s.state() == FAULTED)
+            .cloned()
+            .collect();
+        for slot in faulted {
+            let up = self
+                .ctx
+                .store
+                .read()
+                .nodes
+                .get(&slot.node)
+                .is_some_and(|n| n.state == crate::cluster::state::NodeState::Up);
+            if !up {
+                continue;
+            }
+            match self.rebuild(&slot) {
+                Ok(copied) => {
+                    tracing::info!(volume = %self.volume, node = %slot.node, copied, "replica rebuilt and healthy")
+                }
+                Err(e) => {
+                    tracing::info!(volume = %self.volume, node = %slot.node, error = %e, "rebuild not done; retried later")
+                }
+            }
+            *self.progress.lock().expect("progress lock") = RebuildProgress::default();
+        }
+    }
+
+    fn set_state(&self, slot: &Slot, state: ReplicaState) -> Result<(), StoreError> {
+        self.ctx.store.propose(Command::SetReplicaState {
+            id: self.volume,
+            node: slot.node,
+            state,
+            epoch: self.epoch(),
+        })?;
+        slot.state.store(code(state), Ordering::Release);
+        Ok(())
+    }
+
+    /// Copies what differs from a healthy replica to `slot`; returns the
+    /// bytes copied.
+    fn rebuild(&self, slot: &Arc<Slot>) -> Result<u64, String> {
+        let epoch = self.epoch();
+        let target = &slot.target;
+        // The node must answer (and accept our epoch) before anything starts.
+        match target {
+            Target::Local(h) => h.open(epoch),
+            Target::Remote(r) => self.ctx.handle.block_on(r.open(epoch)),
+        }
+        .map_err(|e| format!("open: {e}"))?;
+        self.set_state(slot, ReplicaState::Rebuilding)
+            .map_err(|e| format!("recording rebuilding: {e}"))?;
+        // Barrier: writes that chose their targets before the state change
+        // finish before any extent is compared.
+        for s in &self.stripes {
+            drop(s.write().expect("stripe lock"));
+        }
+        let r = self.copy_differences(slot);
+        match r {
+            Ok(copied) => {
+                let flushed = match target {
+                    Target::Local(h) => h.flush(epoch),
+                    Target::Remote(r) => self.ctx.handle.block_on(r.flush(epoch)),
+                };
+                if let Err(e) = flushed {
+                    let _ = self.mark_faulted(slot, &e.to_string());
+                    return Err(format!("flush: {e}"));
+                }
+                self.set_state(slot, ReplicaState::Healthy)
+                    .map_err(|e| format!("recording healthy: {e}"))?;
+                Ok(copied)
+            }
+            Err(e) => {
+                if slot.state() == REBUILDING {
+                    let _ = self.mark_faulted(slot, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn source(&self) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .find(|s| s.state() == HEALTHY)
+            .cloned()
+    }
+
+    fn checksums(
+        &self,
+        t: &Target,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<Option<u32>>, ReplicaError> {
+        let epoch = self.epoch();
+        match t {
+            Target::Local(h) => h.checksums(epoch, first, count),
+            Target::Remote(r) => self.ctx.handle.block_on(r.checksums(epoch, first, count)),
+        }
+    }
+
+    fn copy_differences(&self, slot: &Arc<Slot>) -> Result<u64, String> {
+        const BATCH: u64 = 64;
+        let es = self.extent_size;
+        let total = self.size().div_ceil(es);
+        *self.progress.lock().expect("progress lock") = RebuildProgress {
+            node: Some(slot.node),
+            done_extents: 0,
+            total_extents: total,
+        };
+        let started = Instant::now();
+        let mut copied = 0u64;
+        let mut first = 0;
+        while first < total {
+            if self.stopped.load(Ordering::Acquire) || slot.state() != REBUILDING {
+                return Err("rebuild interrupted".into());
+            }
+            let count = BATCH.min(total - first);
+            let src = self.source().ok_or("no healthy source replica")?;
+            let a = self
+                .checksums(&src.target, first, count)
+                .map_err(|e| format!("source checksums: {e}"))?;
+            let b = self
+                .checksums(&slot.target, first, count)
+                .map_err(|e| format!("target checksums: {e}"))?;
+            for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                if x == y {
+                    continue;
+                }
+                let extent = first + i as u64;
+                copied += self
+                    .copy_extent(&src, slot, extent, x.is_none())
+                    .map_err(|e| format!("extent {extent}: {e}"))?;
+                self.throttle(started, copied);
+            }
+            first += count;
+            self.progress.lock().expect("progress lock").done_extents = first;
+        }
+        Ok(copied)
+    }
+
+    /// Copies one extent under its exclusive lock; returns bytes sent.
+    fn copy_extent(
+        &self,
+        src: &Slot,
+        dst: &Slot,
+        extent: u64,
+        unallocated: bool,
+    ) -> Result<u64, ReplicaError> {
+        let _x = self.lock_extent(extent);
+        let epoch = self.epoch();
+        let es = self.extent_size;
+        let offset = extent * es;
+        let len = es.min(self.size() - offset);
+        if unallocated {
+            return match &dst.target {
+                Target::Local(h) => h.zero_range(epoch, offset, len),
+                Target::Remote(r) => self.ctx.handle.block_on(r.zero(epoch, offset, len)),
+            }
+            .map(|_| 0);
+        }
+        let mut buf = crate::sys::AlignedBuf::new(len as usize, crate::pool::IO_ALIGN);
+        match &src.target {
+            Target::Local(h) => h.read(epoch, offset, buf.as_mut_slice())?,
+            Target::Remote(r) => {
+                let d = self
+                    .ctx
+                    .handle
+                    .block_on(r.read(epoch, offset, len as usize))?;
+                buf.as_mut_slice().copy_from_slice(&d);
+            }
+        }
+        match &dst.target {
+            Target::Local(h) => h.write(epoch, offset, buf.as_slice())?,
+            Target::Remote(r) => self.ctx.handle.block_on(r.write(
+                epoch,
+                offset,
+                Bytes::copy_from_slice(buf.as_slice()),
+            ))?,
+        }
+        self.rebuild_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(len)
+    }
+
+    /// Sleeps so the copy rate stays under the configured bandwidth.
+    fn throttle(&self, started: Instant, copied: u64) {
+        let bw = self.ctx.rebuild_bandwidth;
+        if bw == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(copied as f64 / bw as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+impl Target {
+    /// A handle for use inside a spawned future.
+    fn clone_handle(&self) -> Target {
+        match self {
+            Target::Local(h) => Target::Local(h.clone()),
+            Target::Remote(r) => Target::Remote(r.clone()),
+        }
     }
 }

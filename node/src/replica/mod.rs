@@ -11,6 +11,9 @@
 //! - Freeing an extent waits for in-flight I/O of the replica (`free_gate`),
 //!   so a write never lands in an extent that was handed to another volume.
 
+pub mod host;
+pub mod remote;
+pub mod service;
 mod table;
 
 use std::io;
@@ -32,6 +35,19 @@ pub enum ReplicaError {
     Io(#[from] io::Error),
     #[error("extent map: {0}")]
     Meta(String),
+    /// The request's epoch is older than the newest this replica has seen:
+    /// the volume was attached elsewhere since.
+    #[error("fenced: epoch {epoch} is older than {fence}; the volume was attached elsewhere")]
+    Fenced { epoch: u64, fence: u64 },
+    /// The replica was removed from this node.
+    #[error("replica {0} is not hosted here")]
+    Gone(VolumeId),
+    /// A remote replica failed, timed out or could not be reached.
+    #[error("remote replica: {0}")]
+    Remote(String),
+    /// Data failed its checksum.
+    #[error("checksum mismatch: {0}")]
+    Corrupt(String),
 }
 
 impl ReplicaError {
@@ -39,7 +55,11 @@ impl ReplicaError {
         match self {
             ReplicaError::NoSpace => libc::ENOSPC,
             ReplicaError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            ReplicaError::Meta(_) => libc::EIO,
+            ReplicaError::Meta(_)
+            | ReplicaError::Fenced { .. }
+            | ReplicaError::Gone(_)
+            | ReplicaError::Remote(_)
+            | ReplicaError::Corrupt(_) => libc::EIO,
         }
     }
 }
@@ -107,6 +127,22 @@ impl LocalReplica {
             allocated_extents: AtomicU64::new(n),
         };
         Ok((r, owned))
+    }
+
+    pub fn extent_size(&self) -> u64 {
+        self.pool.extent_size
+    }
+
+    /// crc32 of logical extent `logical` (read whole), `None` when it is
+    /// not allocated (reads as zeros).
+    pub fn extent_checksum(&self, logical: u64) -> Result<Option<u32>, ReplicaError> {
+        if self.lookup(logical).is_none() {
+            return Ok(None);
+        }
+        let es = self.pool.extent_size as usize;
+        let mut buf = AlignedBuf::new(es, IO_ALIGN);
+        self.read(logical * es as u64, buf.as_mut_slice())?;
+        Ok(Some(crc32fast::hash(buf.as_slice())))
     }
 
     pub fn allocated_bytes(&self) -> u64 {

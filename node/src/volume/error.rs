@@ -17,14 +17,16 @@ pub enum VolumeError {
     AlreadyExists(String),
     #[error("volume {name:?} is attached on node {node}; detach it first or pass force")]
     Attached { name: String, node: String },
-    #[error("volume {name:?} is attached on another node ({node})")]
+    #[error("volume {name:?} is attached on another node ({node}); pass force to take it over if that node is dead")]
     AttachedElsewhere { name: String, node: String },
     #[error("volume {name:?} is mounted at {paths}; unmount it first")]
     Mounted { name: String, paths: String },
     #[error("volume {name:?} is in use: {why}")]
     InUse { name: String, why: String },
-    #[error("volume {name:?} keeps its data on node {nodes}; use it through that node (volumes move between nodes once replication exists)")]
-    NotLocal { name: String, nodes: String },
+    #[error("invalid replica count: {0}")]
+    InvalidReplicas(String),
+    #[error("cannot place replicas: {0}")]
+    NotEnoughNodes(String),
     #[error("another operation on volume {0:?} is in progress; retry")]
     Busy(String),
     #[error("volume {name:?} can only grow: it has {current} bytes, {requested} were requested")]

@@ -1,6 +1,7 @@
 //! The volume manager proper. Locking: `busy` admits one operation per volume
-//! at a time (a second one gets [`VolumeError::Busy`]); `runtime` maps volume
-//! ids to their open replica and engine; `exports` counts NBD users and is
+//! at a time (a second one gets [`VolumeError::Busy`]); `hosts` holds the
+//! replicas stored on this node, `engines` the engines of volumes served
+//! from this node (attached or exported); `exports` counts NBD users and is
 //! the lock under which attach and NBD writers exclude each other. No lock is
 //! held across a command that runs a program (mkfs, resize2fs).
 
@@ -14,14 +15,15 @@ use serde::{Deserialize, Serialize};
 
 use super::mount;
 use super::VolumeError;
-use crate::cluster::state::{Command, StateError, Volume};
+use crate::cluster::state::{Command, NodeState, ReplicaState, StateError, Volume, MAX_REPLICAS};
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::engine::metrics::{render_headers, VolumeMetrics};
-use crate::engine::{Engine, Replica};
+use crate::engine::{Engine, EngineCtx};
 use crate::frontend::fuse::FuseServer;
 use crate::frontend::nbd::{Export, ExportProvider};
 use crate::pool::Pool;
-use crate::replica::{self, LocalReplica};
+use crate::replica::host::HostMap;
+use crate::replica::LocalReplica;
 use crate::sys::loopdev;
 use crate::types::{
     now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE,
@@ -32,7 +34,15 @@ pub struct ManagerConfig {
     pub node_id: NodeId,
     pub fuse_dir: PathBuf,
     pub fuse_threads: usize,
+    /// Replicas of a volume created without `replicas`.
+    pub default_replicas: u32,
+    /// Rebuild copy limit in bytes per second (0: unlimited).
+    pub rebuild_bandwidth: u64,
+    pub handle: tokio::runtime::Handle,
 }
+
+/// The node label replicas are spread across.
+pub const PLACEMENT_LABEL: &str = "zone";
 
 /// What this node did to the kernel for an attached volume, persisted so a
 /// restart can re-serve it.
@@ -41,11 +51,6 @@ pub struct ManagerConfig {
 struct LocalAttachment {
     device: String,
     mounts: Vec<String>,
-}
-
-struct Runtime {
-    replica: Arc<LocalReplica>,
-    engine: Arc<Engine>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -61,7 +66,9 @@ pub struct VolumeManager {
     store: Arc<ClusterStore>,
     local: sled::Tree,
     fuse: Mutex<Option<FuseServer>>,
-    runtime: RwLock<HashMap<VolumeId, Runtime>>,
+    hosts: Arc<HostMap>,
+    ctx: Arc<EngineCtx>,
+    engines: RwLock<HashMap<VolumeId, Arc<Engine>>>,
     busy: Mutex<HashSet<VolumeId>>,
     exports: Mutex<HashMap<VolumeId, ExportUse>>,
     pub started: Instant,
@@ -119,30 +126,18 @@ impl VolumeManager {
             .open_tree("local_attachments")
             .map_err(|e| e.to_string())?;
         let volumes: Vec<Volume> = store.read().volumes.values().cloned().collect();
-        let mut runtime = HashMap::new();
+        let hosts = Arc::new(HostMap::new(cfg.node_id, db.clone(), pool.clone())?);
         let mut claimed = Vec::new();
-        // Only volumes with a replica here have local data (and a runtime).
-        for v in volumes.iter().filter(|v| v.replicas.contains(&cfg.node_id)) {
+        // Replicas this node holds for volumes that list it.
+        for v in volumes.iter().filter(|v| v.has_replica_on(cfg.node_id)) {
             let (rep, owned) = LocalReplica::load(&db, pool.clone(), v.id)
                 .map_err(|e| format!("volume {}: {e}", v.name))?;
             claimed.extend(owned);
-            let rep = Arc::new(rep);
-            let engine = Arc::new(Engine::new(
-                v.id,
-                v.size_bytes,
-                vec![rep.clone() as Arc<dyn Replica>],
-                Arc::new(VolumeMetrics::default()),
-            ));
-            runtime.insert(
-                v.id,
-                Runtime {
-                    replica: rep,
-                    engine,
-                },
-            );
+            hosts.insert(Arc::new(rep));
         }
-        // Orphans: replicas of volumes the state no longer has (a crash
-        // between the delete command and freeing the space).
+        // Orphans: replicas of volumes the state no longer lists here (a
+        // crash between the delete command and freeing the space, or a
+        // replica moved away while this node was down).
         for name in db.tree_names() {
             let name = String::from_utf8_lossy(&name).into_owned();
             let Some(id) = name
@@ -151,10 +146,10 @@ impl VolumeManager {
             else {
                 continue;
             };
-            if runtime.contains_key(&id) {
+            if hosts.get(id).is_some() {
                 continue;
             }
-            tracing::info!(volume = %id, "freeing the space of a deleted volume");
+            tracing::info!(volume = %id, "freeing the space of a replica no longer held here");
             let (rep, mut owned) =
                 LocalReplica::load(&db, pool.clone(), id).map_err(|e| e.to_string())?;
             pool.claim_all(&mut owned)
@@ -164,6 +159,14 @@ impl VolumeManager {
         }
         pool.claim_all(&mut claimed)
             .map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
+        let ctx = Arc::new(EngineCtx {
+            me: cfg.node_id,
+            store: store.clone(),
+            hosts: hosts.clone(),
+            channels: Default::default(),
+            handle: cfg.handle.clone(),
+            rebuild_bandwidth: cfg.rebuild_bandwidth,
+        });
 
         mount::cleanup_stale(&cfg.fuse_dir);
         let fuse = FuseServer::mount(&cfg.fuse_dir, cfg.fuse_threads)
@@ -175,13 +178,61 @@ impl VolumeManager {
             store,
             local,
             fuse: Mutex::new(Some(fuse)),
-            runtime: RwLock::new(runtime),
+            hosts,
+            ctx,
+            engines: RwLock::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             exports: Mutex::new(HashMap::new()),
             started: Instant::now(),
         });
         mgr.reserve_attachments();
         Ok(mgr)
+    }
+
+    /// The replicas this node stores (for the data service).
+    pub fn hosts(&self) -> Arc<HostMap> {
+        self.hosts.clone()
+    }
+
+    /// Drives local replicas toward the state: creates the ones listed for
+    /// this node, frees the ones no longer listed, and drops engines of
+    /// deleted volumes. Runs every few seconds for the daemon's life.
+    pub fn reconcile(&self) {
+        // Hosted ids before the state: a replica created after this list
+        // was taken is not judged against an older state.
+        let hosted = self.hosts.ids();
+        let state = self.store.read().clone();
+        for v in state.volumes.values() {
+            if v.has_replica_on(self.cfg.node_id) && self.hosts.get(v.id).is_none() {
+                if let Err(e) = self.hosts.get_or_create(v.id, &self.store) {
+                    tracing::warn!(volume = %v.name, error = %e, "cannot create local replica");
+                }
+            }
+        }
+        for id in hosted {
+            let listed = state
+                .volumes
+                .get(&id)
+                .is_some_and(|v| v.has_replica_on(self.cfg.node_id));
+            if !listed {
+                if let Err(e) = self.hosts.destroy(id) {
+                    tracing::error!(volume = %id, error = %e, "freeing a replica failed; retried");
+                }
+            }
+        }
+        let gone: Vec<VolumeId> = self
+            .engines
+            .read()
+            .expect("engines lock")
+            .keys()
+            .filter(|id| !state.volumes.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(e) = self.engines.write().expect("engines lock").remove(&id) {
+                e.stop();
+            }
+        }
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -210,24 +261,6 @@ impl VolumeManager {
             .ok_or_else(|| VolumeError::NotFound(name.into()))
     }
 
-    /// Volumes live on the node that holds their replica until replication
-    /// exists; data operations elsewhere are refused rather than served
-    /// from an empty local copy.
-    fn require_local(&self, v: &Volume) -> Result<(), VolumeError> {
-        if v.replicas.contains(&self.cfg.node_id) {
-            return Ok(());
-        }
-        Err(VolumeError::NotLocal {
-            name: v.name.clone(),
-            nodes: v
-                .replicas
-                .iter()
-                .map(|n| self.node_name(*n))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
-    }
-
     fn node_name(&self, id: NodeId) -> String {
         self.store
             .read()
@@ -237,13 +270,30 @@ impl VolumeManager {
             .unwrap_or_else(|| id.to_string())
     }
 
-    fn engine(&self, id: VolumeId) -> Result<Arc<Engine>, VolumeError> {
-        self.runtime
-            .read()
-            .expect("runtime lock")
-            .get(&id)
-            .map(|r| r.engine.clone())
-            .ok_or_else(|| VolumeError::Store(format!("volume {id} has no open replica")))
+    /// This node's engine for `v`, created (at the volume's current epoch,
+    /// with its healer running) on first use.
+    fn engine_for(&self, v: &Volume) -> Result<Arc<Engine>, VolumeError> {
+        if let Some(e) = self.engines.read().expect("engines lock").get(&v.id) {
+            return Ok(e.clone());
+        }
+        let mut engines = self.engines.write().expect("engines lock");
+        if let Some(e) = engines.get(&v.id) {
+            return Ok(e.clone());
+        }
+        let e = Engine::new(
+            v,
+            v.epoch,
+            self.ctx.clone(),
+            Arc::new(VolumeMetrics::default()),
+        )
+        .map_err(|e| VolumeError::Device(format!("volume {}: {e}", v.name)))?;
+        e.start_healer();
+        engines.insert(v.id, e.clone());
+        Ok(e)
+    }
+
+    fn engine(&self, id: VolumeId) -> Option<Arc<Engine>> {
+        self.engines.read().expect("engines lock").get(&id).cloned()
     }
 
     fn local_record(&self, id: VolumeId) -> Option<LocalAttachment> {
@@ -309,12 +359,39 @@ impl VolumeManager {
     fn info(&self, v: &Volume) -> api::VolumeInfo {
         let rec = self.local_record(v.id);
         let allocated = self
-            .runtime
-            .read()
-            .expect("runtime lock")
-            .get(&v.id)
-            .map(|r| r.replica.allocated_bytes())
+            .hosts
+            .get(v.id)
+            .map(|h| h.replica.allocated_bytes())
             .unwrap_or(0);
+        let engine = self.engine(v.id);
+        let progress = engine
+            .as_ref()
+            .map(|e| e.progress.lock().expect("progress lock").clone());
+        let replicas = {
+            let s = self.store.read();
+            v.replicas
+                .iter()
+                .map(|r| {
+                    let node = s.nodes.get(&r.node);
+                    let down = node.is_none_or(|n| n.state == NodeState::Down);
+                    let state = if down && r.state == ReplicaState::Healthy {
+                        "offline"
+                    } else {
+                        r.state.as_str()
+                    };
+                    api::ReplicaInfo {
+                        node: node
+                            .map(|n| n.name.clone())
+                            .unwrap_or_else(|| r.node.to_string()),
+                        state: state.into(),
+                        rebuild_progress: progress
+                            .as_ref()
+                            .filter(|p| p.node == Some(r.node) && p.total_extents > 0)
+                            .map(|p| p.done_extents as f64 / p.total_extents as f64),
+                    }
+                })
+                .collect()
+        };
         let device = rec.as_ref().map(|r| r.device.clone());
         let mounts = rec.map(|r| r.mounts).unwrap_or_default();
         let state = if !mounts.is_empty() {
@@ -335,8 +412,9 @@ impl VolumeManager {
             allocated_bytes: allocated,
             formatted: v.formatted,
             epoch: v.epoch,
-            attached_node: v.attachment.as_ref().map(|a| a.node.to_string()),
+            attached_node: v.attachment.as_ref().map(|a| self.node_name(a.node)),
             created_unix_ms: v.created_unix_ms,
+            replicas,
         }
     }
 
@@ -419,16 +497,25 @@ impl VolumeManager {
             .map(|v| (v.id, v.name.clone()))
             .collect();
         render_headers(out);
-        let rt = self.runtime.read().expect("runtime lock");
-        let mut ids: Vec<_> = rt.keys().copied().collect();
+        let engines = self.engines.read().expect("engines lock").clone();
+        let mut ids: Vec<VolumeId> = engines.keys().copied().chain(self.hosts.ids()).collect();
         ids.sort_by_key(|id| names.get(id).cloned());
+        ids.dedup();
         for id in ids {
-            if let (Some(name), Some(r)) = (names.get(&id), rt.get(&id)) {
-                r.engine.metrics.render(out, name);
+            let Some(name) = names.get(&id) else { continue };
+            if let Some(e) = engines.get(&id) {
+                e.metrics.render(out, name);
+                let _ = writeln!(
+                    out,
+                    "cairn_volume_rebuild_bytes_total{{volume=\"{name}\"}} {}",
+                    e.rebuild_bytes.load(std::sync::atomic::Ordering::Relaxed)
+                );
+            }
+            if let Some(h) = self.hosts.get(id) {
                 let _ = writeln!(
                     out,
                     "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {}",
-                    r.replica.allocated_bytes()
+                    h.replica.allocated_bytes()
                 );
             }
         }
@@ -443,48 +530,50 @@ impl VolumeManager {
             None => FsType::Ext4,
             Some(s) => s.parse::<FsType>().map_err(VolumeError::InvalidFs)?,
         };
+        let count = req.replicas.unwrap_or(self.cfg.default_replicas);
+        if !(1..=MAX_REPLICAS as u32).contains(&count) {
+            return Err(VolumeError::InvalidReplicas(format!(
+                "replicas={count}: a volume has 1 to {MAX_REPLICAS} replicas"
+            )));
+        }
+        // Placement decides on everything committed (linearizable read).
+        self.sync_read()?;
         if self.store.read().volume_by_name(&req.name).is_some() {
             return Err(VolumeError::AlreadyExists(req.name.clone()));
         }
+        let nodes = {
+            let s = self.store.read();
+            let local = req.locality.then_some(self.cfg.node_id);
+            crate::cluster::placement::place(&s, count as usize, local, &[], PLACEMENT_LABEL)
+                .map_err(VolumeError::NotEnoughNodes)?
+        };
         let id = VolumeId::random();
-        let (rep, _) = LocalReplica::load(&self.db, self.pool.clone(), id)
-            .map_err(|e| VolumeError::Store(e.to_string()))?;
-        let rep = Arc::new(rep);
-        if let Err(e) = self.propose(
+        self.propose(
             Command::CreateVolume {
                 id,
                 name: req.name.clone(),
                 size_bytes: size,
                 fs,
-                replica_node: self.cfg.node_id,
+                replica_node: nodes[0],
+                more_replicas: nodes[1..].to_vec(),
                 created_unix_ms: now_unix_ms(),
             },
             &req.name,
-        ) {
-            let _ = self.db.drop_tree(replica::tree_name(id));
-            return Err(e);
+        )?;
+        if nodes.contains(&self.cfg.node_id) {
+            // The reconciler would do it too; doing it now makes the
+            // replica ready before the first attach.
+            if let Err(e) = self.hosts.get_or_create(id, &self.store) {
+                tracing::warn!(volume = %req.name, error = %e, "local replica not created yet");
+            }
         }
-        let engine = Arc::new(Engine::new(
-            id,
-            size,
-            vec![rep.clone() as Arc<dyn Replica>],
-            Arc::new(VolumeMetrics::default()),
-        ));
-        self.runtime.write().expect("runtime lock").insert(
-            id,
-            Runtime {
-                replica: rep,
-                engine,
-            },
-        );
-        tracing::info!(volume = %req.name, size, fs = fs.as_str(), "created volume");
+        tracing::info!(volume = %req.name, size, fs = fs.as_str(), replicas = count, "created volume");
         self.inspect(&req.name)
     }
 
     pub fn resize(&self, name: &str, size: &SizeArg) -> Result<api::VolumeInfo, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
-        self.require_local(&v)?;
         let size = parse_size(size)?;
         if size < v.size_bytes {
             return Err(VolumeError::Shrink {
@@ -501,7 +590,9 @@ impl VolumeManager {
                 },
                 name,
             )?;
-            self.engine(v.id)?.set_size(size);
+            if let Some(e) = self.engine(v.id) {
+                e.set_size(size);
+            }
             tracing::info!(volume = %name, size, "grew volume");
         }
         // Also when the size is unchanged: a retry after a failed filesystem
@@ -526,18 +617,17 @@ impl VolumeManager {
     pub fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
-        self.require_local(&v)?;
         if let Some(a) = &v.attachment {
             if !force {
                 return Err(VolumeError::Attached {
                     name: name.into(),
-                    node: a.node.to_string(),
+                    node: self.node_name(a.node),
                 });
             }
             if a.node != self.cfg.node_id {
                 return Err(VolumeError::AttachedElsewhere {
                     name: name.into(),
-                    node: a.node.to_string(),
+                    node: self.node_name(a.node),
                 });
             }
         }
@@ -557,14 +647,14 @@ impl VolumeManager {
         let ex = self.exports.lock().expect("exports lock");
         nbd_users(&ex)?;
         self.propose(Command::DeleteVolume { id: v.id }, name)?;
-        let rt = self.runtime.write().expect("runtime lock").remove(&v.id);
+        if let Some(e) = self.engines.write().expect("engines lock").remove(&v.id) {
+            e.stop();
+        }
         drop(ex);
-        if let Some(rt) = rt {
-            // The volume is gone from the state; if freeing fails here the
-            // next start frees the orphaned replica.
-            if let Err(e) = rt.replica.destroy() {
-                tracing::error!(volume = %name, error = %e, "freeing deleted volume's space failed; retried at next start");
-            }
+        // The volume is gone from the state; each replica node's reconciler
+        // frees its copy (this node's now). A failure here is retried.
+        if let Err(e) = self.hosts.destroy(v.id) {
+            tracing::error!(volume = %name, error = %e, "freeing deleted volume's space failed; retried");
         }
         tracing::info!(volume = %name, "deleted volume");
         Ok(())
@@ -576,14 +666,13 @@ impl VolumeManager {
         self.cfg.fuse_dir.join(id.to_string())
     }
 
-    pub fn attach(&self, name: &str) -> Result<String, VolumeError> {
+    pub fn attach(&self, name: &str, force: bool) -> Result<String, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
-        self.attach_locked(&v)
+        self.attach_locked(&v, force)
     }
 
-    fn attach_locked(&self, v: &Volume) -> Result<String, VolumeError> {
-        self.require_local(v)?;
+    fn attach_locked(&self, v: &Volume, force: bool) -> Result<String, VolumeError> {
         if let Some(rec) = self.local_record(v.id) {
             if loopdev::backing_file(Path::new(&rec.device)).as_deref()
                 == Some(self.fuse_path(v.id).as_path())
@@ -603,10 +692,12 @@ impl VolumeManager {
                 Command::Attach {
                     id: v.id,
                     node: self.cfg.node_id,
+                    force,
                 },
                 &v.name,
             )?;
         }
+        let v = &self.find(&v.name)?;
         match self.bind_device(v) {
             Ok(dev) => {
                 let mut rec = self.local_record(v.id).unwrap_or_default();
@@ -628,9 +719,27 @@ impl VolumeManager {
         }
     }
 
-    /// FUSE file + loop device for a volume whose attachment is recorded.
+    /// FUSE file + loop device for a volume whose attachment to this node
+    /// is recorded: the engine moves to the attachment's epoch first, which
+    /// fences any older engine on every replica.
     fn bind_device(&self, v: &Volume) -> Result<String, VolumeError> {
-        let engine = self.engine(v.id)?;
+        let epoch = match &v.attachment {
+            Some(a) if a.node == self.cfg.node_id => a.epoch,
+            _ => {
+                return Err(VolumeError::AttachedElsewhere {
+                    name: v.name.clone(),
+                    node: v
+                        .attachment
+                        .as_ref()
+                        .map(|a| self.node_name(a.node))
+                        .unwrap_or_default(),
+                })
+            }
+        };
+        let engine = self.engine_for(v)?;
+        engine
+            .activate(v, epoch)
+            .map_err(|e| VolumeError::Device(format!("opening the replicas of {}: {e}", v.name)))?;
         let path = {
             let fuse = self.fuse.lock().expect("fuse lock");
             let fuse = fuse
@@ -699,6 +808,13 @@ impl VolumeManager {
         }
         self.unbind_device(v.id, &rec.device)?;
         self.save_local(v.id, None)?;
+        // Everything written is durable on the replicas before the volume
+        // is released to another node.
+        if let Some(e) = self.engine(v.id) {
+            if let Err(err) = e.flush() {
+                tracing::error!(volume = %v.name, error = %err, "flush before detach failed");
+            }
+        }
         self.propose(
             Command::Detach {
                 id: v.id,
@@ -706,11 +822,6 @@ impl VolumeManager {
             },
             &v.name,
         )?;
-        if let Ok(e) = self.engine(v.id) {
-            if let Err(err) = e.flush() {
-                tracing::error!(volume = %v.name, error = %err, "flush after detach failed");
-            }
-        }
         tracing::info!(volume = %v.name, "detached volume");
         Ok(())
     }
@@ -752,7 +863,12 @@ impl VolumeManager {
         Ok(p.components().collect())
     }
 
-    pub fn mount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {
+    pub fn mount(
+        &self,
+        name: &str,
+        path: &str,
+        force: bool,
+    ) -> Result<api::VolumeInfo, VolumeError> {
         let path = Self::check_path(path)?;
         if path.starts_with(&self.cfg.fuse_dir) || self.cfg.fuse_dir.starts_with(&path) {
             return Err(VolumeError::InvalidPath(format!(
@@ -778,7 +894,7 @@ impl VolumeManager {
             )));
         }
         let was_attached = self.local_record(v.id).is_some();
-        let dev = self.attach_locked(&v)?;
+        let dev = self.attach_locked(&v, force)?;
         let r = self.format_and_mount(&v, Path::new(&dev), &path);
         if let Err(e) = r {
             if !was_attached {
@@ -928,9 +1044,10 @@ impl VolumeManager {
                 tracing::warn!(volume = %id, error = %e, "unbinding at shutdown failed");
             }
         }
-        for r in self.runtime.read().expect("runtime lock").values() {
-            if let Err(e) = r.engine.flush() {
-                tracing::error!(volume = %r.engine.volume, error = %e, "flush at shutdown failed");
+        for e in self.engines.read().expect("engines lock").values() {
+            e.stop();
+            if let Err(err) = e.flush() {
+                tracing::error!(volume = %e.volume, error = %err, "flush at shutdown failed");
             }
         }
         if let Some(f) = self.fuse.lock().expect("fuse lock").take() {
@@ -980,8 +1097,11 @@ impl ExportProvider for NbdExports {
         let m = &self.0;
         let mut ex = m.exports.lock().expect("exports lock");
         let v = m.find(name).map_err(|e| e.to_string())?;
-        m.require_local(&v).map_err(|e| e.to_string())?;
-        let engine = m.engine(v.id).map_err(|e| e.to_string())?;
+        let engine = m.engine_for(&v).map_err(|e| e.to_string())?;
+        if v.attachment.is_none() {
+            // Unattached: the engine serves at the current epoch.
+            engine.activate(&v, v.epoch).map_err(|e| e.to_string())?;
+        }
         // Attached anywhere: readers only, so NBD never writes under a
         // mounted filesystem or another node's engine.
         let writer = v.attachment.is_none();

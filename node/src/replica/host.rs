@@ -1,0 +1,232 @@
+//! The replicas this node hosts, each behind an epoch fence.
+//!
+//! Fencing: a replica remembers (durably) the newest epoch it has been
+//! opened with and refuses I/O from any older epoch, so once the engine of a
+//! new attachment has opened a replica, the engine of the previous one can
+//! never change it again. Every I/O holds the fence's read lock from the
+//! check to the end of the I/O, and raising the fence takes the write lock:
+//! no old-epoch write is still landing when `open` returns.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use super::{LocalReplica, ReplicaError};
+use crate::cluster::store::ClusterStore;
+use crate::pool::Pool;
+use crate::types::{NodeId, VolumeId};
+
+pub struct Hosted {
+    pub replica: Arc<LocalReplica>,
+    fence: RwLock<u64>,
+    fences: sled::Tree,
+    db: sled::Db,
+    gone: AtomicBool,
+}
+
+impl Hosted {
+    fn meta(e: sled::Error) -> ReplicaError {
+        ReplicaError::Meta(e.to_string())
+    }
+
+    /// Raises the fence to `epoch`; refused if it is already higher.
+    pub fn open(&self, epoch: u64) -> Result<(), ReplicaError> {
+        let mut f = self.fence.write().expect("fence lock");
+        if self.gone.load(Ordering::Acquire) {
+            return Err(ReplicaError::Gone(self.replica.volume));
+        }
+        if epoch < *f {
+            return Err(ReplicaError::Fenced { epoch, fence: *f });
+        }
+        if epoch > *f {
+            self.fences
+                .insert(self.replica.volume.to_string(), &epoch.to_le_bytes())
+                .map_err(Self::meta)?;
+            self.db.flush().map_err(Self::meta)?;
+            *f = epoch;
+        }
+        Ok(())
+    }
+
+    pub fn fence(&self) -> u64 {
+        *self.fence.read().expect("fence lock")
+    }
+
+    /// Admits one I/O of `epoch`; hold the guard until the I/O is done.
+    fn admit(&self, epoch: u64) -> Result<RwLockReadGuard<'_, u64>, ReplicaError> {
+        loop {
+            let g = self.fence.read().expect("fence lock");
+            if self.gone.load(Ordering::Acquire) {
+                return Err(ReplicaError::Gone(self.replica.volume));
+            }
+            if epoch < *g {
+                return Err(ReplicaError::Fenced { epoch, fence: *g });
+            }
+            if epoch == *g {
+                return Ok(g);
+            }
+            // A newer engine that did not open yet: opening is implied.
+            drop(g);
+            self.open(epoch)?;
+        }
+    }
+
+    pub fn read(&self, epoch: u64, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        let _g = self.admit(epoch)?;
+        self.replica.read(offset, buf)
+    }
+
+    pub fn write(&self, epoch: u64, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
+        let _g = self.admit(epoch)?;
+        self.replica.write(offset, buf)
+    }
+
+    pub fn zero_range(&self, epoch: u64, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        let _g = self.admit(epoch)?;
+        self.replica.zero_range(offset, len)
+    }
+
+    pub fn flush(&self, epoch: u64) -> Result<(), ReplicaError> {
+        let _g = self.admit(epoch)?;
+        self.replica.flush()
+    }
+
+    /// crc32 per extent for `count` extents from `first` (`None`: unallocated).
+    pub fn checksums(
+        &self,
+        epoch: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<Option<u32>>, ReplicaError> {
+        let _g = self.admit(epoch)?;
+        (first..first + count)
+            .map(|e| self.replica.extent_checksum(e))
+            .collect()
+    }
+}
+
+/// Every replica hosted on this node, created when the cluster state lists
+/// this node for a volume and destroyed when it no longer does.
+pub struct HostMap {
+    pub me: NodeId,
+    db: sled::Db,
+    pool: Arc<Pool>,
+    fences: sled::Tree,
+    map: RwLock<HashMap<VolumeId, Arc<Hosted>>>,
+}
+
+impl HostMap {
+    pub fn new(me: NodeId, db: sled::Db, pool: Arc<Pool>) -> Result<HostMap, String> {
+        let fences = db.open_tree("fences").map_err(|e| e.to_string())?;
+        Ok(HostMap {
+            me,
+            db,
+            pool,
+            fences,
+            map: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn extent_size(&self) -> u64 {
+        self.pool.extent_size
+    }
+
+    fn stored_fence(&self, id: VolumeId) -> u64 {
+        self.fences
+            .get(id.to_string())
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    }
+
+    /// Adds an already loaded replica (start-up, after its extents were claimed).
+    pub fn insert(&self, replica: Arc<LocalReplica>) -> Arc<Hosted> {
+        let id = replica.volume;
+        let h = Arc::new(Hosted {
+            replica,
+            fence: RwLock::new(self.stored_fence(id)),
+            fences: self.fences.clone(),
+            db: self.db.clone(),
+            gone: AtomicBool::new(false),
+        });
+        self.map
+            .write()
+            .expect("host map lock")
+            .insert(id, h.clone());
+        h
+    }
+
+    pub fn get(&self, id: VolumeId) -> Option<Arc<Hosted>> {
+        self.map.read().expect("host map lock").get(&id).cloned()
+    }
+
+    pub fn ids(&self) -> Vec<VolumeId> {
+        self.map
+            .read()
+            .expect("host map lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// The hosted replica of `id`, created (empty) when the cluster state
+    /// lists this node for it. The state is read linearizably before a
+    /// refusal, so a request racing the volume's creation is not refused.
+    pub fn get_or_create(
+        &self,
+        id: VolumeId,
+        store: &ClusterStore,
+    ) -> Result<Arc<Hosted>, ReplicaError> {
+        if let Some(h) = self.get(id) {
+            return Ok(h);
+        }
+        let listed = |s: &ClusterStore| {
+            s.read()
+                .volumes
+                .get(&id)
+                .is_some_and(|v| v.has_replica_on(self.me))
+        };
+        if !listed(store) {
+            let _ = store.sync_read();
+            if !listed(store) {
+                return Err(ReplicaError::Gone(id));
+            }
+        }
+        let mut map = self.map.write().expect("host map lock");
+        if let Some(h) = map.get(&id) {
+            return Ok(h.clone());
+        }
+        let (rep, mut owned) = LocalReplica::load(&self.db, self.pool.clone(), id)?;
+        self.pool.claim_all(&mut owned).map_err(|a| {
+            ReplicaError::Meta(format!("extent {a:?} of replica {id} is claimed twice"))
+        })?;
+        let h = Arc::new(Hosted {
+            replica: Arc::new(rep),
+            fence: RwLock::new(self.stored_fence(id)),
+            fences: self.fences.clone(),
+            db: self.db.clone(),
+            gone: AtomicBool::new(false),
+        });
+        map.insert(id, h.clone());
+        tracing::info!(volume = %id, "created local replica");
+        Ok(h)
+    }
+
+    /// Frees a replica this node no longer holds: no I/O is admitted after
+    /// this starts, then its extents return to the pool.
+    pub fn destroy(&self, id: VolumeId) -> Result<(), ReplicaError> {
+        let Some(h) = self.map.write().expect("host map lock").remove(&id) else {
+            return Ok(());
+        };
+        {
+            let _f = h.fence.write().expect("fence lock");
+            h.gone.store(true, Ordering::Release);
+        }
+        h.replica.destroy()?;
+        let _ = self.fences.remove(id.to_string());
+        tracing::info!(volume = %id, "freed local replica");
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! The data protocol's server side: remote engines' I/O to the replicas
+//! this node hosts. Every field is checked before use (version, cluster,
+//! volume id, ranges, checksums); pool I/O runs on the blocking pool.
+
+use std::sync::{Arc, OnceLock};
+
+use cairn_proto::data::data_server::Data;
+use cairn_proto::data::{
+    ChecksumsReply, ChecksumsRequest, Done, ExtentChecksum, FlushRequest, Header, OpenReply,
+    OpenRequest, ReadReply, ReadRequest, WriteRequest, ZeroRequest, DATA_PROTOCOL_MIN,
+    DATA_PROTOCOL_VERSION,
+};
+use prost::bytes::Bytes;
+use tonic::{Request, Response, Status};
+
+use super::host::{HostMap, Hosted};
+use super::ReplicaError;
+use crate::cluster::store::ClusterStore;
+use crate::types::{VolumeId, MAX_VOLUME_SIZE};
+
+/// Most bytes one read or write may carry, and most extents one checksum
+/// request may cover.
+pub const MAX_IO: u64 = 8 << 20;
+pub const MAX_CHECKSUM_EXTENTS: u32 = 256;
+
+#[derive(Clone, Default)]
+pub struct DataService {
+    pub inner: Arc<OnceLock<(Arc<ClusterStore>, Arc<HostMap>)>>,
+}
+
+// tonic's Status is large; every helper hands it straight back to tonic.
+#[allow(clippy::result_large_err)]
+fn replica_status(e: ReplicaError) -> Status {
+    match e {
+        ReplicaError::Fenced { fence, .. } => {
+            let mut s = Status::aborted(e.to_string());
+            if let Ok(v) = fence.to_string().parse() {
+                s.metadata_mut().insert("cairn-fence", v);
+            }
+            s
+        }
+        ReplicaError::Gone(_) => Status::not_found(e.to_string()),
+        ReplicaError::NoSpace => Status::resource_exhausted(e.to_string()),
+        ReplicaError::Corrupt(_) => Status::data_loss(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn check_range(offset: u64, len: u64, limit: u64) -> Result<(), Status> {
+    if len > limit {
+        return Err(Status::invalid_argument(format!(
+            "request of {len} bytes exceeds the limit of {limit}"
+        )));
+    }
+    if offset
+        .checked_add(len)
+        .is_none_or(|end| end > MAX_VOLUME_SIZE)
+    {
+        return Err(Status::invalid_argument(format!(
+            "range [{offset}, +{len}) is outside any volume"
+        )));
+    }
+    Ok(())
+}
+
+impl DataService {
+    /// Validates the header and finds (or creates) the hosted replica.
+    async fn hosted(&self, h: Option<Header>) -> Result<(u64, Arc<Hosted>), Status> {
+        let (store, hosts) = self
+            .inner
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))?;
+        let h = h.ok_or_else(|| Status::invalid_argument("missing header"))?;
+        if h.version < DATA_PROTOCOL_MIN || h.version > DATA_PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "data protocol version {} is not supported (this node speaks {DATA_PROTOCOL_MIN}..={DATA_PROTOCOL_VERSION})",
+                h.version
+            )));
+        }
+        let ours = store.read().cluster_id.to_string();
+        if h.cluster_id != ours {
+            return Err(Status::failed_precondition(format!(
+                "this node belongs to cluster {ours}, not {}",
+                h.cluster_id
+            )));
+        }
+        let id: VolumeId = h
+            .volume_id
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("volume id: {e}")))?;
+        let epoch = h.epoch;
+        let hosted = tokio::task::spawn_blocking(move || hosts.get_or_create(id, &store))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(replica_status)?;
+        Ok((epoch, hosted))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReplicaError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(replica_status)
+}
+
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        let (epoch, h) = self.hosted(req.into_inner().header).await?;
+        let (es, allocated) = (h.replica.extent_size(), h.replica.allocated_bytes());
+        blocking(move || h.open(epoch)).await?;
+        Ok(Response::new(OpenReply {
+            version: DATA_PROTOCOL_VERSION,
+            extent_size: es,
+            allocated_bytes: allocated,
+        }))
+    }
+
+    async fn write(&self, req: Request<WriteRequest>) -> Result<Response<Done>, Status> {
+        let r = req.into_inner();
+        check_range(r.offset, r.data.len() as u64, MAX_IO)?;
+        if crc32fast::hash(&r.data) != r.crc32 {
+            return Err(Status::data_loss(format!(
+                "write of {} bytes at {}: checksum mismatch",
+                r.data.len(),
+                r.offset
+            )));
+        }
+        let (epoch, h) = self.hosted(r.header).await?;
+        let (offset, data) = (r.offset, r.data);
+        blocking(move || h.write(epoch, offset, &data)).await?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        let r = req.into_inner();
+        check_range(r.offset, r.length as u64, MAX_IO)?;
+        let (epoch, h) = self.hosted(r.header).await?;
+        let (offset, len) = (r.offset, r.length as usize);
+        let data = blocking(move || {
+            let mut buf = vec![0u8; len];
+            h.read(epoch, offset, &mut buf)?;
+            Ok(buf)
+        })
+        .await?;
+        Ok(Response::new(ReadReply {
+            crc32: crc32fast::hash(&data),
+            data: Bytes::from(data),
+        }))
+    }
+
+    async fn zero(&self, req: Request<ZeroRequest>) -> Result<Response<Done>, Status> {
+        let r = req.into_inner();
+        check_range(r.offset, r.length, MAX_VOLUME_SIZE)?;
+        let (epoch, h) = self.hosted(r.header).await?;
+        let (offset, len) = (r.offset, r.length);
+        blocking(move || h.zero_range(epoch, offset, len)).await?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<Done>, Status> {
+        let (epoch, h) = self.hosted(req.into_inner().header).await?;
+        blocking(move || h.flush(epoch)).await?;
+        Ok(Response::new(Done {}))
+    }
+
+    async fn checksums(
+        &self,
+        req: Request<ChecksumsRequest>,
+    ) -> Result<Response<ChecksumsReply>, Status> {
+        let r = req.into_inner();
+        if r.count > MAX_CHECKSUM_EXTENTS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_CHECKSUM_EXTENTS} extents per request"
+            )));
+        }
+        let (epoch, h) = self.hosted(r.header).await?;
+        let es = h.replica.extent_size();
+        check_range(
+            r.first_extent.saturating_mul(es),
+            r.count as u64 * es,
+            MAX_VOLUME_SIZE,
+        )?;
+        let (first, count) = (r.first_extent, r.count as u64);
+        let sums = blocking(move || h.checksums(epoch, first, count)).await?;
+        Ok(Response::new(ChecksumsReply {
+            extent_size: es,
+            extents: sums
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| ExtentChecksum {
+                    extent: first + i as u64,
+                    allocated: s.is_some(),
+                    crc32: s.unwrap_or(0),
+                })
+                .collect(),
+        }))
+    }
+}
