@@ -119,6 +119,15 @@ pub struct VolumeInfo {
     pub replicas: Vec<ReplicaInfo>,
 }
 
+/// Answer of `POST /v1/volumes/{name}/verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub extents_compared: u64,
+    pub replicas_compared: u32,
+    /// Extents whose checksums differ between healthy replicas.
+    pub mismatched_extents: Vec<u64>,
+}
+
 /// One copy of a volume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaInfo {

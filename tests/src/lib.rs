@@ -514,3 +514,200 @@ pub fn expect_failure(mut cmd: Command, timeout: Duration) -> String {
     assert!(!status.success(), "{cmd:?} succeeded");
     err
 }
+
+// ---- clusters -------------------------------------------------------------
+
+pub fn status(n: &TestNode) -> Option<Value> {
+    let r = Client::new(&n.api_url())
+        .ok()?
+        .request("GET", "/v1/cluster", None)
+        .ok()?;
+    serde_json::from_slice(&r.body).ok()
+}
+
+pub fn names(n: &TestNode) -> Vec<String> {
+    let (_, v) = n.api("GET", "/v1/volumes", None);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Short liveness settings so that `down`/`up` marking is observable.
+pub const LIVENESS: [&str; 4] = ["--heartbeat-interval", "500ms", "--node-down-timeout", "3s"];
+
+/// The state (`up`/`down`) of node `name` as `node` reports it.
+pub fn node_state(n: &TestNode, name: &str) -> Option<String> {
+    let (code, v) = n.api("GET", "/v1/nodes", None);
+    if code != 200 {
+        return None;
+    }
+    v.as_array()?
+        .iter()
+        .find(|x| x["name"] == name)
+        .and_then(|x| x["state"].as_str().map(str::to_string))
+}
+
+/// Starts a bootstrap node and `n - 1` joiners on 127.0.0.(base+i), with
+/// 256 MiB pools and [`LIVENESS`] settings; waits until all agree.
+pub fn cluster(tag: &str, n: usize, base: u8) -> Vec<TestNode> {
+    cluster_with(tag, &vec!["256MiB"; n], base)
+}
+
+/// Like [`cluster`], with one pool size per node.
+pub fn cluster_with(tag: &str, pools: &[&str], base: u8) -> Vec<TestNode> {
+    let n = pools.len();
+    let first = TestNode::start_on(
+        &format!("{tag}-1"),
+        &format!("127.0.0.{base}"),
+        pools[0],
+        &[
+            "--node-name",
+            "n1",
+            LIVENESS[0],
+            LIVENESS[1],
+            LIVENESS[2],
+            LIVENESS[3],
+        ],
+    );
+    let join = first.peer_address();
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        let name = format!("n{i}");
+        let node = TestNode::start_on(
+            &format!("{tag}-{i}"),
+            &format!("127.0.0.{}", base as usize + i - 1),
+            pools[i - 1],
+            &[
+                "--node-name",
+                &name,
+                "--join",
+                &join,
+                LIVENESS[0],
+                LIVENESS[1],
+                LIVENESS[2],
+                LIVENESS[3],
+            ],
+        );
+        nodes.push(node);
+    }
+    wait_for(
+        "every node to see the same leader and all members",
+        Duration::from_secs(30),
+        || {
+            let all: Vec<Option<Value>> = nodes.iter().map(status).collect();
+            let leaders: Vec<_> = all
+                .iter()
+                .map(|s| s.as_ref().map(|s| s["leader"].clone()))
+                .collect();
+            all.iter().all(|s| {
+                s.as_ref().is_some_and(|s| {
+                    s["members"].as_array().map(|m| m.len()) == Some(n) && !s["leader"].is_null()
+                })
+            }) && leaders.windows(2).all(|w| w[0] == w[1])
+        },
+    );
+    nodes
+}
+
+// ---- direct I/O and metrics -------------------------------------------------
+
+/// A 4 KiB-aligned buffer for O_DIRECT I/O.
+pub struct DirectBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl DirectBuf {
+    pub fn new(len: usize) -> DirectBuf {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+        // SAFETY: the layout has a non-zero size (callers pass whole blocks).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation failed");
+        DirectBuf { ptr, len }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the buffer's lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for DirectBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+fn open_direct(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// Reads `len` bytes at `offset` bypassing the page cache.
+pub fn read_direct(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = open_direct(path, false)?;
+    let mut buf = DirectBuf::new(len);
+    f.read_exact_at(buf.as_mut_slice(), offset)?;
+    Ok(buf.as_slice().to_vec())
+}
+
+/// Writes `data` at `offset` with O_DIRECT, then fsync.
+pub fn write_direct(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = open_direct(path, true)?;
+    let mut buf = DirectBuf::new(data.len());
+    buf.as_mut_slice().copy_from_slice(data);
+    f.write_all_at(buf.as_slice(), offset)?;
+    f.sync_all()
+}
+
+/// The value of one Prometheus sample (`name{labels}`) from a node's /metrics.
+pub fn metric(n: &TestNode, series: &str) -> Option<f64> {
+    let r = Client::new(&n.api_url())
+        .ok()?
+        .request("GET", "/metrics", None)
+        .ok()?;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `(node name, state)` of each replica of `volume`, as `n` reports them.
+pub fn replica_states(n: &TestNode, volume: &str) -> Vec<(String, String)> {
+    let (code, v) = n.api("GET", &format!("/v1/volumes/{volume}"), None);
+    if code != 200 {
+        return Vec::new();
+    }
+    v["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    (
+                        r["node"].as_str().unwrap_or_default().to_string(),
+                        r["state"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -140,6 +140,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/detach", post(detach))
         .route("/v1/volumes/{name}/mount", post(mount))
         .route("/v1/volumes/{name}/unmount", post(unmount))
+        .route("/v1/volumes/{name}/verify", post(verify))
         .route("/v1/pool", get(pool))
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))
@@ -255,6 +256,16 @@ async fn attach(
     let m = s.mgr.clone();
     let device = blocking(move || m.attach(&name, req.force)).await?;
     Ok(Json(api::AttachInfo { device }))
+}
+
+async fn verify(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<api::VerifyReport>> {
+    empty_body(&body)?;
+    let m = s.mgr.clone();
+    Ok(Json(blocking(move || m.verify(&name)).await?))
 }
 
 async fn detach(
@@ -456,6 +467,7 @@ mod tests {
             "/v1/volumes/{name}/detach",
             "/v1/volumes/{name}/mount",
             "/v1/volumes/{name}/unmount",
+            "/v1/volumes/{name}/verify",
             "/v1/pool",
             "/v1/node",
             "/v1/nodes",

@@ -161,6 +161,8 @@ pub enum VolumeCmd {
     },
     /// Detach the block device.
     Detach { name: String },
+    /// Compare extent checksums across the healthy replicas (on the attaching node).
+    Verify { name: String },
     /// Attach, format on first use, and mount at PATH.
     Mount {
         name: String,
@@ -328,6 +330,27 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                     None,
                 )?,
                 render_volume,
+            ),
+            VolumeCmd::Verify { name } => (
+                call(
+                    &c,
+                    "POST",
+                    &format!("/v1/volumes/{}/verify", seg(&name)),
+                    None,
+                )?,
+                |v| {
+                    let bad = v["mismatched_extents"].as_array().map_or(0, |a| a.len());
+                    format!(
+                        "{} extents compared across {} healthy replicas: {}",
+                        s(&v["extents_compared"]),
+                        s(&v["replicas_compared"]),
+                        if bad == 0 {
+                            "consistent".to_string()
+                        } else {
+                            format!("{bad} differ: {}", v["mismatched_extents"])
+                        }
+                    )
+                },
             ),
             VolumeCmd::Mount { name, path, force } => {
                 let mut body = json!({ "path": absolute(path)? });

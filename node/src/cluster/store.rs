@@ -438,8 +438,20 @@ impl ClusterStore {
         let cluster_id = self.read().cluster_id.to_string();
         let timeout = deadline.saturating_duration_since(Instant::now());
         let deadline_unix_ms = now_unix_ms() + timeout.as_millis() as u64;
+        let leader = self.status().leader_id;
         // The client is built inside the runtime: its connection task needs one.
         let r = self.handle.block_on(async move {
+            // Gives up on a leader that was deposed (or froze) while we
+            // waited, so the caller retries with the new one.
+            let deposed = async {
+                loop {
+                    tokio::time::sleep(TICK).await;
+                    let now = self.status().leader_id;
+                    if now != 0 && now != leader {
+                        return;
+                    }
+                }
+            };
             let mut client = {
                 let mut clients = self.forward_clients.lock().expect("clients lock");
                 match clients.get(addr) {
@@ -451,16 +463,21 @@ impl ClusterStore {
                     }
                 }
             };
-            match tokio::time::timeout(
+            let call = tokio::time::timeout(
                 timeout,
                 client.propose(ProposeRequest {
                     cluster_id,
                     command,
                     deadline_unix_ms,
                 }),
-            )
-            .await
-            {
+            );
+            let answered = tokio::select! {
+                r = call => r,
+                _ = deposed => {
+                    return Err(StoreError::Unavailable("the leader changed".into()));
+                }
+            };
+            match answered {
                 Err(_) => Err(StoreError::Unavailable(
                     "the leader did not answer in time".into(),
                 )),

@@ -81,6 +81,9 @@ pub enum Target {
 const HEALTHY: u8 = 0;
 const REBUILDING: u8 = 1;
 const FAULTED: u8 = 2;
+/// Failed, but the fault could not be recorded yet (no quorum): the slot
+/// gets no I/O, and no I/O completes until the fault is recorded.
+const SUSPECT: u8 = 3;
 
 fn code(s: ReplicaState) -> u8 {
     match s {
@@ -128,6 +131,8 @@ pub struct Engine {
     /// Bytes copied to rebuild targets since the engine started.
     pub rebuild_bytes: AtomicU64,
     stopped: AtomicBool,
+    /// crc32 of an all-zero extent.
+    zero_crc: u32,
 }
 
 /// What one replica did with one request.
@@ -141,6 +146,7 @@ impl Engine {
         ctx: Arc<EngineCtx>,
         metrics: Arc<VolumeMetrics>,
     ) -> Result<Arc<Engine>, EngineError> {
+        let ctx_extent = ctx.hosts.extent_size();
         let e = Arc::new(Engine {
             volume: v.id,
             size: AtomicU64::new(v.size_bytes),
@@ -153,6 +159,7 @@ impl Engine {
             progress: Mutex::new(RebuildProgress::default()),
             rebuild_bytes: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            zero_crc: crc32fast::hash(&vec![0u8; ctx_extent as usize]),
         });
         e.sync_slots(v)?;
         Ok(e)
@@ -302,25 +309,49 @@ impl Engine {
     /// recorded.
     fn settle(&self, results: Vec<Outcome>) -> Result<(), EngineError> {
         let mut healthy_ok = false;
-        let mut first_err = None;
+        let mut fatal: Option<EngineError> = None;
+        let mut other: Option<EngineError> = None;
         for (slot, r) in results {
             match r {
                 Ok(()) => healthy_ok |= slot.state() == HEALTHY,
-                Err(e @ ReplicaError::Fenced { .. }) => return Err(e.into()),
-                Err(e @ ReplicaError::NoSpace) => return Err(e.into()),
-                Err(e) => {
-                    self.mark_faulted(&slot, &e.to_string())?;
-                    first_err.get_or_insert(e);
+                Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::NoSpace)) => {
+                    fatal.get_or_insert(e.into());
                 }
+                Err(e) => match self.mark_faulted(&slot, &e.to_string()) {
+                    // Nothing completes on an unrecorded degraded set.
+                    Err(unrecorded) => {
+                        fatal.get_or_insert(unrecorded);
+                    }
+                    Ok(()) => {
+                        other.get_or_insert(EngineError::Replica(e));
+                    }
+                },
             }
         }
-        if healthy_ok {
-            Ok(())
-        } else {
-            Err(first_err
-                .map(EngineError::from)
-                .unwrap_or(EngineError::NoReplica))
+        if let Some(e) = fatal {
+            return Err(e);
         }
+        if healthy_ok {
+            return Ok(());
+        }
+        Err(other.unwrap_or(EngineError::NoReplica))
+    }
+
+    /// Before any I/O: faults that could not be recorded earlier must be
+    /// recorded now, or the I/O fails.
+    fn record_suspects(&self) -> Result<(), EngineError> {
+        let suspects: Vec<Arc<Slot>> = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .filter(|s| s.state() == SUSPECT)
+            .cloned()
+            .collect();
+        for s in suspects {
+            self.mark_faulted(&s, "an earlier failure")?;
+        }
+        Ok(())
     }
 
     /// Records `slot` faulted in the cluster state (with this engine's
@@ -341,11 +372,14 @@ impl Engine {
                 slot.state.store(FAULTED, Ordering::Release);
                 Ok(())
             }
-            Err(e) => Err(EngineError::Unrecorded {
-                node: slot.node,
-                why: why.into(),
-                record: e.to_string(),
-            }),
+            Err(e) => {
+                slot.state.store(SUSPECT, Ordering::Release);
+                Err(EngineError::Unrecorded {
+                    node: slot.node,
+                    why: why.into(),
+                    record: e.to_string(),
+                })
+            }
         }
     }
 
@@ -354,7 +388,7 @@ impl Engine {
             .read()
             .expect("slots lock")
             .iter()
-            .filter(|s| s.state() != FAULTED)
+            .filter(|s| matches!(s.state(), HEALTHY | REBUILDING))
             .cloned()
             .collect()
     }
@@ -398,6 +432,7 @@ impl Engine {
         let t = Instant::now();
         let r = self
             .check(offset, buf.len() as u64)
+            .and_then(|_| self.record_suspects())
             .and_then(|_| self.read_any(offset, buf));
         self.metrics
             .record_read(buf.len() as u64, t.elapsed(), r.is_ok());
@@ -435,6 +470,7 @@ impl Engine {
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
         let t = Instant::now();
         let r = self.check(offset, buf.len() as u64).and_then(|_| {
+            self.record_suspects()?;
             let _locks = self.lock_shared(offset, buf.len() as u64);
             let slots = self.writable();
             let data = if slots.iter().any(|s| !s.is_local()) {
@@ -485,6 +521,7 @@ impl Engine {
     /// TRIM/discard and write-zeroes: the range reads as zeros afterwards.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let r = self.check(offset, len).and_then(|_| {
+            self.record_suspects()?;
             let _locks = self.lock_shared(offset, len);
             let slots = self.writable();
             let results = self.fan_out(&slots, |t, e| async move {
@@ -501,6 +538,10 @@ impl Engine {
 
     pub fn flush(&self) -> Result<(), EngineError> {
         let t = Instant::now();
+        if let Err(e) = self.record_suspects() {
+            self.metrics.record_flush(t.elapsed(), false);
+            return Err(e);
+        }
         let slots = self.writable();
         let results = self.fan_out(&slots, |t, e| async move {
             match t {
@@ -511,6 +552,55 @@ impl Engine {
         let r = self.settle(results);
         self.metrics.record_flush(t.elapsed(), r.is_ok());
         r
+    }
+
+    /// Compares every extent's checksum across the healthy replicas, with
+    /// writes held off batch by batch so the comparison sees a stable
+    /// volume. Returns (extents compared, replicas compared, mismatched
+    /// extents).
+    pub fn verify(&self) -> Result<(u64, usize, Vec<u64>), EngineError> {
+        const BATCH: u64 = 64;
+        let total = self.size().div_ceil(self.extent_size);
+        let mut mismatched = Vec::new();
+        let mut replicas = 0;
+        let mut first = 0;
+        while first < total {
+            let count = BATCH.min(total - first);
+            let _all: Vec<_> = self
+                .stripes
+                .iter()
+                .map(|s| s.write().expect("stripe lock"))
+                .collect();
+            let healthy: Vec<Arc<Slot>> = self
+                .slots
+                .read()
+                .expect("slots lock")
+                .iter()
+                .filter(|s| s.state() == HEALTHY)
+                .cloned()
+                .collect();
+            replicas = healthy.len();
+            let mut sums = Vec::new();
+            for s in &healthy {
+                sums.push(self.checksums(&s.target, first, count)?);
+            }
+            for i in 0..count as usize {
+                if sums
+                    .iter()
+                    .any(|v| self.norm(v[i]) != self.norm(sums[0][i]))
+                {
+                    let detail: Vec<String> = healthy
+                        .iter()
+                        .zip(&sums)
+                        .map(|(s, v)| format!("{}={:?}", s.node, v[i]))
+                        .collect();
+                    tracing::warn!(volume = %self.volume, extent = first + i as u64, replicas = ?detail, "replicas differ");
+                    mismatched.push(first + i as u64);
+                }
+            }
+            first += count;
+        }
+        Ok((total, replicas, mismatched))
     }
 
     // ---- rebuild ------------------------------------------------------------
@@ -643,6 +733,11 @@ impl Engine {
         }
     }
 
+    /// An unallocated extent reads as zeros: compare it as such.
+    fn norm(&self, sum: Option<u32>) -> u32 {
+        sum.unwrap_or(self.zero_crc)
+    }
+
     fn source(&self) -> Option<Arc<Slot>> {
         self.slots
             .read()
@@ -690,12 +785,12 @@ impl Engine {
                 .checksums(&slot.target, first, count)
                 .map_err(|e| format!("target checksums: {e}"))?;
             for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
-                if x == y {
+                if self.norm(*x) == self.norm(*y) {
                     continue;
                 }
                 let extent = first + i as u64;
                 copied += self
-                    .copy_extent(&src, slot, extent, x.is_none())
+                    .copy_extent(&src, slot, extent)
                     .map_err(|e| format!("extent {extent}: {e}"))?;
                 self.throttle(started, copied);
             }
@@ -706,19 +801,20 @@ impl Engine {
     }
 
     /// Copies one extent under its exclusive lock; returns bytes sent.
-    fn copy_extent(
-        &self,
-        src: &Slot,
-        dst: &Slot,
-        extent: u64,
-        unallocated: bool,
-    ) -> Result<u64, ReplicaError> {
+    /// The comparison that selected it ran without the lock, so both sides
+    /// are looked at again under it before anything is written.
+    fn copy_extent(&self, src: &Slot, dst: &Slot, extent: u64) -> Result<u64, ReplicaError> {
         let _x = self.lock_extent(extent);
         let epoch = self.epoch();
         let es = self.extent_size;
         let offset = extent * es;
         let len = es.min(self.size() - offset);
-        if unallocated {
+        let from = self.checksums(&src.target, extent, 1)?[0];
+        let to = self.checksums(&dst.target, extent, 1)?[0];
+        if self.norm(from) == self.norm(to) {
+            return Ok(0);
+        }
+        if from.is_none() {
             return match &dst.target {
                 Target::Local(h) => h.zero_range(epoch, offset, len),
                 Target::Remote(r) => self.ctx.handle.block_on(r.zero(epoch, offset, len)),

@@ -91,6 +91,9 @@ impl DataService {
             .parse()
             .map_err(|e| Status::invalid_argument(format!("volume id: {e}")))?;
         let epoch = h.epoch;
+        if let Some(hosted) = hosts.get(id) {
+            return Ok((epoch, hosted));
+        }
         let hosted = tokio::task::spawn_blocking(move || hosts.get_or_create(id, &store))
             .await
             .map_err(|e| Status::internal(e.to_string()))?

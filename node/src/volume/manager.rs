@@ -430,6 +430,35 @@ impl VolumeManager {
         out
     }
 
+    /// Compares all healthy replicas extent by extent (through the engine
+    /// that serves the volume, so it must run on the attaching node).
+    pub fn verify(&self, name: &str) -> Result<api::VerifyReport, VolumeError> {
+        let v = self.find(name)?;
+        match &v.attachment {
+            Some(a) if a.node != self.cfg.node_id => {
+                return Err(VolumeError::AttachedElsewhere {
+                    name: name.into(),
+                    node: self.node_name(a.node),
+                })
+            }
+            _ => {}
+        }
+        let engine = self.engine_for(&v)?;
+        if v.attachment.is_none() {
+            engine
+                .activate(&v, v.epoch)
+                .map_err(|e| VolumeError::Device(e.to_string()))?;
+        }
+        let (extents, replicas, mismatched) = engine
+            .verify()
+            .map_err(|e| VolumeError::Device(format!("verifying {name}: {e}")))?;
+        Ok(api::VerifyReport {
+            extents_compared: extents,
+            replicas_compared: replicas as u32,
+            mismatched_extents: mismatched,
+        })
+    }
+
     pub fn inspect(&self, name: &str) -> Result<api::VolumeInfo, VolumeError> {
         Ok(self.info(&self.find(name)?))
     }
