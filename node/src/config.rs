@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// The leader marks a node `down` after this long without a heartbeat.
     #[arg(long, env = "CAIRN_NODE_DOWN_TIMEOUT")]
     pub node_down_timeout: Option<String>,
+    /// A replica whose node stays down this long is replaced elsewhere.
+    #[arg(long, env = "CAIRN_REPLICA_GRACE_PERIOD")]
+    pub replica_grace_period: Option<String>,
     /// Replicas of a volume created without `--replicas` (1 to 3).
     #[arg(long, env = "CAIRN_DEFAULT_REPLICAS")]
     pub default_replicas: Option<u32>,
@@ -99,6 +102,7 @@ struct FileConfig {
     node_down_timeout: Option<String>,
     default_replicas: Option<u32>,
     rebuild_bandwidth: Option<String>,
+    replica_grace_period: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +123,7 @@ pub struct Config {
     pub node_down_timeout: Duration,
     pub default_replicas: u32,
     pub rebuild_bandwidth: u64,
+    pub replica_grace_period: Duration,
     pub force_format: bool,
 }
 
@@ -312,6 +317,13 @@ impl Config {
                 "--node-down-timeout {node_down_timeout:?} must be at least twice --heartbeat-interval {heartbeat_interval:?}, or live nodes would be marked down"
             ));
         }
+        let replica_grace_period = parse_duration(
+            "--replica-grace-period",
+            &args
+                .replica_grace_period
+                .or(file.replica_grace_period)
+                .unwrap_or_else(|| "5m".into()),
+        )?;
         let default_replicas = args.default_replicas.or(file.default_replicas).unwrap_or(1);
         if !(1..=3).contains(&default_replicas) {
             return Err(format!(
@@ -344,6 +356,7 @@ impl Config {
             node_down_timeout,
             default_replicas,
             rebuild_bandwidth,
+            replica_grace_period,
             force_format: args.force_format,
         })
     }
@@ -373,6 +386,7 @@ mod tests {
             node_down_timeout: None,
             default_replicas: None,
             rebuild_bandwidth: None,
+            replica_grace_period: None,
             force_format: false,
         }
     }

@@ -178,14 +178,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }),
     };
     let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
-    let (beat_every, down_after) = (cfg.heartbeat_interval, cfg.node_down_timeout);
+    let beat_every = cfg.heartbeat_interval;
+    let timing = crate::cluster::liveness::Timing {
+        down_after: cfg.node_down_timeout,
+        replace_after: cfg.replica_grace_period,
+    };
     let live_store = store.clone();
     let recon_mgr = mgr.clone();
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
         tracing::info!(listen = %cfg.listen, nbd = %cfg.nbd_socket.display(), "cairn node is serving");
         let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, registration, beat_every));
-        let liveness = tokio::spawn(crate::cluster::liveness::run(live_store, down_after));
+        let liveness = tokio::spawn(crate::cluster::liveness::run(live_store, timing));
         let reconciler = tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
             loop {

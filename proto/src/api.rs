@@ -80,11 +80,17 @@ pub struct AttachRequest {
     pub force: bool,
 }
 
-/// `PATCH /v1/volumes/{name}`: only growing is supported.
+/// `PATCH /v1/volumes/{name}`: grow and/or change the replica count.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeUpdate {
-    pub size: SizeArg,
+    /// Grow to this size (volumes never shrink).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<SizeArg>,
+    /// Change the replica count (1 to 3); replicas are added or removed
+    /// online by the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 /// `POST /v1/volumes/{name}/mount` and `/unmount`.

@@ -559,38 +559,33 @@ pub fn cluster(tag: &str, n: usize, base: u8) -> Vec<TestNode> {
 
 /// Like [`cluster`], with one pool size per node.
 pub fn cluster_with(tag: &str, pools: &[&str], base: u8) -> Vec<TestNode> {
+    cluster_args(tag, pools, base, &[])
+}
+
+/// Like [`cluster_with`], with extra daemon arguments for every node.
+pub fn cluster_args(tag: &str, pools: &[&str], base: u8, extra: &[&str]) -> Vec<TestNode> {
     let n = pools.len();
+    let mut args: Vec<&str> = vec!["--node-name", "n1"];
+    args.extend(LIVENESS);
+    args.extend(extra);
     let first = TestNode::start_on(
         &format!("{tag}-1"),
         &format!("127.0.0.{base}"),
         pools[0],
-        &[
-            "--node-name",
-            "n1",
-            LIVENESS[0],
-            LIVENESS[1],
-            LIVENESS[2],
-            LIVENESS[3],
-        ],
+        &args,
     );
     let join = first.peer_address();
     let mut nodes = vec![first];
     for i in 2..=n {
         let name = format!("n{i}");
+        let mut args: Vec<&str> = vec!["--node-name", &name, "--join", &join];
+        args.extend(LIVENESS);
+        args.extend(extra);
         let node = TestNode::start_on(
             &format!("{tag}-{i}"),
             &format!("127.0.0.{}", base as usize + i - 1),
             pools[i - 1],
-            &[
-                "--node-name",
-                &name,
-                "--join",
-                &join,
-                LIVENESS[0],
-                LIVENESS[1],
-                LIVENESS[2],
-                LIVENESS[3],
-            ],
+            &args,
         );
         nodes.push(node);
     }

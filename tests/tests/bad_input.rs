@@ -98,12 +98,30 @@ fn api_refuses_bad_requests_and_changes_nothing() {
         v["error"]["message"].as_str().unwrap().contains("colour"),
         "{v}"
     );
+    // Replica counts: more than the nodes that are up, out of range, or
+    // nothing to update at all.
     let (st, v) = node.api(
         "PATCH",
         "/v1/volumes/ok",
         Some(&json!({ "size": "1G", "replicas": 3 })),
     );
+    assert_eq!((st, code(&v)), (409, "NotEnoughNodes"), "{v}");
+    let (st, v) = node.api("PATCH", "/v1/volumes/ok", Some(&json!({ "replicas": 0 })));
+    assert_eq!((st, code(&v)), (400, "InvalidReplicas"), "{v}");
+    let (st, v) = node.api("PATCH", "/v1/volumes/ok", Some(&json!({})));
     assert_eq!((st, code(&v)), (400, "InvalidBody"), "{v}");
+    let (st, v) = node.api(
+        "POST",
+        "/v1/volumes",
+        Some(&json!({ "name": "r4", "size": "1G", "replicas": 4 })),
+    );
+    assert_eq!((st, code(&v)), (400, "InvalidReplicas"), "{v}");
+    let (st, v) = node.api(
+        "POST",
+        "/v1/volumes",
+        Some(&json!({ "name": "r2", "size": "1G", "replicas": 2 })),
+    );
+    assert_eq!((st, code(&v)), (409, "NotEnoughNodes"), "{v}");
     let (st, v) = node.api("DELETE", "/v1/volumes/ok?forc=true", None);
     assert_eq!((st, code(&v)), (400, "InvalidQuery"), "{v}");
 

@@ -372,3 +372,113 @@ fn without_quorum_a_degraded_write_fails_instead_of_completing() {
     assert_eq!(read_direct(&dev, 0, a.len()).expect("read"), a);
     nodes[0].cli_ok(&["volume", "detach", "quorum"]);
 }
+
+#[test]
+fn five_nodes_replace_lost_replicas_after_the_grace_period() {
+    let mut nodes = cluster_args("r5", &["256MiB"; 5], 101, &["--replica-grace-period", "4s"]);
+    wait_for("five voters", Duration::from_secs(30), || {
+        status(&nodes[0]).is_some_and(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().filter(|m| m["role"] == "voter").count() == 5)
+        })
+    });
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "heal",
+        "--size",
+        "512MiB",
+        "--replicas",
+        "3",
+        "--locality",
+        "--fs",
+        "xfs",
+    ]);
+    let mnt = mount_dir(&nodes[0], "mnt");
+    nodes[0].cli_ok(&["volume", "mount", "heal", mnt.to_str().unwrap()]);
+    let before: Vec<String> = replica_states(&nodes[0], "heal")
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert!(before.contains(&"n1".to_string()), "{before:?}");
+    let writer = Writer::start(&mnt);
+    writer.wait_written(8 * MIB, Duration::from_secs(60));
+
+    // Kill both other replica nodes: the volume keeps serving from n1.
+    let victims: Vec<usize> = before
+        .iter()
+        .filter(|n| *n != "n1")
+        .map(|n| n[1..].parse::<usize>().unwrap() - 1)
+        .collect();
+    for v in &victims {
+        nodes[*v].kill9();
+    }
+    let at_kill = writer.written();
+    writer.wait_written(at_kill + 8 * MIB, Duration::from_secs(60));
+
+    // After the grace period the leader replaces them on the survivors.
+    let t = Instant::now();
+    let restored = || {
+        let r = replica_states(&nodes[0], "heal");
+        r.len() == 3
+            && r.iter().all(|(_, s)| s == "healthy")
+            && r.iter()
+                .all(|(n, _)| !victims.iter().any(|v| *n == format!("n{}", v + 1)))
+    };
+    while !restored() {
+        if t.elapsed() > Duration::from_secs(120) {
+            let logs: String = nodes
+                .iter()
+                .map(|n| n.log())
+                .collect::<Vec<_>>()
+                .join("\n")
+                .lines()
+                .filter(|l| l.contains("replica") || l.contains("rebuil") || l.contains("liveness"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "replicas not restored: {:?}\n{logs}",
+                replica_states(&nodes[0], "heal")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "replicas restored on {:?} {} ms after the kills",
+        replica_states(&nodes[0], "heal"),
+        t.elapsed().as_millis()
+    );
+    let errors = writer.finish();
+    assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
+    let report = nodes[0].cli_ok(&["volume", "verify", "heal"]);
+    assert!(
+        report.contains("across 3 healthy replicas: consistent"),
+        "{report}"
+    );
+
+    // Fewer replicas online, then more again.
+    nodes[0].cli_ok(&["volume", "update", "heal", "--replicas", "2"]);
+    wait_for("two replicas", Duration::from_secs(30), || {
+        replica_states(&nodes[0], "heal").len() == 2
+    });
+    let o = nodes[0].cli(&["volume", "update", "heal", "--replicas", "9"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("InvalidReplicas"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    nodes[0].cli_ok(&["volume", "update", "heal", "--replicas", "3"]);
+    wait_for("three healthy replicas", Duration::from_secs(60), || {
+        all_healthy(&nodes[0], "heal", 3)
+    });
+    nodes[0].cli_ok(&["volume", "unmount", "heal", mnt.to_str().unwrap()]);
+    // A killed node's stale replica is freed when it returns.
+    let v0 = victims[0];
+    nodes[v0].restart();
+    wait_for(
+        "the returning node frees its stale replica",
+        Duration::from_secs(30),
+        || metric(&nodes[v0], "cairn_pool_allocated_bytes") == Some(0.0),
+    );
+}

@@ -202,8 +202,26 @@ async fn update_volume(
     body: Bytes,
 ) -> ApiResult<Json<api::VolumeInfo>> {
     let req: VolumeUpdate = parse_body(&body)?;
+    if req.size.is_none() && req.replicas.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidBody",
+            "nothing to update: give size and/or replicas",
+        ));
+    }
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.resize(&name, &req.size)).await?))
+    Ok(Json(
+        blocking(move || {
+            if let Some(n) = req.replicas {
+                m.set_replicas(&name, n)?;
+            }
+            match &req.size {
+                Some(size) => m.resize(&name, size),
+                None => m.inspect(&name),
+            }
+        })
+        .await?,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -144,6 +144,12 @@ pub enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
+    /// Change a volume's replica count online (1 to 3).
+    Update {
+        name: String,
+        #[arg(long)]
+        replicas: u32,
+    },
     /// Delete a volume.
     Rm {
         name: String,
@@ -293,6 +299,15 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 }
                 (call(&c, "GET", &path, None)?, render_volume)
             }
+            VolumeCmd::Update { name, replicas } => (
+                call(
+                    &c,
+                    "PATCH",
+                    &format!("/v1/volumes/{}", seg(&name)),
+                    Some(json!({ "replicas": replicas })),
+                )?,
+                render_volume,
+            ),
             VolumeCmd::Resize { name, size } => (
                 call(
                     &c,

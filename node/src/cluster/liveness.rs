@@ -1,6 +1,10 @@
-//! Node liveness, decided by the leader alone so that the cluster state
-//! holds one answer: a node whose heartbeat count has not moved for the
-//! configured timeout is marked `down`; the next heartbeat marks it `up`.
+//! Node liveness and replica replenishment, decided by the leader alone so
+//! that the cluster state holds one answer: a node whose heartbeat count
+//! has not moved for the configured timeout is marked `down`; the next
+//! heartbeat marks it `up`. A replica whose node stays silent beyond the
+//! grace period is removed and a new one placed elsewhere (its space is
+//! freed by that node's reconciler if it ever returns); volumes are brought
+//! to their wanted replica count.
 //!
 //! The leader measures silence on its own monotonic clock from when it
 //! last saw each node's count change (or from when it became leader), so
@@ -11,9 +15,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::state::{ClusterState, Command, NodeState};
+use super::state::{ClusterState, Command, NodeState, ReplicaState};
 use super::store::ClusterStore;
 use crate::types::NodeId;
+
+/// Settings of the leader's loop.
+#[derive(Clone, Copy)]
+pub struct Timing {
+    /// Silence after which a node is marked down.
+    pub down_after: Duration,
+    /// Silence after which a node's replicas are replaced.
+    pub replace_after: Duration,
+}
 
 /// What the leader has seen of each node's heartbeats.
 #[derive(Default)]
@@ -54,10 +67,79 @@ impl Tracker {
         }
         out
     }
+
+    /// How long the leader has not heard from `node` (zero when unknown).
+    fn silent_for(&self, node: NodeId, now: Instant) -> Duration {
+        self.seen
+            .get(&node)
+            .map(|(_, at)| now.duration_since(*at))
+            .unwrap_or_default()
+    }
+
+    /// Replica changes toward every volume's wanted count: at most one per
+    /// volume per call (the next call sees the result).
+    pub fn schedule(
+        &self,
+        state: &ClusterState,
+        now: Instant,
+        replace_after: Duration,
+        label: &str,
+    ) -> Vec<Command> {
+        let mut out = Vec::new();
+        for v in state.volumes.values() {
+            let healthy = v.healthy().count();
+            let lost = v.replicas.iter().find(|r| {
+                let gone = match state.nodes.get(&r.node) {
+                    None => true,
+                    Some(n) => {
+                        n.state == NodeState::Down && self.silent_for(r.node, now) >= replace_after
+                    }
+                };
+                gone && (r.state != ReplicaState::Healthy || healthy > 1)
+            });
+            if let Some(r) = lost {
+                out.push(Command::RemoveReplica {
+                    id: v.id,
+                    node: r.node,
+                });
+                continue;
+            }
+            let wanted = v.wanted();
+            if v.replicas.len() < wanted {
+                let have: Vec<NodeId> = v.replicas.iter().map(|r| r.node).collect();
+                if let Ok(nodes) = super::placement::place(state, 1, None, &have, label) {
+                    out.push(Command::AddReplica {
+                        id: v.id,
+                        node: nodes[0],
+                    });
+                }
+                continue;
+            }
+            if v.replicas.len() > wanted {
+                // Drop a replica that is not serving first, and never the
+                // attaching node's or the last healthy one.
+                let attached = v.attachment.as_ref().map(|a| a.node);
+                let victim = v
+                    .replicas
+                    .iter()
+                    .filter(|r| Some(r.node) != attached)
+                    .filter(|r| r.state != ReplicaState::Healthy || healthy > 1)
+                    .min_by_key(|r| (r.state == ReplicaState::Healthy, r.node));
+                if let Some(r) = victim {
+                    out.push(Command::RemoveReplica {
+                        id: v.id,
+                        node: r.node,
+                    });
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Runs for the daemon's life; acts only while this node leads.
-pub async fn run(store: Arc<ClusterStore>, timeout: Duration) {
+pub async fn run(store: Arc<ClusterStore>, timing: Timing) {
+    let timeout = timing.down_after;
     let mut every = tokio::time::interval(
         (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)),
     );
@@ -71,19 +153,31 @@ pub async fn run(store: Arc<ClusterStore>, timeout: Duration) {
             continue;
         }
         let t = tracker.get_or_insert_with(Tracker::default);
-        let cmds = t.judge(&store.read(), me, Instant::now(), timeout);
+        let now = Instant::now();
+        let mut cmds = t.judge(&store.read(), me, now, timeout);
+        if cmds.is_empty() {
+            cmds = t.schedule(
+                &store.read(),
+                now,
+                timing.replace_after,
+                super::placement::PLACEMENT_LABEL,
+            );
+        }
         for cmd in cmds {
             let s = store.clone();
             let r = tokio::task::spawn_blocking(move || {
-                if let Command::SetNodeState { id, state } = &cmd {
-                    let name = s.read().nodes.get(id).map(|n| n.name.clone());
-                    tracing::warn!(node = ?name, state = state.as_str(), "node liveness changed");
+                match &cmd {
+                    Command::SetNodeState { id, state } => {
+                        let name = s.read().nodes.get(id).map(|n| n.name.clone());
+                        tracing::warn!(node = ?name, state = state.as_str(), "node liveness changed");
+                    }
+                    other => tracing::info!(command = ?other, "replica scheduling"),
                 }
                 s.propose(cmd)
             })
             .await;
             if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "recording node liveness failed");
+                tracing::warn!(error = %e, "leader command not recorded");
             }
         }
     }

@@ -4,6 +4,9 @@
 //! the choice is deterministic for a given state).
 
 use super::state::{ClusterState, NodeState};
+
+/// The node label replicas are spread across.
+pub const PLACEMENT_LABEL: &str = "zone";
 use crate::types::NodeId;
 
 /// Chooses `count` nodes. `local` (locality) is placed first when it is up

@@ -23,12 +23,25 @@ pub struct Volume {
     pub attachment: Option<Attachment>,
     /// The volume's copies, on distinct nodes. At least one is healthy.
     pub replicas: Vec<ReplicaRecord>,
+    /// How many replicas the volume should have; the leader's scheduler
+    /// adds or removes replicas toward it. 0 (state written before it
+    /// existed): as many as it has.
+    #[serde(default)]
+    pub replicas_wanted: u32,
     pub created_unix_ms: u64,
 }
 
 impl Volume {
     pub fn replica(&self, node: NodeId) -> Option<&ReplicaRecord> {
         self.replicas.iter().find(|r| r.node == node)
+    }
+
+    pub fn wanted(&self) -> usize {
+        if self.replicas_wanted == 0 {
+            self.replicas.len()
+        } else {
+            self.replicas_wanted as usize
+        }
     }
 
     pub fn has_replica_on(&self, node: NodeId) -> bool {
@@ -208,6 +221,11 @@ pub enum Command {
     RemoveReplica {
         id: VolumeId,
         node: NodeId,
+    },
+    /// Sets how many replicas the volume should have (1 to 3).
+    SetReplicaCount {
+        id: VolumeId,
+        count: u32,
     },
     ResizeVolume {
         id: VolumeId,
@@ -400,6 +418,7 @@ impl ClusterState {
                         formatted: false,
                         epoch: 0,
                         attachment: None,
+                        replicas_wanted: nodes.len() as u32,
                         replicas: nodes
                             .into_iter()
                             .map(|node| ReplicaRecord {
@@ -543,6 +562,13 @@ impl ClusterState {
                     .expect("checked")
                     .replicas
                     .retain(|r| r.node != *node);
+            }
+            Command::SetReplicaCount { id, count } => {
+                self.volume(*id)?;
+                if !(1..=MAX_REPLICAS as u32).contains(count) {
+                    return Err(StateError::BadReplicaSet);
+                }
+                self.volumes.get_mut(id).expect("checked").replicas_wanted = *count;
             }
             Command::MarkFormatted { id } => {
                 self.volume(*id)?;

@@ -201,6 +201,9 @@ impl Engine {
                 self.ctx.hosts.get_or_create(self.volume, &self.ctx.store)?,
             ));
         }
+        // Channels connect lazily through the runtime's reactor; the
+        // healer calls this from its own thread.
+        let _rt = self.ctx.handle.enter();
         let (addr, cluster) = {
             let s = self.ctx.store.read();
             let addr = s
@@ -638,10 +641,14 @@ impl Engine {
                 None => return,
             }
         };
-        let ours = v
-            .attachment
-            .as_ref()
-            .is_some_and(|a| a.node == self.ctx.me && a.epoch == self.epoch());
+        // The attached engine heals its volume; an unattached volume is
+        // healed by the node of its first healthy replica.
+        let ours = match &v.attachment {
+            Some(a) => a.node == self.ctx.me && a.epoch == self.epoch(),
+            None => {
+                v.epoch == self.epoch() && v.healthy().next().map(|r| r.node) == Some(self.ctx.me)
+            }
+        };
         if !ours {
             return;
         }

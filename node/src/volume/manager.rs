@@ -41,9 +41,6 @@ pub struct ManagerConfig {
     pub handle: tokio::runtime::Handle,
 }
 
-/// The node label replicas are spread across.
-pub const PLACEMENT_LABEL: &str = "zone";
-
 /// What this node did to the kernel for an attached volume, persisted so a
 /// restart can re-serve it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -217,6 +214,21 @@ impl VolumeManager {
             if !listed {
                 if let Err(e) = self.hosts.destroy(id) {
                     tracing::error!(volume = %id, error = %e, "freeing a replica failed; retried");
+                }
+            }
+        }
+        // Unattached volumes with replicas to rebuild: the node of the first
+        // healthy replica runs an engine whose healer does it.
+        for v in state.volumes.values() {
+            let needs = v.replicas.iter().any(|r| r.state != ReplicaState::Healthy)
+                || v.replicas.len() < v.wanted();
+            let first = v.healthy().next().map(|r| r.node);
+            if v.attachment.is_none() && needs && first == Some(self.cfg.node_id) {
+                if let Err(e) = self.engine_for(v).and_then(|e| {
+                    e.activate(v, v.epoch)
+                        .map_err(|e| VolumeError::Device(e.to_string()))
+                }) {
+                    tracing::debug!(volume = %v.name, error = %e, "rebuild engine not ready");
                 }
             }
         }
@@ -573,8 +585,14 @@ impl VolumeManager {
         let nodes = {
             let s = self.store.read();
             let local = req.locality.then_some(self.cfg.node_id);
-            crate::cluster::placement::place(&s, count as usize, local, &[], PLACEMENT_LABEL)
-                .map_err(VolumeError::NotEnoughNodes)?
+            crate::cluster::placement::place(
+                &s,
+                count as usize,
+                local,
+                &[],
+                crate::cluster::placement::PLACEMENT_LABEL,
+            )
+            .map_err(VolumeError::NotEnoughNodes)?
         };
         let id = VolumeId::random();
         self.propose(
@@ -598,6 +616,33 @@ impl VolumeManager {
         }
         tracing::info!(volume = %req.name, size, fs = fs.as_str(), replicas = count, "created volume");
         self.inspect(&req.name)
+    }
+
+    /// Sets the wanted replica count; the leader's scheduler adds or
+    /// removes replicas (new ones are rebuilt online).
+    pub fn set_replicas(&self, name: &str, count: u32) -> Result<(), VolumeError> {
+        if !(1..=MAX_REPLICAS as u32).contains(&count) {
+            return Err(VolumeError::InvalidReplicas(format!(
+                "replicas={count}: a volume has 1 to {MAX_REPLICAS} replicas"
+            )));
+        }
+        self.sync_read()?;
+        let v = self.find(name)?;
+        let up = self
+            .store
+            .read()
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .count();
+        if count as usize > up {
+            return Err(VolumeError::NotEnoughNodes(format!(
+                "{count} replica(s) need {count} distinct nodes that are up, but {up} are"
+            )));
+        }
+        self.propose(Command::SetReplicaCount { id: v.id, count }, name)?;
+        tracing::info!(volume = %name, replicas = count, "replica count set");
+        Ok(())
     }
 
     pub fn resize(&self, name: &str, size: &SizeArg) -> Result<api::VolumeInfo, VolumeError> {
@@ -1104,6 +1149,23 @@ impl Drop for ExportClaim {
                     u.readers -= 1;
                 }
             }
+            let last_writer = self.writer && ex.get(&self.id).is_some_and(|u| u.writers == 0);
+            // `ex` stays held: a new writer waits until this one's detach.
+            if last_writer && m.local_record(self.id).is_none() {
+                // The writer's attachment ends with it: flush, then release.
+                if let Some(e) = m.engine(self.id) {
+                    if let Err(err) = e.flush() {
+                        tracing::error!(volume = %self.id, error = %err, "flush after NBD writer failed");
+                    }
+                }
+                if let Err(e) = m.store.propose(Command::Detach {
+                    id: self.id,
+                    node: m.cfg.node_id,
+                }) {
+                    tracing::warn!(volume = %self.id, error = %e, "detach after NBD writer failed");
+                }
+            }
+            drop(ex);
         }
     }
 }
@@ -1127,13 +1189,42 @@ impl ExportProvider for NbdExports {
         let mut ex = m.exports.lock().expect("exports lock");
         let v = m.find(name).map_err(|e| e.to_string())?;
         let engine = m.engine_for(&v).map_err(|e| e.to_string())?;
-        if v.attachment.is_none() {
-            // Unattached: the engine serves at the current epoch.
-            engine.activate(&v, v.epoch).map_err(|e| e.to_string())?;
-        }
         // Attached anywhere: readers only, so NBD never writes under a
-        // mounted filesystem or another node's engine.
-        let writer = v.attachment.is_none();
+        // mounted filesystem or another node's engine. A writer attaches
+        // the volume to this node for the connection's life (a new epoch
+        // that fences every other engine).
+        let nbd_here = v
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.node == m.cfg.node_id)
+            && m.local_record(v.id).is_none()
+            && ex.get(&v.id).is_some_and(|u| u.writers > 0);
+        let writer = (v.attachment.is_none() || nbd_here)
+            && m.propose(
+                Command::Attach {
+                    id: v.id,
+                    node: m.cfg.node_id,
+                    force: false,
+                },
+                name,
+            )
+            .is_ok();
+        let v = m.find(name).map_err(|e| e.to_string())?;
+        let epoch = v.attachment.as_ref().map_or(v.epoch, |a| a.epoch);
+        if writer || v.attachment.is_none() {
+            if let Err(e) = engine.activate(&v, epoch) {
+                if writer {
+                    let _ = m.propose(
+                        Command::Detach {
+                            id: v.id,
+                            node: m.cfg.node_id,
+                        },
+                        name,
+                    );
+                }
+                return Err(e.to_string());
+            }
+        }
         let u = ex.entry(v.id).or_default();
         if writer {
             u.writers += 1;
