@@ -182,6 +182,11 @@ pub fn render_headers(out: &mut String) {
             "Bytes copied to replicas being rebuilt by this node's engine",
         ),
         (
+            "cairn_volume_rebuild_progress",
+            "gauge",
+            "Fraction of the volume compared by the running rebuild (0-1)",
+        ),
+        (
             "cairn_volume_allocated_bytes",
             "gauge",
             "Pool bytes held by this node's replica of the volume",

@@ -551,6 +551,14 @@ impl VolumeManager {
                     "cairn_volume_rebuild_bytes_total{{volume=\"{name}\"}} {}",
                     e.rebuild_bytes.load(std::sync::atomic::Ordering::Relaxed)
                 );
+                let p = e.progress.lock().expect("progress lock").clone();
+                if p.total_extents > 0 {
+                    let _ = writeln!(
+                        out,
+                        "cairn_volume_rebuild_progress{{volume=\"{name}\"}} {}",
+                        p.done_extents as f64 / p.total_extents as f64
+                    );
+                }
             }
             if let Some(h) = self.hosts.get(id) {
                 let _ = writeln!(
