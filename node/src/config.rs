@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// The leader marks a node `down` after this long without a heartbeat.
     #[arg(long, env = "CAIRN_NODE_DOWN_TIMEOUT")]
     pub node_down_timeout: Option<String>,
+    /// Serve the Docker volume plugin on this socket (default
+    /// `/run/docker/plugins/cairn.sock` when `/run/docker/plugins` exists;
+    /// `none` turns it off).
+    #[arg(long, env = "CAIRN_DOCKER_PLUGIN_SOCKET")]
+    pub docker_plugin_socket: Option<String>,
     /// A replica whose node stays down this long is replaced elsewhere.
     #[arg(long, env = "CAIRN_REPLICA_GRACE_PERIOD")]
     pub replica_grace_period: Option<String>,
@@ -103,6 +108,7 @@ struct FileConfig {
     default_replicas: Option<u32>,
     rebuild_bandwidth: Option<String>,
     replica_grace_period: Option<String>,
+    docker_plugin_socket: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +130,7 @@ pub struct Config {
     pub default_replicas: u32,
     pub rebuild_bandwidth: u64,
     pub replica_grace_period: Duration,
+    pub docker_plugin_socket: Option<PathBuf>,
     pub force_format: bool,
 }
 
@@ -324,6 +331,16 @@ impl Config {
                 .or(file.replica_grace_period)
                 .unwrap_or_else(|| "5m".into()),
         )?;
+        let docker_plugin_socket = match args.docker_plugin_socket.or(file.docker_plugin_socket) {
+            Some(s) if s == "none" => None,
+            Some(s) if s.is_empty() => {
+                return Err("--docker-plugin-socket: give a path, or none to turn it off".into())
+            }
+            Some(s) => Some(PathBuf::from(s)),
+            None => Path::new("/run/docker/plugins")
+                .is_dir()
+                .then(|| PathBuf::from("/run/docker/plugins/cairn.sock")),
+        };
         let default_replicas = args.default_replicas.or(file.default_replicas).unwrap_or(1);
         if !(1..=3).contains(&default_replicas) {
             return Err(format!(
@@ -357,6 +374,7 @@ impl Config {
             default_replicas,
             rebuild_bandwidth,
             replica_grace_period,
+            docker_plugin_socket,
             force_format: args.force_format,
         })
     }
@@ -387,6 +405,7 @@ mod tests {
             default_replicas: None,
             rebuild_bandwidth: None,
             replica_grace_period: None,
+            docker_plugin_socket: None,
             force_format: false,
         }
     }

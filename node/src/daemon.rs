@@ -177,6 +177,19 @@ pub fn run(cfg: Config) -> Result<(), String> {
             nbd_listen: cfg.nbd_listen.clone(),
         }),
     };
+    let (docker_listener, docker_backend) = match &cfg.docker_plugin_socket {
+        Some(path) => {
+            let backend =
+                crate::docker::DockerBackend::new(mgr.clone(), &db, cfg.data_dir.join("docker"))
+                    .inspect_err(|_| mgr.shutdown())?;
+            let l = crate::docker::bind(path)
+                .map_err(|e| format!("docker plugin socket: {e}"))
+                .inspect_err(|_| mgr.shutdown())?;
+            let b: Arc<dyn cairn_plugin::Backend> = Arc::new(backend);
+            (Some((l, path.clone())), Some(b))
+        }
+        None => (None, None),
+    };
     let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
     let beat_every = cfg.heartbeat_interval;
     let timing = crate::cluster::liveness::Timing {
@@ -204,12 +217,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 tracing::debug!(error = %e, "TCP_NODELAY not set on an API connection");
             }
         });
+        let plugin = match docker_listener {
+            Some((l, path)) => {
+                let l = tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?;
+                let app = cairn_plugin::router(docker_backend.expect("backend with listener"));
+                tracing::info!(socket = %path.display(), "serving the Docker volume plugin");
+                Some((tokio::spawn(async move { axum::serve(l, app).await }), path))
+            }
+            None => None,
+        };
         let r = axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(|e| e.to_string());
         beats.abort();
         liveness.abort();
+        if let Some((task, path)) = plugin {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
         reconciler.abort();
         r
     });

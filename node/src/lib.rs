@@ -22,6 +22,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod docker;
 pub mod engine;
 pub mod frontend;
 pub mod pool;

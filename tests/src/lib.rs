@@ -182,6 +182,15 @@ impl TestNode {
         if !self.extra_args.iter().any(|a| a == "--node-name") {
             cmd.args(["--node-name", "test"]);
         }
+        // Never the machine's shared /run/docker/plugins/cairn.sock.
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a == "--docker-plugin-socket")
+        {
+            cmd.arg("--docker-plugin-socket")
+                .arg(self.dir.join("docker.sock"));
+        }
         let child = cmd
             .args(&self.extra_args)
             .args([

@@ -237,7 +237,8 @@ fn start_refused(dir: &std::path::Path, disk: &std::path::Path) -> String {
         .arg(dir)
         .arg("--disk-file")
         .arg(format!("{}:1GiB", disk.display()))
-        .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"]);
+        .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
+        .args(["--docker-plugin-socket", "none"]);
     expect_failure(cmd, Duration::from_secs(30))
 }
 

@@ -164,17 +164,23 @@ fn three_nodes_replicate_metadata_and_survive_leader_loss() {
 fn join_refused(tag: &str, ip: &str, args: &[&str]) -> String {
     let node = TestNode::prepare(tag, ip, "64MiB", &[]);
     let mut cmd = Command::new(cairn_bin());
-    cmd.args(["node", "run", "--data-dir"])
-        .arg(node.dir.join("data"))
-        .arg("--disk-file")
-        .arg(format!("{}:64MiB", node.disk_path().display()))
-        .args([
-            "--listen",
-            &format!("{ip}:{}", node.port),
-            "--peer-listen",
-            &node.peer_address(),
-        ])
-        .args(args);
+    cmd.args([
+        "node",
+        "run",
+        "--docker-plugin-socket",
+        "none",
+        "--data-dir",
+    ])
+    .arg(node.dir.join("data"))
+    .arg("--disk-file")
+    .arg(format!("{}:64MiB", node.disk_path().display()))
+    .args([
+        "--listen",
+        &format!("{ip}:{}", node.port),
+        "--peer-listen",
+        &node.peer_address(),
+    ])
+    .args(args);
     expect_failure(cmd, Duration::from_secs(40))
 }
 

@@ -55,7 +55,9 @@ pub fn up(nodes: usize, dir: &Path, disk_size: &str) -> Result<(), String> {
                 "--peer-listen",
                 &format!("{ip}:{PEER_PORT}"),
             ])
-            .args(["--node-name", &format!("n{i}")]);
+            .args(["--node-name", &format!("n{i}")])
+            .arg("--docker-plugin-socket")
+            .arg(ndir.join("docker.sock"));
         if i > 1 {
             cmd.args(["--join", &format!("{}:{PEER_PORT}", node_ip(1))]);
         }

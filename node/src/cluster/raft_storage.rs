@@ -223,7 +223,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> (sled::Db, SledStorage) {
-        let db = sled::Config::new().path(dir).open().expect("db");
+        let db = crate::cluster::store::tests::open_db(dir);
         let s = SledStorage::open(&db).expect("storage");
         (db, s)
     }

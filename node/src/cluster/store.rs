@@ -733,11 +733,26 @@ impl Drop for ClusterStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::types::{FsType, Id128};
 
     use super::super::driver::SNAPSHOT_EVERY;
+
+    /// Opens a sled db, waiting (bounded) for a just-dropped handle's
+    /// background flusher to release the directory lock.
+    pub(crate) fn open_db(dir: &std::path::Path) -> sled::Db {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return db,
+                Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("db {}: {e}", dir.display()),
+            }
+        }
+    }
 
     fn runtime() -> &'static tokio::runtime::Runtime {
         static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
@@ -775,7 +790,7 @@ mod tests {
     #[test]
     fn commands_survive_restart_and_compaction() {
         let dir = std::env::temp_dir().join(format!("cairn-store-{}", Id128::random()));
-        let open = || sled::Config::new().path(&dir).open().expect("db");
+        let open = || open_db(&dir);
         let n = SNAPSHOT_EVERY + 50;
         {
             let db = open();

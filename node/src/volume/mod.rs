@@ -9,4 +9,4 @@ mod manager;
 pub mod mount;
 
 pub use error::VolumeError;
-pub use manager::{ManagerConfig, NbdExports, VolumeManager};
+pub use manager::{parse_size, ManagerConfig, NbdExports, VolumeManager};

@@ -1,0 +1,303 @@
+//! The Docker volume plugin against a real Docker engine (started by
+//! `scripts/test`): volumes created with `docker volume create -d`, used by
+//! containers of a locally imported busybox image, shared by two
+//! containers, refused with clear errors on bad input. Each test uses its
+//! own driver name (its own socket under /run/docker/plugins) and removes
+//! every container, volume and image it created.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use cairn_tests::*;
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let o = docker(args);
+    assert!(
+        o.status.success(),
+        "docker {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn docker_err(args: &[&str]) -> String {
+    let o = docker(args);
+    assert!(!o.status.success(), "docker {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Removes what a test made in Docker, even when it fails.
+struct DockerThings {
+    image: String,
+    containers: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Drop for DockerThings {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", c]);
+        }
+        for v in &self.volumes {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+/// Imports a busybox-static root filesystem as an image (no registry).
+fn import_image(node: &TestNode, tag: &str) {
+    let root = node.dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).expect("rootfs");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for c in [
+        "sh",
+        "dd",
+        "sha256sum",
+        "sync",
+        "cat",
+        "sleep",
+        "wc",
+        "ls",
+        "date",
+        "test",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).expect("symlink");
+    }
+    let tar = node.dir.join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    docker_ok(&["import", tar.to_str().unwrap(), tag]);
+}
+
+fn setup(tag: &str) -> (TestNode, String, DockerThings) {
+    let unique = format!("cairn-{tag}-{}", std::process::id());
+    let socket = format!("/run/docker/plugins/{unique}.sock");
+    let node = TestNode::start_with(tag, "2GiB", &["--docker-plugin-socket", &socket]);
+    let image = format!("{unique}-busybox:1");
+    let things = DockerThings {
+        image: image.clone(),
+        containers: Vec::new(),
+        volumes: Vec::new(),
+    };
+    import_image(&node, &image);
+    (node, unique, things)
+}
+
+fn allocated(node: &TestNode) -> u64 {
+    node.api("GET", "/v1/pool", None).1["allocated_bytes"]
+        .as_u64()
+        .expect("allocated")
+}
+
+fn cairn_names(node: &TestNode) -> Vec<String> {
+    names(node)
+}
+
+#[test]
+fn containers_write_and_read_a_cairn_volume() {
+    let (node, driver, mut things) = setup("dk1");
+    let vol = format!("{driver}-data");
+    things.volumes.push(vol.clone());
+    docker_ok(&[
+        "volume",
+        "create",
+        "-d",
+        &driver,
+        "--opt",
+        "size=1GiB",
+        &vol,
+    ]);
+    let ls = docker_ok(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    assert!(ls.contains(&format!("{driver} {vol}")), "{ls}");
+    let inspect = docker_ok(&["volume", "inspect", &vol]);
+    assert!(inspect.contains("\"size_bytes\": 1073741824"), "{inspect}");
+    assert!(inspect.contains("\"replicas\""), "{inspect}");
+
+    // One container writes 100 MiB with a checksum; the next verifies it.
+    let image = things.image.clone();
+    let mount = format!("{vol}:/data");
+    docker_ok(&[
+        "run", "--rm", "--network", "none", "-v", &mount, &image, "sh", "-c",
+        "dd if=/dev/urandom of=/data/blob bs=1M count=100 2>/dev/null && sha256sum /data/blob > /data/blob.sha && sync",
+    ]);
+    let out = docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &mount,
+        &image,
+        "sha256sum",
+        "-c",
+        "/data/blob.sha",
+    ]);
+    assert!(out.contains("OK"), "{out}");
+    // Detached again once no container uses it.
+    let (_, v) = node.api("GET", &format!("/v1/volumes/{vol}"), None);
+    assert_eq!(v["state"], "detached", "{v}");
+    let used = allocated(&node);
+    assert!(used >= 100 << 20, "pool usage {used} after writing 100 MiB");
+
+    // A volume created by the CLI is usable from Docker.
+    let cli_vol = format!("{driver}-cli");
+    things.volumes.push(cli_vol.clone());
+    node.cli_ok(&["volume", "create", &cli_vol, "--size", "256MiB"]);
+    let cli_mount = format!("{cli_vol}:/data");
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--volume-driver",
+        &driver,
+        "-v",
+        &cli_mount,
+        &image,
+        "sh",
+        "-c",
+        "echo hi > /data/x && cat /data/x",
+    ]);
+
+    docker_ok(&["volume", "rm", &vol]);
+    docker_ok(&["volume", "rm", &cli_vol]);
+    wait_for(
+        "space returned after docker volume rm",
+        Duration::from_secs(10),
+        || allocated(&node) < 16 << 20,
+    );
+    assert!(!cairn_names(&node).contains(&vol));
+}
+
+#[test]
+fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
+    let (node, driver, mut things) = setup("dk2");
+    let vol = format!("{driver}-shared");
+    things.volumes.push(vol.clone());
+    docker_ok(&[
+        "volume",
+        "create",
+        "-d",
+        &driver,
+        "--opt",
+        "size=512MiB",
+        &vol,
+    ]);
+    let image = things.image.clone();
+    let mount = format!("{vol}:/data");
+    for c in ["a", "b"] {
+        let name = format!("{driver}-{c}");
+        things.containers.push(name.clone());
+        let script = format!("while true; do date >> /data/{c}; sync; sleep 0.1; done");
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            "-v",
+            &mount,
+            &image,
+            "sh",
+            "-c",
+            &script,
+        ]);
+    }
+    let lines = |c: &str| -> usize {
+        let o = docker(&[
+            "exec",
+            &format!("{driver}-b"),
+            "sh",
+            "-c",
+            &format!("cat /data/{c} | wc -l"),
+        ]);
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    wait_for("both containers writing", Duration::from_secs(20), || {
+        lines("a") > 2 && lines("b") > 2
+    });
+    // Removing a volume in use is refused.
+    let err = docker_err(&["volume", "rm", &vol]);
+    assert!(err.contains("in use"), "{err}");
+    // Stopping one keeps the other's data path working.
+    docker_ok(&["rm", "-f", &format!("{driver}-a")]);
+    let before = lines("b");
+    wait_for(
+        "the second container keeps writing",
+        Duration::from_secs(20),
+        || lines("b") > before + 3,
+    );
+    let (_, v) = node.api("GET", &format!("/v1/volumes/{vol}"), None);
+    assert_eq!(v["state"], "mounted", "{v}");
+    docker_ok(&["rm", "-f", &format!("{driver}-b")]);
+    wait_for(
+        "the last container's unmount detaches",
+        Duration::from_secs(20),
+        || node.api("GET", &format!("/v1/volumes/{vol}"), None).1["state"] == "detached",
+    );
+
+    // Bad options and duplicates: a clear error through docker, no change.
+    let before = cairn_names(&node);
+    for (opt, expect) in [
+        ("size=abc", "size"),
+        ("size=0", "size"),
+        ("replicas=9", "replicas"),
+        ("colour=red", "unknown option \"colour\""),
+        ("fs=btrfs", "fs"),
+    ] {
+        let name = format!("{driver}-bad");
+        let err = docker_err(&["volume", "create", "-d", &driver, "--opt", opt, &name]);
+        assert!(err.contains(expect), "--opt {opt}: {err}");
+        assert_eq!(
+            cairn_names(&node),
+            before,
+            "--opt {opt} changed the volume list"
+        );
+    }
+    let dup = format!("{driver}-dup");
+    node.cli_ok(&["volume", "create", &dup, "--size", "64MiB"]);
+    things.volumes.push(dup.clone());
+    // dockerd answers a create of a name its driver already lists by
+    // returning that volume (Docker's own idempotence; the driver's Create
+    // is not called): whatever it answers, the volume must not change.
+    let o = docker(&[
+        "volume",
+        "create",
+        "-d",
+        &driver,
+        "--opt",
+        "size=128MiB",
+        &dup,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() || err.contains("already exists"),
+        "{err}"
+    );
+    let (_, v) = node.api("GET", &format!("/v1/volumes/{dup}"), None);
+    assert_eq!(
+        v["size_bytes"],
+        64 << 20,
+        "the duplicate create changed the volume"
+    );
+}
