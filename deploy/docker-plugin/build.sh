@@ -9,14 +9,19 @@
 #   docker plugin enable cairn/cairn:0.1.0
 #   docker volume create -d cairn/cairn:0.1.0 --opt size=1GiB data
 #
-# The plugin keeps its data in /var/lib/cairn on the host (created here).
+# The plugin keeps its data in /var/lib/cairn on the host (created here;
+# `docker plugin set NAME data.source=DIR` before enabling picks another).
+# CAIRN_BIN=PATH packs that binary instead of building a release one;
+# CAIRN_PLUGIN_DATA=DIR creates that host directory instead of /var/lib/cairn.
 set -euo pipefail
 OUT=${1:?usage: build.sh OUTPUT-DIR}
 cd "$(dirname "$0")/../.."
-cargo build --release --bin cairn >&2
-rm -rf "$OUT"; mkdir -p "$OUT/rootfs"/{usr/bin,usr/sbin,var/lib/cairn,run/docker/plugins,tmp,proc,sys,dev,etc}
+BIN=${CAIRN_BIN:-}
+if [ -z "$BIN" ]; then cargo build --release --bin cairn >&2; BIN=target/release/cairn; fi
+rm -rf "$OUT"; mkdir -p "$OUT/rootfs"/{usr/bin,usr/sbin,var/lib/cairn,mnt/volumes,run/docker/plugins,tmp,proc,sys,dev,etc}
 cp deploy/docker-plugin/config.json "$OUT/config.json"
-mkdir -p /var/lib/cairn
+# The host directory the plugin's "data" mount binds (see the note above).
+mkdir -p "${CAIRN_PLUGIN_DATA:-/var/lib/cairn}"
 copy() { # a program and every library it links
   local p; p=$(command -v "$1")
   mkdir -p "$OUT/rootfs$(dirname "$p")"; cp -L "$p" "$OUT/rootfs$p"
@@ -24,8 +29,8 @@ copy() { # a program and every library it links
     mkdir -p "$OUT/rootfs$(dirname "$lib")"; cp -Ln "$lib" "$OUT/rootfs$lib"
   done
 }
-cp target/release/cairn "$OUT/rootfs/usr/bin/cairn"
-ldd target/release/cairn | grep -o '/[^ ]*' | while read -r lib; do
+cp "$BIN" "$OUT/rootfs/usr/bin/cairn"
+ldd "$BIN" | grep -o '/[^ ]*' | while read -r lib; do
   mkdir -p "$OUT/rootfs$(dirname "$lib")"; cp -Ln "$lib" "$OUT/rootfs$lib"
 done
 for prog in mkfs.ext4 mke2fs e2fsck resize2fs dumpe2fs mkfs.xfs xfs_growfs blkid; do copy "$prog"; done

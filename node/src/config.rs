@@ -71,6 +71,9 @@ pub struct RunArgs {
     /// `none` turns it off).
     #[arg(long, env = "CAIRN_DOCKER_PLUGIN_SOCKET")]
     pub docker_plugin_socket: Option<String>,
+    /// Where Docker volumes are mounted (default DATA_DIR/docker).
+    #[arg(long, env = "CAIRN_DOCKER_MOUNT_DIR")]
+    pub docker_mount_dir: Option<PathBuf>,
     /// A replica whose node stays down this long is replaced elsewhere.
     #[arg(long, env = "CAIRN_REPLICA_GRACE_PERIOD")]
     pub replica_grace_period: Option<String>,
@@ -109,6 +112,7 @@ struct FileConfig {
     rebuild_bandwidth: Option<String>,
     replica_grace_period: Option<String>,
     docker_plugin_socket: Option<String>,
+    docker_mount_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +135,7 @@ pub struct Config {
     pub rebuild_bandwidth: u64,
     pub replica_grace_period: Duration,
     pub docker_plugin_socket: Option<PathBuf>,
+    pub docker_mount_dir: PathBuf,
     pub force_format: bool,
 }
 
@@ -210,7 +215,22 @@ fn absolute(p: &Path) -> Result<PathBuf, String> {
 }
 
 impl Config {
-    pub fn resolve(args: RunArgs) -> Result<Config, String> {
+    pub fn resolve(mut args: RunArgs) -> Result<Config, String> {
+        // An empty value (typically an environment variable declared but
+        // not set, as in the Docker plugin's config) means "not given".
+        args.disks.retain(|p| !p.as_os_str().is_empty());
+        args.disk_files.retain(|s| !s.is_empty());
+        for o in [
+            &mut args.join,
+            &mut args.labels,
+            &mut args.cluster_id,
+            &mut args.nbd_listen,
+            &mut args.advertise,
+        ] {
+            if o.as_deref().is_some_and(str::is_empty) {
+                *o = None;
+            }
+        }
         let file: FileConfig = match &args.config {
             None => FileConfig::default(),
             Some(p) => {
@@ -341,6 +361,10 @@ impl Config {
                 .is_dir()
                 .then(|| PathBuf::from("/run/docker/plugins/cairn.sock")),
         };
+        let docker_mount_dir = args
+            .docker_mount_dir
+            .or(file.docker_mount_dir)
+            .unwrap_or_else(|| data_dir.join("docker"));
         let default_replicas = args.default_replicas.or(file.default_replicas).unwrap_or(1);
         if !(1..=3).contains(&default_replicas) {
             return Err(format!(
@@ -375,6 +399,7 @@ impl Config {
             rebuild_bandwidth,
             replica_grace_period,
             docker_plugin_socket,
+            docker_mount_dir,
             force_format: args.force_format,
         })
     }
@@ -406,6 +431,7 @@ mod tests {
             rebuild_bandwidth: None,
             replica_grace_period: None,
             docker_plugin_socket: None,
+            docker_mount_dir: None,
             force_format: false,
         }
     }

@@ -180,7 +180,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let (docker_listener, docker_backend) = match &cfg.docker_plugin_socket {
         Some(path) => {
             let backend =
-                crate::docker::DockerBackend::new(mgr.clone(), &db, cfg.data_dir.join("docker"))
+                crate::docker::DockerBackend::new(mgr.clone(), &db, cfg.docker_mount_dir.clone())
                     .inspect_err(|_| mgr.shutdown())?;
             let l = crate::docker::bind(path)
                 .map_err(|e| format!("docker plugin socket: {e}"))

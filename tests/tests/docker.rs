@@ -301,3 +301,84 @@ fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
         "the duplicate create changed the volume"
     );
 }
+
+#[test]
+fn the_managed_plugin_serves_volumes() {
+    let node = TestNode::prepare("dkm", "127.0.0.1", "64MiB", &[]);
+    let unique = format!("cairn-test/cairn:{}", std::process::id());
+    let image = format!("cairn-dkm-{}-busybox:1", std::process::id());
+    let vol = format!("cairn-dkm-{}", std::process::id());
+    /// Disables and removes the plugin (after the volume), even on failure.
+    struct Plugin(String, String);
+    impl Drop for Plugin {
+        fn drop(&mut self) {
+            let _ = docker(&["volume", "rm", "-f", &self.1]);
+            let _ = docker(&["plugin", "disable", "-f", &self.0]);
+            let _ = docker(&["plugin", "rm", "-f", &self.0]);
+        }
+    }
+    let things = DockerThings {
+        image: image.clone(),
+        containers: Vec::new(),
+        volumes: Vec::new(),
+    };
+    import_image(&node, &image);
+    let pkg = node.dir.join("plugin");
+    let data = node.dir.join("plugin-data");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-plugin/build.sh");
+    let st = Command::new(script)
+        .arg(&pkg)
+        .env("CAIRN_BIN", cairn_bin())
+        .env("CAIRN_PLUGIN_DATA", &data)
+        .status()
+        .expect("build.sh");
+    assert!(st.success(), "deploy/docker-plugin/build.sh failed");
+    let _plugin = Plugin(unique.clone(), vol.clone());
+    docker_ok(&["plugin", "create", &unique, pkg.to_str().unwrap()]);
+    docker_ok(&[
+        "plugin",
+        "set",
+        &unique,
+        &format!("data.source={}", data.display()),
+        "CAIRN_LISTEN=127.0.0.121:7400",
+        "CAIRN_PEER_LISTEN=127.0.0.121:7410",
+        "CAIRN_DISK_FILES=/var/lib/cairn/pool.img:1GiB",
+    ]);
+    docker_ok(&["plugin", "enable", &unique]);
+    docker_ok(&[
+        "volume",
+        "create",
+        "-d",
+        &unique,
+        "--opt",
+        "size=256MiB",
+        &vol,
+    ]);
+    let mount = format!("{vol}:/data");
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &mount,
+        &image,
+        "sh",
+        "-c",
+        "echo managed > /data/x && sync",
+    ]);
+    let out = docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &mount,
+        &image,
+        "cat",
+        "/data/x",
+    ]);
+    assert_eq!(out.trim(), "managed");
+    drop(things);
+}
