@@ -139,6 +139,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         ManagerConfig {
             node_id,
             fuse_dir: cfg.data_dir.join("fuse"),
+            holder_socket: crate::frontend::fuse::holder::socket_path(&cfg.data_dir),
             fuse_threads: cfg.fuse_threads,
             default_replicas: cfg.default_replicas,
             rebuild_bandwidth: cfg.rebuild_bandwidth,

@@ -26,6 +26,9 @@ fn main() {
                 }
             }
         }
+        Top::FuseHolder { socket, mountpoint } => {
+            cairn_node::frontend::fuse::holder::run(&socket, &mountpoint)
+        }
         other => cli::run_client(&cli.api, cli.output, other),
     };
     std::process::exit(code);

@@ -374,6 +374,9 @@ impl Drop for TestNode {
 /// Removes the kernel state under `dir` (mounts deepest first, loop devices
 /// backed by files under it) and then the directory itself.
 pub fn cleanup_dir(dir: &Path) {
+    // The daemon's FUSE holder first: without it a dead daemon's FUSE
+    // connection is aborted and nothing below can hang on it.
+    kill_holders(dir);
     for _ in 0..3 {
         let mut mounts: Vec<PathBuf> = cairn_node::sys::mount::mounts()
             .into_iter()
@@ -401,6 +404,25 @@ pub fn cleanup_dir(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// SIGKILLs `cairn fuse-holder` processes serving a socket under `dir`.
+pub fn kill_holders(dir: &Path) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let want = dir.to_string_lossy().into_owned();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("fuse-holder") && cmd.contains(&want) {
+            // SAFETY: kill(2) on a holder of a daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 /// Runs a shell command; returns its output (no assertion).

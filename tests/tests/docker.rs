@@ -382,3 +382,85 @@ fn the_managed_plugin_serves_volumes() {
     assert_eq!(out.trim(), "managed");
     drop(things);
 }
+
+#[test]
+fn a_daemon_crash_keeps_running_containers_working() {
+    let (mut node, driver, mut things) = setup("dk3");
+    let vol = format!("{driver}-crash");
+    things.volumes.push(vol.clone());
+    docker_ok(&[
+        "volume",
+        "create",
+        "-d",
+        &driver,
+        "--opt",
+        "size=256MiB",
+        &vol,
+    ]);
+    let image = things.image.clone();
+    let mount = format!("{vol}:/data");
+    let name = format!("{driver}-w");
+    things.containers.push(name.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        "-v",
+        &mount,
+        &image,
+        "sh",
+        "-c",
+        "i=0; while true; do echo $i >> /data/log; sync; i=$((i+1)); sleep 0.1; done",
+    ]);
+    let lines = || -> usize {
+        let o = docker(&["exec", &name, "sh", "-c", "cat /data/log | wc -l"]);
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    wait_for("the container writing", Duration::from_secs(20), || {
+        lines() > 3
+    });
+
+    node.kill9();
+    node.restart();
+    let after = lines();
+    wait_for(
+        "the container's writes after the restart",
+        Duration::from_secs(60),
+        || lines() > after + 5,
+    );
+    let written = lines();
+    docker_ok(&["rm", "-f", &name]);
+    wait_for(
+        "the last container's unmount detaches",
+        Duration::from_secs(20),
+        || node.api("GET", &format!("/v1/volumes/{vol}"), None).1["state"] == "detached",
+    );
+    let out = docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &mount,
+        &image,
+        "sh",
+        "-c",
+        "cat /data/log | wc -l",
+    ]);
+    let read: usize = out.trim().parse().expect("line count");
+    assert!(
+        read >= written,
+        "a later container read {read} lines, {written} were written"
+    );
+    assert_eq!(
+        node.api("GET", &format!("/v1/volumes/{vol}"), None).1["state"],
+        "detached",
+        "a mount reference leaked"
+    );
+}

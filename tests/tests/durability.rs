@@ -2,6 +2,7 @@
 //! and a daemon restart re-serves (or cleans up) what it had attached.
 
 use cairn_tests::*;
+use std::time::Duration;
 
 const FILE: usize = 4 << 20;
 
@@ -137,4 +138,56 @@ fn raw_block_attach_detach_is_idempotent() {
     let dev2 = node.cli_ok(&["volume", "attach", "raw"]).trim().to_string();
     sh_ok(&format!("cmp -n 8388608 {}/pat {dev2}", node.dir.display()));
     node.cli_ok(&["volume", "detach", "raw"]);
+}
+
+/// A daemon crash keeps the volume's mount: the FUSE connection is held
+/// by the holder process, a write issued while the daemon is dead completes
+/// once it is back, and the same filesystem serves before and after.
+#[test]
+fn mounts_survive_a_daemon_crash() {
+    let mut node = TestNode::start("keep", "1GiB");
+    node.cli_ok(&["volume", "create", "keep", "--size", "256MiB"]);
+    let mnt = node.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    node.cli_ok(&["volume", "mount", "keep", mnt.to_str().unwrap()]);
+    let source = |p: &std::path::Path| {
+        cairn_node::sys::mount::mounts()
+            .into_iter()
+            .find(|m| m.mount_point == p)
+            .map(|m| m.source)
+    };
+    let before = source(&mnt).expect("mounted");
+    let mut a = vec![0u8; 1 << 20];
+    fill_pattern(&mut a, 11);
+    std::fs::write(mnt.join("a"), &a).unwrap();
+    std::fs::File::open(mnt.join("a"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+
+    node.kill9();
+    // Written while no daemon runs: it waits in the kernel, not fails.
+    let (path_b, mut b) = (mnt.join("b"), vec![0u8; 1 << 20]);
+    fill_pattern(&mut b, 12);
+    let expect_b = b.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path_b)?;
+        std::io::Write::write_all(&mut f, &b)?;
+        f.sync_all()
+    });
+    node.restart();
+    wait_for(
+        "the write issued during the crash",
+        Duration::from_secs(60),
+        || writer.is_finished(),
+    );
+    writer.join().unwrap().expect("write across the crash");
+    assert_eq!(source(&mnt), Some(before), "the mount changed");
+    assert_eq!(read_direct(&mnt.join("a"), 0, a.len()).unwrap(), a);
+    assert_eq!(
+        read_direct(&mnt.join("b"), 0, expect_b.len()).unwrap(),
+        expect_b
+    );
+    assert!(node.log().contains("took over the FUSE connection"));
+    node.cli_ok(&["volume", "unmount", "keep", mnt.to_str().unwrap()]);
 }

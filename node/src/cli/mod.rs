@@ -60,6 +60,13 @@ pub enum Top {
     /// A local cluster of daemons on 127.0.0.x for development and tests.
     #[command(subcommand)]
     Dev(DevCmd),
+    /// Internal: started by the daemon to keep its FUSE connection alive
+    /// across a crash or restart.
+    #[command(hide = true)]
+    FuseHolder {
+        socket: PathBuf,
+        mountpoint: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -255,7 +262,9 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
     }
     let c = Client::new(api)?;
     let (v, render): (Value, fn(&Value) -> String) = match cmd {
-        Top::Node(NodeCmd::Run(_)) | Top::Dev(_) => unreachable!("handled before"),
+        Top::Node(NodeCmd::Run(_)) | Top::Dev(_) | Top::FuseHolder { .. } => {
+            unreachable!("handled before")
+        }
         Top::Node(NodeCmd::Status) => (call(&c, "GET", "/v1/node", None)?, render_node),
         Top::Pool(PoolCmd::Ls) => (call(&c, "GET", "/v1/pool", None)?, render_pool),
         Top::Node(NodeCmd::Ls) => (call(&c, "GET", "/v1/nodes", None)?, render_nodes),

@@ -19,7 +19,7 @@ use crate::cluster::state::{Command, NodeState, ReplicaState, StateError, Volume
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::engine::metrics::{render_headers, VolumeMetrics};
 use crate::engine::{Engine, EngineCtx};
-use crate::frontend::fuse::FuseServer;
+use crate::frontend::fuse::{holder, FuseServer};
 use crate::frontend::nbd::{Export, ExportProvider};
 use crate::pool::Pool;
 use crate::replica::host::HostMap;
@@ -33,6 +33,8 @@ use crate::types::{
 pub struct ManagerConfig {
     pub node_id: NodeId,
     pub fuse_dir: PathBuf,
+    /// Socket of the process that keeps the FUSE connection across restarts.
+    pub holder_socket: PathBuf,
     pub fuse_threads: usize,
     /// Replicas of a volume created without `replicas`.
     pub default_replicas: u32,
@@ -165,9 +167,21 @@ impl VolumeManager {
             rebuild_bandwidth: cfg.rebuild_bandwidth,
         });
 
-        mount::cleanup_stale(&cfg.fuse_dir);
-        let fuse = FuseServer::mount(&cfg.fuse_dir, cfg.fuse_threads)
-            .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?;
+        // A FUSE connection kept by the holder across a crash is taken
+        // over: its loop devices and mounts (containers' included) live on.
+        let adopted = holder::reclaim(&cfg.holder_socket, &cfg.fuse_dir);
+        let fuse = match adopted {
+            Some(fd) => {
+                tracing::info!(path = %cfg.fuse_dir.display(), "took over the FUSE connection kept across the restart");
+                FuseServer::adopt(&cfg.fuse_dir, fd)
+            }
+            None => {
+                mount::cleanup_stale(&cfg.fuse_dir);
+                FuseServer::mount(&cfg.fuse_dir, cfg.fuse_threads, &cfg.holder_socket)
+                    .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?
+            }
+        };
+        let adopted = fuse_adopted(&fuse);
         let mgr = Arc::new(VolumeManager {
             cfg,
             db,
@@ -182,7 +196,7 @@ impl VolumeManager {
             exports: Mutex::new(HashMap::new()),
             started: Instant::now(),
         });
-        mgr.reserve_attachments();
+        mgr.reserve_attachments(adopted);
         Ok(mgr)
     }
 
@@ -1052,10 +1066,33 @@ impl VolumeManager {
 
     // ---- restart and shutdown ---------------------------------------------
 
-    /// Re-creates the loop devices and mounts of this node's attachments.
-    fn reserve_attachments(&self) {
+    /// Re-serves this node's attachments. With an adopted FUSE connection,
+    /// loop devices still bound to it keep their mounts: their files are
+    /// re-added before the session threads start (so no request finds a
+    /// file missing), then the kernel resends what the old daemon left
+    /// unanswered. Anything else gets a new loop device and its mounts again.
+    fn reserve_attachments(&self, adopted: bool) {
         let state = self.store.read().clone();
-        let recorded = self.local_records();
+        let mut recorded = self.local_records();
+        if adopted {
+            recorded.retain(|(id, rec)| {
+                let Some(v) = state.volumes.get(id).filter(|v| {
+                    v.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.node == self.cfg.node_id)
+                }) else {
+                    return true;
+                };
+                let bound = loopdev::backing_file(Path::new(&rec.device)).as_deref()
+                    == Some(self.fuse_path(*id).as_path());
+                !(bound && self.readopt(v))
+            });
+            if let Some(f) = self.fuse.lock().expect("fuse lock").as_mut() {
+                if let Err(e) = f.start(self.cfg.fuse_threads, true) {
+                    tracing::error!(error = %e, "cannot start FUSE session threads");
+                }
+            }
+        }
         for (id, mut rec) in recorded {
             let Some(v) = state.volumes.get(&id).filter(|v| {
                 v.attachment
@@ -1112,6 +1149,30 @@ impl VolumeManager {
         }
     }
 
+    /// Serves an attachment whose loop device survived the restart on the
+    /// adopted FUSE connection; its mounts are untouched.
+    fn readopt(&self, v: &Volume) -> bool {
+        let Some(a) = &v.attachment else { return false };
+        let r = self.engine_for(v).and_then(|e| {
+            e.activate(v, a.epoch)
+                .map_err(|err| VolumeError::Device(err.to_string()))
+                .map(|_| e)
+        });
+        match r {
+            Ok(engine) => {
+                if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
+                    f.add(&v.id.to_string(), engine);
+                }
+                tracing::info!(volume = %v.name, "attachment kept across the restart");
+                true
+            }
+            Err(e) => {
+                tracing::error!(volume = %v.name, error = %e, "cannot re-serve a kept attachment");
+                false
+            }
+        }
+    }
+
     /// Graceful shutdown: unmount and unbind every attachment (records are
     /// kept so the next start re-serves them), flush, unmount FUSE.
     pub fn shutdown(&self) {
@@ -1137,6 +1198,10 @@ impl VolumeManager {
         }
         let _ = self.db.flush();
     }
+}
+
+fn fuse_adopted(f: &FuseServer) -> bool {
+    !f.started()
 }
 
 /// Releases an NBD connection's claim on a volume.

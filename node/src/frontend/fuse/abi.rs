@@ -9,6 +9,9 @@ pub const KERNEL_MINOR_MAX: u32 = 41;
 
 pub const IN_HEADER_LEN: usize = 40;
 pub const OUT_HEADER_LEN: usize = 16;
+/// Notification code asking the kernel to resend requests it sent but got
+/// no reply for (Linux 6.9+).
+pub const NOTIFY_RESEND: i32 = 7;
 pub const WRITE_IN_LEN: usize = 40;
 
 pub const LOOKUP: u32 = 1;

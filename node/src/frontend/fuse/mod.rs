@@ -15,6 +15,7 @@
 //! the loop device, remove the file, and only at daemon shutdown unmount FUSE.
 
 mod abi;
+pub mod holder;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -50,19 +51,33 @@ struct Files {
     by_ino: HashMap<u64, Arc<Served>>,
     /// Every name ever served on this mount and its inode number.
     inos: HashMap<String, u64>,
-    next_ino: u64,
 }
 
 pub struct FuseServer {
     mountpoint: PathBuf,
     files: Arc<RwLock<Files>>,
     threads: Vec<JoinHandle<()>>,
+    /// The connection until the session threads start.
+    dev: Option<File>,
+}
+
+/// A file's inode number, derived from its name so that it is the same for
+/// every daemon that serves this mount (a restarted daemon takes over the
+/// kernel's view, dentries and open files included). Never 1 (the root).
+fn ino_of(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 1) | 2
 }
 
 impl FuseServer {
-    /// Mounts an empty FUSE directory at `mountpoint` and starts `threads`
-    /// session threads.
-    pub fn mount(mountpoint: &Path, threads: usize) -> io::Result<FuseServer> {
+    /// Mounts an empty FUSE directory at `mountpoint`, hands the
+    /// connection to a holder process listening on `holder` (so it survives
+    /// a daemon crash), and starts `threads` session threads.
+    pub fn mount(mountpoint: &Path, threads: usize, holder: &Path) -> io::Result<FuseServer> {
         std::fs::create_dir_all(mountpoint)?;
         let dev = OpenOptions::new()
             .read(true)
@@ -79,10 +94,46 @@ impl FuseServer {
             libc::MS_NOSUID | libc::MS_NODEV,
             &opts,
         )?;
-        let files = Arc::new(RwLock::new(Files {
-            next_ino: 2,
-            ..Default::default()
-        }));
+        if let Err(e) = holder::spawn(&dev, holder, mountpoint) {
+            tracing::warn!(error = %e, "no FUSE holder: a daemon crash will take attached volumes' mounts with it");
+        }
+        let mut server = FuseServer::adopt(mountpoint, dev.into());
+        server.start(threads, false)?;
+        Ok(server)
+    }
+
+    /// Takes over a live FUSE connection (from the holder) without serving
+    /// yet: the caller re-adds the files first, then calls [`Self::start`].
+    pub fn adopt(mountpoint: &Path, dev: std::os::fd::OwnedFd) -> FuseServer {
+        FuseServer {
+            mountpoint: mountpoint.to_path_buf(),
+            files: Arc::new(RwLock::new(Files::default())),
+            threads: Vec::new(),
+            dev: Some(File::from(dev)),
+        }
+    }
+
+    /// True once session threads serve the connection.
+    pub fn started(&self) -> bool {
+        self.dev.is_none()
+    }
+
+    /// Starts the session threads; `resend` asks the kernel to send again
+    /// every request an earlier daemon read but did not answer.
+    pub fn start(&mut self, threads: usize, resend: bool) -> io::Result<()> {
+        let Some(dev) = self.dev.take() else {
+            return Ok(());
+        };
+        if resend {
+            let mut hdr = [0u8; OUT_HEADER_LEN];
+            put_u32(&mut hdr, 0, OUT_HEADER_LEN as u32);
+            put_u32(&mut hdr, 4, NOTIFY_RESEND as u32);
+            // SAFETY: writing a 16-byte buffer we own to the FUSE fd.
+            let n = unsafe { libc::write(dev.as_raw_fd(), hdr.as_ptr().cast(), hdr.len()) };
+            if n < 0 {
+                tracing::warn!(error = %io::Error::last_os_error(), "FUSE resend notification failed; requests in flight at the crash may hang");
+            }
+        }
         let mut fds = vec![dev];
         for _ in 1..threads.max(1) {
             match clone_fd(&fds[0]) {
@@ -93,20 +144,15 @@ impl FuseServer {
                 }
             }
         }
-        let mut handles = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
-            let files = files.clone();
+            let files = self.files.clone();
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .stack_size(256 << 10)
                 .spawn(move || Session { fd, files }.run())?;
-            handles.push(h);
+            self.threads.push(h);
         }
-        Ok(FuseServer {
-            mountpoint: mountpoint.to_path_buf(),
-            files,
-            threads: handles,
-        })
+        Ok(())
     }
 
     /// Exposes `engine` as `<mountpoint>/<name>` and returns that path. A
@@ -114,15 +160,7 @@ impl FuseServer {
     /// kernel still holds from an earlier attach resolves to the new engine.
     pub fn add(&self, name: &str, engine: Arc<Engine>) -> PathBuf {
         let mut f = self.files.write().expect("files lock");
-        let ino = match f.inos.get(name) {
-            Some(i) => *i,
-            None => {
-                let i = f.next_ino;
-                f.next_ino += 1;
-                f.inos.insert(name.into(), i);
-                i
-            }
-        };
+        let ino = *f.inos.entry(name.into()).or_insert_with(|| ino_of(name));
         f.by_ino.insert(
             ino,
             Arc::new(Served {

@@ -1,0 +1,187 @@
+//! Keeps the FUSE connection alive across a daemon crash or restart.
+//!
+//! At mount time the daemon starts `cairn fuse-holder` in its own session
+//! with a duplicate of the `/dev/fuse` fd. While the holder lives, the
+//! kernel's FUSE connection survives the daemon: loop devices, filesystems
+//! mounted on them, and containers using those mounts stay in place, their
+//! I/O queued. The next daemon asks the holder for the fd (SCM_RIGHTS over
+//! a root-only unix socket in the data directory), tells the kernel to
+//! resend the requests the dead daemon had read but not answered
+//! (`FUSE_NOTIFY_RESEND`), and serves on. The holder exits once the FUSE
+//! mount is gone (a graceful shutdown unmounts it).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The fd number the holder receives the connection on.
+const HELD_FD: RawFd = 3;
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("fuse-holder.sock")
+}
+
+/// True while `mountpoint` is a cairn FUSE mount.
+fn mounted(mountpoint: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mountpoint.to_string_lossy();
+    info.lines().any(|l| {
+        let mut f = l.split(' ');
+        let point = f.nth(4);
+        point == Some(&want) && l.contains(" - fuse.cairn ")
+    })
+}
+
+/// Starts the holder for `fd` (the daemon keeps its own copy).
+pub fn spawn(fd: &impl AsRawFd, socket: &Path, mountpoint: &Path) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let src = fd.as_raw_fd();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("fuse-holder")
+        .arg(socket)
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2,
+    // setsid) are made, on fds this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if src == HELD_FD {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                if libc::fcntl(src, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(src, HELD_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // The holder outlives us on purpose; it is not our child to reap later.
+    std::mem::forget(child);
+    // Wait (bounded) until it answers, so a crash right after mount is covered.
+    for _ in 0..100 {
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(io::Error::other("the FUSE holder did not start"))
+}
+
+/// Takes the held connection over from a running holder, if there is one
+/// and the mount is still in place.
+pub fn reclaim(socket: &Path, mountpoint: &Path) -> Option<OwnedFd> {
+    if !mounted(mountpoint) {
+        return None;
+    }
+    let s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    recv_fd(&s).ok()
+}
+
+/// `cairn fuse-holder SOCKET MOUNTPOINT`: hands fd 3 to whoever connects,
+/// until the mount is gone.
+pub fn run(socket: &Path, mountpoint: &Path) -> i32 {
+    // SAFETY: fd 3 was set up by `spawn` and is owned by this process.
+    let held = unsafe { OwnedFd::from_raw_fd(HELD_FD) };
+    let _ = std::fs::remove_file(socket);
+    let Ok(listener) = UnixListener::bind(socket) else {
+        return 1;
+    };
+    let _ = std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+    if listener.set_nonblocking(true).is_err() {
+        return 1;
+    }
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = send_fd(&s, held.as_raw_fd());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !mounted(mountpoint) {
+                    let _ = std::fs::remove_file(socket);
+                    return 0;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn send_fd(s: &UnixStream, fd: RawFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; every pointer set below refers to live
+    // locals that outlast the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsg of CMSG_SPACE(fd) bytes.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+    }
+    // SAFETY: msg is fully initialised above.
+    if unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: as in send_fd; the buffers outlive recvmsg.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at live buffers; MSG_CMSG_CLOEXEC keeps the fd
+    // from leaking into programs we run.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return Err(io::Error::other("the FUSE holder sent nothing"));
+    }
+    // SAFETY: the kernel filled the control buffer; we check the cmsg type
+    // before reading the fd out of it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(io::Error::other("the FUSE holder sent no fd"));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
