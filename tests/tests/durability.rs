@@ -112,7 +112,7 @@ fn raw_block_attach_detach_is_idempotent() {
     // Concurrent verified I/O through the loop device and FUSE (queue depth 32).
     let fio = sh(&format!(
         "fio --name=verify --filename={dev} --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
-         --size=32M --offset=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse"
+         --size=32M --offset=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --output-format=terse"
     ));
     assert!(
         fio.status.success(),
