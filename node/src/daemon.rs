@@ -99,12 +99,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // admits this node can reach it while the store opens.
     let peer_service = PeerService::default();
     let data_service = crate::replica::service::DataService::default();
+    let fast_server: Arc<std::sync::OnceLock<crate::replica::fast::FastServer>> = Arc::default();
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let listener = rt
             .block_on(async { tokio::net::TcpListener::from_std(peer_listener) })
             .map_err(|e| e.to_string())?;
         let svc = peer_service.clone();
+        let fast_route = fast_server.clone();
         let data = cairn_proto::data::data_server::DataServer::new(data_service.clone())
             .max_decoding_message_size(crate::replica::remote::MAX_MESSAGE)
             .max_encoding_message_size(crate::replica::remote::MAX_MESSAGE);
@@ -112,13 +114,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
             let r = tonic::transport::Server::builder()
                 .add_service(PeerServer::new(svc))
                 .add_service(data)
-                .serve_with_incoming_shutdown(
-                    // Small Raft messages must not wait for Nagle.
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async {
-                        let _ = peer_stop_rx.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(route_peer_connections(listener, fast_route), async {
+                    let _ = peer_stop_rx.await;
+                })
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "peer service failed");
@@ -150,6 +148,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         store.clone(),
     )?;
     let _ = data_service.inner.set((store.clone(), mgr.hosts()));
+    let _ = fast_server.set(crate::replica::fast::FastServer {
+        store: store.clone(),
+        hosts: mgr.hosts(),
+    });
     let registration = Registration::new(&cfg, node_id);
     register_node(&store, &registration).inspect_err(|_| mgr.shutdown())?;
     let nbd = match NbdServer::start(
@@ -434,6 +436,75 @@ async fn heartbeats(
             Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
         }
     }
+}
+
+/// The peer port's connections, told apart by their first bytes: data
+/// frames (`cairn_proto::frame`) go to a thread of the fast data server,
+/// everything else (HTTP/2) to the gRPC server through the returned stream.
+struct Incoming(tokio::sync::mpsc::Receiver<std::io::Result<tokio::net::TcpStream>>);
+
+impl futures_core::Stream for Incoming {
+    type Item = std::io::Result<tokio::net::TcpStream>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn route_peer_connections(
+    listener: tokio::net::TcpListener,
+    fast: Arc<std::sync::OnceLock<crate::replica::fast::FastServer>>,
+) -> Incoming {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let s = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Small Raft messages and 4 KiB writes must not wait for Nagle.
+            let _ = s.set_nodelay(true);
+            let (tx, fast) = (tx.clone(), fast.clone());
+            tokio::spawn(async move {
+                let mut b = [0u8; 4];
+                let peeked =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), s.peek(&mut b)).await;
+                let frames = matches!(peeked, Ok(Ok(4)))
+                    && u32::from_le_bytes(b) == cairn_proto::frame::REQ_MAGIC;
+                if !frames {
+                    let _ = tx.send(Ok(s)).await;
+                    return;
+                }
+                if fast.get().is_none() {
+                    return; // still starting: the engine retries or marks the replica
+                }
+                match s.into_std() {
+                    Ok(std_stream) => {
+                        if std_stream.set_nonblocking(false).is_ok() {
+                            let spawned = std::thread::Builder::new()
+                                .name("data-conn".into())
+                                .spawn(move || {
+                                    if let Some(server) = fast.get() {
+                                        server.serve(std_stream)
+                                    }
+                                });
+                            if let Err(e) = spawned {
+                                tracing::warn!(error = %e, "cannot start a data connection thread");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "data connection lost"),
+                }
+            });
+        }
+    });
+    Incoming(rx)
 }
 
 async fn shutdown_signal() {

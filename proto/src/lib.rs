@@ -7,12 +7,15 @@
 //!   forwarded proposals), generated from `proto/cairn/v1/peer.proto`.
 //! - [`data`]: the replica data protocol (engine to remote replicas),
 //!   generated from `proto/cairn/v1/data.proto`.
+//! - [`frame`]: the framed TCP path that carries replica reads, writes,
+//!   flushes and zeroings.
 //! - [`nbd`]: the constants of the NBD protocol (fixed newstyle handshake,
 //!   simple replies) as the daemon's NBD export speaks it.
 //!
 //! Nothing here does I/O; it only names and shapes what crosses a socket.
 
 pub mod api;
+pub mod frame;
 pub mod nbd;
 
 /// The node-to-node gRPC service (`proto/cairn/v1/peer.proto`), generated.

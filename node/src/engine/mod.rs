@@ -71,6 +71,7 @@ pub struct EngineCtx {
     pub store: Arc<ClusterStore>,
     pub hosts: Arc<HostMap>,
     pub channels: Channels,
+    pub fast: crate::replica::fast::FastPools,
     pub handle: tokio::runtime::Handle,
     /// Rebuild copy rate limit in bytes per second (0: unlimited).
     pub rebuild_bandwidth: u64,
@@ -256,10 +257,11 @@ impl Engine {
                 .get(&node)
                 .map(|n| n.peer_address.clone())
                 .ok_or_else(|| ReplicaError::Remote(format!("node {node} is not a member")))?;
-            (addr, s.cluster_id.to_string())
+            (addr, s.cluster_id)
         };
         Ok(Target::Remote(Arc::new(RemoteReplica::new(
             &self.ctx.channels,
+            &self.ctx.fast,
             node,
             &addr,
             cluster,
@@ -541,7 +543,7 @@ impl Engine {
                             s.clone(),
                             self.ctx
                                 .handle
-                                .spawn(async move { r.write(epoch, offset, d).await }),
+                                .spawn_blocking(move || r.write_blocking(epoch, offset, &d)),
                         ))
                     }
                     Target::Local(_) => None,

@@ -11,6 +11,7 @@
 //! - Freeing an extent waits for in-flight I/O of the replica (`free_gate`),
 //!   so a write never lands in an extent that was handed to another volume.
 
+pub mod fast;
 pub mod host;
 pub mod remote;
 pub mod service;

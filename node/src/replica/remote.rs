@@ -8,10 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_proto::data::data_client::DataClient;
-use cairn_proto::data::{
-    ChecksumsRequest, FlushRequest, Header, OpenRequest, ReadRequest, WriteRequest, ZeroRequest,
-    DATA_PROTOCOL_VERSION,
-};
+use cairn_proto::data::{ChecksumsRequest, Header, OpenRequest, DATA_PROTOCOL_VERSION};
+use cairn_proto::frame::{self, Request};
 use prost::bytes::Bytes;
 use tonic::transport::Channel;
 
@@ -55,8 +53,12 @@ impl Channels {
 pub struct RemoteReplica {
     pub node: NodeId,
     client: DataClient<Channel>,
+    /// The framed TCP path for reads, writes, flushes and zeroings.
+    fast: Arc<super::fast::FastPool>,
     cluster_id: Arc<str>,
     volume: Arc<str>,
+    cluster_raw: [u8; 16],
+    volume_raw: [u8; 16],
 }
 
 fn status_err(epoch: u64, s: tonic::Status) -> ReplicaError {
@@ -91,9 +93,10 @@ async fn bounded<T>(
 impl RemoteReplica {
     pub fn new(
         channels: &Channels,
+        pools: &super::fast::FastPools,
         node: NodeId,
         address: &str,
-        cluster_id: String,
+        cluster_id: crate::types::Id128,
         volume: VolumeId,
     ) -> Result<RemoteReplica, ReplicaError> {
         let client = DataClient::new(channels.get(address)?)
@@ -102,8 +105,11 @@ impl RemoteReplica {
         Ok(RemoteReplica {
             node,
             client,
-            cluster_id: cluster_id.into(),
+            fast: pools.get(address)?,
+            cluster_id: cluster_id.to_string().into(),
             volume: volume.to_string().into(),
+            cluster_raw: cluster_id.0,
+            volume_raw: volume.0,
         })
     }
 
@@ -124,56 +130,71 @@ impl RemoteReplica {
         bounded(epoch, IO_TIMEOUT, c.open(req)).await.map(|_| ())
     }
 
-    pub async fn write(&self, epoch: u64, offset: u64, data: Bytes) -> Result<(), ReplicaError> {
-        let mut c = self.client.clone();
-        let req = WriteRequest {
-            header: self.header(epoch),
+    fn frame(&self, op: u16, epoch: u64, offset: u64, length: u64, crc: u32) -> Request {
+        Request {
+            version: frame::VERSION,
+            op,
+            cluster: self.cluster_raw,
+            volume: self.volume_raw,
+            epoch,
             offset,
-            crc32: crc32fast::hash(&data),
-            data,
-        };
-        bounded(epoch, IO_TIMEOUT, c.write(req)).await.map(|_| ())
+            length,
+            crc,
+        }
+    }
+
+    /// One framed exchange on a blocking-pool thread.
+    async fn call(&self, req: Request, payload: Bytes) -> Result<Vec<u8>, ReplicaError> {
+        let pool = self.fast.clone();
+        tokio::task::spawn_blocking(move || pool.call(&req, &payload))
+            .await
+            .map_err(|e| ReplicaError::Remote(e.to_string()))?
+    }
+
+    /// A write on the calling thread (the engine's hot path runs it on a
+    /// blocking-pool thread directly, saving a task hop).
+    pub fn write_blocking(&self, epoch: u64, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
+        let req = self.frame(
+            frame::OP_WRITE,
+            epoch,
+            offset,
+            data.len() as u64,
+            crc32fast::hash(data),
+        );
+        self.fast.call(&req, data).map(|_| ())
+    }
+
+    pub async fn write(&self, epoch: u64, offset: u64, data: Bytes) -> Result<(), ReplicaError> {
+        let req = self.frame(
+            frame::OP_WRITE,
+            epoch,
+            offset,
+            data.len() as u64,
+            crc32fast::hash(&data),
+        );
+        self.call(req, data).await.map(|_| ())
     }
 
     pub async fn read(&self, epoch: u64, offset: u64, len: usize) -> Result<Bytes, ReplicaError> {
-        let mut c = self.client.clone();
-        let req = ReadRequest {
-            header: self.header(epoch),
-            offset,
-            length: len as u32,
-        };
-        let r = bounded(epoch, IO_TIMEOUT, c.read(req)).await?;
-        if r.data.len() != len {
+        let req = self.frame(frame::OP_READ, epoch, offset, len as u64, 0);
+        let data = self.call(req, Bytes::new()).await?;
+        if data.len() != len {
             return Err(ReplicaError::Remote(format!(
                 "read returned {} bytes, {len} asked",
-                r.data.len()
+                data.len()
             )));
         }
-        if crc32fast::hash(&r.data) != r.crc32 {
-            return Err(ReplicaError::Corrupt(format!(
-                "read of {len} bytes at {offset} from node {}",
-                self.node
-            )));
-        }
-        Ok(r.data)
+        Ok(Bytes::from(data))
     }
 
     pub async fn zero(&self, epoch: u64, offset: u64, length: u64) -> Result<(), ReplicaError> {
-        let mut c = self.client.clone();
-        let req = ZeroRequest {
-            header: self.header(epoch),
-            offset,
-            length,
-        };
-        bounded(epoch, IO_TIMEOUT, c.zero(req)).await.map(|_| ())
+        let req = self.frame(frame::OP_ZERO, epoch, offset, length, 0);
+        self.call(req, Bytes::new()).await.map(|_| ())
     }
 
     pub async fn flush(&self, epoch: u64) -> Result<(), ReplicaError> {
-        let mut c = self.client.clone();
-        let req = FlushRequest {
-            header: self.header(epoch),
-        };
-        bounded(epoch, IO_TIMEOUT, c.flush(req)).await.map(|_| ())
+        let req = self.frame(frame::OP_FLUSH, epoch, 0, 0, 0);
+        self.call(req, Bytes::new()).await.map(|_| ())
     }
 
     pub async fn checksums(

@@ -1,16 +1,16 @@
-//! The data protocol's server side: remote engines' I/O to the replicas
-//! this node hosts. Every field is checked before use (version, cluster,
-//! volume id, ranges, checksums); pool I/O runs on the blocking pool.
+//! The replica control service (gRPC): remote engines open the replicas
+//! this node hosts (raising their epoch fence) and read extent checksums
+//! for rebuilds. Every field is checked before use (version, cluster,
+//! volume id, ranges); pool I/O runs on the blocking pool. Reads and writes
+//! arrive on the framed path ([`super::fast`]).
 
 use std::sync::{Arc, OnceLock};
 
 use cairn_proto::data::data_server::Data;
 use cairn_proto::data::{
-    ChecksumsReply, ChecksumsRequest, Done, ExtentChecksum, FlushRequest, Header, OpenReply,
-    OpenRequest, ReadReply, ReadRequest, WriteRequest, ZeroRequest, DATA_PROTOCOL_MIN,
-    DATA_PROTOCOL_VERSION,
+    ChecksumsReply, ChecksumsRequest, ExtentChecksum, Header, OpenReply, OpenRequest,
+    DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
 };
-use prost::bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use super::host::{HostMap, Hosted};
@@ -18,9 +18,7 @@ use super::ReplicaError;
 use crate::cluster::store::ClusterStore;
 use crate::types::{VolumeId, MAX_VOLUME_SIZE};
 
-/// Most bytes one read or write may carry, and most extents one checksum
-/// request may cover.
-pub const MAX_IO: u64 = 8 << 20;
+/// Most extents one checksum request may cover.
 pub const MAX_CHECKSUM_EXTENTS: u32 = 256;
 
 #[derive(Clone, Default)]
@@ -122,54 +120,6 @@ impl Data for DataService {
             extent_size: es,
             allocated_bytes: allocated,
         }))
-    }
-
-    async fn write(&self, req: Request<WriteRequest>) -> Result<Response<Done>, Status> {
-        let r = req.into_inner();
-        check_range(r.offset, r.data.len() as u64, MAX_IO)?;
-        if crc32fast::hash(&r.data) != r.crc32 {
-            return Err(Status::data_loss(format!(
-                "write of {} bytes at {}: checksum mismatch",
-                r.data.len(),
-                r.offset
-            )));
-        }
-        let (epoch, h) = self.hosted(r.header).await?;
-        let (offset, data) = (r.offset, r.data);
-        blocking(move || h.write(epoch, offset, &data)).await?;
-        Ok(Response::new(Done {}))
-    }
-
-    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        let r = req.into_inner();
-        check_range(r.offset, r.length as u64, MAX_IO)?;
-        let (epoch, h) = self.hosted(r.header).await?;
-        let (offset, len) = (r.offset, r.length as usize);
-        let data = blocking(move || {
-            let mut buf = vec![0u8; len];
-            h.read(epoch, offset, &mut buf)?;
-            Ok(buf)
-        })
-        .await?;
-        Ok(Response::new(ReadReply {
-            crc32: crc32fast::hash(&data),
-            data: Bytes::from(data),
-        }))
-    }
-
-    async fn zero(&self, req: Request<ZeroRequest>) -> Result<Response<Done>, Status> {
-        let r = req.into_inner();
-        check_range(r.offset, r.length, MAX_VOLUME_SIZE)?;
-        let (epoch, h) = self.hosted(r.header).await?;
-        let (offset, len) = (r.offset, r.length);
-        blocking(move || h.zero_range(epoch, offset, len)).await?;
-        Ok(Response::new(Done {}))
-    }
-
-    async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<Done>, Status> {
-        let (epoch, h) = self.hosted(req.into_inner().header).await?;
-        blocking(move || h.flush(epoch)).await?;
-        Ok(Response::new(Done {}))
     }
 
     async fn checksums(

@@ -163,6 +163,7 @@ impl VolumeManager {
             store: store.clone(),
             hosts: hosts.clone(),
             channels: Default::default(),
+            fast: Default::default(),
             handle: cfg.handle.clone(),
             rebuild_bandwidth: cfg.rebuild_bandwidth,
         });

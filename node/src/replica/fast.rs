@@ -1,0 +1,249 @@
+//! The hot replica I/O path (`cairn_proto::frame`): blocking TCP, one
+//! thread per connection on the replica's side, a small pool of idle
+//! connections per peer on the engine's side. The replica checks
+//! everything in a request before acting (magic, version, cluster, volume,
+//! sizes, payload crc32) and answers every request, errors included; a
+//! connection that breaks the framing is closed.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_proto::frame::{self, Reply, Request};
+
+use super::host::HostMap;
+use super::remote::IO_TIMEOUT;
+use super::ReplicaError;
+use crate::cluster::store::ClusterStore;
+use crate::types::{Id128, MAX_VOLUME_SIZE};
+
+/// Idle connections kept per peer.
+const POOL: usize = 32;
+
+// ---- replica side -----------------------------------------------------------
+
+pub struct FastServer {
+    pub store: Arc<ClusterStore>,
+    pub hosts: Arc<HostMap>,
+}
+
+fn reply(s: &mut TcpStream, status: u32, fence: u64, payload: &[u8]) -> io::Result<()> {
+    let h = Reply {
+        status,
+        fence,
+        length: payload.len() as u32,
+        crc: crc32fast::hash(payload),
+    };
+    let mut out = Vec::with_capacity(frame::REP_LEN + payload.len());
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(payload);
+    s.write_all(&out)
+}
+
+fn status_of(e: &ReplicaError) -> (u32, u64) {
+    match e {
+        ReplicaError::Fenced { fence, .. } => (frame::FENCED, *fence),
+        ReplicaError::Gone(_) => (frame::GONE, 0),
+        ReplicaError::NoSpace => (frame::NO_SPACE, 0),
+        ReplicaError::Corrupt(_) => (frame::CORRUPT, 0),
+        _ => (frame::FAILED, 0),
+    }
+}
+
+impl FastServer {
+    /// Serves one connection until the peer closes it or breaks framing.
+    pub fn serve(&self, mut s: TcpStream) {
+        let _ = s.set_nodelay(true);
+        let mut payload = Vec::new();
+        loop {
+            let mut hdr = [0u8; frame::REQ_LEN];
+            if s.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let Some(req) = Request::decode(&hdr) else {
+                return;
+            };
+            let inbound = if req.op == frame::OP_WRITE {
+                req.length
+            } else {
+                0
+            };
+            if inbound > frame::MAX_PAYLOAD {
+                let _ = reply(&mut s, frame::INVALID, 0, b"payload too large");
+                return;
+            }
+            payload.resize(inbound as usize, 0);
+            if s.read_exact(&mut payload).is_err() {
+                return;
+            }
+            let r = self.handle(&req, &payload);
+            let sent = match r {
+                Ok(data) => reply(&mut s, frame::OK, 0, &data),
+                Err((status, fence, msg)) => reply(&mut s, status, fence, msg.as_bytes()),
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn handle(&self, req: &Request, payload: &[u8]) -> Result<Vec<u8>, (u32, u64, String)> {
+        let invalid = |m: String| (frame::INVALID, 0, m);
+        if req.version < frame::MIN_VERSION || req.version > frame::VERSION {
+            return Err((
+                frame::UNSUPPORTED,
+                0,
+                format!(
+                    "frame version {} not supported ({}..={})",
+                    req.version,
+                    frame::MIN_VERSION,
+                    frame::VERSION
+                ),
+            ));
+        }
+        let ours = self.store.read().cluster_id;
+        if Id128(req.cluster) != ours {
+            return Err(invalid(format!("this node belongs to cluster {ours}")));
+        }
+        if req
+            .offset
+            .checked_add(req.length)
+            .is_none_or(|e| e > MAX_VOLUME_SIZE)
+        {
+            return Err(invalid("range outside any volume".into()));
+        }
+        let volume = Id128(req.volume);
+        let h = self.hosts.get_or_create(volume, &self.store).map_err(|e| {
+            let (s, f) = status_of(&e);
+            (s, f, e.to_string())
+        })?;
+        let fail = |e: ReplicaError| {
+            let (s, f) = status_of(&e);
+            (s, f, e.to_string())
+        };
+        match req.op {
+            frame::OP_WRITE => {
+                if crc32fast::hash(payload) != req.crc {
+                    return Err((
+                        frame::CORRUPT,
+                        0,
+                        "write payload failed its checksum".into(),
+                    ));
+                }
+                h.write(req.epoch, req.offset, payload).map_err(fail)?;
+                Ok(Vec::new())
+            }
+            frame::OP_READ => {
+                if req.length > frame::MAX_PAYLOAD {
+                    return Err(invalid("read too large".into()));
+                }
+                let mut buf = vec![0u8; req.length as usize];
+                h.read(req.epoch, req.offset, &mut buf).map_err(fail)?;
+                Ok(buf)
+            }
+            frame::OP_FLUSH => h.flush(req.epoch).map(|_| Vec::new()).map_err(fail),
+            frame::OP_ZERO => h
+                .zero_range(req.epoch, req.offset, req.length)
+                .map(|_| Vec::new())
+                .map_err(fail),
+            other => Err(invalid(format!("unknown op {other}"))),
+        }
+    }
+}
+
+// ---- engine side ------------------------------------------------------------
+
+/// Idle connections to one peer.
+pub struct FastPool {
+    addr: SocketAddr,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+impl FastPool {
+    fn connect(&self) -> Result<TcpStream, ReplicaError> {
+        let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1))
+            .map_err(|e| ReplicaError::Remote(format!("connect {}: {e}", self.addr)))?;
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+        Ok(s)
+    }
+
+    /// One request/reply exchange; the connection returns to the pool only
+    /// after a complete, well-formed reply.
+    pub fn call(&self, req: &Request, payload: &[u8]) -> Result<Vec<u8>, ReplicaError> {
+        let idle = self.idle.lock().expect("pool lock").pop();
+        let mut s = match idle {
+            Some(s) => s,
+            None => self.connect()?,
+        };
+        let io_err = |e: io::Error| ReplicaError::Remote(format!("{}: {e}", self.addr));
+        let mut out = Vec::with_capacity(frame::REQ_LEN + payload.len());
+        out.extend_from_slice(&req.encode());
+        out.extend_from_slice(payload);
+        s.write_all(&out).map_err(io_err)?;
+        let mut hdr = [0u8; frame::REP_LEN];
+        s.read_exact(&mut hdr).map_err(io_err)?;
+        let rep = Reply::decode(&hdr)
+            .ok_or_else(|| ReplicaError::Remote(format!("{}: not a data reply", self.addr)))?;
+        if rep.length as u64 > frame::MAX_PAYLOAD {
+            return Err(ReplicaError::Remote(format!(
+                "{}: reply too large",
+                self.addr
+            )));
+        }
+        let mut body = vec![0u8; rep.length as usize];
+        s.read_exact(&mut body).map_err(io_err)?;
+        if crc32fast::hash(&body) != rep.crc {
+            return Err(ReplicaError::Corrupt(format!("reply from {}", self.addr)));
+        }
+        {
+            let mut idle = self.idle.lock().expect("pool lock");
+            if idle.len() < POOL {
+                idle.push(s);
+            }
+        }
+        let msg = || String::from_utf8_lossy(&body).into_owned();
+        match rep.status {
+            frame::OK => Ok(body),
+            frame::FENCED => Err(ReplicaError::Fenced {
+                epoch: req.epoch,
+                fence: rep.fence,
+            }),
+            frame::GONE => Err(ReplicaError::Remote(format!("replica gone: {}", msg()))),
+            frame::NO_SPACE => Err(ReplicaError::NoSpace),
+            frame::CORRUPT => Err(ReplicaError::Corrupt(msg())),
+            _ => Err(ReplicaError::Remote(msg())),
+        }
+    }
+}
+
+/// One pool per peer address, shared by all volumes.
+#[derive(Default)]
+pub struct FastPools {
+    map: Mutex<HashMap<String, Arc<FastPool>>>,
+}
+
+impl FastPools {
+    pub fn get(&self, addr: &str) -> Result<Arc<FastPool>, ReplicaError> {
+        let mut m = self.map.lock().expect("pools lock");
+        if let Some(p) = m.get(addr) {
+            return Ok(p.clone());
+        }
+        let sa = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                ReplicaError::Remote(format!("peer address {addr:?} does not resolve"))
+            })?;
+        let p = Arc::new(FastPool {
+            addr: sa,
+            idle: Mutex::new(Vec::new()),
+        });
+        m.insert(addr.to_string(), p.clone());
+        Ok(p)
+    }
+}
