@@ -21,9 +21,12 @@ fn docker_ok(args: &[&str]) -> String {
     let o = docker(args);
     assert!(
         o.status.success(),
-        "docker {args:?} failed: {}{}",
+        "docker {args:?} failed: {}{}\nplugin sockets: {:?}",
         String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        String::from_utf8_lossy(&o.stderr),
+        std::fs::read_dir("/run/docker/plugins")
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -85,10 +88,24 @@ fn import_image(node: &TestNode, tag: &str) {
     docker_ok(&["import", tar.to_str().unwrap(), tag]);
 }
 
+/// One Docker test at a time: dockerd's plugin handling (a managed plugin
+/// being enabled or removed while another test's legacy driver is looked
+/// up) is shared state these tests should not race on.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn setup(tag: &str) -> (TestNode, String, DockerThings) {
     let unique = format!("cairn-{tag}-{}", std::process::id());
     let socket = format!("/run/docker/plugins/{unique}.sock");
     let node = TestNode::start_with(tag, "2GiB", &["--docker-plugin-socket", &socket]);
+    // dockerd finds the driver by this file.
+    assert!(
+        std::path::Path::new(&socket).exists(),
+        "{socket} missing after start"
+    );
     let image = format!("{unique}-busybox:1");
     let things = DockerThings {
         image: image.clone(),
@@ -111,6 +128,7 @@ fn cairn_names(node: &TestNode) -> Vec<String> {
 
 #[test]
 fn containers_write_and_read_a_cairn_volume() {
+    let _one = serial();
     let (node, driver, mut things) = setup("dk1");
     let vol = format!("{driver}-data");
     things.volumes.push(vol.clone());
@@ -187,6 +205,7 @@ fn containers_write_and_read_a_cairn_volume() {
 
 #[test]
 fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
+    let _one = serial();
     let (node, driver, mut things) = setup("dk2");
     let vol = format!("{driver}-shared");
     things.volumes.push(vol.clone());
@@ -304,6 +323,7 @@ fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
 
 #[test]
 fn the_managed_plugin_serves_volumes() {
+    let _one = serial();
     let node = TestNode::prepare("dkm", "127.0.0.1", "64MiB", &[]);
     let unique = format!("cairn-test/cairn:{}", std::process::id());
     let image = format!("cairn-dkm-{}-busybox:1", std::process::id());
@@ -385,6 +405,7 @@ fn the_managed_plugin_serves_volumes() {
 
 #[test]
 fn a_daemon_crash_keeps_running_containers_working() {
+    let _one = serial();
     let (mut node, driver, mut things) = setup("dk3");
     let vol = format!("{driver}-crash");
     things.volumes.push(vol.clone());

@@ -172,20 +172,40 @@ impl FastPool {
     }
 
     /// One request/reply exchange; the connection returns to the pool only
-    /// after a complete, well-formed reply.
+    /// after a complete, well-formed reply. An idle connection the peer
+    /// closed meanwhile (it restarted) is replaced once by a new one: every
+    /// request is idempotent (a write of the same bytes, a read, a flush).
     pub fn call(&self, req: &Request, payload: &[u8]) -> Result<Vec<u8>, ReplicaError> {
-        let idle = self.idle.lock().expect("pool lock").pop();
-        let mut s = match idle {
-            Some(s) => s,
-            None => self.connect()?,
-        };
-        let io_err = |e: io::Error| ReplicaError::Remote(format!("{}: {e}", self.addr));
         let mut out = Vec::with_capacity(frame::REQ_LEN + payload.len());
         out.extend_from_slice(&req.encode());
         out.extend_from_slice(payload);
-        s.write_all(&out).map_err(io_err)?;
         let mut hdr = [0u8; frame::REP_LEN];
-        s.read_exact(&mut hdr).map_err(io_err)?;
+        let idle = self.idle.lock().expect("pool lock").pop();
+        let mut s = match idle {
+            Some(mut s) => match s.write_all(&out).and_then(|_| s.read_exact(&mut hdr)) {
+                Ok(()) => s,
+                // A slow peer is not a closed connection: no second wait.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    return Err(ReplicaError::Remote(format!("{}: {e}", self.addr)));
+                }
+                Err(_) => {
+                    let mut fresh = self.connect()?;
+                    self.exchange(&mut fresh, &out, &mut hdr)?;
+                    fresh
+                }
+            },
+            None => {
+                let mut fresh = self.connect()?;
+                self.exchange(&mut fresh, &out, &mut hdr)?;
+                fresh
+            }
+        };
+        let io_err = |e: io::Error| ReplicaError::Remote(format!("{}: {e}", self.addr));
         let rep = Reply::decode(&hdr)
             .ok_or_else(|| ReplicaError::Remote(format!("{}: not a data reply", self.addr)))?;
         if rep.length as u64 > frame::MAX_PAYLOAD {
@@ -217,6 +237,19 @@ impl FastPool {
             frame::CORRUPT => Err(ReplicaError::Corrupt(msg())),
             _ => Err(ReplicaError::Remote(msg())),
         }
+    }
+}
+
+impl FastPool {
+    fn exchange(
+        &self,
+        s: &mut TcpStream,
+        out: &[u8],
+        hdr: &mut [u8; frame::REP_LEN],
+    ) -> Result<(), ReplicaError> {
+        s.write_all(out)
+            .and_then(|_| s.read_exact(hdr))
+            .map_err(|e| ReplicaError::Remote(format!("{}: {e}", self.addr)))
     }
 }
 
