@@ -378,13 +378,10 @@ pub fn cleanup_dir(dir: &Path) {
     // connection is aborted and nothing below can hang on it.
     kill_holders(dir);
     for _ in 0..3 {
-        let mut mounts: Vec<PathBuf> = cairn_node::sys::mount::mounts()
-            .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|m| m.starts_with(dir))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for (dev, _) in cairn_node::sys::loopdev::devices_backed_under(dir) {
+        // Loop devices first, while their backing files still resolve
+        // under `dir` (after the FUSE mount is gone they would not).
+        let loops = cairn_node::sys::loopdev::devices_backed_under(dir);
+        for (dev, _) in &loops {
             let src = dev.to_string_lossy().into_owned();
             for m in cairn_node::sys::mount::mounts()
                 .into_iter()
@@ -393,13 +390,19 @@ pub fn cleanup_dir(dir: &Path) {
                 let _ = cairn_node::sys::mount::umount(&m.mount_point, libc::MNT_DETACH);
             }
         }
+        for (dev, _) in &loops {
+            let _ = cairn_node::sys::loopdev::detach(dev);
+        }
+        let mut mounts: Vec<PathBuf> = cairn_node::sys::mount::mounts()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|m| m.starts_with(dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for m in &mounts {
             let _ = cairn_node::sys::mount::umount(m, libc::MNT_DETACH);
         }
-        for (dev, _) in cairn_node::sys::loopdev::devices_backed_under(dir) {
-            let _ = cairn_node::sys::loopdev::detach(&dev);
-        }
-        if mounts.is_empty() {
+        if mounts.is_empty() && loops.is_empty() {
             break;
         }
     }
