@@ -56,6 +56,18 @@ impl Drop for DockerThings {
     }
 }
 
+impl DockerThings {
+    /// `docker volume create -d DRIVER --opt size=SIZE DRIVER-SUFFIX`,
+    /// removed again at the end; returns the name.
+    fn volume(&mut self, driver: &str, suffix: &str, size: &str) -> String {
+        let vol = format!("{driver}-{suffix}");
+        self.volumes.push(vol.clone());
+        let opt = format!("size={size}");
+        docker_ok(&["volume", "create", "-d", driver, "--opt", &opt, &vol]);
+        vol
+    }
+}
+
 /// Imports a busybox-static root filesystem as an image (no registry).
 fn import_image(node: &TestNode, tag: &str) {
     let root = node.dir.join("rootfs");
@@ -130,17 +142,7 @@ fn cairn_names(node: &TestNode) -> Vec<String> {
 fn containers_write_and_read_a_cairn_volume() {
     let _one = serial();
     let (node, driver, mut things) = setup("dk1");
-    let vol = format!("{driver}-data");
-    things.volumes.push(vol.clone());
-    docker_ok(&[
-        "volume",
-        "create",
-        "-d",
-        &driver,
-        "--opt",
-        "size=1GiB",
-        &vol,
-    ]);
+    let vol = things.volume(&driver, "data", "1GiB");
     let ls = docker_ok(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
     assert!(ls.contains(&format!("{driver} {vol}")), "{ls}");
     let inspect = docker_ok(&["volume", "inspect", &vol]);
@@ -207,17 +209,7 @@ fn containers_write_and_read_a_cairn_volume() {
 fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
     let _one = serial();
     let (node, driver, mut things) = setup("dk2");
-    let vol = format!("{driver}-shared");
-    things.volumes.push(vol.clone());
-    docker_ok(&[
-        "volume",
-        "create",
-        "-d",
-        &driver,
-        "--opt",
-        "size=512MiB",
-        &vol,
-    ]);
+    let vol = things.volume(&driver, "shared", "512MiB");
     let image = things.image.clone();
     let mount = format!("{vol}:/data");
     for c in ["a", "b"] {
@@ -407,17 +399,7 @@ fn the_managed_plugin_serves_volumes() {
 fn a_daemon_crash_keeps_running_containers_working() {
     let _one = serial();
     let (mut node, driver, mut things) = setup("dk3");
-    let vol = format!("{driver}-crash");
-    things.volumes.push(vol.clone());
-    docker_ok(&[
-        "volume",
-        "create",
-        "-d",
-        &driver,
-        "--opt",
-        "size=256MiB",
-        &vol,
-    ]);
+    let vol = things.volume(&driver, "crash", "256MiB");
     let image = things.image.clone();
     let mount = format!("{vol}:/data");
     let name = format!("{driver}-w");

@@ -25,6 +25,23 @@ fn all_healthy(n: &TestNode, volume: &str, count: usize) -> bool {
     r.len() == count && r.iter().all(|(_, s)| s == "healthy")
 }
 
+/// Creates a 64 MiB raw volume with three replicas and attaches it on `n`;
+/// returns the device.
+fn raw_three_replicas(n: &TestNode, name: &str) -> PathBuf {
+    n.cli_ok(&[
+        "volume",
+        "create",
+        name,
+        "--size",
+        "64MiB",
+        "--fs",
+        "none",
+        "--replicas",
+        "3",
+    ]);
+    PathBuf::from(n.cli_ok(&["volume", "attach", name]).trim())
+}
+
 fn mount_dir(n: &TestNode, name: &str) -> PathBuf {
     let p = n.dir.join(name);
     std::fs::create_dir_all(&p).expect("mount dir");
@@ -263,18 +280,7 @@ fn a_volume_with_no_local_replica_moves_to_a_survivor() {
 #[test]
 fn a_stale_engine_is_fenced_after_a_forced_attach() {
     let nodes = cluster("rf", 3, 91);
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "fence",
-        "--size",
-        "64MiB",
-        "--fs",
-        "none",
-        "--replicas",
-        "3",
-    ]);
-    let dev1 = PathBuf::from(nodes[0].cli_ok(&["volume", "attach", "fence"]).trim());
+    let dev1 = raw_three_replicas(&nodes[0], "fence");
     let mut a = vec![0u8; 4 * MIB as usize];
     fill_pattern(&mut a, 1);
     write_direct(&dev1, 0, &a).expect("write through n1");
@@ -332,18 +338,7 @@ fn a_stale_engine_is_fenced_after_a_forced_attach() {
 #[test]
 fn without_quorum_a_degraded_write_fails_instead_of_completing() {
     let nodes = cluster("rq", 3, 95);
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "quorum",
-        "--size",
-        "64MiB",
-        "--fs",
-        "none",
-        "--replicas",
-        "3",
-    ]);
-    let dev = PathBuf::from(nodes[0].cli_ok(&["volume", "attach", "quorum"]).trim());
+    let dev = raw_three_replicas(&nodes[0], "quorum");
     let mut a = vec![0u8; MIB as usize];
     fill_pattern(&mut a, 7);
     write_direct(&dev, 0, &a).expect("healthy write");

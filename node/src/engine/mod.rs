@@ -390,14 +390,7 @@ impl Engine {
     /// Before any I/O: faults that could not be recorded earlier must be
     /// recorded now, or the I/O fails.
     fn record_suspects(&self) -> Result<(), EngineError> {
-        let suspects: Vec<Arc<Slot>> = self
-            .slots
-            .read()
-            .expect("slots lock")
-            .iter()
-            .filter(|s| s.state() == SUSPECT)
-            .cloned()
-            .collect();
+        let suspects: Vec<Arc<Slot>> = self.slots_where(|st| st == SUSPECT);
         for s in suspects {
             self.mark_faulted(&s, "an earlier failure")?;
         }
@@ -433,14 +426,19 @@ impl Engine {
         }
     }
 
-    fn writable(&self) -> Vec<Arc<Slot>> {
+    /// The slots whose (local) state satisfies `want`.
+    fn slots_where(&self, want: impl Fn(u8) -> bool) -> Vec<Arc<Slot>> {
         self.slots
             .read()
             .expect("slots lock")
             .iter()
-            .filter(|s| matches!(s.state(), HEALTHY | REBUILDING))
+            .filter(|s| want(s.state()))
             .cloned()
             .collect()
+    }
+
+    fn writable(&self) -> Vec<Arc<Slot>> {
+        self.slots_where(|st| matches!(st, HEALTHY | REBUILDING))
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), EngineError> {
@@ -491,23 +489,9 @@ impl Engine {
 
     fn read_any(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let epoch = self.epoch();
-        let healthy: Vec<Arc<Slot>> = self
-            .slots
-            .read()
-            .expect("slots lock")
-            .iter()
-            .filter(|s| s.state() == HEALTHY)
-            .cloned()
-            .collect();
+        let healthy: Vec<Arc<Slot>> = self.slots_where(|st| st == HEALTHY);
         for slot in healthy {
-            let r = match &slot.target {
-                Target::Local(h) => h.read(epoch, offset, buf),
-                Target::Remote(rr) => self
-                    .ctx
-                    .handle
-                    .block_on(rr.read(epoch, offset, buf.len()))
-                    .map(|d| buf.copy_from_slice(&d)),
-            };
+            let r = slot.target.read(epoch, offset, buf);
             match r {
                 Ok(()) => return Ok(()),
                 Err(e @ ReplicaError::Fenced { .. }) => return Err(e.into()),
@@ -579,7 +563,7 @@ impl Engine {
             let results = self.fan_out(&slots, |t, e| async move {
                 match t {
                     Target::Local(h) => h.zero_range(e, offset, len),
-                    Target::Remote(r) => r.zero(e, offset, len).await,
+                    Target::Remote(r) => blocking(move || r.zero_blocking(e, offset, len)).await,
                 }
             });
             self.settle(results)
@@ -598,7 +582,7 @@ impl Engine {
         let results = self.fan_out(&slots, |t, e| async move {
             match t {
                 Target::Local(h) => h.flush(e),
-                Target::Remote(r) => r.flush(e).await,
+                Target::Remote(r) => blocking(move || r.flush_blocking(e)).await,
             }
         });
         let r = self.settle(results);
@@ -623,14 +607,7 @@ impl Engine {
                 .iter()
                 .map(|s| s.write().expect("stripe lock"))
                 .collect();
-            let healthy: Vec<Arc<Slot>> = self
-                .slots
-                .read()
-                .expect("slots lock")
-                .iter()
-                .filter(|s| s.state() == HEALTHY)
-                .cloned()
-                .collect();
+            let healthy: Vec<Arc<Slot>> = self.slots_where(|st| st == HEALTHY);
             replicas = healthy.len();
             let mut sums = Vec::new();
             for s in &healthy {
@@ -705,14 +682,7 @@ impl Engine {
             tracing::debug!(volume = %self.volume, error = %e, "replica set not refreshed");
             return;
         }
-        let faulted: Vec<Arc<Slot>> = self
-            .slots
-            .read()
-            .expect("slots lock")
-            .iter()
-            .filter(|s| s.state() == FAULTED)
-            .cloned()
-            .collect();
+        let faulted: Vec<Arc<Slot>> = self.slots_where(|st| st == FAULTED);
         for slot in faulted {
             let up = self
                 .ctx
@@ -753,11 +723,9 @@ impl Engine {
         let epoch = self.epoch();
         let target = &slot.target;
         // The node must answer (and accept our epoch) before anything starts.
-        match target {
-            Target::Local(h) => h.open(epoch),
-            Target::Remote(r) => self.ctx.handle.block_on(r.open(epoch)),
-        }
-        .map_err(|e| format!("open: {e}"))?;
+        target
+            .open(&self.ctx.handle, epoch)
+            .map_err(|e| format!("open: {e}"))?;
         self.set_state(slot, ReplicaState::Rebuilding)
             .map_err(|e| format!("recording rebuilding: {e}"))?;
         // Barrier: writes that chose their targets before the state change
@@ -768,10 +736,7 @@ impl Engine {
         let r = self.copy_differences(slot);
         match r {
             Ok(copied) => {
-                let flushed = match target {
-                    Target::Local(h) => h.flush(epoch),
-                    Target::Remote(r) => self.ctx.handle.block_on(r.flush(epoch)),
-                };
+                let flushed = target.flush(epoch);
                 if let Err(e) = flushed {
                     let _ = self.mark_faulted(slot, &e.to_string());
                     return Err(format!("flush: {e}"));
@@ -809,11 +774,7 @@ impl Engine {
         first: u64,
         count: u64,
     ) -> Result<Vec<Option<u32>>, ReplicaError> {
-        let epoch = self.epoch();
-        match t {
-            Target::Local(h) => h.checksums(epoch, first, count),
-            Target::Remote(r) => self.ctx.handle.block_on(r.checksums(epoch, first, count)),
-        }
+        t.checksums(&self.ctx.handle, self.epoch(), first, count)
     }
 
     fn copy_differences(&self, slot: &Arc<Slot>) -> Result<u64, String> {
@@ -896,16 +857,7 @@ impl Engine {
         // One read of the source (an unallocated extent reads as zeros
         // without touching the disk), compared with the target's checksum.
         let mut buf = crate::sys::AlignedBuf::new(len as usize, crate::pool::IO_ALIGN);
-        match &src.target {
-            Target::Local(h) => h.read(epoch, offset, buf.as_mut_slice())?,
-            Target::Remote(r) => {
-                let d = self
-                    .ctx
-                    .handle
-                    .block_on(r.read(epoch, offset, len as usize))?;
-                buf.as_mut_slice().copy_from_slice(&d);
-            }
-        }
+        src.target.read(epoch, offset, buf.as_mut_slice())?;
         let from = crc32fast::hash(buf.as_slice());
         let to = self.checksums(&dst.target, extent, 1)?[0];
         let to_crc = match to {
@@ -917,20 +869,9 @@ impl Engine {
         }
         if buf.as_slice().iter().all(|b| *b == 0) {
             // Zeros: give the target's space back instead of writing them.
-            return match &dst.target {
-                Target::Local(h) => h.zero_range(epoch, offset, len),
-                Target::Remote(r) => self.ctx.handle.block_on(r.zero(epoch, offset, len)),
-            }
-            .map(|_| 0);
+            return dst.target.zero(epoch, offset, len).map(|_| 0);
         }
-        match &dst.target {
-            Target::Local(h) => h.write(epoch, offset, buf.as_slice())?,
-            Target::Remote(r) => self.ctx.handle.block_on(r.write(
-                epoch,
-                offset,
-                Bytes::copy_from_slice(buf.as_slice()),
-            ))?,
-        }
+        dst.target.write(epoch, offset, buf.as_slice())?;
         self.rebuild_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(len)
     }
@@ -948,12 +889,70 @@ impl Engine {
     }
 }
 
+/// Runs a blocking replica call on the runtime's blocking pool.
+async fn blocking(
+    f: impl FnOnce() -> Result<(), ReplicaError> + Send + 'static,
+) -> Result<(), ReplicaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())))
+}
+
+/// One replica operation on the calling thread, local or remote.
 impl Target {
     /// A handle for use inside a spawned future.
     fn clone_handle(&self) -> Target {
         match self {
             Target::Local(h) => Target::Local(h.clone()),
             Target::Remote(r) => Target::Remote(r.clone()),
+        }
+    }
+
+    fn open(&self, rt: &tokio::runtime::Handle, epoch: u64) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.open(epoch),
+            Target::Remote(r) => rt.block_on(r.open(epoch)),
+        }
+    }
+
+    fn read(&self, epoch: u64, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.read(epoch, offset, buf),
+            Target::Remote(r) => r.read_blocking(epoch, offset, buf),
+        }
+    }
+
+    fn write(&self, epoch: u64, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.write(epoch, offset, buf),
+            Target::Remote(r) => r.write_blocking(epoch, offset, buf),
+        }
+    }
+
+    fn zero(&self, epoch: u64, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.zero_range(epoch, offset, len),
+            Target::Remote(r) => r.zero_blocking(epoch, offset, len),
+        }
+    }
+
+    fn flush(&self, epoch: u64) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.flush(epoch),
+            Target::Remote(r) => r.flush_blocking(epoch),
+        }
+    }
+
+    fn checksums(
+        &self,
+        rt: &tokio::runtime::Handle,
+        epoch: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<Option<u32>>, ReplicaError> {
+        match self {
+            Target::Local(h) => h.checksums(epoch, first, count),
+            Target::Remote(r) => rt.block_on(r.checksums(epoch, first, count)),
         }
     }
 }

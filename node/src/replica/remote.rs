@@ -10,7 +10,6 @@ use std::time::Duration;
 use cairn_proto::data::data_client::DataClient;
 use cairn_proto::data::{ChecksumsRequest, Header, OpenRequest, DATA_PROTOCOL_VERSION};
 use cairn_proto::frame::{self, Request};
-use prost::bytes::Bytes;
 use tonic::transport::Channel;
 
 use super::ReplicaError;
@@ -143,16 +142,8 @@ impl RemoteReplica {
         }
     }
 
-    /// One framed exchange on a blocking-pool thread.
-    async fn call(&self, req: Request, payload: Bytes) -> Result<Vec<u8>, ReplicaError> {
-        let pool = self.fast.clone();
-        tokio::task::spawn_blocking(move || pool.call(&req, &payload))
-            .await
-            .map_err(|e| ReplicaError::Remote(e.to_string()))?
-    }
-
-    /// A write on the calling thread (the engine's hot path runs it on a
-    /// blocking-pool thread directly, saving a task hop).
+    /// Framed calls block the calling thread (engine threads: FUSE, NBD,
+    /// healer); the fan-out runs them on the blocking pool.
     pub fn write_blocking(&self, epoch: u64, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
         let req = self.frame(
             frame::OP_WRITE,
@@ -164,37 +155,33 @@ impl RemoteReplica {
         self.fast.call(&req, data).map(|_| ())
     }
 
-    pub async fn write(&self, epoch: u64, offset: u64, data: Bytes) -> Result<(), ReplicaError> {
-        let req = self.frame(
-            frame::OP_WRITE,
-            epoch,
-            offset,
-            data.len() as u64,
-            crc32fast::hash(&data),
-        );
-        self.call(req, data).await.map(|_| ())
-    }
-
-    pub async fn read(&self, epoch: u64, offset: u64, len: usize) -> Result<Bytes, ReplicaError> {
-        let req = self.frame(frame::OP_READ, epoch, offset, len as u64, 0);
-        let data = self.call(req, Bytes::new()).await?;
-        if data.len() != len {
+    pub fn read_blocking(
+        &self,
+        epoch: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReplicaError> {
+        let req = self.frame(frame::OP_READ, epoch, offset, buf.len() as u64, 0);
+        let data = self.fast.call(&req, &[])?;
+        if data.len() != buf.len() {
             return Err(ReplicaError::Remote(format!(
-                "read returned {} bytes, {len} asked",
-                data.len()
+                "read returned {} bytes, {} asked",
+                data.len(),
+                buf.len()
             )));
         }
-        Ok(Bytes::from(data))
+        buf.copy_from_slice(&data);
+        Ok(())
     }
 
-    pub async fn zero(&self, epoch: u64, offset: u64, length: u64) -> Result<(), ReplicaError> {
+    pub fn zero_blocking(&self, epoch: u64, offset: u64, length: u64) -> Result<(), ReplicaError> {
         let req = self.frame(frame::OP_ZERO, epoch, offset, length, 0);
-        self.call(req, Bytes::new()).await.map(|_| ())
+        self.fast.call(&req, &[]).map(|_| ())
     }
 
-    pub async fn flush(&self, epoch: u64) -> Result<(), ReplicaError> {
+    pub fn flush_blocking(&self, epoch: u64) -> Result<(), ReplicaError> {
         let req = self.frame(frame::OP_FLUSH, epoch, 0, 0, 0);
-        self.call(req, Bytes::new()).await.map(|_| ())
+        self.fast.call(&req, &[]).map(|_| ())
     }
 
     pub async fn checksums(

@@ -121,7 +121,8 @@ pub fn run(socket: &Path, mountpoint: &Path) -> i32 {
     }
 }
 
-fn send_fd(s: &UnixStream, fd: RawFd) -> io::Result<()> {
+/// Calls `f` with a msghdr of one data byte and room for one fd.
+fn with_fd_msg<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -130,58 +131,54 @@ fn send_fd(s: &UnixStream, fd: RawFd) -> io::Result<()> {
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
     let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; every pointer set below refers to live
-    // locals that outlast the sendmsg call.
+    // SAFETY: msghdr is plain data; every pointer set below refers to
+    // locals that outlive `f`.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: the control buffer holds one cmsg of CMSG_SPACE(fd) bytes.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-    }
-    // SAFETY: msg is fully initialised above.
-    if unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    f(&mut msg)
+}
+
+fn send_fd(s: &UnixStream, fd: RawFd) -> io::Result<()> {
+    with_fd_msg(|msg| {
+        // SAFETY: the control buffer holds one cmsg of CMSG_SPACE(fd) bytes.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        }
+        // SAFETY: msg is fully initialised.
+        if unsafe { libc::sendmsg(s.as_raw_fd(), msg, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })
 }
 
 fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: as in send_fd; the buffers outlive recvmsg.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg points at live buffers; MSG_CMSG_CLOEXEC keeps the fd
-    // from leaking into programs we run.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n <= 0 {
-        return Err(io::Error::other("the FUSE holder sent nothing"));
-    }
-    // SAFETY: the kernel filled the control buffer; we check the cmsg type
-    // before reading the fd out of it.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(io::Error::other("the FUSE holder sent no fd"));
+    with_fd_msg(|msg| {
+        // SAFETY: msg points at live buffers; MSG_CMSG_CLOEXEC keeps the fd
+        // from leaking into programs we run.
+        let n = unsafe { libc::recvmsg(s.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
+        if n <= 0 {
+            return Err(io::Error::other("the FUSE holder sent nothing"));
         }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+        // SAFETY: the kernel filled the control buffer; the cmsg type is
+        // checked before the fd is read out of it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(msg);
+            if c.is_null()
+                || (*c).cmsg_level != libc::SOL_SOCKET
+                || (*c).cmsg_type != libc::SCM_RIGHTS
+            {
+                return Err(io::Error::other("the FUSE holder sent no fd"));
+            }
+            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+            Ok(OwnedFd::from_raw_fd(fd))
+        }
+    })
 }
