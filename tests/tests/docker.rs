@@ -134,10 +134,6 @@ fn allocated(node: &TestNode) -> u64 {
         .expect("allocated")
 }
 
-fn cairn_names(node: &TestNode) -> Vec<String> {
-    names(node)
-}
-
 #[test]
 fn containers_write_and_read_a_cairn_volume() {
     let _one = serial();
@@ -202,7 +198,7 @@ fn containers_write_and_read_a_cairn_volume() {
         Duration::from_secs(10),
         || allocated(&node) < 16 << 20,
     );
-    assert!(!cairn_names(&node).contains(&vol));
+    assert!(!names(&node).contains(&vol));
 }
 
 #[test]
@@ -268,7 +264,7 @@ fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
     );
 
     // Bad options and duplicates: a clear error through docker, no change.
-    let before = cairn_names(&node);
+    let before = names(&node);
     for (opt, expect) in [
         ("size=abc", "size"),
         ("size=0", "size"),
@@ -279,11 +275,7 @@ fn two_containers_share_a_volume_and_bad_requests_change_nothing() {
         let name = format!("{driver}-bad");
         let err = docker_err(&["volume", "create", "-d", &driver, "--opt", opt, &name]);
         assert!(err.contains(expect), "--opt {opt}: {err}");
-        assert_eq!(
-            cairn_names(&node),
-            before,
-            "--opt {opt} changed the volume list"
-        );
+        assert_eq!(names(&node), before, "--opt {opt} changed the volume list");
     }
     let dup = format!("{driver}-dup");
     node.cli_ok(&["volume", "create", &dup, "--size", "64MiB"]);

@@ -862,6 +862,7 @@ impl Engine {
         let to = self.checksums(&dst.target, extent, 1)?[0];
         let to_crc = match to {
             Some(c) => c,
+            None if len == es => self.zero_crc,
             None => crc32fast::hash(&vec![0u8; len as usize]),
         };
         if from == to_crc {

@@ -182,7 +182,7 @@ impl VolumeManager {
                     .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?
             }
         };
-        let adopted = fuse_adopted(&fuse);
+        let adopted = !fuse.started();
         let mgr = Arc::new(VolumeManager {
             cfg,
             db,
@@ -1199,10 +1199,6 @@ impl VolumeManager {
         }
         let _ = self.db.flush();
     }
-}
-
-fn fuse_adopted(f: &FuseServer) -> bool {
-    !f.started()
 }
 
 /// Releases an NBD connection's claim on a volume.
