@@ -795,19 +795,33 @@ impl Engine {
             }
             let count = BATCH.min(total - first);
             let src = self.source().ok_or("no healthy source replica")?;
-            let a = self
-                .checksums(&src.target, first, count)
-                .map_err(|e| format!("source checksums: {e}"))?;
             let b = self
                 .checksums(&slot.target, first, count)
                 .map_err(|e| format!("target checksums: {e}"))?;
-            let differ: Vec<u64> = a
-                .iter()
-                .zip(b.iter())
-                .enumerate()
-                .filter(|(_, (x, y))| self.norm(**x) != self.norm(**y))
-                .map(|(i, _)| first + i as u64)
-                .collect();
+            // When the target has none of the batch allocated (a new
+            // replica), every extent the source has allocated is copied
+            // without checksumming the source first, which would read every
+            // byte twice; the allocation map costs no read.
+            let fresh = b.iter().all(Option::is_none);
+            let differ: Vec<u64> = if fresh {
+                let a = src
+                    .target
+                    .allocation(&self.ctx.handle, self.epoch(), first, count)
+                    .map_err(|e| format!("source allocation: {e}"))?;
+                (first..first + count)
+                    .filter(|e| a[(e - first) as usize])
+                    .collect()
+            } else {
+                let a = self
+                    .checksums(&src.target, first, count)
+                    .map_err(|e| format!("source checksums: {e}"))?;
+                a.iter()
+                    .zip(b.iter())
+                    .enumerate()
+                    .filter(|(_, (x, y))| self.norm(**x) != self.norm(**y))
+                    .map(|(i, _)| first + i as u64)
+                    .collect()
+            };
             // A few extents in flight at once (distinct stripes within a
             // batch), each under its own lock.
             let next = std::sync::atomic::AtomicUsize::new(0);
@@ -821,7 +835,7 @@ impl Engine {
                             return;
                         }
                         let extent = differ[i];
-                        match self.copy_extent(&src, slot, extent) {
+                        match self.copy_extent(&src, slot, extent, !fresh) {
                             Ok(n) => {
                                 let total = done.fetch_add(n, Ordering::Relaxed) + n;
                                 self.throttle(started, total);
@@ -846,9 +860,19 @@ impl Engine {
     }
 
     /// Copies one extent under its exclusive lock; returns bytes sent.
-    /// The comparison that selected it ran without the lock, so both sides
-    /// are looked at again under it before anything is written.
-    fn copy_extent(&self, src: &Slot, dst: &Slot, extent: u64) -> Result<u64, ReplicaError> {
+    /// The comparison that selected it ran without the lock, so with
+    /// `recheck` both sides are looked at again under it before anything is
+    /// written. Without it (the target had nothing allocated) the source is
+    /// copied unless it reads as zeros: under the lock no write is in
+    /// flight, and every write since the barrier reached both sides, so
+    /// whatever the target holds now the source holds too.
+    fn copy_extent(
+        &self,
+        src: &Slot,
+        dst: &Slot,
+        extent: u64,
+        recheck: bool,
+    ) -> Result<u64, ReplicaError> {
         let _x = self.lock_extent(extent);
         let epoch = self.epoch();
         let es = self.extent_size;
@@ -858,19 +882,25 @@ impl Engine {
         // without touching the disk), compared with the target's checksum.
         let mut buf = crate::sys::AlignedBuf::new(len as usize, crate::pool::IO_ALIGN);
         src.target.read(epoch, offset, buf.as_mut_slice())?;
-        let from = crc32fast::hash(buf.as_slice());
-        let to = self.checksums(&dst.target, extent, 1)?[0];
-        let to_crc = match to {
-            Some(c) => c,
-            None if len == es => self.zero_crc,
-            None => crc32fast::hash(&vec![0u8; len as usize]),
-        };
-        if from == to_crc {
-            return Ok(0);
+        if recheck {
+            let from = crc32fast::hash(buf.as_slice());
+            let to = self.checksums(&dst.target, extent, 1)?[0];
+            let to_crc = match to {
+                Some(c) => c,
+                None if len == es => self.zero_crc,
+                None => crc32fast::hash(&vec![0u8; len as usize]),
+            };
+            if from == to_crc {
+                return Ok(0);
+            }
         }
         if buf.as_slice().iter().all(|b| *b == 0) {
-            // Zeros: give the target's space back instead of writing them.
-            return dst.target.zero(epoch, offset, len).map(|_| 0);
+            // Zeros: give the target's space back instead of writing them
+            // (a target that had nothing allocated has nothing to give).
+            if recheck {
+                dst.target.zero(epoch, offset, len)?;
+            }
+            return Ok(0);
         }
         dst.target.write(epoch, offset, buf.as_slice())?;
         self.rebuild_bytes.fetch_add(len, Ordering::Relaxed);
@@ -954,6 +984,19 @@ impl Target {
         match self {
             Target::Local(h) => h.checksums(epoch, first, count),
             Target::Remote(r) => rt.block_on(r.checksums(epoch, first, count)),
+        }
+    }
+
+    fn allocation(
+        &self,
+        rt: &tokio::runtime::Handle,
+        epoch: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<bool>, ReplicaError> {
+        match self {
+            Target::Local(h) => h.allocation(epoch, first, count),
+            Target::Remote(r) => rt.block_on(r.allocation(epoch, first, count)),
         }
     }
 }

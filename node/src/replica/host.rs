@@ -103,6 +103,15 @@ impl Hosted {
             .map(|e| self.replica.extent_checksum(e))
             .collect()
     }
+
+    /// Whether each of `count` extents from `first` is allocated; reads
+    /// nothing.
+    pub fn allocation(&self, epoch: u64, first: u64, count: u64) -> Result<Vec<bool>, ReplicaError> {
+        let _g = self.admit(epoch)?;
+        Ok((first..first + count)
+            .map(|e| self.replica.is_allocated(e))
+            .collect())
+    }
 }
 
 /// Every replica hosted on this node, created when the cluster state lists

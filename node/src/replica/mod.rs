@@ -146,6 +146,10 @@ impl LocalReplica {
         Ok(Some(crc32fast::hash(buf.as_slice())))
     }
 
+    pub fn is_allocated(&self, logical: u64) -> bool {
+        self.lookup(logical).is_some()
+    }
+
     pub fn allocated_bytes(&self) -> u64 {
         self.allocated_extents.load(Ordering::Relaxed) * self.pool.extent_size
     }

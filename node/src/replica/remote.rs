@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_proto::data::data_client::DataClient;
-use cairn_proto::data::{ChecksumsRequest, Header, OpenRequest, DATA_PROTOCOL_VERSION};
+use cairn_proto::data::{
+    ChecksumsRequest, ExtentChecksum, Header, OpenRequest, DATA_PROTOCOL_VERSION,
+};
 use cairn_proto::frame::{self, Request};
 use tonic::transport::Channel;
 
@@ -190,11 +192,34 @@ impl RemoteReplica {
         first: u64,
         count: u64,
     ) -> Result<Vec<Option<u32>>, ReplicaError> {
+        let r = self.scan(epoch, first, count, false).await?;
+        Ok(r.iter().map(|e| e.allocated.then_some(e.crc32)).collect())
+    }
+
+    /// Which extents are allocated (the replica reads nothing).
+    pub async fn allocation(
+        &self,
+        epoch: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<bool>, ReplicaError> {
+        let r = self.scan(epoch, first, count, true).await?;
+        Ok(r.iter().map(|e| e.allocated).collect())
+    }
+
+    async fn scan(
+        &self,
+        epoch: u64,
+        first: u64,
+        count: u64,
+        allocation_only: bool,
+    ) -> Result<Vec<ExtentChecksum>, ReplicaError> {
         let mut c = self.client.clone();
         let req = ChecksumsRequest {
             header: self.header(epoch),
             first_extent: first,
             count: count as u32,
+            allocation_only,
         };
         let r = bounded(epoch, SCAN_TIMEOUT, c.checksums(req)).await?;
         if r.extents.len() as u64 != count {
@@ -203,9 +228,6 @@ impl RemoteReplica {
                 r.extents.len()
             )));
         }
-        Ok(r.extents
-            .iter()
-            .map(|e| e.allocated.then_some(e.crc32))
-            .collect())
+        Ok(r.extents)
     }
 }
