@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Where Docker volumes are mounted (default DATA_DIR/docker).
     #[arg(long, env = "CAIRN_DOCKER_MOUNT_DIR")]
     pub docker_mount_dir: Option<PathBuf>,
+    /// Serve the Kubernetes CSI driver (csi.cairn.dev) on this unix socket
+    /// (off when not given).
+    #[arg(long, env = "CAIRN_CSI_SOCKET")]
+    pub csi_socket: Option<PathBuf>,
     /// A replica whose node stays down this long is replaced elsewhere.
     #[arg(long, env = "CAIRN_REPLICA_GRACE_PERIOD")]
     pub replica_grace_period: Option<String>,
@@ -113,6 +117,7 @@ struct FileConfig {
     replica_grace_period: Option<String>,
     docker_plugin_socket: Option<String>,
     docker_mount_dir: Option<PathBuf>,
+    csi_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +141,7 @@ pub struct Config {
     pub replica_grace_period: Duration,
     pub docker_plugin_socket: Option<PathBuf>,
     pub docker_mount_dir: PathBuf,
+    pub csi_socket: Option<PathBuf>,
     pub force_format: bool,
 }
 
@@ -361,6 +367,13 @@ impl Config {
                 .is_dir()
                 .then(|| PathBuf::from("/run/docker/plugins/cairn.sock")),
         };
+        let csi_socket = args
+            .csi_socket
+            .or(file.csi_socket)
+            .filter(|p| !p.as_os_str().is_empty());
+        if csi_socket.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err("--csi-socket: give an absolute path".into());
+        }
         let docker_mount_dir = args
             .docker_mount_dir
             .or(file.docker_mount_dir)
@@ -400,6 +413,7 @@ impl Config {
             replica_grace_period,
             docker_plugin_socket,
             docker_mount_dir,
+            csi_socket,
             force_format: args.force_format,
         })
     }
@@ -432,6 +446,7 @@ mod tests {
             replica_grace_period: None,
             docker_plugin_socket: None,
             docker_mount_dir: None,
+            csi_socket: None,
             force_format: false,
         }
     }

@@ -193,6 +193,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         None => (None, None),
     };
+    let csi = match &cfg.csi_socket {
+        Some(path) => {
+            let l = cairn_csi::bind(path)
+                .map_err(|e| format!("CSI socket: {e}"))
+                .inspect_err(|_| mgr.shutdown())?;
+            let b: Arc<dyn cairn_csi::Backend> = Arc::new(crate::csi::CsiBackend::new(
+                mgr.clone(),
+                cfg.node_name.clone(),
+                cfg.labels.clone(),
+            ));
+            Some((l, b, path.clone()))
+        }
+        None => None,
+    };
     let (beat_store, beat_mgr) = (store.clone(), mgr.clone());
     let beat_every = cfg.heartbeat_interval;
     let timing = crate::cluster::liveness::Timing {
@@ -229,10 +243,28 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }
             None => None,
         };
+        let (csi_stop_tx, csi_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let csi = csi.map(|(l, backend, path)| {
+            tracing::info!(socket = %path.display(), "serving the CSI driver");
+            let task = tokio::spawn(async move {
+                let stop = async {
+                    let _ = csi_stop_rx.await;
+                };
+                if let Err(e) = cairn_csi::serve(l, backend, stop).await {
+                    tracing::error!(error = %e, "CSI service failed");
+                }
+            });
+            (task, path)
+        });
         let r = axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(|e| e.to_string());
+        let _ = csi_stop_tx.send(());
+        if let Some((task, path)) = csi {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+            let _ = std::fs::remove_file(path);
+        }
         beats.abort();
         liveness.abort();
         if let Some((task, path)) = plugin {

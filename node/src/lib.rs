@@ -21,6 +21,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod docker;
 pub mod engine;

@@ -121,6 +121,9 @@ pub struct VolumeInfo {
     pub formatted: bool,
     pub epoch: u64,
     pub attached_node: Option<String>,
+    /// Nodes holding the volume read-only (Kubernetes ReadOnlyMany).
+    #[serde(default)]
+    pub readers: Vec<String>,
     pub created_unix_ms: u64,
     pub replicas: Vec<ReplicaInfo>,
 }

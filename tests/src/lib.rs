@@ -132,6 +132,11 @@ impl TestNode {
         format!("http://{}:{}", self.ip, self.port)
     }
 
+    /// Where the node serves the CSI driver.
+    pub fn csi_socket(&self) -> PathBuf {
+        self.dir.join("csi.sock")
+    }
+
     pub fn nbd_socket(&self) -> PathBuf {
         self.dir.join("data/nbd.sock")
     }
@@ -190,6 +195,9 @@ impl TestNode {
         {
             cmd.arg("--docker-plugin-socket")
                 .arg(self.dir.join("docker.sock"));
+        }
+        if !self.extra_args.iter().any(|a| a == "--csi-socket") {
+            cmd.arg("--csi-socket").arg(self.csi_socket());
         }
         let child = cmd
             .args(&self.extra_args)

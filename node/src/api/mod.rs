@@ -63,6 +63,7 @@ impl From<VolumeError> for ApiError {
             InvalidSize(_) => (StatusCode::BAD_REQUEST, "InvalidSize"),
             InvalidFs(_) => (StatusCode::BAD_REQUEST, "InvalidFs"),
             InvalidPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
+            InvalidOptions(_) => (StatusCode::BAD_REQUEST, "InvalidOptions"),
             NotFound(_) => (StatusCode::NOT_FOUND, "VolumeNotFound"),
             AlreadyExists(_) => (StatusCode::CONFLICT, "VolumeExists"),
             Attached { .. } => (StatusCode::CONFLICT, "VolumeAttached"),
@@ -74,6 +75,7 @@ impl From<VolumeError> for ApiError {
             NotEnoughNodes(_) => (StatusCode::CONFLICT, "NotEnoughNodes"),
             Shrink { .. } => (StatusCode::BAD_REQUEST, "ShrinkNotSupported"),
             RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
+            NotFormatted(_) => (StatusCode::CONFLICT, "NotFormatted"),
             Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),
             Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "MetadataError"),
         };

@@ -504,6 +504,17 @@ fn render_volume(v: &Value) -> String {
         ("Allocated", bytes(&v["allocated_bytes"])),
         ("Epoch", s(&v["epoch"])),
         ("Attached node", s(&v["attached_node"])),
+        ("Read by", {
+            let r: Vec<&str> = v["readers"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+                .unwrap_or_default();
+            if r.is_empty() {
+                "-".into()
+            } else {
+                r.join(", ")
+            }
+        }),
         ("Replicas", render_replicas(&v["replicas"])),
     ]
     .iter()

@@ -107,7 +107,7 @@ impl Tracker {
             let wanted = v.wanted();
             if v.replicas.len() < wanted {
                 let have: Vec<NodeId> = v.replicas.iter().map(|r| r.node).collect();
-                if let Ok(nodes) = super::placement::place(state, 1, None, &have, label) {
+                if let Ok(nodes) = super::placement::place(state, 1, None, &have, None, label) {
                     out.push(Command::AddReplica {
                         id: v.id,
                         node: nodes[0],

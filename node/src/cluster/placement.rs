@@ -11,18 +11,21 @@ use crate::types::NodeId;
 
 /// Chooses `count` nodes. `local` (locality) is placed first when it is up
 /// and has free space. `exclude` are nodes that must not be chosen (they
-/// already hold a replica).
+/// already hold a replica); with `allowed`, only those nodes may be chosen
+/// (topology requirements).
 pub fn place(
     state: &ClusterState,
     count: usize,
     local: Option<NodeId>,
     exclude: &[NodeId],
+    allowed: Option<&[NodeId]>,
     label: &str,
 ) -> Result<Vec<NodeId>, String> {
     let eligible: Vec<_> = state
         .nodes
         .values()
         .filter(|n| n.state == NodeState::Up && !exclude.contains(&n.id))
+        .filter(|n| allowed.is_none_or(|a| a.contains(&n.id)))
         .collect();
     if count > eligible.len() {
         return Err(format!(
@@ -112,14 +115,17 @@ mod tests {
         let b1 = node(&mut s, "b", 100, true);
         let c1 = node(&mut s, "c", 50, true);
         let _down = node(&mut s, "d", 1000, false);
-        let p = place(&s, 3, None, &[], "zone").unwrap();
+        let p = place(&s, 3, None, &[], None, "zone").unwrap();
         assert_eq!(p, vec![a1, b1, c1], "one per zone before doubling up");
-        let p = place(&s, 2, Some(a2), &[], "zone").unwrap();
+        let p = place(&s, 2, Some(a2), &[], None, "zone").unwrap();
         assert_eq!(p, vec![a2, b1], "locality first, then another zone");
-        let p = place(&s, 1, None, &[a1, b1], "zone").unwrap();
+        let p = place(&s, 1, None, &[a1, b1], None, "zone").unwrap();
         assert_eq!(p, vec![c1], "avoids zones already holding the volume");
-        assert!(place(&s, 5, None, &[], "zone")
+        assert!(place(&s, 5, None, &[], None, "zone")
             .unwrap_err()
             .contains("4 are eligible"));
+        let p = place(&s, 2, Some(a1), &[], Some(&[a2, c1]), "zone").unwrap();
+        assert_eq!(p, vec![a2, c1], "only allowed nodes, even over locality");
+        assert!(place(&s, 3, None, &[], Some(&[a2, c1]), "zone").is_err());
     }
 }

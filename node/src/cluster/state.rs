@@ -1,7 +1,7 @@
 //! The cluster state machine. `apply` validates a command completely before
 //! changing anything, so a refused command leaves the state untouched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,11 @@ pub struct Volume {
     /// Bumped by every attach; replicas accept I/O only from the current epoch.
     pub epoch: u64,
     pub attachment: Option<Attachment>,
+    /// Nodes holding the volume read-only (CSI MULTI_NODE_READER_ONLY).
+    /// Never together with a (writing) attachment: readers read at `epoch`
+    /// and nothing can change the data under them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub readers: BTreeSet<NodeId>,
     /// The volume's copies, on distinct nodes. At least one is healthy.
     pub replicas: Vec<ReplicaRecord>,
     /// How many replicas the volume should have; the leader's scheduler
@@ -246,6 +251,15 @@ pub enum Command {
         id: VolumeId,
         node: NodeId,
     },
+    /// Adds a read-only holder; refused while the volume is attached.
+    AttachReader {
+        id: VolumeId,
+        node: NodeId,
+    },
+    DetachReader {
+        id: VolumeId,
+        node: NodeId,
+    },
     MarkFormatted {
         id: VolumeId,
     },
@@ -267,6 +281,8 @@ pub enum StateError {
     AttachedElsewhere { id: VolumeId, node: NodeId },
     #[error("volume {0} is attached; detach it before deleting")]
     Attached(VolumeId),
+    #[error("volume {id} is held read-only by {count} node(s); they must release it first")]
+    HasReaders { id: VolumeId, count: usize },
     #[error("node name {0:?} is already used by node {1}")]
     NodeNameTaken(String, NodeId),
     #[error("node {0} is not a member of the cluster")]
@@ -418,6 +434,7 @@ impl ClusterState {
                         formatted: false,
                         epoch: 0,
                         attachment: None,
+                        readers: BTreeSet::new(),
                         replicas_wanted: nodes.len() as u32,
                         replicas: nodes
                             .into_iter()
@@ -448,9 +465,26 @@ impl ClusterState {
                 if v.attachment.is_some() {
                     return Err(StateError::Attached(*id));
                 }
+                if !v.readers.is_empty() {
+                    return Err(StateError::HasReaders {
+                        id: *id,
+                        count: v.readers.len(),
+                    });
+                }
                 self.volumes.remove(id);
             }
             Command::Attach { id, node, force } => {
+                let v = self.volume(*id)?;
+                if !v.readers.is_empty() {
+                    if !*force {
+                        return Err(StateError::HasReaders {
+                            id: *id,
+                            count: v.readers.len(),
+                        });
+                    }
+                    // Taking over fences the readers too (new epoch below).
+                    self.volumes.get_mut(id).expect("checked").readers.clear();
+                }
                 let v = self.volume(*id)?;
                 match &v.attachment {
                     Some(a) if a.node != *node && *force => {
@@ -489,6 +523,28 @@ impl ClusterState {
                     }
                     _ => self.volumes.get_mut(id).expect("checked").attachment = None,
                 }
+            }
+            Command::AttachReader { id, node } => {
+                let v = self.volume(*id)?;
+                if let Some(a) = &v.attachment {
+                    return Err(StateError::AttachedElsewhere {
+                        id: *id,
+                        node: a.node,
+                    });
+                }
+                self.volumes
+                    .get_mut(id)
+                    .expect("checked")
+                    .readers
+                    .insert(*node);
+            }
+            Command::DetachReader { id, node } => {
+                self.volume(*id)?;
+                self.volumes
+                    .get_mut(id)
+                    .expect("checked")
+                    .readers
+                    .remove(node);
             }
             Command::SetReplicaState {
                 id,
@@ -661,6 +717,55 @@ mod tests {
             assert!(s.apply(&c).is_err(), "{c:?} was accepted");
             assert_eq!(s, attached);
         }
+    }
+
+    #[test]
+    fn readers_and_a_writer_exclude_each_other() {
+        let mut s = ClusterState::new(Id128::random());
+        let (a, n1, n2) = (Id128::random(), Id128::random(), Id128::random());
+        s.apply(&create(a, "a")).expect("create");
+        for n in [n1, n2, n2] {
+            s.apply(&Command::AttachReader { id: a, node: n })
+                .expect("reader");
+        }
+        let epoch = s.volumes[&a].epoch;
+        assert_eq!(s.volumes[&a].readers.len(), 2);
+        let held = s.clone();
+        for c in [
+            Command::Attach {
+                id: a,
+                node: n1,
+                force: false,
+            },
+            Command::DeleteVolume { id: a },
+        ] {
+            assert!(s.apply(&c).is_err(), "{c:?} was accepted");
+            assert_eq!(s, held);
+        }
+        s.apply(&Command::DetachReader { id: a, node: n1 })
+            .expect("release");
+        s.apply(&Command::DetachReader { id: a, node: n2 })
+            .expect("release");
+        s.apply(&Command::Attach {
+            id: a,
+            node: n1,
+            force: false,
+        })
+        .expect("writer after the readers left");
+        assert!(s.apply(&Command::AttachReader { id: a, node: n2 }).is_err());
+        // A forced attach takes over from readers and fences them.
+        s.apply(&Command::Detach { id: a, node: n1 })
+            .expect("detach");
+        s.apply(&Command::AttachReader { id: a, node: n2 })
+            .expect("reader");
+        s.apply(&Command::Attach {
+            id: a,
+            node: n1,
+            force: true,
+        })
+        .expect("forced");
+        assert!(s.volumes[&a].readers.is_empty());
+        assert!(s.volumes[&a].epoch > epoch);
     }
 
     #[test]

@@ -106,7 +106,12 @@ impl Hosted {
 
     /// Whether each of `count` extents from `first` is allocated; reads
     /// nothing.
-    pub fn allocation(&self, epoch: u64, first: u64, count: u64) -> Result<Vec<bool>, ReplicaError> {
+    pub fn allocation(
+        &self,
+        epoch: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<bool>, ReplicaError> {
         let _g = self.admit(epoch)?;
         Ok((first..first + count)
             .map(|e| self.replica.is_allocated(e))

@@ -118,3 +118,99 @@ pub fn mounts() -> Vec<MountEntry> {
 pub fn is_mount_point(path: &Path) -> bool {
     mounts().iter().any(|m| m.mount_point == path)
 }
+
+/// Mount options as given by a user (e.g. CSI `mount_flags`): generic flags
+/// become `MS_*` bits, anything else is passed to the filesystem. Options
+/// that change what a mount *is* (bind, move, remount, propagation) are
+/// refused.
+pub fn parse_options(opts: &[String]) -> Result<(libc::c_ulong, String), String> {
+    let mut flags: libc::c_ulong = 0;
+    let mut data: Vec<&str> = Vec::new();
+    for o in opts.iter().flat_map(|o| o.split(',')).map(str::trim) {
+        let bit = match o {
+            "" | "rw" | "defaults" => continue,
+            "ro" => libc::MS_RDONLY,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            "strictatime" => libc::MS_STRICTATIME,
+            "lazytime" => libc::MS_LAZYTIME,
+            "nodev" => libc::MS_NODEV,
+            "nosuid" => libc::MS_NOSUID,
+            "noexec" => libc::MS_NOEXEC,
+            "sync" => libc::MS_SYNCHRONOUS,
+            "dirsync" => libc::MS_DIRSYNC,
+            "bind" | "rbind" | "move" | "remount" | "shared" | "rshared" | "slave" | "rslave"
+            | "private" | "rprivate" | "unbindable" | "runbindable" => {
+                return Err(format!("mount option {o:?} is not allowed"))
+            }
+            o if o.contains('\0') => return Err("mount option contains NUL".into()),
+            o => {
+                data.push(o);
+                continue;
+            }
+        };
+        flags |= bit;
+    }
+    Ok((flags, data.join(",")))
+}
+
+/// Bind-mounts `source` on `target`, read-only when asked (a bind mount
+/// takes the read-only flag only on a remount).
+pub fn bind(source: &Path, target: &Path, readonly: bool) -> io::Result<()> {
+    mount(&source.to_string_lossy(), target, "", libc::MS_BIND, "")?;
+    if readonly {
+        let r = mount(
+            "",
+            target,
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            "",
+        );
+        if let Err(e) = r {
+            let _ = umount(target, 0);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Space and inodes of the filesystem holding `path`:
+/// (total, used, available bytes; total, used, free inodes).
+pub fn statvfs(path: &Path) -> io::Result<(u64, u64, u64, u64, u64, u64)> {
+    let p = cstr(path)?;
+    // SAFETY: zeroed statvfs is a valid value of this plain C struct.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: p is NUL-terminated and s is a valid, writable statvfs.
+    if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bs = s.f_frsize as u64;
+    let total = s.f_blocks as u64 * bs;
+    let free = s.f_bfree as u64 * bs;
+    Ok((
+        total,
+        total - free,
+        s.f_bavail as u64 * bs,
+        s.f_files as u64,
+        (s.f_files - s.f_ffree) as u64,
+        s.f_ffree as u64,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let o = |v: &[&str]| parse_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            o(&["noatime,nodev", "discard", "rw"]),
+            Ok((libc::MS_NOATIME | libc::MS_NODEV, "discard".into()))
+        );
+        assert_eq!(o(&[]), Ok((0, String::new())));
+        assert!(o(&["bind"]).is_err());
+        assert!(o(&["remount,ro"]).is_err());
+    }
+}

@@ -11,6 +11,8 @@ pub enum VolumeError {
     InvalidFs(String),
     #[error("invalid path: {0}")]
     InvalidPath(String),
+    #[error("invalid mount options: {0}")]
+    InvalidOptions(String),
     #[error("volume {0:?} not found")]
     NotFound(String),
     #[error("volume {0:?} already exists")]
@@ -39,6 +41,8 @@ pub enum VolumeError {
         "volume {0:?} has fs=none (raw block); attach it and use the device instead of mounting"
     )]
     RawVolume(String),
+    #[error("volume {0:?} has no filesystem yet; a writer must mount it first")]
+    NotFormatted(String),
     #[error("{0}")]
     Device(String),
     #[error("metadata: {0}")]

@@ -5,7 +5,7 @@
 //! the lock under which attach and NBD writers exclude each other. No lock is
 //! held across a command that runs a program (mkfs, resize2fs).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -50,6 +50,12 @@ pub struct ManagerConfig {
 struct LocalAttachment {
     device: String,
     mounts: Vec<String>,
+    /// Mount options per mount path (when not the defaults).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    options: BTreeMap<String, Vec<String>>,
+    /// Held as a reader (read-only device, no attachment of its own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    read_only: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -83,6 +89,21 @@ impl Drop for OpGuard<'_> {
     fn drop(&mut self) {
         self.busy.lock().expect("busy lock").remove(&self.id);
     }
+}
+
+/// Mount options for `fs`: a reader's mount is read-only and never replays
+/// the journal (it must not write, and no writer exists to have left one).
+fn mount_options(fs: FsType, given: &[String], read_only: bool) -> Vec<String> {
+    let mut o = given.to_vec();
+    if read_only {
+        o.push("ro".into());
+        match fs {
+            FsType::Ext4 => o.push("noload".into()),
+            FsType::Xfs => o.push("norecovery".into()),
+            FsType::None => {}
+        }
+    }
+    o
 }
 
 fn store_err(e: StoreError) -> VolumeError {
@@ -262,6 +283,11 @@ impl VolumeManager {
         }
     }
 
+    /// Replicas of a volume created without a count.
+    pub fn default_replicas(&self) -> u32 {
+        self.cfg.default_replicas
+    }
+
     pub fn node_id(&self) -> NodeId {
         self.cfg.node_id
     }
@@ -375,6 +401,10 @@ impl VolumeManager {
                     name: name.into(),
                     node: "?".into(),
                 },
+                StateError::HasReaders { count, .. } => VolumeError::InUse {
+                    name: name.into(),
+                    why: format!("{count} node(s) hold it read-only"),
+                },
                 other => VolumeError::Store(other.to_string()),
             }),
             Err(e) => Err(store_err(e)),
@@ -423,7 +453,7 @@ impl VolumeManager {
         let mounts = rec.map(|r| r.mounts).unwrap_or_default();
         let state = if !mounts.is_empty() {
             "mounted"
-        } else if v.attachment.is_some() {
+        } else if device.is_some() || v.attachment.is_some() || !v.readers.is_empty() {
             "attached"
         } else {
             "detached"
@@ -440,6 +470,11 @@ impl VolumeManager {
             formatted: v.formatted,
             epoch: v.epoch,
             attached_node: v.attachment.as_ref().map(|a| self.node_name(a.node)),
+            readers: {
+                let mut r: Vec<String> = v.readers.iter().map(|n| self.node_name(*n)).collect();
+                r.sort();
+                r
+            },
             created_unix_ms: v.created_unix_ms,
             replicas,
         }
@@ -588,6 +623,18 @@ impl VolumeManager {
     // ---- create / resize / delete ---------------------------------------
 
     pub fn create(&self, req: &VolumeCreate) -> Result<api::VolumeInfo, VolumeError> {
+        let local = req.locality.then_some(self.cfg.node_id);
+        self.create_placed(req, local, None)
+    }
+
+    /// Creates a volume with one replica on `local` when it has room and,
+    /// with `allowed`, replicas only on those nodes.
+    pub fn create_placed(
+        &self,
+        req: &VolumeCreate,
+        local: Option<NodeId>,
+        allowed: Option<&[NodeId]>,
+    ) -> Result<api::VolumeInfo, VolumeError> {
         validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
         let size = parse_size(&req.size)?;
         let fs = match &req.fs {
@@ -607,12 +654,12 @@ impl VolumeManager {
         }
         let nodes = {
             let s = self.store.read();
-            let local = req.locality.then_some(self.cfg.node_id);
             crate::cluster::placement::place(
                 &s,
                 count as usize,
                 local,
                 &[],
+                allowed,
                 crate::cluster::placement::PLACEMENT_LABEL,
             )
             .map_err(VolumeError::NotEnoughNodes)?
@@ -687,10 +734,12 @@ impl VolumeManager {
                 },
                 name,
             )?;
-            if let Some(e) = self.engine(v.id) {
-                e.set_size(size);
-            }
             tracing::info!(volume = %name, size, "grew volume");
+        }
+        // Also when unchanged here: the grow may have been recorded by
+        // another node (CSI's controller) while this node's engine serves.
+        if let Some(e) = self.engine(v.id) {
+            e.set_size(size);
         }
         // Also when the size is unchanged: a retry after a failed filesystem
         // grow completes it (resize2fs and xfs_growfs are idempotent).
@@ -771,9 +820,13 @@ impl VolumeManager {
 
     fn attach_locked(&self, v: &Volume, force: bool) -> Result<String, VolumeError> {
         if let Some(rec) = self.local_record(v.id) {
-            if loopdev::backing_file(Path::new(&rec.device)).as_deref()
-                == Some(self.fuse_path(v.id).as_path())
-            {
+            if rec.read_only {
+                return Err(VolumeError::InUse {
+                    name: v.name.clone(),
+                    why: "this node holds it read-only".into(),
+                });
+            }
+            if self.is_bound(v.id, &rec) {
                 return Ok(rec.device);
             }
         }
@@ -795,7 +848,7 @@ impl VolumeManager {
             )?;
         }
         let v = &self.find(&v.name)?;
-        match self.bind_device(v) {
+        match self.bind_device(v, false) {
             Ok(dev) => {
                 let mut rec = self.local_record(v.id).unwrap_or_default();
                 rec.device = dev.clone();
@@ -816,12 +869,55 @@ impl VolumeManager {
         }
     }
 
-    /// FUSE file + loop device for a volume whose attachment to this node
-    /// is recorded: the engine moves to the attachment's epoch first, which
-    /// fences any older engine on every replica.
-    fn bind_device(&self, v: &Volume) -> Result<String, VolumeError> {
+    fn is_bound(&self, id: VolumeId, rec: &LocalAttachment) -> bool {
+        loopdev::backing_file(Path::new(&rec.device)).as_deref()
+            == Some(self.fuse_path(id).as_path())
+    }
+
+    /// Holds the volume read-only on this node (recorded as a reader in the
+    /// state, which keeps writers out): a read-only loop device on an
+    /// engine at the volume's epoch.
+    fn attach_reader_locked(&self, v: &Volume) -> Result<String, VolumeError> {
+        if let Some(rec) = self.local_record(v.id) {
+            if !rec.read_only {
+                return Err(VolumeError::InUse {
+                    name: v.name.clone(),
+                    why: "it is attached read-write on this node".into(),
+                });
+            }
+            if self.is_bound(v.id, &rec) {
+                return Ok(rec.device);
+            }
+        }
+        let me = self.cfg.node_id;
+        self.propose(Command::AttachReader { id: v.id, node: me }, &v.name)?;
+        let v = &self.find(&v.name)?;
+        match self.bind_device(v, true) {
+            Ok(dev) => {
+                let rec = LocalAttachment {
+                    device: dev.clone(),
+                    read_only: true,
+                    ..Default::default()
+                };
+                self.save_local(v.id, Some(&rec))?;
+                tracing::info!(volume = %v.name, device = %dev, "attached volume read-only");
+                Ok(dev)
+            }
+            Err(e) => {
+                let _ = self.propose(self.release(v.id, true), &v.name);
+                Err(e)
+            }
+        }
+    }
+
+    /// FUSE file + loop device for a volume attached to this node (the
+    /// engine moves to the attachment's epoch first, which fences any older
+    /// engine on every replica) or, with `read_only`, held by this node as
+    /// a reader (the volume's epoch; the loop device cannot write).
+    fn bind_device(&self, v: &Volume, read_only: bool) -> Result<String, VolumeError> {
         let epoch = match &v.attachment {
-            Some(a) if a.node == self.cfg.node_id => a.epoch,
+            None if read_only && v.readers.contains(&self.cfg.node_id) => v.epoch,
+            Some(a) if !read_only && a.node == self.cfg.node_id => a.epoch,
             _ => {
                 return Err(VolumeError::AttachedElsewhere {
                     name: v.name.clone(),
@@ -844,9 +940,10 @@ impl VolumeManager {
                 .ok_or_else(|| VolumeError::Device("the daemon is shutting down".into()))?;
             fuse.add(&v.id.to_string(), engine)
         };
+        // A loop device over a file opened read-only is read-only.
         let result = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!read_only)
             .open(&path)
             .map_err(|e| format!("open {}: {e}", path.display()))
             .and_then(|f| loopdev::attach(&f, 4096).map_err(|e| format!("loop device setup: {e}")));
@@ -868,9 +965,69 @@ impl VolumeManager {
         }
     }
 
+    /// Records the volume's attachment to `node` (CSI ControllerPublish),
+    /// or with `read_only` adds `node` to its readers; that node binds the
+    /// device when it stages the volume. Each new attachment raises the
+    /// epoch, fencing any engine of an older one.
+    pub fn attach_to(&self, name: &str, node: NodeId, read_only: bool) -> Result<(), VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        let cmd = if read_only {
+            Command::AttachReader { id: v.id, node }
+        } else {
+            Command::Attach {
+                id: v.id,
+                node,
+                force: false,
+            }
+        };
+        self.propose(cmd, name)
+    }
+
+    /// Clears the volume's attachment to `node` or that node's reader hold,
+    /// if it has one (CSI ControllerUnpublish, also for a dead node).
+    /// Refused while this node still serves it: unstaging tears the device
+    /// down first.
+    pub fn detach_from(&self, name: &str, node: NodeId) -> Result<(), VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        let writer = v.attachment.as_ref().is_some_and(|a| a.node == node);
+        if !writer && !v.readers.contains(&node) {
+            return Ok(());
+        }
+        if node == self.cfg.node_id && self.local_record(v.id).is_some() {
+            return Err(VolumeError::InUse {
+                name: name.into(),
+                why: "it is still attached on this node; unstage it first".into(),
+            });
+        }
+        let cmd = if writer {
+            Command::Detach { id: v.id, node }
+        } else {
+            Command::DetachReader { id: v.id, node }
+        };
+        self.propose(cmd, name)
+    }
+
+    /// Holds the volume read-only on this node; returns the (read-only)
+    /// device.
+    pub fn attach_reader(&self, name: &str) -> Result<String, VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        self.attach_reader_locked(&v)
+    }
+
+    /// A copy of the committed cluster state as this node knows it.
+    pub fn state(&self) -> crate::cluster::state::ClusterState {
+        self.store.read().clone()
+    }
+
     pub fn detach(&self, name: &str) -> Result<(), VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
+        if self.local_record(v.id).is_some_and(|r| r.read_only) {
+            return self.teardown(&v, false);
+        }
         match &v.attachment {
             None => return Ok(()),
             Some(a) if a.node != self.cfg.node_id => {
@@ -905,6 +1062,11 @@ impl VolumeManager {
         }
         self.unbind_device(v.id, &rec.device)?;
         self.save_local(v.id, None)?;
+        if rec.read_only {
+            self.propose(self.release(v.id, true), &v.name)?;
+            tracing::info!(volume = %v.name, "released read-only volume");
+            return Ok(());
+        }
         // Everything written is durable on the replicas before the volume
         // is released to another node.
         if let Some(e) = self.engine(v.id) {
@@ -966,6 +1128,22 @@ impl VolumeManager {
         path: &str,
         force: bool,
     ) -> Result<api::VolumeInfo, VolumeError> {
+        self.mount_with(name, path, force, &[], false)
+    }
+
+    /// [`VolumeManager::mount`] with mount options (kept for re-mounts
+    /// after a restart) and, with `read_only`, as one of the volume's
+    /// readers: read-only device and mount, journal left alone, no
+    /// attachment (any number of nodes may read while none writes).
+    pub fn mount_with(
+        &self,
+        name: &str,
+        path: &str,
+        force: bool,
+        options: &[String],
+        read_only: bool,
+    ) -> Result<api::VolumeInfo, VolumeError> {
+        crate::sys::mount::parse_options(options).map_err(VolumeError::InvalidOptions)?;
         let path = Self::check_path(path)?;
         if path.starts_with(&self.cfg.fuse_dir) || self.cfg.fuse_dir.starts_with(&path) {
             return Err(VolumeError::InvalidPath(format!(
@@ -991,8 +1169,17 @@ impl VolumeManager {
             )));
         }
         let was_attached = self.local_record(v.id).is_some();
-        let dev = self.attach_locked(&v, force)?;
-        let r = self.format_and_mount(&v, Path::new(&dev), &path);
+        let r = if read_only {
+            if !v.formatted {
+                return Err(VolumeError::NotFormatted(name.into()));
+            }
+            let dev = self.attach_reader_locked(&v)?;
+            let opts = mount_options(v.fs, options, true);
+            mount::mount(Path::new(&dev), &path, v.fs, &opts).map_err(VolumeError::Device)
+        } else {
+            let dev = self.attach_locked(&v, force)?;
+            self.format_and_mount(&v, Path::new(&dev), &path, options)
+        };
         if let Err(e) = r {
             if !was_attached {
                 let v = self.find(name)?;
@@ -1006,12 +1193,21 @@ impl VolumeManager {
         if !rec.mounts.contains(&path_s) {
             rec.mounts.push(path_s.clone());
         }
+        if !options.is_empty() {
+            rec.options.insert(path_s.clone(), options.to_vec());
+        }
         self.save_local(v.id, Some(&rec))?;
         tracing::info!(volume = %name, path = %path_s, "mounted volume");
         self.inspect(name)
     }
 
-    fn format_and_mount(&self, v: &Volume, dev: &Path, path: &Path) -> Result<(), VolumeError> {
+    fn format_and_mount(
+        &self,
+        v: &Volume,
+        dev: &Path,
+        path: &Path,
+        options: &[String],
+    ) -> Result<(), VolumeError> {
         let current = self.find(&v.name)?;
         if !current.formatted {
             match mount::probe_fs(dev).map_err(VolumeError::Device)? {
@@ -1031,7 +1227,7 @@ impl VolumeManager {
             self.propose(Command::MarkFormatted { id: v.id }, &v.name)?;
         }
         mount::grow_before_mount(v.fs, dev, current.size_bytes).map_err(VolumeError::Device)?;
-        mount::mount(dev, path, v.fs).map_err(VolumeError::Device)?;
+        mount::mount(dev, path, v.fs, options).map_err(VolumeError::Device)?;
         if v.fs == FsType::Xfs {
             // XFS grows only while mounted; a no-op when it already fits.
             if let Err(e) = mount::grow(v.fs, dev, path) {
@@ -1057,6 +1253,7 @@ impl VolumeManager {
             why: format!("unmounting {path_s}: {e}"),
         })?;
         rec.mounts.retain(|m| *m != path_s);
+        rec.options.remove(&path_s);
         self.save_local(v.id, Some(&rec))?;
         if rec.mounts.is_empty() {
             self.teardown(&v, false)?;
@@ -1077,16 +1274,14 @@ impl VolumeManager {
         let mut recorded = self.local_records();
         if adopted {
             recorded.retain(|(id, rec)| {
-                let Some(v) = state.volumes.get(id).filter(|v| {
-                    v.attachment
-                        .as_ref()
-                        .is_some_and(|a| a.node == self.cfg.node_id)
-                }) else {
+                let Some(v) = state
+                    .volumes
+                    .get(id)
+                    .filter(|v| self.held_here(v, rec.read_only))
+                else {
                     return true;
                 };
-                let bound = loopdev::backing_file(Path::new(&rec.device)).as_deref()
-                    == Some(self.fuse_path(*id).as_path());
-                !(bound && self.readopt(v))
+                !(self.is_bound(*id, rec) && self.readopt(v))
             });
             if let Some(f) = self.fuse.lock().expect("fuse lock").as_mut() {
                 if let Err(e) = f.start(self.cfg.fuse_threads, true) {
@@ -1095,20 +1290,22 @@ impl VolumeManager {
             }
         }
         for (id, mut rec) in recorded {
-            let Some(v) = state.volumes.get(&id).filter(|v| {
-                v.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.node == self.cfg.node_id)
-            }) else {
+            let Some(v) = state
+                .volumes
+                .get(&id)
+                .filter(|v| self.held_here(v, rec.read_only))
+            else {
                 let _ = self.save_local(id, None);
                 continue;
             };
-            match self.bind_device(v) {
+            match self.bind_device(v, rec.read_only) {
                 Ok(dev) => {
                     rec.device = dev.clone();
                     let mounts = std::mem::take(&mut rec.mounts);
                     for m in mounts {
-                        match mount::mount(Path::new(&dev), Path::new(&m), v.fs) {
+                        let given = rec.options.get(&m).cloned().unwrap_or_default();
+                        let options = mount_options(v.fs, &given, rec.read_only);
+                        match mount::mount(Path::new(&dev), Path::new(&m), v.fs, &options) {
                             Ok(()) => rec.mounts.push(m),
                             Err(e) => {
                                 tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart")
@@ -1121,41 +1318,48 @@ impl VolumeManager {
                 Err(e) => {
                     tracing::error!(volume = %v.name, error = %e, "cannot re-serve attachment; detaching");
                     let _ = self.save_local(id, None);
-                    let _ = self.propose(
-                        Command::Detach {
-                            id,
-                            node: self.cfg.node_id,
-                        },
-                        &v.name,
-                    );
+                    let _ = self.propose(self.release(id, rec.read_only), &v.name);
                 }
             }
         }
-        // Attachments recorded in the state without local reality (a crash
-        // between the attach command and the local record).
+        // Attachments (or reader holds) recorded in the state without local
+        // reality (a crash between the command and the local record).
         for v in state.volumes.values() {
-            if v.attachment
-                .as_ref()
-                .is_some_and(|a| a.node == self.cfg.node_id)
-                && self.local_record(v.id).is_none()
-            {
-                let _ = self.propose(
-                    Command::Detach {
-                        id: v.id,
-                        node: self.cfg.node_id,
-                    },
-                    &v.name,
-                );
+            for read_only in [false, true] {
+                if self.held_here(v, read_only) && self.local_record(v.id).is_none() {
+                    let _ = self.propose(self.release(v.id, read_only), &v.name);
+                }
             }
+        }
+    }
+
+    /// Whether the state has `v` attached to this node (or, with
+    /// `read_only`, held by it as a reader).
+    fn held_here(&self, v: &Volume, read_only: bool) -> bool {
+        let me = self.cfg.node_id;
+        if read_only {
+            v.readers.contains(&me)
+        } else {
+            v.attachment.as_ref().is_some_and(|a| a.node == me)
+        }
+    }
+
+    /// The command that gives up this node's hold on volume `id`.
+    fn release(&self, id: VolumeId, read_only: bool) -> Command {
+        let node = self.cfg.node_id;
+        if read_only {
+            Command::DetachReader { id, node }
+        } else {
+            Command::Detach { id, node }
         }
     }
 
     /// Serves an attachment whose loop device survived the restart on the
     /// adopted FUSE connection; its mounts are untouched.
     fn readopt(&self, v: &Volume) -> bool {
-        let Some(a) = &v.attachment else { return false };
+        let epoch = v.attachment.as_ref().map_or(v.epoch, |a| a.epoch);
         let r = self.engine_for(v).and_then(|e| {
-            e.activate(v, a.epoch)
+            e.activate(v, epoch)
                 .map_err(|err| VolumeError::Device(err.to_string()))
                 .map(|_| e)
         });

@@ -52,10 +52,12 @@ pub fn format(device: &Path, fs: FsType) -> Result<(), String> {
     }
 }
 
-pub fn mount(device: &Path, path: &Path, fs: FsType) -> Result<(), String> {
+/// Mounts with user `options` (see [`sys::mount::parse_options`]).
+pub fn mount(device: &Path, path: &Path, fs: FsType, options: &[String]) -> Result<(), String> {
+    let (flags, data) = sys::mount::parse_options(options)?;
     std::fs::create_dir_all(path)
         .map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
-    sys::mount::mount(&device.to_string_lossy(), path, fs.as_str(), 0, "").map_err(|e| {
+    sys::mount::mount(&device.to_string_lossy(), path, fs.as_str(), flags, &data).map_err(|e| {
         format!(
             "mount {} on {} failed: {e}",
             device.display(),

@@ -1,0 +1,519 @@
+//! Controller: volumes' life in the cluster (create, delete, attach to a
+//! node, expand) and what the CO may ask about them.
+
+use std::collections::HashMap;
+
+use tonic::{Request, Response, Status};
+
+use crate::pb::controller_server::Controller;
+use crate::pb::controller_service_capability::{rpc, Rpc, Type};
+use crate::pb::validate_volume_capabilities_response::Confirmed;
+use crate::pb::*;
+use crate::rules::{self, Wanted};
+use crate::{required, CreateSpec, Driver, Error, VolumeFacts};
+
+/// Page tokens are `TOKEN_PREFIX` + the name of the next volume.
+const TOKEN_PREFIX: &str = "after:";
+
+fn volume_message(v: &VolumeFacts, topology: Vec<Topology>) -> Volume {
+    Volume {
+        capacity_bytes: v.size_bytes as i64,
+        volume_id: v.name.clone(),
+        volume_context: HashMap::new(),
+        content_source: None,
+        accessible_topology: topology,
+    }
+}
+
+fn condition(v: &VolumeFacts) -> VolumeCondition {
+    VolumeCondition {
+        abnormal: v.problem.is_some(),
+        message: v
+            .problem
+            .clone()
+            .unwrap_or_else(|| "all replicas healthy".into()),
+    }
+}
+
+fn not_found(name: &str) -> Error {
+    Error::NotFound(format!("volume {name:?} does not exist"))
+}
+
+/// Why an existing volume does not match a repeated CreateVolume.
+fn create_conflict(
+    v: &VolumeFacts,
+    req: &CreateVolumeRequest,
+    wanted: &Wanted,
+    fs: &str,
+    replicas: u32,
+) -> Option<String> {
+    if !rules::fits(v.size_bytes, req.capacity_range.as_ref()) {
+        return Some(format!(
+            "it has {} bytes, outside the requested capacity range",
+            v.size_bytes
+        ));
+    }
+    if let Some(m) = rules::mismatch(v, wanted) {
+        return Some(m);
+    }
+    if !wanted.block && v.fs != fs {
+        return Some(format!("it holds {}, not {fs}", v.fs));
+    }
+    if v.replicas != replicas {
+        return Some(format!("it has {} replica(s), not {replicas}", v.replicas));
+    }
+    None
+}
+
+#[tonic::async_trait]
+impl Controller for Driver {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let name = required("name", &req.name)?.to_string();
+        let wanted = rules::capabilities(&req.volume_capabilities)?;
+        let params = rules::params(&req.parameters)?;
+        if req.volume_content_source.is_some() {
+            return Err(Error::InvalidArgument(
+                "volume_content_source is not supported (no snapshots or clones)".into(),
+            )
+            .into());
+        }
+        if !req.mutable_parameters.is_empty() {
+            return Err(Error::InvalidArgument(
+                "mutable_parameters are not supported (MODIFY_VOLUME is not offered)".into(),
+            )
+            .into());
+        }
+        let fs = if wanted.block {
+            "none".to_string()
+        } else {
+            match (wanted.fs.as_str(), params.fs.as_deref()) {
+                ("", None) => "ext4".to_string(),
+                ("", Some(p)) => p.to_string(),
+                (c, Some(p)) if c != p => {
+                    return Err(Error::InvalidArgument(format!(
+                        "the capability asks for {c} but the fs parameter for {p}"
+                    ))
+                    .into())
+                }
+                (c, _) => c.to_string(),
+            }
+        };
+        let size = rules::size_for(
+            req.capacity_range.as_ref(),
+            self.backend.size_rules(),
+            rules::min_size(&fs),
+        )?;
+        let (requisite, preferred) = req
+            .accessibility_requirements
+            .as_ref()
+            .map(|t| (t.requisite.clone(), t.preferred.clone()))
+            .unwrap_or_default();
+        for t in requisite.iter().chain(&preferred) {
+            rules::check_topology(t)?;
+        }
+        let replicas = params
+            .replicas
+            .unwrap_or_else(|| self.backend.default_replicas());
+        let locality = params.locality.unwrap_or(true);
+        let req2 = req.clone();
+        let volume = self
+            .exclusive(&name.clone(), move |b| {
+                if let Some(v) = b.volume(&name)? {
+                    return match create_conflict(&v, &req2, &wanted, &fs, replicas) {
+                        Some(why) => Err(Error::AlreadyExists(format!(
+                            "volume {name:?} exists with other parameters: {why}"
+                        ))),
+                        None => Ok(v),
+                    };
+                }
+                let nodes: Vec<_> = b.nodes()?.into_iter().filter(|n| n.up).collect();
+                let allowed: Option<Vec<String>> = (!requisite.is_empty()).then(|| {
+                    nodes
+                        .iter()
+                        .filter(|n| requisite.iter().any(|t| rules::in_topology(n, t)))
+                        .map(|n| n.name.clone())
+                        .collect()
+                });
+                if allowed.as_ref().is_some_and(|a| a.is_empty()) {
+                    return Err(Error::ResourceExhausted(
+                        "no node that is up lies in the requisite topologies".into(),
+                    ));
+                }
+                let eligible =
+                    |n: &&crate::NodeFacts| allowed.as_ref().is_none_or(|a| a.contains(&n.name));
+                // The first preferred topology with an eligible node holds
+                // one replica (with WaitForFirstConsumer: the pod's node).
+                let local_node = locality
+                    .then(|| {
+                        preferred.iter().find_map(|t| {
+                            nodes
+                                .iter()
+                                .filter(eligible)
+                                .filter(|n| rules::in_topology(n, t))
+                                .max_by_key(|n| n.free_bytes)
+                                .map(|n| n.name.clone())
+                        })
+                    })
+                    .flatten();
+                b.create(&CreateSpec {
+                    name: name.clone(),
+                    size_bytes: size,
+                    fs: fs.clone(),
+                    replicas: Some(replicas),
+                    allowed_nodes: allowed,
+                    local_node,
+                })
+            })
+            .await?;
+        let topology = req
+            .accessibility_requirements
+            .map(|t| t.requisite)
+            .unwrap_or_default();
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(volume_message(&volume, topology)),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let name = required("volume_id", &request.get_ref().volume_id)?.to_string();
+        self.exclusive(&name.clone(), move |b| match b.volume(&name)? {
+            None => Ok(()),
+            Some(v) => {
+                let on = v.published();
+                if !on.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {name:?} is published to {}; unpublish it first",
+                        on.join(", ")
+                    )));
+                }
+                b.delete(&name)
+            }
+        })
+        .await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let name = required("volume_id", &req.volume_id)?.to_string();
+        let node = required("node_id", &req.node_id)?.to_string();
+        let wanted = rules::one_capability(req.volume_capability.as_ref())?;
+        self.exclusive(&name.clone(), move |b| {
+            let v = b.volume(&name)?.ok_or_else(|| not_found(&name))?;
+            if !b.nodes()?.iter().any(|n| n.name == node) {
+                return Err(Error::NotFound(format!("node {node:?} does not exist")));
+            }
+            if let Some(m) = rules::mismatch(&v, &wanted) {
+                return Err(Error::InvalidArgument(m));
+            }
+            if wanted.reader {
+                if v.readers.contains(&node) {
+                    return Ok(());
+                }
+                if let Some(n) = &v.attached_to {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {name:?} is published read-write to node {n}; readers wait until it is unpublished"
+                    )));
+                }
+                return b.attach_to(&name, &node, true);
+            }
+            if !v.readers.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {name:?} is published read-only to {}; a writer waits until they unpublish",
+                    v.readers.join(", ")
+                )));
+            }
+            match &v.attached_to {
+                Some(n) if *n == node => Ok(()),
+                Some(n) => Err(Error::FailedPrecondition(format!(
+                    "volume {name:?} is published to node {n}; a Cairn volume is written by one node at a time"
+                ))),
+                None => b.attach_to(&name, &node, false),
+            }
+        })
+        .await?;
+        Ok(Response::new(ControllerPublishVolumeResponse {
+            publish_context: HashMap::new(),
+        }))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let name = required("volume_id", &req.volume_id)?.to_string();
+        let node = req.node_id;
+        self.exclusive(&name.clone(), move |b| {
+            let Some(v) = b.volume(&name)? else {
+                return Ok(());
+            };
+            // An empty node id means: from every node.
+            for n in v.published() {
+                if node.is_empty() || n == node {
+                    b.detach_from(&name, &n)?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let name = required("volume_id", &req.volume_id)?.to_string();
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::InvalidArgument("volume_capabilities is required".into()).into());
+        }
+        let n = name.clone();
+        let v = self
+            .call(move |b| b.volume(&n)?.ok_or_else(|| not_found(&n)))
+            .await?;
+        let default_replicas = self.backend.default_replicas();
+        let problem = match rules::capabilities(&req.volume_capabilities) {
+            Err(Error::InvalidArgument(m)) | Err(Error::OutOfRange(m)) => Some(m),
+            Err(e) => return Err(e.into()),
+            Ok(w) => rules::mismatch(&v, &w).or_else(|| match rules::params(&req.parameters) {
+                Err(e) => Some(e.to_string()),
+                Ok(p) if p.replicas.unwrap_or(default_replicas) != v.replicas => Some(format!(
+                    "volume has {} replica(s), the parameters ask for {}",
+                    v.replicas,
+                    p.replicas.unwrap_or(default_replicas)
+                )),
+                Ok(p) if !v.is_block() && p.fs.as_ref().is_some_and(|f| *f != v.fs) => {
+                    Some(format!("volume holds {}", v.fs))
+                }
+                Ok(_) => None,
+            }),
+        };
+        Ok(Response::new(match problem {
+            Some(message) => ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            },
+            None => ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: HashMap::new(),
+                }),
+                message: String::new(),
+            },
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        if req.max_entries < 0 {
+            return Err(Error::InvalidArgument("max_entries must not be negative".into()).into());
+        }
+        let start = match req.starting_token.as_str() {
+            "" => None,
+            t => Some(
+                t.strip_prefix(TOKEN_PREFIX)
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| {
+                        Error::Aborted(format!(
+                            "starting_token {t:?} was not issued by this driver"
+                        ))
+                    })?
+                    .to_string(),
+            ),
+        };
+        let mut all = self.call(|b| b.volumes()).await?;
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let from = start.map_or(0, |s| all.partition_point(|v| v.name < s));
+        let take = match req.max_entries {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let page: Vec<_> = all[from..].iter().take(take).collect();
+        let next_token = all
+            .get(from + page.len())
+            .map(|v| format!("{TOKEN_PREFIX}{}", v.name))
+            .unwrap_or_default();
+        Ok(Response::new(ListVolumesResponse {
+            entries: page
+                .into_iter()
+                .map(|v| list_volumes_response::Entry {
+                    volume: Some(volume_message(v, Vec::new())),
+                    status: Some(list_volumes_response::VolumeStatus {
+                        published_node_ids: v.published(),
+                        volume_condition: Some(condition(v)),
+                    }),
+                })
+                .collect(),
+            next_token,
+        }))
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        let params = rules::params(&req.parameters)?;
+        if let Some(t) = &req.accessible_topology {
+            rules::check_topology(t)?;
+        }
+        let servable = req.volume_capabilities.is_empty()
+            || rules::capabilities(&req.volume_capabilities).is_ok();
+        let replicas = params
+            .replicas
+            .unwrap_or_else(|| self.backend.default_replicas())
+            .max(1) as u64;
+        let topology = req.accessible_topology.clone();
+        let free: u64 = self
+            .call(move |b| {
+                Ok(b.nodes()?
+                    .iter()
+                    .filter(|n| n.up && topology.as_ref().is_none_or(|t| rules::in_topology(n, t)))
+                    .map(|n| n.free_bytes)
+                    .sum())
+            })
+            .await?;
+        let rules = self.backend.size_rules();
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: if servable {
+                (free / replicas).min(i64::MAX as u64) as i64
+            } else {
+                0
+            },
+            maximum_volume_size: None,
+            minimum_volume_size: Some(rules.align as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        use rpc::Type as T;
+        let caps = [
+            T::CreateDeleteVolume,
+            T::PublishUnpublishVolume,
+            T::ListVolumes,
+            T::GetCapacity,
+            T::ExpandVolume,
+            T::ListVolumesPublishedNodes,
+            T::VolumeCondition,
+            T::GetVolume,
+            T::SingleNodeMultiWriter,
+        ];
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: caps
+                .into_iter()
+                .map(|t| ControllerServiceCapability {
+                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let name = required("volume_id", &req.volume_id)?.to_string();
+        let range = req
+            .capacity_range
+            .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
+        if req.volume_capability.is_some() {
+            rules::one_capability(req.volume_capability.as_ref())?;
+        }
+        let size = rules::size_for(Some(&range), self.backend.size_rules(), 0)?;
+        let v = self
+            .exclusive(&name.clone(), move |b| {
+                let v = b.volume(&name)?.ok_or_else(|| not_found(&name))?;
+                if range.limit_bytes > 0 && v.size_bytes > range.limit_bytes as u64 {
+                    return Err(Error::OutOfRange(format!(
+                        "volume {name:?} already has {} bytes, more than the limit; volumes only grow",
+                        v.size_bytes
+                    )));
+                }
+                if v.size_bytes >= size {
+                    return Ok(v);
+                }
+                b.expand(&name, size)
+            })
+            .await?;
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: v.size_bytes as i64,
+            // The attached node's engine, device and filesystem follow in
+            // NodeExpandVolume (a volume attached nowhere grows at its next
+            // stage anyway).
+            node_expansion_required: true,
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let name = required("volume_id", &request.get_ref().volume_id)?.to_string();
+        let v = self
+            .call(move |b| b.volume(&name)?.ok_or_else(|| not_found(&name)))
+            .await?;
+        Ok(Response::new(ControllerGetVolumeResponse {
+            volume: Some(volume_message(&v, Vec::new())),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: v.published(),
+                volume_condition: Some(condition(&v)),
+            }),
+        }))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("MODIFY_VOLUME is not supported"))
+    }
+}

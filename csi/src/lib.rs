@@ -1,0 +1,357 @@
+//! The Kubernetes CSI driver `csi.cairn.dev` (CSI spec v1.12): the
+//! Identity, Controller and Node services, served over a unix socket by the
+//! node daemon. This crate owns the protocol: required fields, capability
+//! and access-mode checks, capacity rounding, topology matching,
+//! pagination, idempotency and the spec's error codes. The daemon supplies
+//! a [`Backend`] built on its volume manager; backend calls may block (mkfs,
+//! mount) and run on the blocking pool.
+//!
+//! Cairn's CSI volume id is the Cairn volume name, so `cairn volume inspect
+//! <id>` works on what Kubernetes shows. A volume is attached to one node
+//! at a time (the attachment is the fencing epoch), so only single-node
+//! access modes are offered.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+mod controller;
+mod identity;
+mod node;
+mod rules;
+
+/// Generated from `proto/csi.proto` (package `csi.v1`).
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The driver name Kubernetes objects refer to.
+pub const DRIVER_NAME: &str = "csi.cairn.dev";
+/// Topology key carrying the node name.
+pub const TOPOLOGY_NODE: &str = "topology.cairn.dev/node";
+/// Topology key carrying the node's `zone` label.
+pub const TOPOLOGY_ZONE: &str = "topology.cairn.dev/zone";
+
+/// A failure with the CSI status code it maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    InvalidArgument(String),
+    NotFound(String),
+    AlreadyExists(String),
+    OutOfRange(String),
+    ResourceExhausted(String),
+    FailedPrecondition(String),
+    Aborted(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (Error::InvalidArgument(m)
+        | Error::NotFound(m)
+        | Error::AlreadyExists(m)
+        | Error::OutOfRange(m)
+        | Error::ResourceExhausted(m)
+        | Error::FailedPrecondition(m)
+        | Error::Aborted(m)
+        | Error::Unavailable(m)
+        | Error::Internal(m)) = self;
+        f.write_str(m)
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        match e {
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::AlreadyExists(m) => Status::already_exists(m),
+            Error::OutOfRange(m) => Status::out_of_range(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::Aborted(m) => Status::aborted(m),
+            Error::Unavailable(m) => Status::unavailable(m),
+            Error::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// A cluster node as the CSI driver sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The node name: the CSI node id (the Kubernetes node name).
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub up: bool,
+    pub free_bytes: u64,
+}
+
+/// A volume as the CSI driver sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeFacts {
+    pub name: String,
+    pub size_bytes: u64,
+    /// `ext4`, `xfs`, or `none` (raw block).
+    pub fs: String,
+    pub replicas: u32,
+    /// The node the volume is attached to (read-write).
+    pub attached_to: Option<String>,
+    /// Nodes holding it read-only.
+    pub readers: Vec<String>,
+    /// Why the volume is degraded (a replica faulted, offline or missing).
+    pub problem: Option<String>,
+}
+
+impl VolumeFacts {
+    pub fn is_block(&self) -> bool {
+        self.fs == "none"
+    }
+
+    /// Every node the volume is published to.
+    pub fn published(&self) -> Vec<String> {
+        self.attached_to
+            .iter()
+            .chain(&self.readers)
+            .cloned()
+            .collect()
+    }
+}
+
+/// What CreateVolume asks the backend for (all checked already).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateSpec {
+    pub name: String,
+    pub size_bytes: u64,
+    pub fs: String,
+    pub replicas: Option<u32>,
+    /// Replicas only on these nodes (topology requisites); `None`: any.
+    pub allowed_nodes: Option<Vec<String>>,
+    /// One replica on this node when it has room (locality).
+    pub local_node: Option<String>,
+}
+
+/// How NodeStageVolume prepares a volume on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// Attach only (publish binds the device file); otherwise also format
+    /// on first use and mount at the staging path with `flags`.
+    pub block: bool,
+    pub flags: Vec<String>,
+    /// As one of several readers (MULTI_NODE_READER_ONLY): read-only
+    /// device and mount, no formatting.
+    pub read_only: bool,
+}
+
+/// Space and inode use of a published volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+    /// (total, used, free); `None` for raw block volumes.
+    pub inodes: Option<(u64, u64, u64)>,
+}
+
+/// Sizes the backend accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRules {
+    /// Volume sizes are multiples of this.
+    pub align: u64,
+    pub max: u64,
+    /// Size of a volume created without a capacity range.
+    pub default: u64,
+}
+
+/// The storage behind the driver.
+pub trait Backend: Send + Sync + 'static {
+    /// Ok when this node can serve requests.
+    fn ready(&self) -> Result<(), String>;
+    /// This node.
+    fn this_node(&self) -> NodeFacts;
+    fn nodes(&self) -> Result<Vec<NodeFacts>, Error>;
+    fn size_rules(&self) -> SizeRules;
+    /// Replicas of a volume created without `replicas`.
+    fn default_replicas(&self) -> u32;
+    /// Most volumes this node attaches at once.
+    fn max_volumes_per_node(&self) -> u64;
+
+    fn create(&self, spec: &CreateSpec) -> Result<VolumeFacts, Error>;
+    fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, Error>;
+    /// Every volume, in any order.
+    fn volumes(&self) -> Result<Vec<VolumeFacts>, Error>;
+    fn delete(&self, name: &str) -> Result<(), Error>;
+    /// Records the volume's attachment to `node`, or with `read_only` adds
+    /// `node` to its readers (idempotent).
+    fn attach_to(&self, name: &str, node: &str, read_only: bool) -> Result<(), Error>;
+    /// Clears `node`'s attachment or reader hold; Ok when it has neither.
+    fn detach_from(&self, name: &str, node: &str) -> Result<(), Error>;
+    /// Grows the volume to at least `size_bytes`; returns the volume.
+    fn expand(&self, name: &str, size_bytes: u64) -> Result<VolumeFacts, Error>;
+
+    fn stage(&self, name: &str, staging: &Path, how: &Stage) -> Result<(), Error>;
+    /// Undoes [`Backend::stage`]; Ok when the volume is not staged there.
+    fn unstage(&self, name: &str, staging: &Path) -> Result<(), Error>;
+    /// Bind-mounts the staged filesystem (or, for `block`, the device file)
+    /// on `target`.
+    fn publish(
+        &self,
+        name: &str,
+        staging: &Path,
+        target: &Path,
+        block: bool,
+        readonly: bool,
+    ) -> Result<(), Error>;
+    /// Unmounts and removes `target`; Ok when nothing is there.
+    fn unpublish(&self, name: &str, target: &Path) -> Result<(), Error>;
+    fn usage(&self, name: &str, path: &Path) -> Result<Usage, Error>;
+    /// Makes this node's view (engine, device, filesystem at `path`) match
+    /// the volume's recorded size; returns that size.
+    fn expand_on_node(&self, name: &str, path: &Path) -> Result<u64, Error>;
+}
+
+/// Volumes with an operation in flight: a second one gets ABORTED.
+#[derive(Default)]
+struct InFlight(Mutex<HashSet<String>>);
+
+struct Claim<'a> {
+    set: &'a InFlight,
+    key: String,
+}
+
+impl InFlight {
+    fn claim(&self, key: &str) -> Result<Claim<'_>, Error> {
+        let mut s = self.0.lock().expect("in-flight lock");
+        if !s.insert(key.to_string()) {
+            return Err(Error::Aborted(format!(
+                "an operation on volume {key:?} is already in progress"
+            )));
+        }
+        Ok(Claim {
+            set: self,
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.set.0.lock().expect("in-flight lock").remove(&self.key);
+    }
+}
+
+/// Shared by the three services.
+#[derive(Clone)]
+pub struct Driver {
+    backend: Arc<dyn Backend>,
+    in_flight: Arc<InFlight>,
+    version: &'static str,
+}
+
+impl Driver {
+    pub fn new(backend: Arc<dyn Backend>) -> Driver {
+        Driver {
+            backend,
+            in_flight: Arc::default(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// Runs a backend call on the blocking pool.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, tonic::Status> {
+        let b = self.backend.clone();
+        tokio::task::spawn_blocking(move || f(b.as_ref()))
+            .await
+            .map_err(|e| tonic::Status::internal(format!("backend task failed: {e}")))?
+            .map_err(tonic::Status::from)
+    }
+
+    /// Like [`Driver::call`], refused with ABORTED while another operation
+    /// on `volume` is in flight.
+    async fn exclusive<T: Send + 'static>(
+        &self,
+        volume: &str,
+        f: impl FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, tonic::Status> {
+        let _claim = self.in_flight.claim(volume)?;
+        self.call(f).await
+    }
+}
+
+/// The unix socket's connections as a stream for tonic.
+struct Incoming(tokio::net::UnixListener);
+
+impl futures_core::Stream for Incoming {
+    type Item = std::io::Result<tokio::net::UnixStream>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_accept(cx).map(|r| Some(r.map(|(s, _)| s)))
+    }
+}
+
+/// Binds `path` (replacing a stale socket file, creating the directory).
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("removing old {}: {e}", path.display())),
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| format!("bind {}: {e}", path.display()))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// Serves the three services on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    backend: Arc<dyn Backend>,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+    let d = Driver::new(backend);
+    tonic::transport::Server::builder()
+        .add_service(pb::identity_server::IdentityServer::new(d.clone()))
+        .add_service(pb::controller_server::ControllerServer::new(d.clone()))
+        .add_service(pb::node_server::NodeServer::new(d))
+        .serve_with_incoming_shutdown(Incoming(listener), stop)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A path field: required, absolute, no `..`, no NUL.
+fn path_field(field: &str, value: &str) -> Result<PathBuf, Error> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    let p = Path::new(value);
+    if !p.is_absolute()
+        || value.contains('\0')
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {value:?} must be an absolute path without '..'"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// A string field that must be set.
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Error> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    Ok(value)
+}

@@ -1,0 +1,462 @@
+//! The checks every service shares: volume capabilities and access modes,
+//! capacity ranges, StorageClass parameters and topology segments.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::pb::volume_capability::access_mode::Mode;
+use crate::pb::volume_capability::AccessType;
+use crate::pb::{CapacityRange, Topology, VolumeCapability};
+use crate::{Error, NodeFacts, SizeRules, VolumeFacts, TOPOLOGY_NODE, TOPOLOGY_ZONE};
+
+/// Filesystems a mount capability may ask for.
+pub const FILESYSTEMS: [&str; 2] = ["ext4", "xfs"];
+
+/// StorageClass parameters this driver reads.
+pub const PARAMETERS: &str =
+    "replicas (1-3), fs (ext4|xfs), locality (true|false), csi.storage.k8s.io/fstype";
+
+/// What a list of capabilities asks of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub block: bool,
+    /// Filesystem named by a mount capability (empty: any).
+    pub fs: String,
+    pub mount_flags: Vec<String>,
+    /// MULTI_NODE_READER_ONLY: held read-only, possibly by several nodes.
+    pub reader: bool,
+}
+
+/// Checks one capability; returns (block?, fs_type, mount flags).
+fn capability(c: &VolumeCapability) -> Result<Wanted, Error> {
+    let mode = c
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("volume capability lacks access_mode".into()))?;
+    let reader = match Mode::try_from(mode.mode) {
+        Ok(Mode::SingleNodeWriter)
+        | Ok(Mode::SingleNodeReaderOnly)
+        | Ok(Mode::SingleNodeSingleWriter)
+        | Ok(Mode::SingleNodeMultiWriter) => false,
+        // Safe: readers never coexist with a writer (the cluster state
+        // refuses one while the other holds the volume).
+        Ok(Mode::MultiNodeReaderOnly) => true,
+        Ok(Mode::Unknown) => {
+            return Err(Error::InvalidArgument(
+                "volume capability access_mode is UNKNOWN".into(),
+            ))
+        }
+        Ok(m) => {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {} is not supported: a Cairn volume is written by one node at a time",
+                m.as_str_name()
+            )))
+        }
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {} is not a CSI access mode",
+                mode.mode
+            )))
+        }
+    };
+    match &c.access_type {
+        Some(AccessType::Block(_)) => Ok(Wanted {
+            block: true,
+            fs: String::new(),
+            mount_flags: Vec::new(),
+            reader,
+        }),
+        Some(AccessType::Mount(m)) => {
+            if !m.fs_type.is_empty() && !FILESYSTEMS.contains(&m.fs_type.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "fs_type {:?} is not supported; use one of {}",
+                    m.fs_type,
+                    FILESYSTEMS.join(", ")
+                )));
+            }
+            if !m.volume_mount_group.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "volume_mount_group is not supported (VOLUME_MOUNT_GROUP is not offered)"
+                        .into(),
+                ));
+            }
+            for f in &m.mount_flags {
+                if f.is_empty() || f.contains('\0') {
+                    return Err(Error::InvalidArgument(format!(
+                        "mount flag {f:?} is empty or contains NUL"
+                    )));
+                }
+            }
+            Ok(Wanted {
+                block: false,
+                fs: m.fs_type.clone(),
+                mount_flags: m.mount_flags.clone(),
+                reader,
+            })
+        }
+        None => Err(Error::InvalidArgument(
+            "volume capability lacks access_type (block or mount)".into(),
+        )),
+    }
+}
+
+/// Checks a required single capability.
+pub fn one_capability(c: Option<&VolumeCapability>) -> Result<Wanted, Error> {
+    capability(c.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?)
+}
+
+/// Checks a required list of capabilities and what they ask together.
+pub fn capabilities(cs: &[VolumeCapability]) -> Result<Wanted, Error> {
+    if cs.is_empty() {
+        return Err(Error::InvalidArgument(
+            "volume_capabilities is required".into(),
+        ));
+    }
+    let all = cs.iter().map(capability).collect::<Result<Vec<_>, _>>()?;
+    let block = all[0].block;
+    if all.iter().any(|w| w.block != block) {
+        return Err(Error::InvalidArgument(
+            "a volume is either raw block or a filesystem; the capabilities ask for both".into(),
+        ));
+    }
+    let mut fs = String::new();
+    for w in &all {
+        if !w.fs.is_empty() {
+            if !fs.is_empty() && fs != w.fs {
+                return Err(Error::InvalidArgument(format!(
+                    "the capabilities name two filesystems ({fs} and {})",
+                    w.fs
+                )));
+            }
+            fs = w.fs.clone();
+        }
+    }
+    Ok(Wanted {
+        block,
+        fs,
+        mount_flags: Vec::new(),
+        reader: all.iter().all(|w| w.reader),
+    })
+}
+
+/// Why `volume` cannot serve `w`, if it cannot.
+pub fn mismatch(volume: &VolumeFacts, w: &Wanted) -> Option<String> {
+    if w.block && !volume.is_block() {
+        return Some(format!(
+            "volume {:?} holds a {} filesystem; it cannot be used as a raw block device",
+            volume.name, volume.fs
+        ));
+    }
+    if !w.block && volume.is_block() {
+        return Some(format!(
+            "volume {:?} is a raw block volume; it cannot be mounted",
+            volume.name
+        ));
+    }
+    if !w.block && !w.fs.is_empty() && w.fs != volume.fs {
+        return Some(format!(
+            "volume {:?} holds {}, not {}",
+            volume.name, volume.fs, w.fs
+        ));
+    }
+    None
+}
+
+/// StorageClass parameters, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params {
+    pub replicas: Option<u32>,
+    pub fs: Option<String>,
+    pub locality: Option<bool>,
+}
+
+pub fn params(p: &HashMap<String, String>) -> Result<Params, Error> {
+    let mut out = Params::default();
+    for (k, v) in p {
+        match k.as_str() {
+            "replicas" => {
+                let n = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=3).contains(n))
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!("parameter replicas={v:?}: give 1, 2 or 3"))
+                    })?;
+                out.replicas = Some(n);
+            }
+            "fs" | "csi.storage.k8s.io/fstype" => {
+                if !FILESYSTEMS.contains(&v.as_str()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "parameter {k}={v:?}: give one of {}",
+                        FILESYSTEMS.join(", ")
+                    )));
+                }
+                if out.fs.as_ref().is_some_and(|f| f != v) {
+                    return Err(Error::InvalidArgument(
+                        "parameters fs and csi.storage.k8s.io/fstype disagree".into(),
+                    ));
+                }
+                out.fs = Some(v.clone());
+            }
+            "locality" => {
+                out.locality = Some(match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "parameter locality={v:?}: give true or false"
+                        )))
+                    }
+                })
+            }
+            // Metadata the external-provisioner adds (PVC name, namespace).
+            k if k.starts_with("csi.storage.k8s.io/") => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown parameter {k:?}; accepted: {PARAMETERS}"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Smallest volume a filesystem can be made on (mkfs.xfs refuses less
+/// than 300 MB).
+pub fn min_size(fs: &str) -> u64 {
+    match fs {
+        "xfs" => 300 << 20,
+        _ => 0,
+    }
+}
+
+/// The size for a capacity range: the required bytes (at least `min`)
+/// rounded up to the backend's alignment (the default size when nothing is
+/// required, capped by the limit), refused with OUT_OF_RANGE when it cannot
+/// fit the range.
+pub fn size_for(range: Option<&CapacityRange>, rules: SizeRules, min: u64) -> Result<u64, Error> {
+    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if required < 0 || limit < 0 {
+        return Err(Error::InvalidArgument(
+            "capacity_range bytes must not be negative".into(),
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit > 0 && required > limit {
+        return Err(Error::OutOfRange(format!(
+            "capacity_range asks for at least {required} bytes but at most {limit}"
+        )));
+    }
+    let size = if required == 0 {
+        match limit {
+            0 => rules.default,
+            l => rules.default.min(l / rules.align * rules.align),
+        }
+    } else {
+        required.div_ceil(rules.align) * rules.align
+    };
+    let size = size.max(min.div_ceil(rules.align) * rules.align);
+    if size == 0 || (limit > 0 && size > limit) {
+        return Err(Error::OutOfRange(format!(
+            "volume sizes are multiples of {} bytes; none fits between {required} and {limit}",
+            rules.align
+        )));
+    }
+    if size > rules.max {
+        return Err(Error::OutOfRange(format!(
+            "{size} bytes is more than the largest volume ({} bytes)",
+            rules.max
+        )));
+    }
+    Ok(size)
+}
+
+/// Whether `size` satisfies the range (for idempotent CreateVolume).
+pub fn fits(size: u64, range: Option<&CapacityRange>) -> bool {
+    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    size >= required.max(0) as u64 && (limit <= 0 || size <= limit as u64)
+}
+
+/// A node's topology segments.
+pub fn segments(n: &NodeFacts) -> BTreeMap<String, String> {
+    let mut s = BTreeMap::from([(TOPOLOGY_NODE.to_string(), n.name.clone())]);
+    if let Some(z) = n.labels.get("zone") {
+        s.insert(TOPOLOGY_ZONE.to_string(), z.clone());
+    }
+    s
+}
+
+/// Whether `n` lies in topology `t` (every key known and equal).
+pub fn in_topology(n: &NodeFacts, t: &Topology) -> bool {
+    let mine = segments(n);
+    t.segments.iter().all(|(k, v)| mine.get(k) == Some(v))
+}
+
+/// Checks the keys of a topology given by the CO.
+pub fn check_topology(t: &Topology) -> Result<(), Error> {
+    if let Some(k) = t
+        .segments
+        .keys()
+        .find(|k| *k != TOPOLOGY_NODE && *k != TOPOLOGY_ZONE)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "unknown topology key {k:?}; this driver uses {TOPOLOGY_NODE} and {TOPOLOGY_ZONE}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::volume_capability::{AccessMode, BlockVolume, MountVolume};
+
+    const RULES: SizeRules = SizeRules {
+        align: 1 << 20,
+        max: 1 << 40,
+        default: 1 << 30,
+    };
+
+    fn range(required: i64, limit: i64) -> CapacityRange {
+        CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }
+    }
+
+    fn cap(mode: Mode, block: bool, fs: &str) -> VolumeCapability {
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(if block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume {
+                    fs_type: fs.into(),
+                    ..Default::default()
+                })
+            }),
+        }
+    }
+
+    #[test]
+    fn sizes_round_up_within_the_range() {
+        assert_eq!(size_for(None, RULES, 0), Ok(1 << 30));
+        assert_eq!(size_for(Some(&range(1, 0)), RULES, 0), Ok(1 << 20));
+        assert_eq!(
+            size_for(Some(&range((1 << 20) + 1, 0)), RULES, 0),
+            Ok(2 << 20)
+        );
+        assert_eq!(size_for(Some(&range(0, 5 << 20)), RULES, 0), Ok(5 << 20));
+        assert!(matches!(
+            size_for(Some(&range((1 << 20) + 1, (1 << 20) + 2)), RULES, 0),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(Some(&range(10, 5)), RULES, 0),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(Some(&range(0, 100)), RULES, 0),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(Some(&range(2 << 40, 0)), RULES, 0),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(Some(&range(-1, 0)), RULES, 0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(
+            size_for(Some(&range(1, 0)), RULES, 300 << 20),
+            Ok(300 << 20)
+        );
+        assert!(matches!(
+            size_for(Some(&range(1, 10 << 20)), RULES, 300 << 20),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(fits(2 << 20, Some(&range(1 << 20, 0))));
+        assert!(!fits(2 << 20, Some(&range(0, 1 << 20))));
+    }
+
+    #[test]
+    fn access_modes_and_types() {
+        assert!(capabilities(&[cap(Mode::SingleNodeWriter, false, "xfs")]).is_ok());
+        assert!(capabilities(&[cap(Mode::SingleNodeMultiWriter, true, "")]).is_ok());
+        let rox = capabilities(&[cap(Mode::MultiNodeReaderOnly, false, "")]).expect("ROX");
+        assert!(rox.reader);
+        for m in [
+            Mode::MultiNodeMultiWriter,
+            Mode::MultiNodeSingleWriter,
+            Mode::Unknown,
+        ] {
+            assert!(matches!(
+                capabilities(&[cap(m, false, "")]),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+        assert!(capabilities(&[]).is_err());
+        assert!(capabilities(&[
+            cap(Mode::SingleNodeWriter, true, ""),
+            cap(Mode::SingleNodeWriter, false, "")
+        ])
+        .is_err());
+        assert!(capabilities(&[cap(Mode::SingleNodeWriter, false, "btrfs")]).is_err());
+        let missing = VolumeCapability {
+            access_mode: None,
+            access_type: None,
+        };
+        assert!(one_capability(Some(&missing)).is_err());
+        assert!(one_capability(None).is_err());
+    }
+
+    #[test]
+    fn parameters_are_checked() {
+        let p = |kv: &[(&str, &str)]| {
+            params(
+                &kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            p(&[
+                ("replicas", "3"),
+                ("fs", "xfs"),
+                ("csi.storage.k8s.io/pvc/name", "x")
+            ]),
+            Ok(Params {
+                replicas: Some(3),
+                fs: Some("xfs".into()),
+                locality: None
+            })
+        );
+        assert!(p(&[("replicas", "4")]).is_err());
+        assert!(p(&[("fs", "xfs"), ("csi.storage.k8s.io/fstype", "ext4")]).is_err());
+        assert!(p(&[("colour", "blue")]).is_err());
+        assert!(p(&[("locality", "yes")]).is_err());
+    }
+
+    #[test]
+    fn topology_matches_node_and_zone() {
+        let n = NodeFacts {
+            name: "n1".into(),
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
+            up: true,
+            free_bytes: 0,
+        };
+        let t = |kv: &[(&str, &str)]| Topology {
+            segments: kv
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert!(in_topology(&n, &t(&[(TOPOLOGY_ZONE, "a")])));
+        assert!(in_topology(
+            &n,
+            &t(&[(TOPOLOGY_NODE, "n1"), (TOPOLOGY_ZONE, "a")])
+        ));
+        assert!(!in_topology(&n, &t(&[(TOPOLOGY_ZONE, "b")])));
+        assert!(!in_topology(&n, &t(&[("other", "a")])));
+        assert!(check_topology(&t(&[("other", "a")])).is_err());
+    }
+}

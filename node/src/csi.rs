@@ -1,0 +1,365 @@
+//! The CSI driver's backend: CSI volumes are Cairn volumes (volume id =
+//! name), CSI nodes are cluster nodes (node id = node name). Controller
+//! calls act on the cluster state from whichever node serves them; node
+//! calls act on this node through the same volume-manager calls as the CLI.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_csi::{Backend, CreateSpec, Error, NodeFacts, SizeRules, Stage, Usage, VolumeFacts};
+use cairn_proto::api::{SizeArg, VolumeCreate};
+
+use crate::cluster::state::{ClusterState, NodeState, ReplicaState, Volume};
+use crate::sys::mount as sysmount;
+use crate::types::{NodeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
+use crate::volume::{VolumeError, VolumeManager};
+
+/// Size of a volume created without a capacity range.
+const DEFAULT_SIZE: u64 = 1 << 30;
+/// Volumes one node attaches at once (each is a loop device and a FUSE
+/// file; the engines' healer threads are per volume).
+const MAX_VOLUMES_PER_NODE: u64 = 256;
+
+pub struct CsiBackend {
+    mgr: Arc<VolumeManager>,
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl CsiBackend {
+    pub fn new(
+        mgr: Arc<VolumeManager>,
+        name: String,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> CsiBackend {
+        CsiBackend { mgr, name, labels }
+    }
+
+    /// A committed (linearizable) view of the state.
+    fn fresh_state(&self) -> Result<ClusterState, Error> {
+        self.mgr.sync_read().map_err(map)?;
+        Ok(self.mgr.state())
+    }
+
+    fn node_id(state: &ClusterState, name: &str) -> Result<NodeId, Error> {
+        state
+            .nodes
+            .values()
+            .find(|n| n.name == name)
+            .map(|n| n.id)
+            .ok_or_else(|| Error::NotFound(format!("node {name:?} does not exist")))
+    }
+}
+
+fn map(e: VolumeError) -> Error {
+    use VolumeError::*;
+    let m = e.to_string();
+    match e {
+        InvalidName(_) | InvalidSize(_) | InvalidFs(_) | InvalidPath(_) | InvalidOptions(_)
+        | InvalidReplicas(_) | RawVolume(_) => Error::InvalidArgument(m),
+        NotFormatted(_) => Error::FailedPrecondition(m),
+        NotFound(_) => Error::NotFound(m),
+        AlreadyExists(_) => Error::AlreadyExists(m),
+        Attached { .. } | AttachedElsewhere { .. } | Mounted { .. } | InUse { .. } => {
+            Error::FailedPrecondition(m)
+        }
+        NotEnoughNodes(_) => Error::ResourceExhausted(m),
+        Busy(_) => Error::Aborted(m),
+        Shrink { .. } => Error::OutOfRange(m),
+        Device(_) => Error::Internal(m),
+        Store(_) => Error::Unavailable(m),
+    }
+}
+
+fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
+    let name_of = |id: NodeId| {
+        state
+            .nodes
+            .get(&id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
+    let mut problems: Vec<String> = v
+        .replicas
+        .iter()
+        .filter_map(|r| {
+            let down = state
+                .nodes
+                .get(&r.node)
+                .is_none_or(|n| n.state == NodeState::Down);
+            let what = match r.state {
+                _ if down => "offline",
+                ReplicaState::Healthy => return None,
+                ReplicaState::Rebuilding => "rebuilding",
+                ReplicaState::Faulted => "faulted",
+            };
+            Some(format!("replica on {} is {what}", name_of(r.node)))
+        })
+        .collect();
+    if v.replicas.len() < v.wanted() {
+        problems.push(format!(
+            "{} of {} replicas exist",
+            v.replicas.len(),
+            v.wanted()
+        ));
+    }
+    VolumeFacts {
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        fs: v.fs.as_str().to_string(),
+        replicas: v.wanted() as u32,
+        attached_to: v.attachment.as_ref().map(|a| name_of(a.node)),
+        readers: {
+            let mut r: Vec<String> = v.readers.iter().map(|n| name_of(*n)).collect();
+            r.sort();
+            r
+        },
+        problem: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
+}
+
+impl Backend for CsiBackend {
+    /// Ready once this node is a member of a cluster. A lost quorum is not
+    /// "unready": calls then fail with UNAVAILABLE, and a failed probe would
+    /// only make kubelet restart every daemon of a partitioned cluster.
+    fn ready(&self) -> Result<(), String> {
+        let me = self.mgr.node_id();
+        if self.mgr.state().nodes.contains_key(&me) {
+            Ok(())
+        } else {
+            Err("this node has not joined a cluster yet".into())
+        }
+    }
+
+    fn this_node(&self) -> NodeFacts {
+        NodeFacts {
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            up: true,
+            free_bytes: 0,
+        }
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeFacts>, Error> {
+        Ok(self
+            .fresh_state()?
+            .nodes
+            .values()
+            .map(|n| NodeFacts {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+                up: n.state == NodeState::Up,
+                free_bytes: n.pool_capacity_bytes.saturating_sub(n.pool_allocated_bytes),
+            })
+            .collect())
+    }
+
+    fn size_rules(&self) -> SizeRules {
+        SizeRules {
+            align: SIZE_ALIGN,
+            max: MAX_VOLUME_SIZE,
+            default: DEFAULT_SIZE,
+        }
+    }
+
+    fn default_replicas(&self) -> u32 {
+        self.mgr.default_replicas()
+    }
+
+    fn max_volumes_per_node(&self) -> u64 {
+        MAX_VOLUMES_PER_NODE
+    }
+
+    fn create(&self, spec: &CreateSpec) -> Result<VolumeFacts, Error> {
+        let state = self.fresh_state()?;
+        let allowed = spec
+            .allowed_nodes
+            .as_ref()
+            .map(|names| {
+                names
+                    .iter()
+                    .map(|n| Self::node_id(&state, n))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let local = spec
+            .local_node
+            .as_ref()
+            .map(|n| Self::node_id(&state, n))
+            .transpose()?;
+        let req = VolumeCreate {
+            name: spec.name.clone(),
+            size: SizeArg::Bytes(spec.size_bytes),
+            fs: Some(spec.fs.clone()),
+            replicas: spec.replicas,
+            locality: false,
+        };
+        self.mgr
+            .create_placed(&req, local, allowed.as_deref())
+            .map_err(map)?;
+        self.volume(&spec.name)?
+            .ok_or_else(|| Error::Internal("the created volume is not in the state".into()))
+    }
+
+    fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, Error> {
+        let state = self.fresh_state()?;
+        Ok(state.volume_by_name(name).map(|v| facts(&state, v)))
+    }
+
+    fn volumes(&self) -> Result<Vec<VolumeFacts>, Error> {
+        let state = self.fresh_state()?;
+        Ok(state.volumes.values().map(|v| facts(&state, v)).collect())
+    }
+
+    fn delete(&self, name: &str) -> Result<(), Error> {
+        match self.mgr.delete(name, false) {
+            Err(VolumeError::NotFound(_)) => Ok(()),
+            r => r.map_err(map),
+        }
+    }
+
+    fn attach_to(&self, name: &str, node: &str, read_only: bool) -> Result<(), Error> {
+        let id = Self::node_id(&self.fresh_state()?, node)?;
+        self.mgr.attach_to(name, id, read_only).map_err(map)
+    }
+
+    fn detach_from(&self, name: &str, node: &str) -> Result<(), Error> {
+        let Ok(id) = Self::node_id(&self.fresh_state()?, node) else {
+            return Ok(());
+        };
+        self.mgr.detach_from(name, id).map_err(map)
+    }
+
+    fn expand(&self, name: &str, size_bytes: u64) -> Result<VolumeFacts, Error> {
+        self.mgr
+            .resize(name, &SizeArg::Bytes(size_bytes))
+            .map_err(map)?;
+        self.volume(name)?
+            .ok_or_else(|| Error::NotFound(format!("volume {name:?} does not exist")))
+    }
+
+    fn stage(&self, name: &str, staging: &Path, how: &Stage) -> Result<(), Error> {
+        let r = match (how.block, how.read_only) {
+            (false, ro) => self
+                .mgr
+                .mount_with(name, &staging.to_string_lossy(), false, &how.flags, ro)
+                .map(|_| ()),
+            (true, false) => self.mgr.attach(name, false).map(|_| ()),
+            (true, true) => self.mgr.attach_reader(name).map(|_| ()),
+        };
+        r.map_err(map)
+    }
+
+    fn unstage(&self, name: &str, staging: &Path) -> Result<(), Error> {
+        let info = match self.mgr.inspect(name) {
+            Err(VolumeError::NotFound(_)) => return Ok(()),
+            r => r.map_err(map)?,
+        };
+        let staging_s = staging.to_string_lossy();
+        if info.mounts.iter().any(|m| *m == staging_s) {
+            self.mgr.unmount(name, &staging_s).map(|_| ()).map_err(map)
+        } else if info.device.is_some() && info.mounts.is_empty() {
+            self.mgr.detach(name).map_err(map)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn publish(
+        &self,
+        name: &str,
+        staging: &Path,
+        target: &Path,
+        block: bool,
+        readonly: bool,
+    ) -> Result<(), Error> {
+        let info = self.mgr.inspect(name).map_err(map)?;
+        let not_staged = || {
+            Error::FailedPrecondition(format!(
+                "volume {name:?} is not staged at {} on this node",
+                staging.display()
+            ))
+        };
+        if sysmount::is_mount_point(target) {
+            return Ok(());
+        }
+        let source = if block {
+            let dev = info.device.ok_or_else(not_staged)?;
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(target)
+                .map_err(|e| Error::Internal(format!("{}: {e}", target.display())))?;
+            std::path::PathBuf::from(dev)
+        } else {
+            let staging_s = staging.to_string_lossy();
+            if !info.mounts.iter().any(|m| *m == staging_s) || !sysmount::is_mount_point(staging) {
+                return Err(not_staged());
+            }
+            std::fs::create_dir_all(target)
+                .map_err(|e| Error::Internal(format!("{}: {e}", target.display())))?;
+            staging.to_path_buf()
+        };
+        sysmount::bind(&source, target, readonly).map_err(|e| {
+            Error::Internal(format!(
+                "bind mount {} on {}: {e}",
+                source.display(),
+                target.display()
+            ))
+        })?;
+        tracing::info!(volume = %name, target = %target.display(), readonly, "published volume");
+        Ok(())
+    }
+
+    fn unpublish(&self, name: &str, target: &Path) -> Result<(), Error> {
+        if sysmount::is_mount_point(target) {
+            sysmount::umount(target, 0)
+                .map_err(|e| Error::Internal(format!("unmounting {}: {e}", target.display())))?;
+            tracing::info!(volume = %name, target = %target.display(), "unpublished volume");
+        }
+        let removed = match std::fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+            Ok(_) => std::fs::remove_file(target),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Internal(format!(
+                "removing {}: {e}",
+                target.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn usage(&self, name: &str, path: &Path) -> Result<Usage, Error> {
+        let info = self.mgr.inspect(name).map_err(map)?;
+        if info.fs == "none" {
+            return Ok(Usage {
+                total_bytes: info.size_bytes,
+                used_bytes: 0,
+                available_bytes: 0,
+                inodes: None,
+            });
+        }
+        let (total, used, avail, itotal, iused, ifree) = sysmount::statvfs(path)
+            .map_err(|e| Error::Internal(format!("statvfs {}: {e}", path.display())))?;
+        Ok(Usage {
+            total_bytes: total,
+            used_bytes: used,
+            available_bytes: avail,
+            inodes: Some((itotal, iused, ifree)),
+        })
+    }
+
+    fn expand_on_node(&self, name: &str, _path: &Path) -> Result<u64, Error> {
+        self.mgr.sync_read().map_err(map)?;
+        let size = self.mgr.inspect(name).map_err(map)?.size_bytes;
+        let info = self.mgr.resize(name, &SizeArg::Bytes(size)).map_err(map)?;
+        Ok(info.size_bytes)
+    }
+}

@@ -1,0 +1,1220 @@
+//! The CSI driver driven through its unix sockets by a tonic client, on a
+//! real cluster of daemons: the lifecycle Kubernetes runs (create, publish
+//! to a node, stage, publish, write, tear down, move to another node,
+//! verify, expand, stats, delete), raw block volumes, idempotency, and the
+//! spec's error codes.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_csi::pb::controller_client::ControllerClient;
+use cairn_csi::pb::identity_client::IdentityClient;
+use cairn_csi::pb::node_client::NodeClient;
+use cairn_csi::pb::volume_capability::access_mode::Mode;
+use cairn_csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use cairn_csi::pb::*;
+use cairn_tests::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+/// Blocking CSI clients for one node's socket.
+struct Csi {
+    rt: tokio::runtime::Runtime,
+    ch: Channel,
+}
+
+impl Csi {
+    fn connect(socket: &Path) -> Csi {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let path = socket.to_path_buf();
+        let ch = rt
+            .block_on(async move {
+                tonic::transport::Endpoint::from_static("http://csi.invalid")
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map(hyper_util::rt::TokioIo::new)
+                        }
+                    }))
+                    .await
+            })
+            .expect("connect to the CSI socket");
+        Csi { rt, ch }
+    }
+
+    fn id(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.ch.clone())
+    }
+    fn ctl(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.ch.clone())
+    }
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.ch.clone())
+    }
+
+    // tonic's Status is what every CSI call answers with.
+    #[allow(clippy::result_large_err)]
+    fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        self.rt.block_on(f).map(|r| r.into_inner())
+    }
+
+    fn ok<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> T {
+        self.run(f)
+            .unwrap_or_else(|s| panic!("{what}: {:?} {}", s.code(), s.message()))
+    }
+
+    /// Asserts the call fails with `code`; returns the message.
+    fn fails<T: std::fmt::Debug>(
+        &self,
+        what: &str,
+        code: Code,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> String {
+        match self.run(f) {
+            Ok(r) => panic!("{what}: expected {code:?}, got {r:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), code, "{what}: {}", s.message());
+                assert!(!s.message().is_empty(), "{what}: empty message");
+                s.message().to_string()
+            }
+        }
+    }
+}
+
+fn cap(mode: Mode, block: bool, fs: &str, flags: &[&str]) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: flags.iter().map(|s| s.to_string()).collect(),
+                volume_mount_group: String::new(),
+            })
+        }),
+    }
+}
+
+fn fs_cap() -> VolumeCapability {
+    cap(Mode::SingleNodeWriter, false, "xfs", &[])
+}
+
+fn ext4_cap() -> VolumeCapability {
+    cap(Mode::SingleNodeWriter, false, "ext4", &[])
+}
+
+fn block_cap() -> VolumeCapability {
+    cap(Mode::SingleNodeWriter, true, "", &[])
+}
+
+fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn create_req(
+    name: &str,
+    bytes: i64,
+    c: VolumeCapability,
+    p: &[(&str, &str)],
+) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![c],
+        parameters: params(p),
+        ..Default::default()
+    }
+}
+
+fn node_topology(name: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([(cairn_csi::TOPOLOGY_NODE.to_string(), name.to_string())]),
+    }
+}
+
+fn stage_req(id: &str, staging: &Path, c: VolumeCapability) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(c),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    c: VolumeCapability,
+    readonly: bool,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(c),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn cpublish(id: &str, node: &str, c: VolumeCapability) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(c),
+        ..Default::default()
+    }
+}
+
+fn cunpublish(id: &str, node: &str) -> ControllerUnpublishVolumeRequest {
+    ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    }
+}
+
+fn sha(path: &Path) -> String {
+    sh_ok(&format!("sha256sum {} | cut -d' ' -f1", path.display()))
+        .trim()
+        .to_string()
+}
+
+fn mount_options(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let p = path.to_string_lossy();
+    text.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*p))
+        .map(|l| l.split(' ').nth(5).unwrap_or("").to_string())
+}
+
+/// Stage + publish on one node, then unpublish + unstage, all twice to
+/// check idempotency; `body` runs while published at `target`.
+struct Paths {
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+fn paths(n: &TestNode, tag: &str) -> Paths {
+    let staging = n.dir.join(format!("kubelet/{tag}/globalmount"));
+    let target = n.dir.join(format!("kubelet/pods/{tag}/mount"));
+    std::fs::create_dir_all(&staging).expect("staging dir");
+    std::fs::create_dir_all(target.parent().expect("parent")).expect("pod dir");
+    Paths { staging, target }
+}
+
+fn teardown_on(c: &Csi, id: &str, node: &str, p: &Paths) {
+    for _ in 0..2 {
+        c.ok(
+            "NodeUnpublishVolume",
+            c.node().node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: p.target.to_string_lossy().into(),
+            }),
+        );
+    }
+    assert!(!p.target.exists(), "target path left behind");
+    for _ in 0..2 {
+        c.ok(
+            "NodeUnstageVolume",
+            c.node().node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: p.staging.to_string_lossy().into(),
+            }),
+        );
+    }
+    assert!(mount_options(&p.staging).is_none(), "staging still mounted");
+    for _ in 0..2 {
+        c.ok(
+            "ControllerUnpublishVolume",
+            c.ctl().controller_unpublish_volume(cunpublish(id, node)),
+        );
+    }
+}
+
+#[test]
+fn filesystem_volume_lifecycle_across_nodes() {
+    let nodes = cluster_with("csi-life", &["1GiB", "1GiB", "1GiB"], 131);
+    let csi: Vec<Csi> = nodes
+        .iter()
+        .map(|n| Csi::connect(&n.csi_socket()))
+        .collect();
+    let c1 = &csi[0];
+
+    // Identity.
+    let info = c1.ok(
+        "GetPluginInfo",
+        c1.id().get_plugin_info(GetPluginInfoRequest {}),
+    );
+    assert_eq!(info.name, "csi.cairn.dev");
+    assert!(!info.vendor_version.is_empty());
+    let caps = c1.ok(
+        "GetPluginCapabilities",
+        c1.id()
+            .get_plugin_capabilities(GetPluginCapabilitiesRequest {}),
+    );
+    assert_eq!(caps.capabilities.len(), 3, "{caps:?}");
+    let probe = c1.ok("Probe", c1.id().probe(ProbeRequest {}));
+    assert_eq!(probe.ready, Some(true));
+    let ni = csi[1].ok(
+        "NodeGetInfo",
+        csi[1].node().node_get_info(NodeGetInfoRequest {}),
+    );
+    assert_eq!(ni.node_id, "n2");
+    assert_eq!(
+        ni.accessible_topology.expect("topology").segments[cairn_csi::TOPOLOGY_NODE],
+        "n2"
+    );
+    assert!(ni.max_volumes_per_node > 0);
+
+    // Create: the size is rounded up to whole MiB; a repeat answers the same,
+    // a repeat with other parameters is ALREADY_EXISTS.
+    let mut req = create_req("pvc-life", 100 * MIB + 1, fs_cap(), &[("replicas", "2")]);
+    let mut exact = create_req("pvc-exact", 100 * MIB + 1, ext4_cap(), &[]);
+    let v = c1
+        .ok("CreateVolume ext4", c1.ctl().create_volume(exact.clone()))
+        .volume
+        .expect("v");
+    assert_eq!(v.capacity_bytes, 100 * MIB + 4096);
+    exact.capacity_range.as_mut().expect("range").limit_bytes = 100 * MIB + 2;
+    c1.fails(
+        "CreateVolume: no size in range",
+        Code::OutOfRange,
+        c1.ctl().create_volume(exact),
+    );
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: Vec::new(),
+        preferred: vec![node_topology("n3")],
+    });
+    let created = c1.ok("CreateVolume", c1.ctl().create_volume(req.clone()));
+    let vol = created.volume.clone().expect("volume");
+    assert_eq!(vol.volume_id, "pvc-life");
+    // Cairn sizes are whole 4 KiB blocks, and xfs needs 300 MiB.
+    assert_eq!(vol.capacity_bytes, 300 * MIB);
+    let again = c1.ok("CreateVolume again", c1.ctl().create_volume(req.clone()));
+    assert_eq!(again, created);
+    let inspect = nodes[0].inspect("pvc-life");
+    let replica_nodes: Vec<&str> = inspect["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["node"].as_str().expect("node"))
+        .collect();
+    assert_eq!(replica_nodes.len(), 2, "{inspect}");
+    assert!(
+        replica_nodes.contains(&"n3"),
+        "the preferred node holds a replica: {inspect}"
+    );
+    let mut bigger = req.clone();
+    bigger.capacity_range = Some(CapacityRange {
+        required_bytes: 500 * MIB,
+        limit_bytes: 0,
+    });
+    c1.fails(
+        "CreateVolume, other size",
+        Code::AlreadyExists,
+        c1.ctl().create_volume(bigger),
+    );
+    let mut other_fs = req.clone();
+    other_fs.volume_capabilities = vec![cap(Mode::SingleNodeWriter, false, "ext4", &[])];
+    c1.fails(
+        "CreateVolume, other fs",
+        Code::AlreadyExists,
+        c1.ctl().create_volume(other_fs),
+    );
+
+    // Publish to n1 (twice), then n2 is refused while n1 has it.
+    for _ in 0..2 {
+        let r = c1.ok(
+            "ControllerPublishVolume n1",
+            c1.ctl()
+                .controller_publish_volume(cpublish("pvc-life", "n1", fs_cap())),
+        );
+        assert!(r.publish_context.is_empty());
+    }
+    c1.fails(
+        "ControllerPublishVolume n2 while on n1",
+        Code::FailedPrecondition,
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-life", "n2", fs_cap())),
+    );
+
+    // Stage with a mount flag, publish, write.
+    let p1 = paths(&nodes[0], "life");
+    let flagged = cap(Mode::SingleNodeWriter, false, "xfs", &["noatime"]);
+    for _ in 0..2 {
+        c1.ok(
+            "NodeStageVolume",
+            c1.node()
+                .node_stage_volume(stage_req("pvc-life", &p1.staging, flagged.clone())),
+        );
+    }
+    let opts = mount_options(&p1.staging).expect("staging is a mount point");
+    assert!(opts.contains("noatime"), "mount flags honoured: {opts}");
+    for _ in 0..2 {
+        c1.ok(
+            "NodePublishVolume",
+            c1.node().node_publish_volume(publish_req(
+                "pvc-life",
+                &p1.staging,
+                &p1.target,
+                fs_cap(),
+                false,
+            )),
+        );
+    }
+    let data = p1.target.join("data.bin");
+    {
+        let mut buf = vec![0u8; 8 << 20];
+        fill_pattern(&mut buf, 7);
+        let mut f = std::fs::File::create(&data).expect("create data");
+        f.write_all(&buf).expect("write data");
+        f.sync_all().expect("fsync data");
+    }
+    let want = sha(&data);
+
+    // A read-only publish refuses writes.
+    let ro = Paths {
+        staging: p1.staging.clone(),
+        target: nodes[0].dir.join("kubelet/pods/life-ro/mount"),
+    };
+    c1.ok(
+        "NodePublishVolume readonly",
+        c1.node().node_publish_volume(publish_req(
+            "pvc-life",
+            &ro.staging,
+            &ro.target,
+            fs_cap(),
+            true,
+        )),
+    );
+    assert_eq!(sha(&ro.target.join("data.bin")), want);
+    let err = std::fs::File::create(ro.target.join("x")).expect_err("read-only publish");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    c1.ok(
+        "NodeUnpublishVolume readonly",
+        c1.node().node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "pvc-life".into(),
+            target_path: ro.target.to_string_lossy().into(),
+        }),
+    );
+
+    // Stats while published.
+    let stats = c1.ok(
+        "NodeGetVolumeStats",
+        c1.node().node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "pvc-life".into(),
+            volume_path: p1.target.to_string_lossy().into(),
+            staging_target_path: String::new(),
+        }),
+    );
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == 1)
+        .expect("bytes usage");
+    let inodes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == 2)
+        .expect("inode usage");
+    assert!(
+        bytes.used >= 8 * MIB && bytes.total > bytes.used,
+        "{stats:?}"
+    );
+    assert!(inodes.total > 0 && inodes.used > 0, "{stats:?}");
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+
+    // Deleting a published volume is refused.
+    c1.fails(
+        "DeleteVolume while published",
+        Code::FailedPrecondition,
+        c1.ctl().delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-life".into(),
+            secrets: HashMap::new(),
+        }),
+    );
+
+    teardown_on(c1, "pvc-life", "n1", &p1);
+    let v = nodes[0].inspect("pvc-life");
+    assert!(v["attached_node"].is_null(), "{v}");
+
+    // Move to n2 (publishing through n1's controller), verify the data.
+    let c2 = &csi[1];
+    c1.ok(
+        "ControllerPublishVolume n2",
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-life", "n2", fs_cap())),
+    );
+    let p2 = paths(&nodes[1], "life");
+    c2.ok(
+        "NodeStageVolume n2",
+        c2.node()
+            .node_stage_volume(stage_req("pvc-life", &p2.staging, fs_cap())),
+    );
+    c2.ok(
+        "NodePublishVolume n2",
+        c2.node().node_publish_volume(publish_req(
+            "pvc-life",
+            &p2.staging,
+            &p2.target,
+            fs_cap(),
+            false,
+        )),
+    );
+    assert_eq!(
+        sha(&p2.target.join("data.bin")),
+        want,
+        "data after the move"
+    );
+
+    // Expand online: controller, then the node (twice each).
+    let before = stats_bytes(c2, &p2.target);
+    for _ in 0..2 {
+        let r = c1.ok(
+            "ControllerExpandVolume",
+            c1.ctl()
+                .controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: "pvc-life".into(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: 600 * MIB,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                }),
+        );
+        assert_eq!(r.capacity_bytes, 600 * MIB);
+        assert!(r.node_expansion_required);
+    }
+    for _ in 0..2 {
+        let r = c2.ok(
+            "NodeExpandVolume",
+            c2.node().node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: "pvc-life".into(),
+                volume_path: p2.target.to_string_lossy().into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 600 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(r.capacity_bytes, 600 * MIB);
+    }
+    let after = stats_bytes(c2, &p2.target);
+    assert!(
+        after > before + 150 * MIB,
+        "filesystem grew: {before} -> {after}"
+    );
+    assert_eq!(
+        sha(&p2.target.join("data.bin")),
+        want,
+        "data after the grow"
+    );
+
+    let got = c1.ok(
+        "ControllerGetVolume",
+        c1.ctl().controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-life".into(),
+        }),
+    );
+    let status = got.status.expect("status");
+    assert_eq!(status.published_node_ids, vec!["n2".to_string()]);
+    assert_eq!(status.volume_condition.map(|c| c.abnormal), Some(false));
+    assert_eq!(got.volume.expect("volume").capacity_bytes, 600 * MIB);
+
+    teardown_on(c2, "pvc-life", "n2", &p2);
+    for _ in 0..2 {
+        c1.ok(
+            "DeleteVolume",
+            c1.ctl().delete_volume(DeleteVolumeRequest {
+                volume_id: "pvc-life".into(),
+                secrets: HashMap::new(),
+            }),
+        );
+    }
+    c1.fails(
+        "ControllerGetVolume after delete",
+        Code::NotFound,
+        c1.ctl().controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-life".into(),
+        }),
+    );
+    c1.ok(
+        "DeleteVolume ext4",
+        c1.ctl().delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-exact".into(),
+            secrets: HashMap::new(),
+        }),
+    );
+    wait_for("replica space freed", Duration::from_secs(30), || {
+        nodes.iter().all(|n| n.pool_allocated() == 0)
+    });
+}
+
+fn stats_bytes(c: &Csi, path: &Path) -> i64 {
+    let s = c.ok(
+        "NodeGetVolumeStats",
+        c.node().node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "pvc-life".into(),
+            volume_path: path.to_string_lossy().into(),
+            staging_target_path: String::new(),
+        }),
+    );
+    s.usage.iter().find(|u| u.unit == 1).expect("bytes").total
+}
+
+#[test]
+fn raw_block_volume_moves_between_nodes() {
+    let nodes = cluster_with("csi-block", &["512MiB", "512MiB"], 135);
+    let (c1, c2) = (
+        Csi::connect(&nodes[0].csi_socket()),
+        Csi::connect(&nodes[1].csi_socket()),
+    );
+    let v = c1
+        .ok(
+            "CreateVolume block",
+            c1.ctl().create_volume(create_req(
+                "pvc-raw",
+                64 * MIB,
+                block_cap(),
+                &[("replicas", "2")],
+            )),
+        )
+        .volume
+        .expect("volume");
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    c1.fails(
+        "NodeStage of a block volume as a filesystem",
+        Code::InvalidArgument,
+        c1.node()
+            .node_stage_volume(stage_req("pvc-raw", &nodes[0].dir.join("x"), fs_cap())),
+    );
+    let mut pattern = DirectBuf::new(4 << 20);
+    fill_pattern(pattern.as_mut_slice(), 99);
+    for (i, (c, n, name)) in [(&c1, &nodes[0], "n1"), (&c2, &nodes[1], "n2")]
+        .into_iter()
+        .enumerate()
+    {
+        c1.ok(
+            "ControllerPublishVolume",
+            c1.ctl()
+                .controller_publish_volume(cpublish("pvc-raw", name, block_cap())),
+        );
+        let p = paths(n, "raw");
+        std::fs::remove_dir(&p.staging).ok();
+        std::fs::create_dir_all(&p.staging).expect("staging");
+        c.ok(
+            "NodeStageVolume block",
+            c.node()
+                .node_stage_volume(stage_req("pvc-raw", &p.staging, block_cap())),
+        );
+        for _ in 0..2 {
+            c.ok(
+                "NodePublishVolume block",
+                c.node().node_publish_volume(publish_req(
+                    "pvc-raw",
+                    &p.staging,
+                    &p.target,
+                    block_cap(),
+                    false,
+                )),
+            );
+        }
+        let meta = std::fs::metadata(&p.target).expect("published device");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(meta.file_type().is_block_device(), "{:?}", meta.file_type());
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p.target)
+            .expect("open device");
+        if i == 0 {
+            f.write_all(pattern.as_slice()).expect("write device");
+            f.sync_all().expect("fsync device");
+        } else {
+            let mut back = DirectBuf::new(4 << 20);
+            f.read_exact(back.as_mut_slice()).expect("read device");
+            assert!(
+                back.as_slice() == pattern.as_slice(),
+                "block data differs after the move"
+            );
+        }
+        drop(f);
+        teardown_on(c, "pvc-raw", name, &p);
+    }
+    c1.ok(
+        "DeleteVolume",
+        c1.ctl().delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-raw".into(),
+            secrets: HashMap::new(),
+        }),
+    );
+}
+
+#[test]
+fn errors_idempotency_and_paging() {
+    let nodes = cluster_with("csi-err", &["512MiB", "512MiB"], 138);
+    let c = Csi::connect(&nodes[0].csi_socket());
+    let ctl = || c.ctl();
+    let node = || c.node();
+    use Code::*;
+
+    // CreateVolume: missing fields, unsupported modes, ranges, parameters.
+    let good = create_req("pvc-e", 16 * MIB, fs_cap(), &[]);
+    let mut r = good.clone();
+    r.name.clear();
+    c.fails("no name", InvalidArgument, ctl().create_volume(r));
+    let mut r = good.clone();
+    r.volume_capabilities.clear();
+    c.fails("no capabilities", InvalidArgument, ctl().create_volume(r));
+    let mut r = good.clone();
+    r.volume_capabilities = vec![VolumeCapability {
+        access_mode: None,
+        access_type: None,
+    }];
+    c.fails("empty capability", InvalidArgument, ctl().create_volume(r));
+    let mut r = good.clone();
+    r.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter, false, "", &[])];
+    let m = c.fails("multi-node writer", InvalidArgument, ctl().create_volume(r));
+    assert!(m.contains("MULTI_NODE_MULTI_WRITER"), "{m}");
+    let mut r = good.clone();
+    r.capacity_range = Some(CapacityRange {
+        required_bytes: 10 * MIB,
+        limit_bytes: 5 * MIB,
+    });
+    c.fails("required > limit", OutOfRange, ctl().create_volume(r));
+    let mut r = good.clone();
+    r.capacity_range = Some(CapacityRange {
+        required_bytes: 1 << 60,
+        limit_bytes: 0,
+    });
+    c.fails("too big", OutOfRange, ctl().create_volume(r));
+    let mut r = good.clone();
+    r.parameters = params(&[("colour", "blue")]);
+    let m = c.fails("unknown parameter", InvalidArgument, ctl().create_volume(r));
+    assert!(m.contains("colour") && m.contains("replicas"), "{m}");
+    let mut r = good.clone();
+    r.parameters = params(&[("replicas", "3")]);
+    c.fails(
+        "3 replicas on 2 nodes",
+        ResourceExhausted,
+        ctl().create_volume(r),
+    );
+    let mut r = good.clone();
+    r.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![node_topology("elsewhere")],
+        preferred: Vec::new(),
+    });
+    c.fails(
+        "unsatisfiable topology",
+        ResourceExhausted,
+        ctl().create_volume(r),
+    );
+    assert_eq!(
+        names(&nodes[0]),
+        Vec::<String>::new(),
+        "no failed create left a volume"
+    );
+
+    // A requisite topology confines the replicas.
+    let mut r = good.clone();
+    r.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![node_topology("n2")],
+        preferred: vec![node_topology("n2")],
+    });
+    let v = c
+        .ok("CreateVolume in n2", ctl().create_volume(r))
+        .volume
+        .expect("volume");
+    assert_eq!(v.accessible_topology, vec![node_topology("n2")]);
+    assert_eq!(
+        nodes[0].inspect("pvc-e")["replicas"][0]["node"],
+        "n2",
+        "replica placed in the requisite topology"
+    );
+
+    // Other RPCs: missing fields and unknown volumes or nodes.
+    c.fails(
+        "DeleteVolume without id",
+        InvalidArgument,
+        ctl().delete_volume(DeleteVolumeRequest::default()),
+    );
+    c.ok(
+        "DeleteVolume of an unknown volume",
+        ctl().delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-never".into(),
+            secrets: HashMap::new(),
+        }),
+    );
+    c.fails(
+        "publish without node",
+        InvalidArgument,
+        ctl().controller_publish_volume(cpublish("pvc-e", "", fs_cap())),
+    );
+    let mut no_cap = cpublish("pvc-e", "n1", fs_cap());
+    no_cap.volume_capability = None;
+    c.fails(
+        "publish without capability",
+        InvalidArgument,
+        ctl().controller_publish_volume(no_cap),
+    );
+    c.fails(
+        "publish unknown volume",
+        NotFound,
+        ctl().controller_publish_volume(cpublish("pvc-never", "n1", fs_cap())),
+    );
+    c.fails(
+        "publish to unknown node",
+        NotFound,
+        ctl().controller_publish_volume(cpublish("pvc-e", "n9", fs_cap())),
+    );
+    c.fails(
+        "publish a filesystem volume as block",
+        InvalidArgument,
+        ctl().controller_publish_volume(cpublish("pvc-e", "n1", block_cap())),
+    );
+    c.ok(
+        "unpublish of an unknown volume",
+        ctl().controller_unpublish_volume(cunpublish("pvc-never", "n1")),
+    );
+
+    // ValidateVolumeCapabilities.
+    let vreq = |caps: Vec<VolumeCapability>, p: &[(&str, &str)], id: &str| {
+        ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: caps,
+            parameters: params(p),
+            ..Default::default()
+        }
+    };
+    let validate = |caps, p, id| {
+        let (mut client, r) = (ctl(), vreq(caps, p, id));
+        async move { client.validate_volume_capabilities(r).await }
+    };
+    let ok = c.ok("validate", validate(vec![fs_cap()], &[], "pvc-e"));
+    assert!(ok.confirmed.is_some(), "{ok:?}");
+    let no = c.ok("validate block", validate(vec![block_cap()], &[], "pvc-e"));
+    assert!(no.confirmed.is_none() && !no.message.is_empty(), "{no:?}");
+    let no = c.ok(
+        "validate multi-node writer",
+        validate(
+            vec![cap(Mode::MultiNodeSingleWriter, false, "", &[])],
+            &[],
+            "pvc-e",
+        ),
+    );
+    assert!(no.confirmed.is_none(), "{no:?}");
+    let rox = c.ok(
+        "validate read-only many",
+        validate(
+            vec![cap(Mode::MultiNodeReaderOnly, false, "", &[])],
+            &[],
+            "pvc-e",
+        ),
+    );
+    assert!(rox.confirmed.is_some(), "{rox:?}");
+    let no = c.ok(
+        "validate replicas",
+        validate(vec![fs_cap()], &[("replicas", "2")], "pvc-e"),
+    );
+    assert!(no.confirmed.is_none(), "{no:?}");
+    c.fails(
+        "validate no caps",
+        InvalidArgument,
+        validate(vec![], &[], "pvc-e"),
+    );
+    c.fails(
+        "validate unknown",
+        NotFound,
+        validate(vec![fs_cap()], &[], "pvc-never"),
+    );
+
+    // ListVolumes pages; a foreign token is ABORTED.
+    for i in 0..3 {
+        c.ok(
+            "CreateVolume for paging",
+            ctl().create_volume(create_req(&format!("pvc-p{i}"), 32 * MIB, ext4_cap(), &[])),
+        );
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c.ok(
+            "ListVolumes",
+            ctl().list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token.clone(),
+            }),
+        );
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume.as_ref().expect("volume").volume_id.clone()),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen, vec!["pvc-e", "pvc-p0", "pvc-p1", "pvc-p2"]);
+    c.fails(
+        "ListVolumes bad token",
+        Aborted,
+        ctl().list_volumes(ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "garbage".into(),
+        }),
+    );
+    c.fails(
+        "ListVolumes negative",
+        InvalidArgument,
+        ctl().list_volumes(ListVolumesRequest {
+            max_entries: -1,
+            starting_token: String::new(),
+        }),
+    );
+
+    // Capacity per topology segment.
+    let cap_of = |t: Option<Topology>| {
+        c.ok(
+            "GetCapacity",
+            ctl().get_capacity(GetCapacityRequest {
+                volume_capabilities: vec![fs_cap()],
+                parameters: HashMap::new(),
+                accessible_topology: t,
+            }),
+        )
+        .available_capacity
+    };
+    let all = cap_of(None);
+    let one = cap_of(Some(node_topology("n1")));
+    assert!(one > 0 && all > one, "{all} {one}");
+    assert_eq!(cap_of(Some(node_topology("n9"))), 0);
+
+    // Expand errors.
+    c.fails(
+        "expand without range",
+        InvalidArgument,
+        ctl().controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: "pvc-e".into(),
+            ..Default::default()
+        }),
+    );
+    c.fails(
+        "expand unknown",
+        NotFound,
+        ctl().controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: "pvc-never".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }),
+    );
+
+    // Node RPCs: missing or bad fields, unknown volumes, not staged.
+    let staging = nodes[0].dir.join("kubelet/e/globalmount");
+    std::fs::create_dir_all(&staging).expect("staging");
+    c.fails(
+        "stage without path",
+        InvalidArgument,
+        node().node_stage_volume(stage_req("pvc-e", Path::new(""), fs_cap())),
+    );
+    c.fails(
+        "stage relative path",
+        InvalidArgument,
+        node().node_stage_volume(stage_req("pvc-e", Path::new("rel/dir"), fs_cap())),
+    );
+    c.fails(
+        "stage unknown volume",
+        NotFound,
+        node().node_stage_volume(stage_req("pvc-never", &staging, fs_cap())),
+    );
+    c.fails(
+        "stage with a forbidden mount flag",
+        InvalidArgument,
+        node().node_stage_volume(stage_req(
+            "pvc-p0",
+            &staging,
+            cap(Mode::SingleNodeWriter, false, "", &["bind"]),
+        )),
+    );
+    c.fails(
+        "publish before stage",
+        FailedPrecondition,
+        node().node_publish_volume(publish_req(
+            "pvc-p0",
+            &staging,
+            &nodes[0].dir.join("kubelet/pods/e/mount"),
+            ext4_cap(),
+            false,
+        )),
+    );
+    c.fails(
+        "stats of a missing path",
+        NotFound,
+        node().node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "pvc-p0".into(),
+            volume_path: nodes[0].dir.join("nothing").to_string_lossy().into(),
+            staging_target_path: String::new(),
+        }),
+    );
+    c.fails(
+        "unpublish without target",
+        InvalidArgument,
+        node().node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "pvc-p0".into(),
+            target_path: String::new(),
+        }),
+    );
+
+    // ABORTED: a second operation while one is in flight on the volume.
+    let sock = nodes[0].csi_socket();
+    let st = staging.clone();
+    let stager = std::thread::spawn(move || {
+        let c = Csi::connect(&sock);
+        // Retried like kubelet does when the expand loop holds the volume.
+        loop {
+            match c.run(
+                c.node()
+                    .node_stage_volume(stage_req("pvc-p1", &st, ext4_cap())),
+            ) {
+                Err(s) if s.code() == Code::Aborted => continue,
+                r => return r.map(|_| ()).map_err(|s| s.message().to_string()),
+            }
+        }
+    });
+    let mut aborted = false;
+    while !stager.is_finished() && !aborted {
+        if let Err(s) = c.run(
+            ctl().controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: "pvc-p1".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 8 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }),
+        ) {
+            assert_eq!(s.code(), Aborted, "{}", s.message());
+            aborted = true;
+        }
+    }
+    stager
+        .join()
+        .expect("stager")
+        .expect("NodeStageVolume (slow: mkfs)");
+    assert!(aborted, "no call saw the in-flight stage");
+    c.ok(
+        "NodeUnstageVolume",
+        node().node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: "pvc-p1".into(),
+            staging_target_path: staging.to_string_lossy().into(),
+        }),
+    );
+
+    // Garbage on the socket leaves the driver serving.
+    {
+        let mut s = std::os::unix::net::UnixStream::connect(nodes[0].csi_socket()).expect("socket");
+        let _ = s.write_all(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\xff\xff\xff\xff\xff\xff\xffgarbage",
+        );
+        let _ = s.write_all(&[0xa5; 4096]);
+    }
+    let probe = c.ok("Probe after garbage", c.id().probe(ProbeRequest {}));
+    assert_eq!(probe.ready, Some(true));
+}
+
+#[test]
+fn read_only_many_after_a_writer() {
+    let nodes = cluster_with("csi-rox", &["512MiB", "512MiB", "512MiB"], 141);
+    let csi: Vec<Csi> = nodes
+        .iter()
+        .map(|n| Csi::connect(&n.csi_socket()))
+        .collect();
+    let c1 = &csi[0];
+    let rox = || cap(Mode::MultiNodeReaderOnly, false, "ext4", &[]);
+    let mut req = create_req("pvc-rox", 64 * MIB, ext4_cap(), &[("replicas", "2")]);
+    req.volume_capabilities.push(rox());
+    c1.ok("CreateVolume RWO+ROX", c1.ctl().create_volume(req));
+
+    // A reader before anything was written has no filesystem to read.
+    c1.ok(
+        "ControllerPublish reader n1",
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-rox", "n1", rox())),
+    );
+    let early = paths(&nodes[0], "rox-early");
+    c1.fails(
+        "NodeStage reader of a blank volume",
+        Code::FailedPrecondition,
+        c1.node()
+            .node_stage_volume(stage_req("pvc-rox", &early.staging, rox())),
+    );
+    c1.ok(
+        "ControllerUnpublish reader n1",
+        c1.ctl()
+            .controller_unpublish_volume(cunpublish("pvc-rox", "n1")),
+    );
+
+    // A writer fills it.
+    c1.ok(
+        "ControllerPublish writer n1",
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-rox", "n1", ext4_cap())),
+    );
+    let w = paths(&nodes[0], "rox-writer");
+    c1.ok(
+        "NodeStage writer",
+        c1.node()
+            .node_stage_volume(stage_req("pvc-rox", &w.staging, ext4_cap())),
+    );
+    c1.ok(
+        "NodePublish writer",
+        c1.node().node_publish_volume(publish_req(
+            "pvc-rox",
+            &w.staging,
+            &w.target,
+            ext4_cap(),
+            false,
+        )),
+    );
+    std::fs::write(w.target.join("shared.txt"), b"read me everywhere").expect("write");
+    sh_ok("sync");
+    c1.fails(
+        "ControllerPublish reader while a writer holds it",
+        Code::FailedPrecondition,
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-rox", "n2", rox())),
+    );
+    teardown_on(c1, "pvc-rox", "n1", &w);
+
+    // Two nodes read at once; writes fail; a writer waits for them.
+    let mut held = Vec::new();
+    for (i, name) in ["n2", "n3"].into_iter().enumerate() {
+        let c = &csi[i + 1];
+        c1.ok(
+            "ControllerPublish reader",
+            c1.ctl()
+                .controller_publish_volume(cpublish("pvc-rox", name, rox())),
+        );
+        let p = paths(&nodes[i + 1], "rox");
+        for _ in 0..2 {
+            c.ok(
+                "NodeStage reader",
+                c.node()
+                    .node_stage_volume(stage_req("pvc-rox", &p.staging, rox())),
+            );
+        }
+        c.ok(
+            "NodePublish reader",
+            c.node().node_publish_volume(publish_req(
+                "pvc-rox",
+                &p.staging,
+                &p.target,
+                rox(),
+                false,
+            )),
+        );
+        held.push((i + 1, name, p));
+    }
+    for (i, _, p) in &held {
+        let text = std::fs::read_to_string(p.target.join("shared.txt")).expect("read");
+        assert_eq!(text, "read me everywhere", "reader on n{}", i + 1);
+        let err = std::fs::write(p.target.join("x"), b"no").expect_err("read-only");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    }
+    let v = nodes[0].inspect("pvc-rox");
+    assert_eq!(v["readers"], serde_json::json!(["n2", "n3"]), "{v}");
+    let got = c1.ok(
+        "ControllerGetVolume",
+        c1.ctl().controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-rox".into(),
+        }),
+    );
+    assert_eq!(
+        got.status.expect("status").published_node_ids,
+        vec!["n2", "n3"]
+    );
+    c1.fails(
+        "ControllerPublish writer while readers hold it",
+        Code::FailedPrecondition,
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-rox", "n1", ext4_cap())),
+    );
+    c1.fails(
+        "DeleteVolume while readers hold it",
+        Code::FailedPrecondition,
+        c1.ctl().delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-rox".into(),
+            secrets: HashMap::new(),
+        }),
+    );
+    for (i, name, p) in &held {
+        teardown_on(&csi[*i], "pvc-rox", name, p);
+    }
+    let v = nodes[0].inspect("pvc-rox");
+    assert_eq!(v["readers"], serde_json::json!([]), "{v}");
+
+    // Then a writer again, and the data is intact.
+    c1.ok(
+        "ControllerPublish writer after the readers",
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-rox", "n1", ext4_cap())),
+    );
+    c1.ok(
+        "NodeStage writer again",
+        c1.node()
+            .node_stage_volume(stage_req("pvc-rox", &w.staging, ext4_cap())),
+    );
+    c1.ok(
+        "NodePublish writer again",
+        c1.node().node_publish_volume(publish_req(
+            "pvc-rox",
+            &w.staging,
+            &w.target,
+            ext4_cap(),
+            false,
+        )),
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.target.join("shared.txt")).expect("read"),
+        "read me everywhere"
+    );
+    teardown_on(c1, "pvc-rox", "n1", &w);
+    c1.ok(
+        "DeleteVolume",
+        c1.ctl().delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-rox".into(),
+            secrets: HashMap::new(),
+        }),
+    );
+}
