@@ -1041,6 +1041,112 @@ fn errors_idempotency_and_paging() {
         }),
     );
 
+    // Every other RPC without its required fields.
+    c.fails(
+        "ControllerUnpublish without id",
+        InvalidArgument,
+        ctl().controller_unpublish_volume(ControllerUnpublishVolumeRequest::default()),
+    );
+    c.fails(
+        "ValidateVolumeCapabilities without id",
+        InvalidArgument,
+        ctl().validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_capabilities: vec![fs_cap()],
+            ..Default::default()
+        }),
+    );
+    c.fails(
+        "ControllerGetVolume without id",
+        InvalidArgument,
+        ctl().controller_get_volume(ControllerGetVolumeRequest::default()),
+    );
+    c.fails(
+        "ControllerExpand without id",
+        InvalidArgument,
+        ctl().controller_expand_volume(ControllerExpandVolumeRequest::default()),
+    );
+    c.fails(
+        "NodeStage without capability",
+        InvalidArgument,
+        node().node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "pvc-p0".into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            ..Default::default()
+        }),
+    );
+    c.fails(
+        "NodeUnstage without id",
+        InvalidArgument,
+        node().node_unstage_volume(NodeUnstageVolumeRequest::default()),
+    );
+    c.fails(
+        "NodePublish without target",
+        InvalidArgument,
+        node().node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "pvc-p0".into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            volume_capability: Some(ext4_cap()),
+            ..Default::default()
+        }),
+    );
+    c.fails(
+        "NodeGetVolumeStats without id",
+        InvalidArgument,
+        node().node_get_volume_stats(NodeGetVolumeStatsRequest::default()),
+    );
+    c.fails(
+        "NodeExpand without path",
+        InvalidArgument,
+        node().node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: "pvc-p0".into(),
+            ..Default::default()
+        }),
+    );
+
+    // Queries answer the same when repeated.
+    macro_rules! same_twice {
+        ($what:expr, $call:expr) => {{
+            let a = c.ok($what, $call);
+            let b = c.ok($what, $call);
+            assert_eq!(a, b, "{} answered differently", $what);
+        }};
+    }
+    same_twice!(
+        "GetPluginInfo",
+        c.id().get_plugin_info(GetPluginInfoRequest {})
+    );
+    same_twice!(
+        "GetPluginCapabilities",
+        c.id()
+            .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+    );
+    same_twice!(
+        "ControllerGetCapabilities",
+        ctl().controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+    );
+    same_twice!(
+        "NodeGetCapabilities",
+        node().node_get_capabilities(NodeGetCapabilitiesRequest {})
+    );
+    same_twice!("NodeGetInfo", node().node_get_info(NodeGetInfoRequest {}));
+    same_twice!(
+        "ListVolumes",
+        ctl().list_volumes(ListVolumesRequest {
+            max_entries: 0,
+            starting_token: String::new(),
+        })
+    );
+    same_twice!(
+        "ControllerGetVolume",
+        ctl().controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-p2".into(),
+        })
+    );
+    same_twice!(
+        "ValidateVolumeCapabilities",
+        ctl().validate_volume_capabilities(vreq(vec![fs_cap()], &[], "pvc-e"))
+    );
+
     // Garbage on the socket leaves the driver serving.
     {
         let mut s = std::os::unix::net::UnixStream::connect(nodes[0].csi_socket()).expect("socket");
