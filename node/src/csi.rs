@@ -273,6 +273,10 @@ impl Backend for CsiBackend {
         block: bool,
         readonly: bool,
     ) -> Result<(), Error> {
+        let target = &self
+            .mgr
+            .check_mount_target(&target.to_string_lossy())
+            .map_err(map)?;
         let info = self.mgr.inspect(name).map_err(map)?;
         let not_staged = || {
             Error::FailedPrecondition(format!(

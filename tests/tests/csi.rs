@@ -979,6 +979,17 @@ fn errors_idempotency_and_paging() {
         )),
     );
     c.fails(
+        "publish over /",
+        InvalidArgument,
+        node().node_publish_volume(publish_req(
+            "pvc-p0",
+            &staging,
+            Path::new("/"),
+            ext4_cap(),
+            false,
+        )),
+    );
+    c.fails(
         "stats of a missing path",
         NotFound,
         node().node_get_volume_stats(NodeGetVolumeStatsRequest {

@@ -1122,6 +1122,20 @@ impl VolumeManager {
         Ok(p.components().collect())
     }
 
+    /// A path something of a volume may be mounted on: absolute, no `..`,
+    /// not `/`, clear of the daemon's FUSE directory.
+    pub fn check_mount_target(&self, path: &str) -> Result<PathBuf, VolumeError> {
+        let path = Self::check_path(path)?;
+        if path.starts_with(&self.cfg.fuse_dir) || self.cfg.fuse_dir.starts_with(&path) {
+            return Err(VolumeError::InvalidPath(format!(
+                "{} overlaps the daemon's FUSE directory {}",
+                path.display(),
+                self.cfg.fuse_dir.display()
+            )));
+        }
+        Ok(path)
+    }
+
     pub fn mount(
         &self,
         name: &str,
@@ -1144,14 +1158,7 @@ impl VolumeManager {
         read_only: bool,
     ) -> Result<api::VolumeInfo, VolumeError> {
         crate::sys::mount::parse_options(options).map_err(VolumeError::InvalidOptions)?;
-        let path = Self::check_path(path)?;
-        if path.starts_with(&self.cfg.fuse_dir) || self.cfg.fuse_dir.starts_with(&path) {
-            return Err(VolumeError::InvalidPath(format!(
-                "{} overlaps the daemon's FUSE directory {}",
-                path.display(),
-                self.cfg.fuse_dir.display()
-            )));
-        }
+        let path = self.check_mount_target(path)?;
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
         if v.fs == FsType::None {
