@@ -26,9 +26,11 @@ fn main() {
                 }
             }
         }
-        Top::FuseHolder { socket, mountpoint } => {
-            cairn_node::frontend::fuse::holder::run(&socket, &mountpoint)
-        }
+        Top::FuseHolder {
+            socket,
+            mountpoint,
+            standby,
+        } => cairn_node::frontend::fuse::holder::run(&socket, &mountpoint, standby),
         other => cli::run_client(&cli.api, cli.output, other),
     };
     std::process::exit(code);

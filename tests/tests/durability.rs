@@ -191,3 +191,104 @@ fn mounts_survive_a_daemon_crash() {
     assert!(node.log().contains("took over the FUSE connection"));
     node.cli_ok(&["volume", "unmount", "keep", mnt.to_str().unwrap()]);
 }
+
+/// Processes whose command line runs a FUSE holder of `dir`.
+fn holders_of(dir: &std::path::Path) -> usize {
+    let want = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .to_str()
+                .is_some_and(|s| s.parse::<u32>().is_ok())
+        })
+        .filter(|p| {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains("fuse-holder") && cmd.contains(&want)
+        })
+        .count()
+}
+
+/// Like a Kubernetes pod: the holder runs on its own (a sidecar container)
+/// and the daemon hands it the connection, so killing the daemon together
+/// with everything it started (a container restart) keeps the mounts.
+#[test]
+fn a_standby_holder_keeps_mounts_when_the_daemon_and_its_processes_die() {
+    let mut node = TestNode::prepare("standby", "127.0.0.1", "1GiB", &[]);
+    let data = node.dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let socket = data.join("fuse-holder.sock");
+    let mut holder = std::process::Command::new(cairn_bin())
+        .arg("fuse-holder")
+        .arg("--standby")
+        .arg(&socket)
+        .arg(data.join("fuse"))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start the standby holder");
+    wait_for(
+        "the standby holder's socket",
+        Duration::from_secs(10),
+        || socket.exists(),
+    );
+    node.start_prepared();
+    node.cli_ok(&["volume", "create", "side", "--size", "256MiB"]);
+    let mnt = node.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    node.cli_ok(&["volume", "mount", "side", mnt.to_str().unwrap()]);
+    assert!(
+        node.log().contains("handed to the standby holder"),
+        "{}",
+        node.last_log()
+    );
+    assert_eq!(
+        holders_of(&node.dir),
+        1,
+        "the daemon started a holder of its own"
+    );
+    let mut a = vec![0u8; 1 << 20];
+    fill_pattern(&mut a, 21);
+    std::fs::write(mnt.join("a"), &a).unwrap();
+    std::fs::File::open(mnt.join("a"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+
+    node.kill9();
+    let (path_b, mut b) = (mnt.join("b"), vec![0u8; 1 << 20]);
+    fill_pattern(&mut b, 22);
+    let expect_b = b.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path_b)?;
+        std::io::Write::write_all(&mut f, &b)?;
+        f.sync_all()
+    });
+    node.restart();
+    wait_for(
+        "the write issued while no daemon ran",
+        Duration::from_secs(60),
+        || writer.is_finished(),
+    );
+    writer.join().unwrap().expect("write across the restart");
+    assert_eq!(read_direct(&mnt.join("a"), 0, a.len()).unwrap(), a);
+    assert_eq!(
+        read_direct(&mnt.join("b"), 0, expect_b.len()).unwrap(),
+        expect_b
+    );
+    assert!(node.log().contains("took over the FUSE connection"));
+    node.cli_ok(&["volume", "unmount", "side", mnt.to_str().unwrap()]);
+    // A graceful stop unmounts FUSE; the standby holder stays for the next
+    // daemon.
+    node.terminate();
+    // Nothing to wait for: the holder looks at the mount every 500 ms, so
+    // after two looks it would have exited if it were going to.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        holder.try_wait().expect("holder status").is_none(),
+        "the standby holder exited"
+    );
+    holder.kill().expect("stop the standby holder");
+    let _ = holder.wait();
+}

@@ -60,12 +60,20 @@ pub enum Top {
     /// A local cluster of daemons on 127.0.0.x for development and tests.
     #[command(subcommand)]
     Dev(DevCmd),
-    /// Internal: started by the daemon to keep its FUSE connection alive
-    /// across a crash or restart.
-    #[command(hide = true)]
+    /// Keeps the daemon's FUSE connection (and so the mounts of attached
+    /// volumes) alive while the daemon restarts. The daemon starts one
+    /// itself; run `--standby` as a separate long-lived process, e.g. a
+    /// sidecar container in Kubernetes where a container restart would
+    /// kill a holder the daemon started.
     FuseHolder {
+        /// The holder's socket: DATA_DIR/fuse-holder.sock.
         socket: PathBuf,
+        /// The daemon's FUSE mount: DATA_DIR/fuse.
         mountpoint: PathBuf,
+        /// Wait for a daemon to hand over its connection, and keep running
+        /// when that mount goes away (instead of holding fd 3 and exiting).
+        #[arg(long)]
+        standby: bool,
     },
 }
 

@@ -9,8 +9,15 @@
 //! resend the requests the dead daemon had read but not answered
 //! (`FUSE_NOTIFY_RESEND`), and serves on. The holder exits once the FUSE
 //! mount is gone (a graceful shutdown unmounts it).
+//!
+//! A holder can also run on its own (`--standby`), started before the
+//! daemon and outliving it, e.g. as a sidecar container in Kubernetes, where
+//! restarting the daemon's container kills every process in it. At mount
+//! time the daemon hands the connection to a holder that already listens
+//! instead of starting one. Requests on the socket are one byte: `G` (send
+//! me the connection) or `H` with an fd attached (hold this one).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,9 +43,25 @@ fn mounted(mountpoint: &Path) -> bool {
     })
 }
 
-/// Starts the holder for `fd` (the daemon keeps its own copy).
+/// Gives `fd` to a holder already listening on `socket` (a standby one);
+/// false when none answers.
+fn deposit(fd: &impl AsRawFd, socket: &Path) -> bool {
+    let Ok(s) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut ack = [0u8; 1];
+    send_fd(&s, b'H', fd.as_raw_fd()).is_ok() && (&s).read_exact(&mut ack).is_ok() && ack[0] == b'K'
+}
+
+/// Hands `fd` to a standby holder, or starts a holder for it (the daemon
+/// keeps its own copy either way).
 pub fn spawn(fd: &impl AsRawFd, socket: &Path, mountpoint: &Path) -> io::Result<()> {
     use std::os::unix::process::CommandExt;
+    if deposit(fd, socket) {
+        tracing::info!(socket = %socket.display(), "FUSE connection handed to the standby holder");
+        return Ok(());
+    }
     let exe = std::env::current_exe()?;
     let src = fd.as_raw_fd();
     let mut cmd = std::process::Command::new(exe);
@@ -85,16 +108,19 @@ pub fn reclaim(socket: &Path, mountpoint: &Path) -> Option<OwnedFd> {
     if !mounted(mountpoint) {
         return None;
     }
-    let s = UnixStream::connect(socket).ok()?;
+    let mut s = UnixStream::connect(socket).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"G").ok()?;
     recv_fd(&s).ok()
 }
 
-/// `cairn fuse-holder SOCKET MOUNTPOINT`: hands fd 3 to whoever connects,
-/// until the mount is gone.
-pub fn run(socket: &Path, mountpoint: &Path) -> i32 {
-    // SAFETY: fd 3 was set up by `spawn` and is owned by this process.
-    let held = unsafe { OwnedFd::from_raw_fd(HELD_FD) };
+/// `cairn fuse-holder SOCKET MOUNTPOINT`: hands fd 3 to whoever asks,
+/// until the mount is gone. With `standby`, starts holding nothing, takes
+/// what a daemon hands over, and keeps running when the mount goes.
+pub fn run(socket: &Path, mountpoint: &Path, standby: bool) -> i32 {
+    // SAFETY: without --standby, fd 3 was set up by `spawn` and is owned
+    // by this process.
+    let mut held = (!standby).then(|| unsafe { OwnedFd::from_raw_fd(HELD_FD) });
     let _ = std::fs::remove_file(socket);
     let Ok(listener) = UnixListener::bind(socket) else {
         return 1;
@@ -107,12 +133,28 @@ pub fn run(socket: &Path, mountpoint: &Path) -> i32 {
         match listener.accept() {
             Ok((s, _)) => {
                 let _ = s.set_nonblocking(false);
-                let _ = send_fd(&s, held.as_raw_fd());
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                match recv_request(&s) {
+                    Ok((b'G', _)) => {
+                        if let Some(fd) = &held {
+                            let _ = send_fd(&s, b'F', fd.as_raw_fd());
+                        }
+                    }
+                    Ok((b'H', Some(fd))) => {
+                        held = Some(fd);
+                        let _ = (&s).write_all(b"K");
+                    }
+                    // Anything else: hang up.
+                    _ => {}
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !mounted(mountpoint) {
-                    let _ = std::fs::remove_file(socket);
-                    return 0;
+                if held.is_some() && !mounted(mountpoint) {
+                    if !standby {
+                        let _ = std::fs::remove_file(socket);
+                        return 0;
+                    }
+                    held = None;
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -121,9 +163,10 @@ pub fn run(socket: &Path, mountpoint: &Path) -> i32 {
     }
 }
 
-/// Calls `f` with a msghdr of one data byte and room for one fd.
-fn with_fd_msg<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
-    let mut byte = [0u8; 1];
+/// Calls `f` with a msghdr of one data byte (`byte`) and room for one fd;
+/// returns what `f` returns and the data byte afterwards.
+fn with_fd_msg<R>(byte: u8, f: impl FnOnce(&mut libc::msghdr) -> R) -> (R, u8) {
+    let mut byte = [byte];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
@@ -138,11 +181,13 @@ fn with_fd_msg<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    f(&mut msg)
+    let r = f(&mut msg);
+    (r, byte[0])
 }
 
-fn send_fd(s: &UnixStream, fd: RawFd) -> io::Result<()> {
-    with_fd_msg(|msg| {
+/// Sends the data byte `tag` with `fd` attached.
+fn send_fd(s: &UnixStream, tag: u8, fd: RawFd) -> io::Result<()> {
+    with_fd_msg(tag, |msg| {
         // SAFETY: the control buffer holds one cmsg of CMSG_SPACE(fd) bytes.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(msg);
@@ -157,15 +202,19 @@ fn send_fd(s: &UnixStream, fd: RawFd) -> io::Result<()> {
         }
         Ok(())
     })
+    .0
 }
 
-fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
-    with_fd_msg(|msg| {
+/// Receives one data byte and the fd attached to it, if any.
+fn recv_request(s: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
+    let (r, byte) = with_fd_msg(0, |msg| {
         // SAFETY: msg points at live buffers; MSG_CMSG_CLOEXEC keeps the fd
         // from leaking into programs we run.
         let n = unsafe { libc::recvmsg(s.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
         if n <= 0 {
-            return Err(io::Error::other("the FUSE holder sent nothing"));
+            return Err(io::Error::other(
+                "nothing received on the FUSE holder socket",
+            ));
         }
         // SAFETY: the kernel filled the control buffer; the cmsg type is
         // checked before the fd is read out of it.
@@ -175,10 +224,17 @@ fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
                 || (*c).cmsg_level != libc::SOL_SOCKET
                 || (*c).cmsg_type != libc::SCM_RIGHTS
             {
-                return Err(io::Error::other("the FUSE holder sent no fd"));
+                return Ok(None);
             }
             let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
-            Ok(OwnedFd::from_raw_fd(fd))
+            Ok(Some(OwnedFd::from_raw_fd(fd)))
         }
-    })
+    });
+    r.map(|fd| (byte, fd))
+}
+
+fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
+    recv_request(s)?
+        .1
+        .ok_or_else(|| io::Error::other("the FUSE holder sent no fd"))
 }
