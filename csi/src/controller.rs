@@ -9,19 +9,19 @@ use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::{rpc, Rpc, Type};
 use crate::pb::validate_volume_capabilities_response::Confirmed;
 use crate::pb::*;
-use crate::rules::{self, Wanted};
+use crate::rules::{self, Params, Wanted};
 use crate::{required, CreateSpec, Driver, Error, VolumeFacts};
 
 /// Page tokens are `TOKEN_PREFIX` + the name of the next volume.
 const TOKEN_PREFIX: &str = "after:";
 
-fn volume_message(v: &VolumeFacts, topology: Vec<Topology>) -> Volume {
+fn volume_message(v: &VolumeFacts) -> Volume {
     Volume {
         capacity_bytes: v.size_bytes as i64,
         volume_id: v.name.clone(),
         volume_context: HashMap::new(),
         content_source: None,
-        accessible_topology: topology,
+        accessible_topology: Vec::new(),
     }
 }
 
@@ -75,6 +75,12 @@ impl Controller for Driver {
         let name = required("name", &req.name)?.to_string();
         let wanted = rules::capabilities(&req.volume_capabilities)?;
         let params = rules::params(&req.parameters)?;
+        if wanted.reader && !wanted.block {
+            return Err(Error::InvalidArgument(
+                "only read-only access modes: the new filesystem could never be written; add a writer mode (e.g. SINGLE_NODE_WRITER)".into(),
+            )
+            .into());
+        }
         if req.volume_content_source.is_some() {
             return Err(Error::InvalidArgument(
                 "volume_content_source is not supported (no snapshots or clones)".into(),
@@ -131,18 +137,24 @@ impl Controller for Driver {
                     };
                 }
                 let nodes: Vec<_> = b.nodes()?.into_iter().filter(|n| n.up).collect();
-                let allowed: Option<Vec<String>> = (!requisite.is_empty()).then(|| {
-                    nodes
-                        .iter()
-                        .filter(|n| requisite.iter().any(|t| rules::in_topology(n, t)))
-                        .map(|n| n.name.clone())
-                        .collect()
-                });
-                if allowed.as_ref().is_some_and(|a| a.is_empty()) {
+                // Any node attaches any volume, so every requisite topology
+                // with a node in it is served wherever the replicas are.
+                // The replicas stay inside the requisite topologies when
+                // they hold enough nodes (e.g. a StorageClass limited to a
+                // zone), and spread further when they do not (a requisite
+                // of the one node the pod was scheduled to).
+                let inside: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| requisite.iter().any(|t| rules::in_topology(n, t)))
+                    .map(|n| n.name.clone())
+                    .collect();
+                if !requisite.is_empty() && inside.is_empty() {
                     return Err(Error::ResourceExhausted(
                         "no node that is up lies in the requisite topologies".into(),
                     ));
                 }
+                let allowed =
+                    (!requisite.is_empty() && inside.len() >= replicas as usize).then_some(inside);
                 let eligible =
                     |n: &&crate::NodeFacts| allowed.as_ref().is_none_or(|a| a.contains(&n.name));
                 // The first preferred topology with an eligible node holds
@@ -169,12 +181,10 @@ impl Controller for Driver {
                 })
             })
             .await?;
-        let topology = req
-            .accessibility_requirements
-            .map(|t| t.requisite)
-            .unwrap_or_default();
+        // No accessible topology: the volume is equally accessible from
+        // every node, so the PV gets no node affinity.
         Ok(Response::new(CreateVolumeResponse {
-            volume: Some(volume_message(&volume, topology)),
+            volume: Some(volume_message(&volume)),
         }))
     }
 
@@ -215,6 +225,17 @@ impl Controller for Driver {
             }
             if let Some(m) = rules::mismatch(&v, &wanted) {
                 return Err(Error::InvalidArgument(m));
+            }
+            let incompatible = |held: &str| {
+                Err(Error::AlreadyExists(format!(
+                    "volume {name:?} is published to node {node} {held}; unpublish it first"
+                )))
+            };
+            if wanted.reader && v.attached_to.as_ref() == Some(&node) {
+                return incompatible("read-write");
+            }
+            if !wanted.reader && v.readers.contains(&node) {
+                return incompatible("read-only");
             }
             if wanted.reader {
                 if v.readers.contains(&node) {
@@ -276,23 +297,21 @@ impl Controller for Driver {
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let name = required("volume_id", &req.volume_id)?.to_string();
-        if req.volume_capabilities.is_empty() {
-            return Err(Error::InvalidArgument("volume_capabilities is required".into()).into());
-        }
+        rules::well_formed(&req.volume_capabilities)?;
         let n = name.clone();
         let v = self
             .call(move |b| b.volume(&n)?.ok_or_else(|| not_found(&n)))
             .await?;
-        let default_replicas = self.backend.default_replicas();
         let problem = match rules::capabilities(&req.volume_capabilities) {
             Err(Error::InvalidArgument(m)) | Err(Error::OutOfRange(m)) => Some(m),
             Err(e) => return Err(e.into()),
             Ok(w) => rules::mismatch(&v, &w).or_else(|| match rules::params(&req.parameters) {
                 Err(e) => Some(e.to_string()),
-                Ok(p) if p.replicas.unwrap_or(default_replicas) != v.replicas => Some(format!(
-                    "volume has {} replica(s), the parameters ask for {}",
-                    v.replicas,
-                    p.replicas.unwrap_or(default_replicas)
+                Ok(Params {
+                    replicas: Some(r), ..
+                }) if r != v.replicas => Some(format!(
+                    "volume has {} replica(s), the parameters ask for {r}",
+                    v.replicas
                 )),
                 Ok(p) if !v.is_block() && p.fs.as_ref().is_some_and(|f| *f != v.fs) => {
                     Some(format!("volume holds {}", v.fs))
@@ -354,7 +373,7 @@ impl Controller for Driver {
             entries: page
                 .into_iter()
                 .map(|v| list_volumes_response::Entry {
-                    volume: Some(volume_message(v, Vec::new())),
+                    volume: Some(volume_message(v)),
                     status: Some(list_volumes_response::VolumeStatus {
                         published_node_ids: v.published(),
                         volume_condition: Some(condition(v)),
@@ -374,31 +393,43 @@ impl Controller for Driver {
         if let Some(t) = &req.accessible_topology {
             rules::check_topology(t)?;
         }
-        let servable = req.volume_capabilities.is_empty()
-            || rules::capabilities(&req.volume_capabilities).is_ok();
+        let wanted = match req.volume_capabilities.is_empty() {
+            true => None,
+            false => rules::capabilities(&req.volume_capabilities).ok(),
+        };
+        let servable = req.volume_capabilities.is_empty() || wanted.is_some();
+        let fs = match &wanted {
+            Some(w) if w.block => "none".to_string(),
+            Some(w) if !w.fs.is_empty() => w.fs.clone(),
+            _ => params.fs.clone().unwrap_or_else(|| "ext4".into()),
+        };
         let replicas = params
             .replicas
             .unwrap_or_else(|| self.backend.default_replicas())
-            .max(1) as u64;
+            .max(1) as usize;
         let topology = req.accessible_topology.clone();
-        let free: u64 = self
+        // Where a volume for a pod in the segment gets its local replica
+        // (the others go anywhere): see `rules::available`.
+        let free = self
             .call(move |b| {
-                Ok(b.nodes()?
+                let all = b.nodes()?;
+                let candidates: Vec<_> = all
                     .iter()
                     .filter(|n| n.up && topology.as_ref().is_none_or(|t| rules::in_topology(n, t)))
-                    .map(|n| n.free_bytes)
-                    .sum())
+                    .collect();
+                Ok(rules::available(&all, &candidates, replicas))
             })
             .await?;
-        let rules = self.backend.size_rules();
+        let size = self.backend.size_rules();
         Ok(Response::new(GetCapacityResponse {
             available_capacity: if servable {
-                (free / replicas).min(i64::MAX as u64) as i64
+                free.min(i64::MAX as u64) as i64
             } else {
                 0
             },
-            maximum_volume_size: None,
-            minimum_volume_size: Some(rules.align as i64),
+            // Volumes are thin: their size is not bounded by free space.
+            maximum_volume_size: Some(size.max.min(i64::MAX as u64) as i64),
+            minimum_volume_size: Some(rules::min_size(&fs).max(size.align) as i64),
         }))
     }
 
@@ -465,13 +496,21 @@ impl Controller for Driver {
         let range = req
             .capacity_range
             .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
-        if req.volume_capability.is_some() {
-            rules::one_capability(req.volume_capability.as_ref())?;
-        }
-        let size = rules::size_for(Some(&range), self.backend.size_rules(), 0)?;
+        let wanted = match &req.volume_capability {
+            Some(_) => Some(rules::one_capability(req.volume_capability.as_ref())?),
+            None => None,
+        };
+        // required_bytes 0 means "unspecified": nothing to grow to.
+        let size = match range.required_bytes {
+            0 => 0,
+            _ => rules::size_for(Some(&range), self.backend.size_rules(), 0)?,
+        };
         let v = self
             .exclusive(&name.clone(), move |b| {
                 let v = b.volume(&name)?.ok_or_else(|| not_found(&name))?;
+                if let Some(m) = wanted.as_ref().and_then(|w| rules::mismatch(&v, w)) {
+                    return Err(Error::InvalidArgument(m));
+                }
                 if range.limit_bytes > 0 && v.size_bytes > range.limit_bytes as u64 {
                     return Err(Error::OutOfRange(format!(
                         "volume {name:?} already has {} bytes, more than the limit; volumes only grow",
@@ -502,7 +541,7 @@ impl Controller for Driver {
             .call(move |b| b.volume(&name)?.ok_or_else(|| not_found(&name)))
             .await?;
         Ok(Response::new(ControllerGetVolumeResponse {
-            volume: Some(volume_message(&v, Vec::new())),
+            volume: Some(volume_message(&v)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.published(),
                 volume_condition: Some(condition(&v)),

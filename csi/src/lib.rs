@@ -191,11 +191,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Grows the volume to at least `size_bytes`; returns the volume.
     fn expand(&self, name: &str, size_bytes: u64) -> Result<VolumeFacts, Error>;
 
+    /// Ok when already staged there the same way; ALREADY_EXISTS when
+    /// staged there differently.
     fn stage(&self, name: &str, staging: &Path, how: &Stage) -> Result<(), Error>;
-    /// Undoes [`Backend::stage`]; Ok when the volume is not staged there.
+    /// Undoes [`Backend::stage`] on this node (the attachment stays until
+    /// [`Backend::detach_from`]); Ok when the volume is not staged there.
     fn unstage(&self, name: &str, staging: &Path) -> Result<(), Error>;
     /// Bind-mounts the staged filesystem (or, for `block`, the device file)
-    /// on `target`.
+    /// on `target`. Ok when already published there the same way;
+    /// ALREADY_EXISTS when something else or another mode is there.
     fn publish(
         &self,
         name: &str,
@@ -216,13 +220,15 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Default)]
 struct InFlight(Mutex<HashSet<String>>);
 
-struct Claim<'a> {
-    set: &'a InFlight,
+/// Held for as long as the operation's work runs (not just the request: a
+/// client that gives up and retries must not overtake it).
+struct Claim {
+    set: Arc<InFlight>,
     key: String,
 }
 
 impl InFlight {
-    fn claim(&self, key: &str) -> Result<Claim<'_>, Error> {
+    fn claim(self: &Arc<Self>, key: &str) -> Result<Claim, Error> {
         let mut s = self.0.lock().expect("in-flight lock");
         if !s.insert(key.to_string()) {
             return Err(Error::Aborted(format!(
@@ -230,13 +236,13 @@ impl InFlight {
             )));
         }
         Ok(Claim {
-            set: self,
+            set: self.clone(),
             key: key.to_string(),
         })
     }
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         self.set.0.lock().expect("in-flight lock").remove(&self.key);
     }
@@ -278,8 +284,12 @@ impl Driver {
         volume: &str,
         f: impl FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, tonic::Status> {
-        let _claim = self.in_flight.claim(volume)?;
-        self.call(f).await
+        let claim = self.in_flight.claim(volume)?;
+        self.call(move |b| {
+            let _claim = claim;
+            f(b)
+        })
+        .await
     }
 }
 
@@ -330,7 +340,8 @@ pub async fn serve(
         .map_err(|e| e.to_string())
 }
 
-/// A path field: required, absolute, no `..`, no NUL.
+/// A path field: required, absolute, no `..`, no NUL; returned normalised
+/// (no `.` or empty components, no trailing `/`).
 fn path_field(field: &str, value: &str) -> Result<PathBuf, Error> {
     if value.is_empty() {
         return Err(Error::InvalidArgument(format!("{field} is required")));
@@ -345,7 +356,7 @@ fn path_field(field: &str, value: &str) -> Result<PathBuf, Error> {
             "{field} {value:?} must be an absolute path without '..'"
         )));
     }
-    Ok(p.to_path_buf())
+    Ok(p.components().collect())
 }
 
 /// A string field that must be set.

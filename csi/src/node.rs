@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 
 use crate::pb::node_server::Node;
 use crate::pb::node_service_capability::{rpc, Rpc, Type};
-use crate::pb::volume_capability::access_mode::Mode;
 use crate::pb::volume_usage::Unit;
 use crate::pb::*;
 use crate::{path_field, required, rules, Driver, Error, Stage};
@@ -23,8 +22,9 @@ fn volume_for(
     wanted: Option<&rules::Wanted>,
 ) -> Result<crate::VolumeFacts, Error> {
     let v = b.volume(name)?.ok_or_else(|| not_found(name))?;
+    // The spec's "exceeds capabilities".
     if let Some(m) = wanted.and_then(|w| rules::mismatch(&v, w)) {
-        return Err(Error::InvalidArgument(m));
+        return Err(Error::FailedPrecondition(m));
     }
     Ok(v)
 }
@@ -70,16 +70,25 @@ impl Node for Driver {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let name = required("volume_id", &req.volume_id)?.to_string();
-        // STAGE_UNSTAGE_VOLUME is offered, so the CO always stages first.
-        let staging = path_field("staging_target_path", &req.staging_target_path)?;
         let target = path_field("target_path", &req.target_path)?;
         let wanted = rules::one_capability(req.volume_capability.as_ref())?;
-        let reader_only = req
-            .volume_capability
-            .as_ref()
-            .and_then(|c| c.access_mode.as_ref())
-            .is_some_and(|m| m.mode == Mode::SingleNodeReaderOnly as i32);
-        let readonly = req.readonly || reader_only || wanted.reader;
+        // STAGE_UNSTAGE_VOLUME is offered, so the CO stages first.
+        if req.staging_target_path.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "staging_target_path is not set; stage the volume first".into(),
+            )
+            .into());
+        }
+        let staging = path_field("staging_target_path", &req.staging_target_path)?;
+        let readonly = req.readonly || wanted.reader;
+        if wanted.block && readonly && !wanted.reader {
+            // A read-only bind mount of a device file does not stop writes
+            // to the device; only a reader-mode volume's device is read-only.
+            return Err(Error::FailedPrecondition(
+                "a raw block volume is published read-only only in a read-only access mode (SINGLE_NODE_READER_ONLY or MULTI_NODE_READER_ONLY)".into(),
+            )
+            .into());
+        }
         self.exclusive(&name.clone(), move |b| {
             volume_for(b, &name, Some(&wanted))?;
             b.publish(&name, &staging, &target, wanted.block, readonly)
@@ -153,8 +162,10 @@ impl Node for Driver {
             rules::one_capability(req.volume_capability.as_ref())?;
         }
         let wanted = match &req.capacity_range {
-            Some(r) => Some(rules::size_for(Some(r), self.backend.size_rules(), 0)?),
-            None => None,
+            Some(r) if r.required_bytes != 0 => {
+                Some(rules::size_for(Some(r), self.backend.size_rules(), 0)?)
+            }
+            _ => None,
         };
         let size = self
             .exclusive(&name.clone(), move |b| {

@@ -22,7 +22,8 @@ pub struct Wanted {
     /// Filesystem named by a mount capability (empty: any).
     pub fs: String,
     pub mount_flags: Vec<String>,
-    /// MULTI_NODE_READER_ONLY: held read-only, possibly by several nodes.
+    /// A reader-only mode (MULTI_NODE_READER_ONLY, SINGLE_NODE_READER_ONLY):
+    /// held read-only (read-only device), possibly by several nodes.
     pub reader: bool,
 }
 
@@ -34,12 +35,11 @@ fn capability(c: &VolumeCapability) -> Result<Wanted, Error> {
         .ok_or_else(|| Error::InvalidArgument("volume capability lacks access_mode".into()))?;
     let reader = match Mode::try_from(mode.mode) {
         Ok(Mode::SingleNodeWriter)
-        | Ok(Mode::SingleNodeReaderOnly)
         | Ok(Mode::SingleNodeSingleWriter)
         | Ok(Mode::SingleNodeMultiWriter) => false,
         // Safe: readers never coexist with a writer (the cluster state
         // refuses one while the other holds the volume).
-        Ok(Mode::MultiNodeReaderOnly) => true,
+        Ok(Mode::MultiNodeReaderOnly) | Ok(Mode::SingleNodeReaderOnly) => true,
         Ok(Mode::Unknown) => {
             return Err(Error::InvalidArgument(
                 "volume capability access_mode is UNKNOWN".into(),
@@ -97,6 +97,50 @@ fn capability(c: &VolumeCapability) -> Result<Wanted, Error> {
             "volume capability lacks access_type (block or mount)".into(),
         )),
     }
+}
+
+/// Whether every capability carries the fields the spec requires (an
+/// access mode and an access type), whatever their values.
+pub fn well_formed(cs: &[VolumeCapability]) -> Result<(), Error> {
+    if cs.is_empty() {
+        return Err(Error::InvalidArgument(
+            "volume_capabilities is required".into(),
+        ));
+    }
+    if cs
+        .iter()
+        .any(|c| c.access_mode.is_none() || c.access_type.is_none())
+    {
+        return Err(Error::InvalidArgument(
+            "every volume capability needs access_mode and access_type".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes a new volume of `replicas` replicas can get with one replica on a
+/// node among `candidates` (locality) and the others on distinct nodes
+/// among `all`: the best over the candidates of the smaller of the
+/// candidate's free space and the (replicas-1)-th largest free space among
+/// the other nodes. 0 when there are not enough nodes.
+pub fn available(all: &[NodeFacts], candidates: &[&NodeFacts], replicas: usize) -> u64 {
+    candidates
+        .iter()
+        .filter_map(|c| {
+            let mut others: Vec<u64> = all
+                .iter()
+                .filter(|n| n.up && n.name != c.name)
+                .map(|n| n.free_bytes)
+                .collect();
+            others.sort_unstable_by(|a, b| b.cmp(a));
+            let rest = match replicas.saturating_sub(1) {
+                0 => u64::MAX,
+                k => *others.get(k - 1)?,
+            };
+            Some(c.free_bytes.min(rest))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Checks a required single capability.
@@ -434,6 +478,26 @@ mod tests {
         assert!(p(&[("fs", "xfs"), ("csi.storage.k8s.io/fstype", "ext4")]).is_err());
         assert!(p(&[("colour", "blue")]).is_err());
         assert!(p(&[("locality", "yes")]).is_err());
+    }
+
+    #[test]
+    fn available_space_needs_distinct_nodes() {
+        let n = |name: &str, free: u64| NodeFacts {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            up: true,
+            free_bytes: free,
+        };
+        let all = [n("a", 100), n("b", 50), n("c", 30)];
+        let every: Vec<&NodeFacts> = all.iter().collect();
+        assert_eq!(available(&all, &every, 1), 100);
+        assert_eq!(available(&all, &every, 2), 50);
+        assert_eq!(available(&all, &every, 3), 30);
+        assert_eq!(available(&all, &every, 4), 0);
+        assert_eq!(available(&all, &[&all[2]], 1), 30);
+        assert_eq!(available(&all, &[&all[2]], 2), 30);
+        assert_eq!(available(&all, &[&all[0]], 3), 30);
+        assert_eq!(available(&all, &[], 1), 0);
     }
 
     #[test]

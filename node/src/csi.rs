@@ -239,6 +239,23 @@ impl Backend for CsiBackend {
     }
 
     fn stage(&self, name: &str, staging: &Path, how: &Stage) -> Result<(), Error> {
+        let info = self.mgr.inspect(name).map_err(map)?;
+        let held_read_only = info.readers.contains(&self.name);
+        let staged = info.device.is_some()
+            && (how.block || info.mounts.iter().any(|m| Path::new(m) == staging));
+        if staged {
+            if held_read_only != how.read_only {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {name:?} is staged on this node {}",
+                    if held_read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+            return Ok(());
+        }
         let r = match (how.block, how.read_only) {
             (false, ro) => self
                 .mgr
@@ -251,17 +268,9 @@ impl Backend for CsiBackend {
     }
 
     fn unstage(&self, name: &str, staging: &Path) -> Result<(), Error> {
-        let info = match self.mgr.inspect(name) {
-            Err(VolumeError::NotFound(_)) => return Ok(()),
-            r => r.map_err(map)?,
-        };
-        let staging_s = staging.to_string_lossy();
-        if info.mounts.iter().any(|m| *m == staging_s) {
-            self.mgr.unmount(name, &staging_s).map(|_| ()).map_err(map)
-        } else if info.device.is_some() && info.mounts.is_empty() {
-            self.mgr.detach(name).map_err(map)
-        } else {
-            Ok(())
+        match self.mgr.unstage(name, &staging.to_string_lossy()) {
+            Err(VolumeError::NotFound(_)) => Ok(()),
+            r => r.map_err(map),
         }
     }
 
@@ -284,8 +293,31 @@ impl Backend for CsiBackend {
                 staging.display()
             ))
         };
-        if sysmount::is_mount_point(target) {
-            return Ok(());
+        if let Some(m) = sysmount::mounts()
+            .into_iter()
+            .find(|m| m.mount_point == *target)
+        {
+            // Published already: the same volume the same way is a repeat.
+            let dev = info.device.clone().unwrap_or_default();
+            let ours = if block {
+                Path::new(&dev)
+                    .file_name()
+                    .is_some_and(|f| Path::new(&m.root).file_name() == Some(f))
+            } else {
+                m.source == dev
+            };
+            if ours && m.read_only == readonly {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} is already a mount point ({})",
+                target.display(),
+                if ours {
+                    "this volume, with the other read-only setting"
+                } else {
+                    "of something else"
+                }
+            )));
         }
         let source = if block {
             let dev = info.device.ok_or_else(not_staged)?;

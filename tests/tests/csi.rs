@@ -248,6 +248,15 @@ fn teardown_on(c: &Csi, id: &str, node: &str, p: &Paths) {
         );
     }
     assert!(mount_options(&p.staging).is_none(), "staging still mounted");
+    // Unstaged but still published to the node until the controller says.
+    let v = c.ok(
+        "ControllerGetVolume after unstage",
+        c.ctl().controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        }),
+    );
+    let on = v.status.expect("status").published_node_ids;
+    assert!(on.contains(&node.to_string()), "{on:?}");
     for _ in 0..2 {
         c.ok(
             "ControllerUnpublishVolume",
@@ -413,6 +422,17 @@ fn filesystem_volume_lifecycle_across_nodes() {
         )),
     );
     assert_eq!(sha(&ro.target.join("data.bin")), want);
+    c1.fails(
+        "NodePublish at a published target with the other read-only setting",
+        Code::AlreadyExists,
+        c1.node().node_publish_volume(publish_req(
+            "pvc-life",
+            &ro.staging,
+            &ro.target,
+            fs_cap(),
+            false,
+        )),
+    );
     let err = std::fs::File::create(ro.target.join("x")).expect_err("read-only publish");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     c1.ok(
@@ -610,7 +630,7 @@ fn raw_block_volume_moves_between_nodes() {
     assert_eq!(v.capacity_bytes, 64 * MIB);
     c1.fails(
         "NodeStage of a block volume as a filesystem",
-        Code::InvalidArgument,
+        Code::FailedPrecondition,
         c1.node()
             .node_stage_volume(stage_req("pvc-raw", &nodes[0].dir.join("x"), fs_cap())),
     );
@@ -632,6 +652,17 @@ fn raw_block_volume_moves_between_nodes() {
             "NodeStageVolume block",
             c.node()
                 .node_stage_volume(stage_req("pvc-raw", &p.staging, block_cap())),
+        );
+        c.fails(
+            "NodePublish block read-only in a writer mode",
+            Code::FailedPrecondition,
+            c.node().node_publish_volume(publish_req(
+                "pvc-raw",
+                &p.staging,
+                &p.target,
+                block_cap(),
+                true,
+            )),
         );
         for _ in 0..2 {
             c.ok(
@@ -752,7 +783,10 @@ fn errors_idempotency_and_paging() {
         .ok("CreateVolume in n2", ctl().create_volume(r))
         .volume
         .expect("volume");
-    assert_eq!(v.accessible_topology, vec![node_topology("n2")]);
+    assert!(
+        v.accessible_topology.is_empty(),
+        "any node attaches a Cairn volume: {v:?}"
+    );
     assert_eq!(
         nodes[0].inspect("pvc-e")["replicas"][0]["node"],
         "n2",
@@ -849,6 +883,15 @@ fn errors_idempotency_and_paging() {
         InvalidArgument,
         validate(vec![], &[], "pvc-e"),
     );
+    let half = VolumeCapability {
+        access_mode: None,
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    };
+    c.fails(
+        "validate a capability without access mode",
+        InvalidArgument,
+        validate(vec![half], &[], "pvc-e"),
+    );
     c.fails(
         "validate unknown",
         NotFound,
@@ -902,21 +945,30 @@ fn errors_idempotency_and_paging() {
     );
 
     // Capacity per topology segment.
-    let cap_of = |t: Option<Topology>| {
+    let cap_of = |t: Option<Topology>, p: &[(&str, &str)]| {
         c.ok(
             "GetCapacity",
             ctl().get_capacity(GetCapacityRequest {
                 volume_capabilities: vec![fs_cap()],
-                parameters: HashMap::new(),
+                parameters: params(p),
                 accessible_topology: t,
             }),
         )
         .available_capacity
     };
-    let all = cap_of(None);
-    let one = cap_of(Some(node_topology("n1")));
-    assert!(one > 0 && all > one, "{all} {one}");
-    assert_eq!(cap_of(Some(node_topology("n9"))), 0);
+    let all = cap_of(None, &[]);
+    let one = cap_of(Some(node_topology("n1")), &[]);
+    let two = cap_of(Some(node_topology("n1")), &[("replicas", "2")]);
+    assert!(
+        one > 0 && all >= one && one >= two && two > 0,
+        "{all} {one} {two}"
+    );
+    assert_eq!(cap_of(Some(node_topology("n9")), &[]), 0);
+    assert_eq!(
+        cap_of(None, &[("replicas", "3")]),
+        0,
+        "3 replicas need 3 nodes"
+    );
 
     // Expand errors.
     c.fails(
@@ -1179,6 +1231,12 @@ fn read_only_many_after_a_writer() {
         .collect();
     let c1 = &csi[0];
     let rox = || cap(Mode::MultiNodeReaderOnly, false, "ext4", &[]);
+    let only_readers = create_req("pvc-rox", 64 * MIB, rox(), &[]);
+    c1.fails(
+        "CreateVolume of a filesystem with only read-only modes",
+        Code::InvalidArgument,
+        c1.ctl().create_volume(only_readers),
+    );
     let mut req = create_req("pvc-rox", 64 * MIB, ext4_cap(), &[("replicas", "2")]);
     req.volume_capabilities.push(rox());
     c1.ok("CreateVolume RWO+ROX", c1.ctl().create_volume(req));
@@ -1280,6 +1338,12 @@ fn read_only_many_after_a_writer() {
     assert_eq!(
         got.status.expect("status").published_node_ids,
         vec!["n2", "n3"]
+    );
+    c1.fails(
+        "ControllerPublish writer to a node that holds it read-only",
+        Code::AlreadyExists,
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-rox", "n2", ext4_cap())),
     );
     c1.fails(
         "ControllerPublish writer while readers hold it",

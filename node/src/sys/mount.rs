@@ -70,6 +70,10 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// What of the source filesystem is mounted (`/` for all of it; a bind
+    /// mount of a device file shows that file's path in devtmpfs).
+    pub root: String,
+    pub read_only: bool,
 }
 
 fn unescape(s: &str) -> String {
@@ -101,7 +105,10 @@ pub fn mounts() -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
+            let mut pre = pre.split(' ').skip(3);
+            let root = pre.next()?;
+            let mount_point = pre.next()?;
+            let options = pre.next()?;
             let mut post = post.split(' ');
             let fstype = post.next()?;
             let source = post.next()?;
@@ -109,6 +116,8 @@ pub fn mounts() -> Vec<MountEntry> {
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fstype: fstype.into(),
                 source: unescape(source),
+                root: unescape(root),
+                read_only: options.split(',').any(|o| o == "ro"),
             })
         })
         .collect()

@@ -788,7 +788,7 @@ impl VolumeManager {
         // keeps new NBD connections out until the volume is gone.
         nbd_users(&self.exports.lock().expect("exports lock"))?;
         if v.attachment.is_some() {
-            self.teardown(&v, true)?;
+            self.teardown(&v, true, true)?;
         }
         let ex = self.exports.lock().expect("exports lock");
         nbd_users(&ex)?;
@@ -1026,7 +1026,7 @@ impl VolumeManager {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
         if self.local_record(v.id).is_some_and(|r| r.read_only) {
-            return self.teardown(&v, false);
+            return self.teardown(&v, false, true);
         }
         match &v.attachment {
             None => return Ok(()),
@@ -1038,11 +1038,12 @@ impl VolumeManager {
             }
             Some(_) => {}
         }
-        self.teardown(&v, false)
+        self.teardown(&v, false, true)
     }
 
-    /// Unmounts (only with `unmount`), unbinds and records the detach.
-    fn teardown(&self, v: &Volume, unmount: bool) -> Result<(), VolumeError> {
+    /// Unmounts (only with `unmount`), unbinds and, with `release`,
+    /// records the detach (or the end of this node's read-only hold).
+    fn teardown(&self, v: &Volume, unmount: bool, release: bool) -> Result<(), VolumeError> {
         let mut rec = self.local_record(v.id).unwrap_or_default();
         if !rec.mounts.is_empty() {
             if !unmount {
@@ -1062,26 +1063,48 @@ impl VolumeManager {
         }
         self.unbind_device(v.id, &rec.device)?;
         self.save_local(v.id, None)?;
-        if rec.read_only {
-            self.propose(self.release(v.id, true), &v.name)?;
-            tracing::info!(volume = %v.name, "released read-only volume");
-            return Ok(());
-        }
         // Everything written is durable on the replicas before the volume
         // is released to another node.
-        if let Some(e) = self.engine(v.id) {
-            if let Err(err) = e.flush() {
-                tracing::error!(volume = %v.name, error = %err, "flush before detach failed");
+        if !rec.read_only {
+            if let Some(e) = self.engine(v.id) {
+                if let Err(err) = e.flush() {
+                    tracing::error!(volume = %v.name, error = %err, "flush before detach failed");
+                }
             }
         }
-        self.propose(
-            Command::Detach {
-                id: v.id,
-                node: self.cfg.node_id,
-            },
-            &v.name,
-        )?;
-        tracing::info!(volume = %v.name, "detached volume");
+        if !release {
+            tracing::info!(volume = %v.name, "unbound volume; its attachment stays");
+            return Ok(());
+        }
+        self.propose(self.release(v.id, rec.read_only), &v.name)?;
+        tracing::info!(volume = %v.name, read_only = rec.read_only, "detached volume");
+        Ok(())
+    }
+
+    /// CSI NodeUnstage: unmounts `path` if the volume is mounted there and,
+    /// once nothing of it is mounted on this node, unbinds its device. The
+    /// attachment (or read-only hold) stays until the controller
+    /// unpublishes, so the volume stays fenced to this node until then.
+    pub fn unstage(&self, name: &str, path: &str) -> Result<(), VolumeError> {
+        let path = Self::check_path(path)?;
+        let path_s = path.to_string_lossy().into_owned();
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        let Some(mut rec) = self.local_record(v.id) else {
+            return Ok(());
+        };
+        if rec.mounts.contains(&path_s) {
+            crate::sys::mount::umount(&path, 0).map_err(|e| VolumeError::InUse {
+                name: name.into(),
+                why: format!("unmounting {path_s}: {e}"),
+            })?;
+            rec.mounts.retain(|m| *m != path_s);
+            rec.options.remove(&path_s);
+            self.save_local(v.id, Some(&rec))?;
+        }
+        if rec.mounts.is_empty() {
+            self.teardown(&v, false, false)?;
+        }
         Ok(())
     }
 
@@ -1190,7 +1213,7 @@ impl VolumeManager {
         if let Err(e) = r {
             if !was_attached {
                 let v = self.find(name)?;
-                if let Err(e2) = self.teardown(&v, false) {
+                if let Err(e2) = self.teardown(&v, false, true) {
                     tracing::error!(volume = %name, error = %e2, "rolling back attach failed");
                 }
             }
@@ -1263,7 +1286,7 @@ impl VolumeManager {
         rec.options.remove(&path_s);
         self.save_local(v.id, Some(&rec))?;
         if rec.mounts.is_empty() {
-            self.teardown(&v, false)?;
+            self.teardown(&v, false, true)?;
         }
         tracing::info!(volume = %name, path = %path_s, "unmounted volume");
         self.inspect(name)
