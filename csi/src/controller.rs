@@ -65,6 +65,23 @@ fn create_conflict(
     None
 }
 
+/// RESOURCE_EXHAUSTED when `node` already holds as many volumes as a node
+/// may (NodeGetInfo's max_volumes_per_node).
+fn room_on(b: &dyn crate::Backend, node: &str) -> Result<(), Error> {
+    let max = b.max_volumes_per_node();
+    let held = b
+        .volumes()?
+        .iter()
+        .filter(|v| v.published().iter().any(|n| n == node))
+        .count() as u64;
+    if held >= max {
+        return Err(Error::ResourceExhausted(format!(
+            "node {node:?} already holds {held} volumes, the most one node may hold ({max})"
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Controller for Driver {
     async fn create_volume(
@@ -246,6 +263,13 @@ impl Controller for Driver {
                         "volume {name:?} is published read-write to node {n}; readers wait until it is unpublished"
                     )));
                 }
+                if !wanted.multi_node && !v.readers.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {name:?} is published to {}; SINGLE_NODE_READER_ONLY allows one node",
+                        v.readers.join(", ")
+                    )));
+                }
+                room_on(b, &node)?;
                 return b.attach_to(&name, &node, true);
             }
             if !v.readers.is_empty() {
@@ -259,7 +283,10 @@ impl Controller for Driver {
                 Some(n) => Err(Error::FailedPrecondition(format!(
                     "volume {name:?} is published to node {n}; a Cairn volume is written by one node at a time"
                 ))),
-                None => b.attach_to(&name, &node, false),
+                None => {
+                    room_on(b, &node)?;
+                    b.attach_to(&name, &node, false)
+                }
             }
         })
         .await?;
@@ -393,9 +420,14 @@ impl Controller for Driver {
         if let Some(t) = &req.accessible_topology {
             rules::check_topology(t)?;
         }
+        // Malformed capabilities are an error; well-formed ones this driver
+        // cannot serve have no capacity.
         let wanted = match req.volume_capabilities.is_empty() {
             true => None,
-            false => rules::capabilities(&req.volume_capabilities).ok(),
+            false => {
+                rules::well_formed(&req.volume_capabilities)?;
+                rules::capabilities(&req.volume_capabilities).ok()
+            }
         };
         let servable = req.volume_capabilities.is_empty() || wanted.is_some();
         let fs = match &wanted {
@@ -500,6 +532,12 @@ impl Controller for Driver {
             Some(_) => Some(rules::one_capability(req.volume_capability.as_ref())?),
             None => None,
         };
+        if range.limit_bytes < 0 {
+            return Err(Error::InvalidArgument(
+                "capacity_range.limit_bytes must not be negative".into(),
+            )
+            .into());
+        }
         // required_bytes 0 means "unspecified": nothing to grow to.
         let size = match range.required_bytes {
             0 => 0,

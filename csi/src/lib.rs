@@ -145,6 +145,17 @@ pub struct Stage {
     pub read_only: bool,
 }
 
+/// How NodePublishVolume exposes a staged volume at a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    /// Bind the device file (raw block) instead of the staged filesystem.
+    pub block: bool,
+    pub read_only: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: refuse a read-write publication while
+    /// another target holds one.
+    pub sole_writer: bool,
+}
+
 /// Space and inode use of a published volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -199,17 +210,15 @@ pub trait Backend: Send + Sync + 'static {
     fn unstage(&self, name: &str, staging: &Path) -> Result<(), Error>;
     /// Bind-mounts the staged filesystem (or, for `block`, the device file)
     /// on `target`. Ok when already published there the same way;
-    /// ALREADY_EXISTS when something else or another mode is there.
-    fn publish(
-        &self,
-        name: &str,
-        staging: &Path,
-        target: &Path,
-        block: bool,
-        readonly: bool,
-    ) -> Result<(), Error>;
+    /// ALREADY_EXISTS when something else or another mode is there;
+    /// FAILED_PRECONDITION when `sole_writer` and another target holds it
+    /// read-write.
+    fn publish(&self, name: &str, staging: &Path, target: &Path, how: Publish)
+        -> Result<(), Error>;
     /// Unmounts and removes `target`; Ok when nothing is there.
     fn unpublish(&self, name: &str, target: &Path) -> Result<(), Error>;
+    /// Use of the volume staged or published at `path`; NOT_FOUND when the
+    /// volume is neither staged nor published there.
     fn usage(&self, name: &str, path: &Path) -> Result<Usage, Error>;
     /// Makes this node's view (engine, device, filesystem at `path`) match
     /// the volume's recorded size; returns that size.

@@ -9,7 +9,7 @@ use crate::pb::node_server::Node;
 use crate::pb::node_service_capability::{rpc, Rpc, Type};
 use crate::pb::volume_usage::Unit;
 use crate::pb::*;
-use crate::{path_field, required, rules, Driver, Error, Stage};
+use crate::{path_field, required, rules, Driver, Error, Publish, Stage};
 
 fn not_found(name: &str) -> Error {
     Error::NotFound(format!("volume {name:?} does not exist"))
@@ -91,7 +91,12 @@ impl Node for Driver {
         }
         self.exclusive(&name.clone(), move |b| {
             volume_for(b, &name, Some(&wanted))?;
-            b.publish(&name, &staging, &target, wanted.block, readonly)
+            let how = Publish {
+                block: wanted.block,
+                read_only: readonly,
+                sole_writer: wanted.single_workload,
+            };
+            b.publish(&name, &staging, &target, how)
         })
         .await?;
         Ok(Response::new(NodePublishVolumeResponse {}))

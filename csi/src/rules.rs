@@ -23,8 +23,12 @@ pub struct Wanted {
     pub fs: String,
     pub mount_flags: Vec<String>,
     /// A reader-only mode (MULTI_NODE_READER_ONLY, SINGLE_NODE_READER_ONLY):
-    /// held read-only (read-only device), possibly by several nodes.
+    /// held read-only (read-only device).
     pub reader: bool,
+    /// The mode lets several nodes hold the volume (MULTI_NODE_READER_ONLY).
+    pub multi_node: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: one read-write publication at a time.
+    pub single_workload: bool,
 }
 
 /// Checks one capability; returns (block?, fs_type, mount flags).
@@ -33,7 +37,8 @@ fn capability(c: &VolumeCapability) -> Result<Wanted, Error> {
         .access_mode
         .as_ref()
         .ok_or_else(|| Error::InvalidArgument("volume capability lacks access_mode".into()))?;
-    let reader = match Mode::try_from(mode.mode) {
+    let parsed = Mode::try_from(mode.mode);
+    let reader = match parsed {
         Ok(Mode::SingleNodeWriter)
         | Ok(Mode::SingleNodeSingleWriter)
         | Ok(Mode::SingleNodeMultiWriter) => false,
@@ -58,12 +63,16 @@ fn capability(c: &VolumeCapability) -> Result<Wanted, Error> {
             )))
         }
     };
+    let multi_node = parsed == Ok(Mode::MultiNodeReaderOnly);
+    let single_workload = parsed == Ok(Mode::SingleNodeSingleWriter);
     match &c.access_type {
         Some(AccessType::Block(_)) => Ok(Wanted {
             block: true,
             fs: String::new(),
             mount_flags: Vec::new(),
             reader,
+            multi_node,
+            single_workload,
         }),
         Some(AccessType::Mount(m)) => {
             if !m.fs_type.is_empty() && !FILESYSTEMS.contains(&m.fs_type.as_str()) {
@@ -91,6 +100,8 @@ fn capability(c: &VolumeCapability) -> Result<Wanted, Error> {
                 fs: m.fs_type.clone(),
                 mount_flags: m.mount_flags.clone(),
                 reader,
+                multi_node,
+                single_workload,
             })
         }
         None => Err(Error::InvalidArgument(
@@ -179,6 +190,8 @@ pub fn capabilities(cs: &[VolumeCapability]) -> Result<Wanted, Error> {
         fs,
         mount_flags: Vec::new(),
         reader: all.iter().all(|w| w.reader),
+        multi_node: all.iter().any(|w| w.multi_node),
+        single_workload: all.iter().any(|w| w.single_workload),
     })
 }
 
@@ -427,7 +440,12 @@ mod tests {
         assert!(capabilities(&[cap(Mode::SingleNodeWriter, false, "xfs")]).is_ok());
         assert!(capabilities(&[cap(Mode::SingleNodeMultiWriter, true, "")]).is_ok());
         let rox = capabilities(&[cap(Mode::MultiNodeReaderOnly, false, "")]).expect("ROX");
-        assert!(rox.reader);
+        assert!(rox.reader && rox.multi_node);
+        let one_reader =
+            capabilities(&[cap(Mode::SingleNodeReaderOnly, false, "")]).expect("one reader");
+        assert!(one_reader.reader && !one_reader.multi_node);
+        let rwop = capabilities(&[cap(Mode::SingleNodeSingleWriter, false, "")]).expect("RWOP");
+        assert!(!rwop.reader && rwop.single_workload);
         for m in [
             Mode::MultiNodeMultiWriter,
             Mode::MultiNodeSingleWriter,

@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// (off when not given).
     #[arg(long, env = "CAIRN_CSI_SOCKET")]
     pub csi_socket: Option<PathBuf>,
+    /// Volumes the CSI driver lets one node hold at once (default 256);
+    /// give every node the same value.
+    #[arg(long, env = "CAIRN_CSI_MAX_VOLUMES")]
+    pub csi_max_volumes: Option<u64>,
     /// A replica whose node stays down this long is replaced elsewhere.
     #[arg(long, env = "CAIRN_REPLICA_GRACE_PERIOD")]
     pub replica_grace_period: Option<String>,
@@ -90,6 +94,10 @@ pub struct RunArgs {
     /// Erase devices that carry other data or another pool's superblock.
     #[arg(long)]
     pub force_format: bool,
+    /// Where the kernel's boot id is read (tests stand in a file for a
+    /// reboot).
+    #[arg(long, hide = true, default_value = "/proc/sys/kernel/random/boot_id")]
+    pub boot_id_file: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +126,7 @@ struct FileConfig {
     docker_plugin_socket: Option<String>,
     docker_mount_dir: Option<PathBuf>,
     csi_socket: Option<PathBuf>,
+    csi_max_volumes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -142,7 +151,9 @@ pub struct Config {
     pub docker_plugin_socket: Option<PathBuf>,
     pub docker_mount_dir: PathBuf,
     pub csi_socket: Option<PathBuf>,
+    pub csi_max_volumes: u64,
     pub force_format: bool,
+    pub boot_id_file: PathBuf,
 }
 
 /// Parses `500ms`, `5s`, `2m` (a number and a unit).
@@ -374,6 +385,12 @@ impl Config {
         if csi_socket.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err("--csi-socket: give an absolute path".into());
         }
+        let csi_max_volumes = args.csi_max_volumes.or(file.csi_max_volumes).unwrap_or(256);
+        if !(1..=4096).contains(&csi_max_volumes) {
+            return Err(format!(
+                "--csi-max-volumes {csi_max_volumes}: must be between 1 and 4096"
+            ));
+        }
         let docker_mount_dir = args
             .docker_mount_dir
             .or(file.docker_mount_dir)
@@ -414,7 +431,9 @@ impl Config {
             docker_plugin_socket,
             docker_mount_dir,
             csi_socket,
+            csi_max_volumes,
             force_format: args.force_format,
+            boot_id_file: args.boot_id_file,
         })
     }
 }
@@ -447,7 +466,9 @@ mod tests {
             docker_plugin_socket: None,
             docker_mount_dir: None,
             csi_socket: None,
+            csi_max_volumes: None,
             force_format: false,
+            boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
         }
     }
 

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cairn_csi::{Backend, CreateSpec, Error, NodeFacts, SizeRules, Stage, Usage, VolumeFacts};
+use cairn_csi::{
+    Backend, CreateSpec, Error, NodeFacts, Publish, SizeRules, Stage, Usage, VolumeFacts,
+};
 use cairn_proto::api::{SizeArg, VolumeCreate};
 
 use crate::cluster::state::{ClusterState, NodeState, ReplicaState, Volume};
@@ -16,14 +18,13 @@ use crate::volume::{VolumeError, VolumeManager};
 
 /// Size of a volume created without a capacity range.
 const DEFAULT_SIZE: u64 = 1 << 30;
-/// Volumes one node attaches at once (each is a loop device and a FUSE
-/// file; the engines' healer threads are per volume).
-const MAX_VOLUMES_PER_NODE: u64 = 256;
-
 pub struct CsiBackend {
     mgr: Arc<VolumeManager>,
     name: String,
     labels: std::collections::BTreeMap<String, String>,
+    /// Volumes one node holds at once (`--csi-max-volumes`; each attached
+    /// volume is a loop device, a FUSE file and an engine with its healer).
+    max_volumes: u64,
 }
 
 impl CsiBackend {
@@ -31,8 +32,14 @@ impl CsiBackend {
         mgr: Arc<VolumeManager>,
         name: String,
         labels: std::collections::BTreeMap<String, String>,
+        max_volumes: u64,
     ) -> CsiBackend {
-        CsiBackend { mgr, name, labels }
+        CsiBackend {
+            mgr,
+            name,
+            labels,
+            max_volumes,
+        }
     }
 
     /// A committed (linearizable) view of the state.
@@ -118,6 +125,19 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
     }
 }
 
+/// Whether mount `m` shows the volume whose device is `dev`: a filesystem
+/// mounted from it (staging) or bound from that mount (publish), or for a
+/// raw block volume the device file bound onto a file.
+fn shows_device(m: &sysmount::MountEntry, dev: &str, block: bool) -> bool {
+    if block {
+        Path::new(dev)
+            .file_name()
+            .is_some_and(|f| Path::new(&m.root).file_name() == Some(f))
+    } else {
+        m.source == dev
+    }
+}
+
 impl Backend for CsiBackend {
     /// Ready once this node is a member of a cluster. A lost quorum is not
     /// "unready": calls then fail with UNAVAILABLE, and a failed probe would
@@ -167,7 +187,7 @@ impl Backend for CsiBackend {
     }
 
     fn max_volumes_per_node(&self) -> u64 {
-        MAX_VOLUMES_PER_NODE
+        self.max_volumes
     }
 
     fn create(&self, spec: &CreateSpec) -> Result<VolumeFacts, Error> {
@@ -279,9 +299,9 @@ impl Backend for CsiBackend {
         name: &str,
         staging: &Path,
         target: &Path,
-        block: bool,
-        readonly: bool,
+        how: Publish,
     ) -> Result<(), Error> {
+        let (block, readonly) = (how.block, how.read_only);
         let target = &self
             .mgr
             .check_mount_target(&target.to_string_lossy())
@@ -293,19 +313,11 @@ impl Backend for CsiBackend {
                 staging.display()
             ))
         };
-        if let Some(m) = sysmount::mounts()
-            .into_iter()
-            .find(|m| m.mount_point == *target)
-        {
+        let dev = info.device.clone().unwrap_or_default();
+        let mounts = sysmount::mounts();
+        if let Some(m) = mounts.iter().find(|m| m.mount_point == *target) {
             // Published already: the same volume the same way is a repeat.
-            let dev = info.device.clone().unwrap_or_default();
-            let ours = if block {
-                Path::new(&dev)
-                    .file_name()
-                    .is_some_and(|f| Path::new(&m.root).file_name() == Some(f))
-            } else {
-                m.source == dev
-            };
+            let ours = shows_device(m, &dev, block);
             if ours && m.read_only == readonly {
                 return Ok(());
             }
@@ -318,6 +330,21 @@ impl Backend for CsiBackend {
                     "of something else"
                 }
             )));
+        }
+        if how.sole_writer && !readonly {
+            let other = mounts.iter().find(|m| {
+                !dev.is_empty()
+                    && m.mount_point != *target
+                    && m.mount_point != staging
+                    && !m.read_only
+                    && shows_device(m, &dev, block)
+            });
+            if let Some(m) = other {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {name:?} is published read-write at {}; SINGLE_NODE_SINGLE_WRITER allows one",
+                    m.mount_point.display()
+                )));
+            }
         }
         let source = if block {
             let dev = info.device.ok_or_else(not_staged)?;
@@ -374,7 +401,19 @@ impl Backend for CsiBackend {
 
     fn usage(&self, name: &str, path: &Path) -> Result<Usage, Error> {
         let info = self.mgr.inspect(name).map_err(map)?;
-        if info.fs == "none" {
+        let dev = info.device.clone().unwrap_or_default();
+        let block = info.fs == "none";
+        let here = !dev.is_empty()
+            && sysmount::mounts()
+                .iter()
+                .any(|m| m.mount_point == path && shows_device(m, &dev, block));
+        if !here {
+            return Err(Error::NotFound(format!(
+                "volume {name:?} is neither staged nor published at {} on this node",
+                path.display()
+            )));
+        }
+        if block {
             return Ok(Usage {
                 total_bytes: info.size_bytes,
                 used_bytes: 0,

@@ -141,6 +141,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
             fuse_threads: cfg.fuse_threads,
             default_replicas: cfg.default_replicas,
             rebuild_bandwidth: cfg.rebuild_bandwidth,
+            boot_id: std::fs::read_to_string(&cfg.boot_id_file)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("kernel boot id {}: {e}", cfg.boot_id_file.display()))?,
             handle: rt.handle().clone(),
         },
         db.clone(),
@@ -202,6 +205,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 mgr.clone(),
                 cfg.node_name.clone(),
                 cfg.labels.clone(),
+                cfg.csi_max_volumes,
             ));
             Some((l, b, path.clone()))
         }

@@ -37,6 +37,11 @@ pub const CORRUPT: u32 = 4;
 pub const INVALID: u32 = 5;
 pub const FAILED: u32 = 6;
 pub const UNSUPPORTED: u32 = 7;
+/// The replica may lack acknowledged writes after an unclean restart of its
+/// node and serves nothing until it is rebuilt. A receiver that predates
+/// this status treats it as any failure (and records the replica faulted),
+/// which is what it means.
+pub const UNCLEAN: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

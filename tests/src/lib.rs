@@ -712,6 +712,16 @@ pub fn write_direct(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()
     f.sync_all()
 }
 
+/// Writes `data` at `offset` with O_DIRECT and no fsync: acknowledged by
+/// the device, not flushed.
+pub fn write_direct_unflushed(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = open_direct(path, true)?;
+    let mut buf = DirectBuf::new(data.len());
+    buf.as_mut_slice().copy_from_slice(data);
+    f.write_all_at(buf.as_slice(), offset)
+}
+
 /// The value of one Prometheus sample (`name{labels}`) from a node's /metrics.
 pub fn metric(n: &TestNode, series: &str) -> Option<f64> {
     let r = Client::new(&n.api_url())

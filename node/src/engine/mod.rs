@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use metrics::VolumeMetrics;
 use prost::bytes::Bytes;
 
-use crate::cluster::state::{Command, ReplicaState, Volume};
+use crate::cluster::state::{Command, ReplicaState, StateError, Volume};
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::replica::host::{HostMap, Hosted};
 use crate::replica::remote::{Channels, RemoteReplica};
@@ -53,6 +53,16 @@ pub enum EngineError {
         why: String,
         record: String,
     },
+    /// The replica failed but the state keeps it: it is the volume's last
+    /// healthy copy, so the I/O fails instead of going on without it.
+    #[error("replica on node {node}, the last healthy copy, failed: {why}")]
+    LastCopy {
+        node: NodeId,
+        why: String,
+        /// It refused as unclean, which it stops doing once it is the only
+        /// healthy copy: worth one more try.
+        unclean: bool,
+    },
 }
 
 impl EngineError {
@@ -60,7 +70,9 @@ impl EngineError {
         match self {
             EngineError::OutOfRange { .. } => libc::EINVAL,
             EngineError::Replica(r) => r.errno(),
-            EngineError::NoReplica | EngineError::Unrecorded { .. } => libc::EIO,
+            EngineError::NoReplica
+            | EngineError::Unrecorded { .. }
+            | EngineError::LastCopy { .. } => libc::EIO,
         }
     }
 }
@@ -367,7 +379,7 @@ impl Engine {
                 Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::NoSpace)) => {
                     fatal.get_or_insert(e.into());
                 }
-                Err(e) => match self.mark_faulted(&slot, &e.to_string()) {
+                Err(e) => match self.mark_faulted(&slot, &e) {
                     // Nothing completes on an unrecorded degraded set.
                     Err(unrecorded) => {
                         fatal.get_or_insert(unrecorded);
@@ -392,18 +404,19 @@ impl Engine {
     fn record_suspects(&self) -> Result<(), EngineError> {
         let suspects: Vec<Arc<Slot>> = self.slots_where(|st| st == SUSPECT);
         for s in suspects {
-            self.mark_faulted(&s, "an earlier failure")?;
+            self.mark_faulted(&s, &ReplicaError::Remote("an earlier failure".into()))?;
         }
         Ok(())
     }
 
     /// Records `slot` faulted in the cluster state (with this engine's
     /// epoch), then stops sending it I/O.
-    fn mark_faulted(&self, slot: &Slot, why: &str) -> Result<(), EngineError> {
+    fn mark_faulted(&self, slot: &Slot, cause: &ReplicaError) -> Result<(), EngineError> {
         if slot.state() == FAULTED {
             return Ok(());
         }
-        tracing::warn!(volume = %self.volume, node = %slot.node, error = why, "replica failed; recording it faulted");
+        let why = cause.to_string();
+        tracing::warn!(volume = %self.volume, node = %slot.node, error = %why, "replica failed; recording it faulted");
         let r = self.ctx.store.propose(Command::SetReplicaState {
             id: self.volume,
             node: slot.node,
@@ -415,11 +428,20 @@ impl Engine {
                 slot.state.store(FAULTED, Ordering::Release);
                 Ok(())
             }
+            // The cluster keeps its last healthy copy: so does the engine
+            // (this I/O fails, later ones try it again).
+            Err(StoreError::Refused(StateError::LastHealthy { .. })) => {
+                Err(EngineError::LastCopy {
+                    node: slot.node,
+                    why,
+                    unclean: matches!(cause, ReplicaError::Unclean(_)),
+                })
+            }
             Err(e) => {
                 slot.state.store(SUSPECT, Ordering::Release);
                 Err(EngineError::Unrecorded {
                     node: slot.node,
-                    why: why.into(),
+                    why,
                     record: e.to_string(),
                 })
             }
@@ -476,12 +498,25 @@ impl Engine {
 
     // ---- I/O ----------------------------------------------------------------
 
+    /// Runs `op`, and once more when it failed on the last healthy copy
+    /// refusing as unclean: that copy serves once it is the only healthy
+    /// one, which the failed attempt may just have made it by recording
+    /// the others faulted.
+    fn retrying(&self, mut op: impl FnMut() -> Result<(), EngineError>) -> Result<(), EngineError> {
+        match op() {
+            Err(EngineError::LastCopy { unclean: true, .. }) => op(),
+            r => r,
+        }
+    }
+
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let t = Instant::now();
-        let r = self
-            .check(offset, buf.len() as u64)
-            .and_then(|_| self.record_suspects())
-            .and_then(|_| self.read_any(offset, buf));
+        let r = self.check(offset, buf.len() as u64).and_then(|_| {
+            self.retrying(|| {
+                self.record_suspects()?;
+                self.read_any(offset, buf)
+            })
+        });
         self.metrics
             .record_read(buf.len() as u64, t.elapsed(), r.is_ok());
         r
@@ -495,7 +530,7 @@ impl Engine {
             match r {
                 Ok(()) => return Ok(()),
                 Err(e @ ReplicaError::Fenced { .. }) => return Err(e.into()),
-                Err(e) => self.mark_faulted(&slot, &e.to_string())?,
+                Err(e) => self.mark_faulted(&slot, &e)?,
             }
         }
         Err(EngineError::NoReplica)
@@ -503,70 +538,78 @@ impl Engine {
 
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
         let t = Instant::now();
-        let r = self.check(offset, buf.len() as u64).and_then(|_| {
-            self.record_suspects()?;
-            let _range = self.writing.lock(offset, buf.len() as u64);
-            let _locks = self.lock_shared(offset, buf.len() as u64);
-            let slots = self.writable();
-            let data = if slots.iter().any(|s| !s.is_local()) {
-                Bytes::copy_from_slice(buf)
-            } else {
-                Bytes::new()
-            };
-            // Local writes use the caller's buffer (no copy); remote ones
-            // share one reference-counted copy.
-            let local_buf = buf;
-            let mut results = Vec::with_capacity(slots.len());
-            let epoch = self.epoch();
-            let remote: Vec<_> = slots
-                .iter()
-                .filter_map(|s| match &s.target {
-                    Target::Remote(r) => {
-                        let (r, d) = (r.clone(), data.clone());
-                        Some((
-                            s.clone(),
-                            self.ctx
-                                .handle
-                                .spawn_blocking(move || r.write_blocking(epoch, offset, &d)),
-                        ))
-                    }
-                    Target::Local(_) => None,
-                })
-                .collect();
-            for s in &slots {
-                if let Target::Local(h) = &s.target {
-                    results.push((s.clone(), h.write(epoch, offset, local_buf)));
-                }
-            }
-            for (s, h) in remote {
-                let r = self
-                    .ctx
-                    .handle
-                    .block_on(h)
-                    .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
-                results.push((s, r));
-            }
-            self.settle(results)
-        });
+        let r = self
+            .check(offset, buf.len() as u64)
+            .and_then(|_| self.retrying(|| self.write_once(offset, buf)));
         self.metrics
             .record_write(buf.len() as u64, t.elapsed(), r.is_ok());
         r
     }
 
+    fn write_once(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
+        self.record_suspects()?;
+        let _range = self.writing.lock(offset, buf.len() as u64);
+        let _locks = self.lock_shared(offset, buf.len() as u64);
+        let slots = self.writable();
+        let data = if slots.iter().any(|s| !s.is_local()) {
+            Bytes::copy_from_slice(buf)
+        } else {
+            Bytes::new()
+        };
+        // Local writes use the caller's buffer (no copy); remote ones
+        // share one reference-counted copy.
+        let local_buf = buf;
+        let mut results = Vec::with_capacity(slots.len());
+        let epoch = self.epoch();
+        let remote: Vec<_> = slots
+            .iter()
+            .filter_map(|s| match &s.target {
+                Target::Remote(r) => {
+                    let (r, d) = (r.clone(), data.clone());
+                    Some((
+                        s.clone(),
+                        self.ctx
+                            .handle
+                            .spawn_blocking(move || r.write_blocking(epoch, offset, &d)),
+                    ))
+                }
+                Target::Local(_) => None,
+            })
+            .collect();
+        for s in &slots {
+            if let Target::Local(h) = &s.target {
+                results.push((s.clone(), h.write(epoch, offset, local_buf)));
+            }
+        }
+        for (s, h) in remote {
+            let r = self
+                .ctx
+                .handle
+                .block_on(h)
+                .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
+            results.push((s, r));
+        }
+        self.settle(results)
+    }
+
     /// TRIM/discard and write-zeroes: the range reads as zeros afterwards.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let r = self.check(offset, len).and_then(|_| {
-            self.record_suspects()?;
-            let _range = self.writing.lock(offset, len);
-            let _locks = self.lock_shared(offset, len);
-            let slots = self.writable();
-            let results = self.fan_out(&slots, |t, e| async move {
-                match t {
-                    Target::Local(h) => h.zero_range(e, offset, len),
-                    Target::Remote(r) => blocking(move || r.zero_blocking(e, offset, len)).await,
-                }
-            });
-            self.settle(results)
+            self.retrying(|| {
+                self.record_suspects()?;
+                let _range = self.writing.lock(offset, len);
+                let _locks = self.lock_shared(offset, len);
+                let slots = self.writable();
+                let results = self.fan_out(&slots, |t, e| async move {
+                    match t {
+                        Target::Local(h) => h.zero_range(e, offset, len),
+                        Target::Remote(r) => {
+                            blocking(move || r.zero_blocking(e, offset, len)).await
+                        }
+                    }
+                });
+                self.settle(results)
+            })
         });
         self.metrics.record_discard(len, r.is_ok());
         r
@@ -574,18 +617,17 @@ impl Engine {
 
     pub fn flush(&self) -> Result<(), EngineError> {
         let t = Instant::now();
-        if let Err(e) = self.record_suspects() {
-            self.metrics.record_flush(t.elapsed(), false);
-            return Err(e);
-        }
-        let slots = self.writable();
-        let results = self.fan_out(&slots, |t, e| async move {
-            match t {
-                Target::Local(h) => h.flush(e),
-                Target::Remote(r) => blocking(move || r.flush_blocking(e)).await,
-            }
+        let r = self.retrying(|| {
+            self.record_suspects()?;
+            let slots = self.writable();
+            let results = self.fan_out(&slots, |t, e| async move {
+                match t {
+                    Target::Local(h) => h.flush(e),
+                    Target::Remote(r) => blocking(move || r.flush_blocking(e)).await,
+                }
+            });
+            self.settle(results)
         });
-        let r = self.settle(results);
         self.metrics.record_flush(t.elapsed(), r.is_ok());
         r
     }
@@ -738,7 +780,7 @@ impl Engine {
             Ok(copied) => {
                 let flushed = target.flush(epoch);
                 if let Err(e) = flushed {
-                    let _ = self.mark_faulted(slot, &e.to_string());
+                    let _ = self.mark_faulted(slot, &e);
                     return Err(format!("flush: {e}"));
                 }
                 self.set_state(slot, ReplicaState::Healthy)
@@ -747,7 +789,7 @@ impl Engine {
             }
             Err(e) => {
                 if slot.state() == REBUILDING {
-                    let _ = self.mark_faulted(slot, &e);
+                    let _ = self.mark_faulted(slot, &ReplicaError::Remote(e.clone()));
                 }
                 Err(e)
             }

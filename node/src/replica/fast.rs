@@ -48,6 +48,7 @@ fn status_of(e: &ReplicaError) -> (u32, u64) {
         ReplicaError::Gone(_) => (frame::GONE, 0),
         ReplicaError::NoSpace => (frame::NO_SPACE, 0),
         ReplicaError::Corrupt(_) => (frame::CORRUPT, 0),
+        ReplicaError::Unclean(_) => (frame::UNCLEAN, 0),
         _ => (frame::FAILED, 0),
     }
 }
@@ -235,6 +236,7 @@ impl FastPool {
             frame::GONE => Err(ReplicaError::Remote(format!("replica gone: {}", msg()))),
             frame::NO_SPACE => Err(ReplicaError::NoSpace),
             frame::CORRUPT => Err(ReplicaError::Corrupt(msg())),
+            frame::UNCLEAN => Err(ReplicaError::Unclean(Id128(req.volume))),
             _ => Err(ReplicaError::Remote(msg())),
         }
     }

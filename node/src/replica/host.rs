@@ -6,12 +6,26 @@
 //! never change it again. Every I/O holds the fence's read lock from the
 //! check to the end of the I/O, and raising the fence takes the write lock:
 //! no old-epoch write is still landing when `open` returns.
+//!
+//! Generations: when this node's kernel restarted since the daemon last ran
+//! (power loss, kernel crash), every replica it hosted may lack writes it
+//! acknowledged but had not flushed. Such a replica is marked *unclean*
+//! (durably) and serves no I/O while the cluster state still counts it
+//! healthy beside another healthy copy: the engine's I/O fails on it, the
+//! engine records it faulted and reads elsewhere, and the rebuild makes it
+//! whole. The mark is dropped once the state shows the replica
+//! `rebuilding` (every engine stopped reading it before that), or shows it
+//! the only healthy copy (nothing better exists). A daemon crash without a
+//! kernel restart loses nothing: its `O_DIRECT` writes reached the device and
+//! map entries are durable before a write is acknowledged.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use super::commit::Meta;
 use super::{LocalReplica, ReplicaError};
+use crate::cluster::state::{ClusterState, ReplicaState};
 use crate::cluster::store::ClusterStore;
 use crate::pool::Pool;
 use crate::types::{NodeId, VolumeId};
@@ -20,8 +34,14 @@ pub struct Hosted {
     pub replica: Arc<LocalReplica>,
     fence: RwLock<u64>,
     fences: sled::Tree,
-    db: sled::Db,
+    meta: Arc<Meta>,
     gone: AtomicBool,
+    /// May lack acknowledged writes (see the module doc); persisted in
+    /// `unclean_tree`.
+    unclean: AtomicBool,
+    unclean_tree: sled::Tree,
+    store: Arc<ClusterStore>,
+    me: NodeId,
 }
 
 impl Hosted {
@@ -42,7 +62,7 @@ impl Hosted {
             self.fences
                 .insert(self.replica.volume.to_string(), &epoch.to_le_bytes())
                 .map_err(Self::meta)?;
-            self.db.flush().map_err(Self::meta)?;
+            self.meta.commit().map_err(Self::meta)?;
             *f = epoch;
         }
         Ok(())
@@ -63,12 +83,64 @@ impl Hosted {
                 return Err(ReplicaError::Fenced { epoch, fence: *g });
             }
             if epoch == *g {
+                if self.unclean.load(Ordering::Acquire) {
+                    self.settle_unclean()?;
+                }
                 return Ok(g);
             }
             // A newer engine that did not open yet: opening is implied.
             drop(g);
             self.open(epoch)?;
         }
+    }
+
+    pub fn is_unclean(&self) -> bool {
+        self.unclean.load(Ordering::Acquire)
+    }
+
+    /// Whether the state lets an unclean replica serve again: it is being
+    /// rebuilt, or it is the volume's only healthy copy.
+    fn may_serve_unclean(&self, s: &ClusterState) -> bool {
+        s.volumes
+            .get(&self.replica.volume)
+            .and_then(|v| {
+                v.replica(self.me).map(|r| match r.state {
+                    ReplicaState::Rebuilding => true,
+                    ReplicaState::Healthy => v.healthy().count() == 1,
+                    ReplicaState::Faulted => false,
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    /// Refuses I/O while the replica is unclean and the state does not let
+    /// it serve (rechecked on a linearizable read, since this node may not
+    /// have applied the latest state yet); otherwise drops the mark durably.
+    fn settle_unclean(&self) -> Result<(), ReplicaError> {
+        let volume = self.replica.volume;
+        if !self.may_serve_unclean(&self.store.read()) {
+            let _ = self.store.sync_read();
+            if !self.may_serve_unclean(&self.store.read()) {
+                return Err(ReplicaError::Unclean(volume));
+            }
+        }
+        self.unclean_tree
+            .remove(volume.to_string())
+            .map_err(Self::meta)?;
+        self.meta.commit().map_err(Self::meta)?;
+        if self.unclean.swap(false, Ordering::AcqRel) {
+            tracing::info!(volume = %volume, "unclean replica serves again (being rebuilt, or the only healthy copy)");
+        }
+        Ok(())
+    }
+
+    /// Marks the replica unclean, durably (the caller commits).
+    fn mark_unclean(&self) -> Result<(), ReplicaError> {
+        self.unclean_tree
+            .insert(self.replica.volume.to_string(), &[1u8])
+            .map_err(Self::meta)?;
+        self.unclean.store(true, Ordering::Release);
+        Ok(())
     }
 
     pub fn read(&self, epoch: u64, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
@@ -123,22 +195,72 @@ impl Hosted {
 /// this node for a volume and destroyed when it no longer does.
 pub struct HostMap {
     pub me: NodeId,
-    db: sled::Db,
+    meta: Arc<Meta>,
     pool: Arc<Pool>,
     fences: sled::Tree,
+    unclean: sled::Tree,
+    store: Arc<ClusterStore>,
     map: RwLock<HashMap<VolumeId, Arc<Hosted>>>,
 }
 
 impl HostMap {
-    pub fn new(me: NodeId, db: sled::Db, pool: Arc<Pool>) -> Result<HostMap, String> {
-        let fences = db.open_tree("fences").map_err(|e| e.to_string())?;
+    pub fn new(
+        me: NodeId,
+        meta: Arc<Meta>,
+        pool: Arc<Pool>,
+        store: Arc<ClusterStore>,
+    ) -> Result<HostMap, String> {
+        let fences = meta.db.open_tree("fences").map_err(|e| e.to_string())?;
+        let unclean = meta.db.open_tree("unclean").map_err(|e| e.to_string())?;
         Ok(HostMap {
             me,
-            db,
+            meta,
             pool,
             fences,
+            unclean,
+            store,
             map: RwLock::new(HashMap::new()),
         })
+    }
+
+    fn hosted(&self, replica: Arc<LocalReplica>) -> Arc<Hosted> {
+        let id = replica.volume;
+        let unclean = self.unclean.contains_key(id.to_string()).unwrap_or(true);
+        Arc::new(Hosted {
+            replica,
+            fence: RwLock::new(self.stored_fence(id)),
+            fences: self.fences.clone(),
+            meta: self.meta.clone(),
+            gone: AtomicBool::new(false),
+            unclean: AtomicBool::new(unclean),
+            unclean_tree: self.unclean.clone(),
+            store: self.store.clone(),
+            me: self.me,
+        })
+    }
+
+    /// Start-up, after the replicas were loaded: when the kernel's boot id
+    /// differs from the one the daemon last ran under, this node restarted
+    /// uncleanly or not, and every replica it hosts may lack acknowledged
+    /// writes that were never flushed; they are marked unclean. Returns how
+    /// many were marked.
+    pub fn note_boot(&self, boot_id: &str) -> Result<usize, String> {
+        let node = self.meta.db.open_tree("node").map_err(|e| e.to_string())?;
+        let before = node.get("boot_id").map_err(|e| e.to_string())?;
+        let restarted = before
+            .as_ref()
+            .is_some_and(|b| b.as_ref() != boot_id.as_bytes());
+        let mut marked = 0;
+        if restarted {
+            for h in self.map.read().expect("host map lock").values() {
+                h.mark_unclean().map_err(|e| e.to_string())?;
+                marked += 1;
+            }
+        }
+        node.insert("boot_id", boot_id.as_bytes())
+            .map_err(|e| e.to_string())?;
+        self.meta.commit().map_err(|e| e.to_string())?;
+        Ok(marked)
     }
 
     pub fn extent_size(&self) -> u64 {
@@ -158,13 +280,7 @@ impl HostMap {
     /// Adds an already loaded replica (start-up, after its extents were claimed).
     pub fn insert(&self, replica: Arc<LocalReplica>) -> Arc<Hosted> {
         let id = replica.volume;
-        let h = Arc::new(Hosted {
-            replica,
-            fence: RwLock::new(self.stored_fence(id)),
-            fences: self.fences.clone(),
-            db: self.db.clone(),
-            gone: AtomicBool::new(false),
-        });
+        let h = self.hosted(replica);
         self.map
             .write()
             .expect("host map lock")
@@ -174,6 +290,17 @@ impl HostMap {
 
     pub fn get(&self, id: VolumeId) -> Option<Arc<Hosted>> {
         self.map.read().expect("host map lock").get(&id).cloned()
+    }
+
+    /// Replicas marked unclean (see the module doc).
+    pub fn unclean_ids(&self) -> Vec<VolumeId> {
+        self.map
+            .read()
+            .expect("host map lock")
+            .iter()
+            .filter(|(_, h)| h.is_unclean())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub fn ids(&self) -> Vec<VolumeId> {
@@ -212,17 +339,11 @@ impl HostMap {
         if let Some(h) = map.get(&id) {
             return Ok(h.clone());
         }
-        let (rep, mut owned) = LocalReplica::load(&self.db, self.pool.clone(), id)?;
+        let (rep, mut owned) = LocalReplica::load(&self.meta, self.pool.clone(), id)?;
         self.pool.claim_all(&mut owned).map_err(|a| {
             ReplicaError::Meta(format!("extent {a:?} of replica {id} is claimed twice"))
         })?;
-        let h = Arc::new(Hosted {
-            replica: Arc::new(rep),
-            fence: RwLock::new(self.stored_fence(id)),
-            fences: self.fences.clone(),
-            db: self.db.clone(),
-            gone: AtomicBool::new(false),
-        });
+        let h = self.hosted(Arc::new(rep));
         map.insert(id, h.clone());
         tracing::info!(volume = %id, "created local replica");
         Ok(h)
@@ -240,6 +361,7 @@ impl HostMap {
         }
         h.replica.destroy()?;
         let _ = self.fences.remove(id.to_string());
+        let _ = self.unclean.remove(id.to_string());
         tracing::info!(volume = %id, "freed local replica");
         Ok(())
     }

@@ -11,6 +11,7 @@
 //! - Freeing an extent waits for in-flight I/O of the replica (`free_gate`),
 //!   so a write never lands in an extent that was handed to another volume.
 
+pub mod commit;
 pub mod fast;
 pub mod host;
 pub mod remote;
@@ -21,6 +22,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use commit::Meta;
 use table::ExtentTable;
 
 use crate::pool::{ExtentAddr, Pool, PoolError, IO_ALIGN};
@@ -49,6 +51,12 @@ pub enum ReplicaError {
     /// Data failed its checksum.
     #[error("checksum mismatch: {0}")]
     Corrupt(String),
+    /// The replica's node went down uncleanly (the kernel restarted) since
+    /// this replica last served, so it may lack writes that were
+    /// acknowledged but not flushed; it serves nothing until the cluster
+    /// stops counting it healthy (to rebuild it) or has no better copy.
+    #[error("replica {0} may have lost unflushed writes in an unclean restart of its node; it serves again once rebuilt")]
+    Unclean(VolumeId),
 }
 
 impl ReplicaError {
@@ -60,7 +68,8 @@ impl ReplicaError {
             | ReplicaError::Fenced { .. }
             | ReplicaError::Gone(_)
             | ReplicaError::Remote(_)
-            | ReplicaError::Corrupt(_) => libc::EIO,
+            | ReplicaError::Corrupt(_)
+            | ReplicaError::Unclean(_) => libc::EIO,
         }
     }
 }
@@ -72,7 +81,7 @@ pub fn tree_name(volume: VolumeId) -> String {
 pub struct LocalReplica {
     pub volume: VolumeId,
     pool: Arc<Pool>,
-    db: sled::Db,
+    meta: Arc<Meta>,
     tree: sled::Tree,
     table: RwLock<ExtentTable>,
     /// Serialises allocation so two writers never allocate one logical extent twice.
@@ -87,11 +96,12 @@ impl LocalReplica {
     /// Loads the replica's map (creating an empty one), returning the extents
     /// it owns so the caller can claim them in the pool.
     pub fn load(
-        db: &sled::Db,
+        meta: &Arc<Meta>,
         pool: Arc<Pool>,
         volume: VolumeId,
     ) -> Result<(LocalReplica, Vec<ExtentAddr>), ReplicaError> {
-        let tree = db
+        let tree = meta
+            .db
             .open_tree(tree_name(volume))
             .map_err(|e| ReplicaError::Meta(e.to_string()))?;
         let mut table = ExtentTable::default();
@@ -119,7 +129,7 @@ impl LocalReplica {
         let r = LocalReplica {
             volume,
             pool,
-            db: db.clone(),
+            meta: meta.clone(),
             tree,
             table: RwLock::new(table),
             alloc_lock: Mutex::new(()),
@@ -158,13 +168,15 @@ impl LocalReplica {
         self.table.read().expect("table lock").get(logical)
     }
 
-    fn lookup_or_allocate(&self, logical: u64) -> Result<ExtentAddr, ReplicaError> {
+    /// The extent backing `logical`, allocated if there is none; `true`
+    /// when this call allocated it (its map entry is not durable yet).
+    fn lookup_or_allocate(&self, logical: u64) -> Result<(ExtentAddr, bool), ReplicaError> {
         if let Some(a) = self.lookup(logical) {
-            return Ok(a);
+            return Ok((a, false));
         }
         let _g = self.alloc_lock.lock().expect("alloc lock");
         if let Some(a) = self.lookup(logical) {
-            return Ok(a);
+            return Ok((a, false));
         }
         let addr = self.pool.allocate().map_err(|e| match e {
             PoolError::Full => ReplicaError::NoSpace,
@@ -183,7 +195,7 @@ impl LocalReplica {
             .expect("table lock")
             .set(logical, Some(addr));
         self.allocated_extents.fetch_add(1, Ordering::Relaxed);
-        Ok(addr)
+        Ok((addr, true))
     }
 
     /// Calls `f(logical extent, offset within it, range of the buffer)` for
@@ -230,16 +242,26 @@ impl LocalReplica {
         })
     }
 
-    /// Writes `buf`; same alignment rules as [`LocalReplica::read`].
+    /// Writes `buf`; same alignment rules as [`LocalReplica::read`]. An
+    /// extent allocated for it is in the durable map before this returns,
+    /// so an acknowledged write survives a daemon crash.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
         if !Self::aligned(offset, buf) {
             return self.write_unaligned(offset, buf);
         }
         let _gate = self.free_gate.read().expect("free gate");
+        let mut allocated = false;
         self.each_piece(offset, buf.len(), |logical, within, range| {
-            let addr = self.lookup_or_allocate(logical)?;
+            let (addr, fresh) = self.lookup_or_allocate(logical)?;
+            allocated |= fresh;
             Ok(self.pool.write(addr, within, &buf[range])?)
-        })
+        })?;
+        if allocated {
+            self.meta
+                .commit()
+                .map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        }
+        Ok(())
     }
 
     fn bounce_range(offset: u64, len: usize) -> (u64, usize) {
@@ -333,8 +355,8 @@ impl LocalReplica {
         self.tree
             .apply_batch(batch)
             .map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        self.db
-            .flush()
+        self.meta
+            .commit()
             .map_err(|e| ReplicaError::Meta(e.to_string()))?;
         {
             let mut t = self.table.write().expect("table lock");
@@ -354,7 +376,7 @@ impl LocalReplica {
     pub fn flush(&self) -> Result<(), ReplicaError> {
         self.pool.sync()?;
         if self.map_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.db.flush() {
+            if let Err(e) = self.meta.commit() {
                 self.map_dirty.store(true, Ordering::Release);
                 return Err(ReplicaError::Meta(e.to_string()));
             }
@@ -367,11 +389,12 @@ impl LocalReplica {
         let all: Vec<u64> = self.table.read().expect("table lock").logical_extents();
         self.free_extents(&all)?;
         let name = tree_name(self.volume);
-        self.db
+        self.meta
+            .db
             .drop_tree(name)
             .map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        self.db
-            .flush()
+        self.meta
+            .commit()
             .map_err(|e| ReplicaError::Meta(e.to_string()))?;
         Ok(())
     }
@@ -385,7 +408,7 @@ mod tests {
 
     struct Fixture {
         dir: std::path::PathBuf,
-        db: sled::Db,
+        db: Arc<Meta>,
         pool: Arc<Pool>,
     }
 
@@ -396,7 +419,11 @@ mod tests {
         let meta = db.open_tree("pool").expect("tree");
         let spec = DiskSpec::File(dir.join("d.img"), (extents + 1) * EXTENT_SIZE);
         let pool = Arc::new(Pool::open(&meta, Id128::random(), &[spec], false).expect("pool"));
-        Fixture { dir, db, pool }
+        Fixture {
+            dir,
+            db: Arc::new(Meta::new(db)),
+            pool,
+        }
     }
 
     impl Drop for Fixture {
@@ -466,6 +493,7 @@ mod tests {
         r.destroy().expect("destroy");
         assert_eq!(f.pool.allocated_bytes(), 0);
         assert!(!f
+            .db
             .db
             .tree_names()
             .iter()

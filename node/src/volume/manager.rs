@@ -22,6 +22,7 @@ use crate::engine::{Engine, EngineCtx};
 use crate::frontend::fuse::{holder, FuseServer};
 use crate::frontend::nbd::{Export, ExportProvider};
 use crate::pool::Pool;
+use crate::replica::commit::Meta;
 use crate::replica::host::HostMap;
 use crate::replica::LocalReplica;
 use crate::sys::loopdev;
@@ -40,6 +41,9 @@ pub struct ManagerConfig {
     pub default_replicas: u32,
     /// Rebuild copy limit in bytes per second (0: unlimited).
     pub rebuild_bandwidth: u64,
+    /// The running kernel's boot id (a change since the last start marks
+    /// the hosted replicas unclean).
+    pub boot_id: String,
     pub handle: tokio::runtime::Handle,
 }
 
@@ -146,11 +150,17 @@ impl VolumeManager {
             .open_tree("local_attachments")
             .map_err(|e| e.to_string())?;
         let volumes: Vec<Volume> = store.read().volumes.values().cloned().collect();
-        let hosts = Arc::new(HostMap::new(cfg.node_id, db.clone(), pool.clone())?);
+        let meta = Arc::new(Meta::new(db.clone()));
+        let hosts = Arc::new(HostMap::new(
+            cfg.node_id,
+            meta.clone(),
+            pool.clone(),
+            store.clone(),
+        )?);
         let mut claimed = Vec::new();
         // Replicas this node holds for volumes that list it.
         for v in volumes.iter().filter(|v| v.has_replica_on(cfg.node_id)) {
-            let (rep, owned) = LocalReplica::load(&db, pool.clone(), v.id)
+            let (rep, owned) = LocalReplica::load(&meta, pool.clone(), v.id)
                 .map_err(|e| format!("volume {}: {e}", v.name))?;
             claimed.extend(owned);
             hosts.insert(Arc::new(rep));
@@ -171,7 +181,7 @@ impl VolumeManager {
             }
             tracing::info!(volume = %id, "freeing the space of a replica no longer held here");
             let (rep, mut owned) =
-                LocalReplica::load(&db, pool.clone(), id).map_err(|e| e.to_string())?;
+                LocalReplica::load(&meta, pool.clone(), id).map_err(|e| e.to_string())?;
             pool.claim_all(&mut owned)
                 .map_err(|a| format!("orphan replica {id} claims {a:?} twice"))?;
             rep.destroy()
@@ -179,6 +189,13 @@ impl VolumeManager {
         }
         pool.claim_all(&mut claimed)
             .map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
+        let unclean = hosts.note_boot(&cfg.boot_id)?;
+        if unclean > 0 {
+            tracing::warn!(
+                replicas = unclean,
+                "the kernel restarted since this daemon last ran: hosted replicas may lack unflushed writes and serve again once rebuilt"
+            );
+        }
         let ctx = Arc::new(EngineCtx {
             me: cfg.node_id,
             store: store.clone(),
@@ -250,6 +267,33 @@ impl VolumeManager {
             if !listed {
                 if let Err(e) = self.hosts.destroy(id) {
                     tracing::error!(volume = %id, error = %e, "freeing a replica failed; retried");
+                }
+            }
+        }
+        // An unclean replica (this node's kernel restarted) still counted
+        // healthy beside another healthy copy is recorded faulted, so the
+        // engine reads elsewhere and rebuilds it without waiting for an I/O
+        // to stumble on it. Retried each round (no quorum, a new epoch).
+        for id in self.hosts.unclean_ids() {
+            let Some(v) = state.volumes.get(&id) else {
+                continue;
+            };
+            let mine = v.replica(self.cfg.node_id).map(|r| r.state);
+            if mine != Some(ReplicaState::Healthy) || v.healthy().count() < 2 {
+                continue;
+            }
+            let r = self.store.propose(Command::SetReplicaState {
+                id,
+                node: self.cfg.node_id,
+                state: ReplicaState::Faulted,
+                epoch: v.epoch,
+            });
+            match r {
+                Ok(_) => {
+                    tracing::info!(volume = %v.name, "unclean local replica recorded faulted; it is rebuilt from a healthy one")
+                }
+                Err(e) => {
+                    tracing::debug!(volume = %v.name, error = %e, "unclean local replica not recorded faulted yet")
                 }
             }
         }
