@@ -146,7 +146,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 .map_err(|e| format!("kernel boot id {}: {e}", cfg.boot_id_file.display()))?,
             handle: rt.handle().clone(),
         },
-        db.clone(),
+        Arc::new(crate::replica::commit::Meta::open(
+            db.clone(),
+            &cfg.data_dir.join("meta"),
+        )?),
         pool,
         store.clone(),
     )?;

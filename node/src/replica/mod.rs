@@ -3,9 +3,11 @@
 //!
 //! Invariants:
 //! - A logical extent with no map entry reads as zeros.
-//! - A map entry is inserted before the data write it serves is acknowledged
-//!   and made durable by [`LocalReplica::flush`] after the data (pool sync
-//!   first, then the db), so an acknowledged flush covers both.
+//! - A map entry is inserted, and appended to the extent map log (which a
+//!   restart after a crash replays, see `commit`), before the data write it
+//!   serves is acknowledged, and made durable by [`LocalReplica::flush`]
+//!   after the data (pool sync first, then the db), so an acknowledged flush
+//!   covers both.
 //! - An extent leaves the map only after it was zeroed durably, and returns to
 //!   the pool only after the removal is durable (see `pool`'s invariants).
 //! - Freeing an extent waits for in-flight I/O of the replica (`free_gate`),
@@ -168,15 +170,15 @@ impl LocalReplica {
         self.table.read().expect("table lock").get(logical)
     }
 
-    /// The extent backing `logical`, allocated if there is none; `true`
-    /// when this call allocated it (its map entry is not durable yet).
-    fn lookup_or_allocate(&self, logical: u64) -> Result<(ExtentAddr, bool), ReplicaError> {
+    /// The extent backing `logical`, allocated (and logged, see `commit`)
+    /// if there is none.
+    fn lookup_or_allocate(&self, logical: u64) -> Result<ExtentAddr, ReplicaError> {
         if let Some(a) = self.lookup(logical) {
-            return Ok((a, false));
+            return Ok(a);
         }
         let _g = self.alloc_lock.lock().expect("alloc lock");
         if let Some(a) = self.lookup(logical) {
-            return Ok((a, false));
+            return Ok(a);
         }
         let addr = self.pool.allocate().map_err(|e| match e {
             PoolError::Full => ReplicaError::NoSpace,
@@ -189,13 +191,19 @@ impl LocalReplica {
             self.pool.release(&[addr]);
             return Err(ReplicaError::Meta(e.to_string()));
         }
+        // Survives a crash of this process before sled's next flush.
+        if let Err(e) = self.meta.log_map(self.volume, logical, addr.pack()) {
+            let _ = self.tree.remove(logical.to_be_bytes());
+            self.pool.release(&[addr]);
+            return Err(ReplicaError::Meta(format!("extent map log: {e}")));
+        }
         self.map_dirty.store(true, Ordering::Release);
         self.table
             .write()
             .expect("table lock")
             .set(logical, Some(addr));
         self.allocated_extents.fetch_add(1, Ordering::Relaxed);
-        Ok((addr, true))
+        Ok(addr)
     }
 
     /// Calls `f(logical extent, offset within it, range of the buffer)` for
@@ -243,25 +251,17 @@ impl LocalReplica {
     }
 
     /// Writes `buf`; same alignment rules as [`LocalReplica::read`]. An
-    /// extent allocated for it is in the durable map before this returns,
-    /// so an acknowledged write survives a daemon crash.
+    /// extent allocated for it is in the extent map log before this
+    /// returns, so an acknowledged write survives a daemon crash.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
         if !Self::aligned(offset, buf) {
             return self.write_unaligned(offset, buf);
         }
         let _gate = self.free_gate.read().expect("free gate");
-        let mut allocated = false;
         self.each_piece(offset, buf.len(), |logical, within, range| {
-            let (addr, fresh) = self.lookup_or_allocate(logical)?;
-            allocated |= fresh;
+            let addr = self.lookup_or_allocate(logical)?;
             Ok(self.pool.write(addr, within, &buf[range])?)
-        })?;
-        if allocated {
-            self.meta
-                .commit()
-                .map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        }
-        Ok(())
+        })
     }
 
     fn bounce_range(offset: u64, len: usize) -> (u64, usize) {
@@ -350,6 +350,10 @@ impl LocalReplica {
         self.pool.sync()?;
         let mut batch = sled::Batch::default();
         for (l, _) in &victims {
+            // Logged first, so a replay never maps what sled dropped.
+            self.meta
+                .log_unmap(self.volume, *l)
+                .map_err(|e| ReplicaError::Meta(format!("extent map log: {e}")))?;
             batch.remove(&l.to_be_bytes());
         }
         self.tree
@@ -419,11 +423,8 @@ mod tests {
         let meta = db.open_tree("pool").expect("tree");
         let spec = DiskSpec::File(dir.join("d.img"), (extents + 1) * EXTENT_SIZE);
         let pool = Arc::new(Pool::open(&meta, Id128::random(), &[spec], false).expect("pool"));
-        Fixture {
-            dir,
-            db: Arc::new(Meta::new(db)),
-            pool,
-        }
+        let db = Arc::new(Meta::open(db, &dir).expect("meta"));
+        Fixture { dir, db, pool }
     }
 
     impl Drop for Fixture {

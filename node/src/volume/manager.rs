@@ -142,15 +142,15 @@ impl VolumeManager {
     /// kernel state, mounts FUSE and re-serves this node's attachments.
     pub fn open(
         cfg: ManagerConfig,
-        db: sled::Db,
+        meta: Arc<Meta>,
         pool: Arc<Pool>,
         store: Arc<ClusterStore>,
     ) -> Result<Arc<Self>, String> {
+        let db = meta.db.clone();
         let local = db
             .open_tree("local_attachments")
             .map_err(|e| e.to_string())?;
         let volumes: Vec<Volume> = store.read().volumes.values().cloned().collect();
-        let meta = Arc::new(Meta::new(db.clone()));
         let hosts = Arc::new(HostMap::new(
             cfg.node_id,
             meta.clone(),
