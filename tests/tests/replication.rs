@@ -597,3 +597,158 @@ fn a_replica_that_lost_unflushed_writes_in_a_reboot_is_rebuilt_before_it_is_read
     nodes[0].cli_ok(&["volume", "detach", "gen"]);
     let _ = std::fs::remove_file(&boot);
 }
+
+/// Sends one frame to a replica's data port; returns the reply's status
+/// and fence, or `None` when the replica closed the connection.
+fn exchange(
+    s: &mut std::net::TcpStream,
+    req: &cairn_proto::frame::Request,
+    payload: &[u8],
+) -> Option<(u32, u64)> {
+    use std::io::{Read, Write};
+    let mut out = req.encode().to_vec();
+    out.extend_from_slice(payload);
+    s.write_all(&out).ok()?;
+    let mut hdr = [0u8; cairn_proto::frame::REP_LEN];
+    s.read_exact(&mut hdr).ok()?;
+    let rep = cairn_proto::frame::Reply::decode(&hdr).expect("a data reply");
+    let mut body = vec![0u8; rep.length as usize];
+    s.read_exact(&mut body).ok()?;
+    assert_eq!(crc32fast::hash(&body), rep.crc, "reply checksum");
+    Some((rep.status, rep.fence))
+}
+
+/// Whatever arrives on a replica's data port (wrong version, cluster,
+/// epoch, checksum, op or size, or no frame at all) is answered with the
+/// matching error or a closed connection; the replica keeps serving its
+/// engine, and the volume's data and replica states do not change.
+#[test]
+fn hostile_frames_on_the_data_port_change_nothing() {
+    use cairn_proto::frame::{self, Request};
+    let nodes = cluster("rh", 2, 171);
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "hx",
+        "--size",
+        "64MiB",
+        "--fs",
+        "none",
+        "--replicas",
+        "2",
+    ]);
+    let dev = PathBuf::from(nodes[0].cli_ok(&["volume", "attach", "hx"]).trim());
+    let mut data = vec![0u8; MIB as usize];
+    fill_pattern(&mut data, 0x4858);
+    write_direct(&dev, 0, &data).expect("write");
+    let v = nodes[0].inspect("hx");
+    let volume: cairn_node::types::Id128 = v["id"].as_str().expect("id").parse().expect("id");
+    let epoch = v["epoch"].as_u64().expect("epoch");
+    let (_, c) = nodes[0].api("GET", "/v1/cluster", None);
+    let cluster: cairn_node::types::Id128 = c["cluster_id"]
+        .as_str()
+        .expect("cluster id")
+        .parse()
+        .expect("cluster id");
+    let zeros = vec![0u8; 4096];
+    let good = Request {
+        version: frame::VERSION,
+        op: frame::OP_WRITE,
+        cluster: cluster.0,
+        volume: volume.0,
+        epoch,
+        offset: 0,
+        length: zeros.len() as u64,
+        crc: crc32fast::hash(&zeros),
+    };
+    let connect = || std::net::TcpStream::connect(nodes[1].peer_address()).expect("data port");
+    let mut s = connect();
+    let answer = |s: &mut std::net::TcpStream, r: Request, p: &[u8]| {
+        exchange(s, &r, p).expect("an answer, not a closed connection")
+    };
+    let r = Request {
+        version: frame::VERSION + 7,
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &zeros).0, frame::UNSUPPORTED);
+    let r = Request {
+        cluster: [7; 16],
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &zeros).0, frame::INVALID);
+    let r = Request {
+        epoch: epoch - 1,
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &zeros), (frame::FENCED, epoch));
+    let r = Request {
+        crc: good.crc ^ 1,
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &zeros).0, frame::CORRUPT);
+    let r = Request {
+        op: 99,
+        length: 0,
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &[]).0, frame::INVALID);
+    let r = Request {
+        op: frame::OP_READ,
+        length: 1 << 40,
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &[]).0, frame::INVALID);
+    let r = Request {
+        offset: u64::MAX - 10,
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &zeros).0, frame::INVALID);
+    let r = Request {
+        volume: [9; 16],
+        ..good.clone()
+    };
+    assert_eq!(answer(&mut s, r, &zeros).0, frame::GONE);
+    // A payload larger than any frame may carry: answered, then closed.
+    let r = Request {
+        length: 1 << 30,
+        ..good.clone()
+    };
+    assert_eq!(exchange(&mut s, &r, &[]).map(|a| a.0), Some(frame::INVALID));
+    assert!(
+        exchange(&mut s, &good, &zeros).is_none(),
+        "still open after a huge frame"
+    );
+    // Bytes that are no frame at all, and a frame cut short.
+    {
+        use std::io::Write;
+        let mut g = connect();
+        let mut junk = frame::REQ_MAGIC.to_le_bytes().to_vec();
+        junk.extend_from_slice(&[0xa5; 200]);
+        let _ = g.write_all(&junk);
+        let mut cut = connect();
+        let _ = cut.write_all(&good.encode()[..30]);
+    }
+
+    // The engine's replica on n2 served on: no fault, same data, verify
+    // finds both replicas equal.
+    let mut more = vec![0u8; MIB as usize];
+    fill_pattern(&mut more, 0x4859);
+    write_direct(&dev, MIB, &more).expect("write after the hostile frames");
+    assert_eq!(read_direct(&dev, 0, data.len()).expect("read"), data);
+    assert!(
+        all_healthy(&nodes[0], "hx", 2),
+        "{:?}",
+        replica_states(&nodes[0], "hx")
+    );
+    let report = nodes[0].cli_ok(&["volume", "verify", "hx", "-o", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&report).expect("verify report");
+    assert_eq!(report["replicas_compared"], 2, "{report}");
+    assert_eq!(
+        report["mismatched_extents"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    let open = metric(&nodes[1], "cairn_data_connections").expect("connection gauge");
+    assert!(open >= 1.0, "{open}");
+    nodes[0].cli_ok(&["volume", "detach", "hx"]);
+}

@@ -21,6 +21,16 @@ use crate::types::{Id128, MAX_VOLUME_SIZE};
 
 /// Idle connections kept per peer.
 const POOL: usize = 32;
+/// A connection that sends nothing for this long (idle, or stalled inside
+/// a frame) is closed; an engine replaces a pooled connection the peer
+/// closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Data connections served at once (each is a thread); engines keep at
+/// most [`POOL`] idle ones per peer, so this leaves room for 30 peers.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Payload buffer a connection keeps between requests; a larger one is
+/// released after the request that needed it.
+const KEEP_BUFFER: usize = 1 << 20;
 
 // ---- replica side -----------------------------------------------------------
 
@@ -54,9 +64,19 @@ fn status_of(e: &ReplicaError) -> (u32, u64) {
 }
 
 impl FastServer {
-    /// Serves one connection until the peer closes it or breaks framing.
+    /// Serves one connection until the peer closes it, breaks framing or
+    /// stays silent for [`IDLE_TIMEOUT`]; refused (closed at once) while
+    /// [`MAX_CONNECTIONS`] are served.
     pub fn serve(&self, mut s: TcpStream) {
+        let Some(_slot) = self.hosts.data_connection() else {
+            tracing::warn!(
+                peer = ?s.peer_addr().ok(),
+                "refused a data connection: {MAX_CONNECTIONS} are open"
+            );
+            return;
+        };
         let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
         let mut payload = Vec::new();
         loop {
             let mut hdr = [0u8; frame::REQ_LEN];
@@ -86,6 +106,9 @@ impl FastServer {
             };
             if sent.is_err() {
                 return;
+            }
+            if payload.capacity() > KEEP_BUFFER {
+                payload = Vec::new();
             }
         }
     }

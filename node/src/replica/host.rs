@@ -20,7 +20,7 @@
 //! map entries are durable before a write is acknowledged.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use super::commit::Meta;
@@ -201,9 +201,34 @@ pub struct HostMap {
     unclean: sled::Tree,
     store: Arc<ClusterStore>,
     map: RwLock<HashMap<VolumeId, Arc<Hosted>>>,
+    /// Data connections being served (`fast`), and those refused because
+    /// [`super::fast::MAX_CONNECTIONS`] were.
+    pub data_connections: AtomicUsize,
+    pub data_connections_refused: AtomicU64,
+}
+
+/// One served data connection; counted until dropped.
+pub struct ConnectionSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl HostMap {
+    /// A slot for one more data connection, unless the limit is reached.
+    pub fn data_connection(&self) -> Option<ConnectionSlot<'_>> {
+        let open = self.data_connections.fetch_add(1, Ordering::AcqRel);
+        if open >= super::fast::MAX_CONNECTIONS {
+            self.data_connections.fetch_sub(1, Ordering::AcqRel);
+            self.data_connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(&self.data_connections))
+    }
+
     pub fn new(
         me: NodeId,
         meta: Arc<Meta>,
@@ -220,6 +245,8 @@ impl HostMap {
             unclean,
             store,
             map: RwLock::new(HashMap::new()),
+            data_connections: AtomicUsize::new(0),
+            data_connections_refused: AtomicU64::new(0),
         })
     }
 

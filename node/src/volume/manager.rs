@@ -624,6 +624,22 @@ impl VolumeManager {
         let _ = writeln!(out, "cairn_pool_capacity_bytes {cap}");
         let _ = writeln!(out, "# HELP cairn_pool_allocated_bytes Pool bytes allocated to volumes\n# TYPE cairn_pool_allocated_bytes gauge");
         let _ = writeln!(out, "cairn_pool_allocated_bytes {used}");
+        let _ = writeln!(out, "# HELP cairn_data_connections Replica data connections being served\n# TYPE cairn_data_connections gauge");
+        let _ = writeln!(
+            out,
+            "cairn_data_connections {}",
+            self.hosts
+                .data_connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP cairn_data_connections_refused_total Replica data connections refused at the limit\n# TYPE cairn_data_connections_refused_total counter");
+        let _ = writeln!(
+            out,
+            "cairn_data_connections_refused_total {}",
+            self.hosts
+                .data_connections_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         let names: HashMap<VolumeId, String> = self
             .store
             .read()
