@@ -583,17 +583,21 @@ fn a_replica_that_lost_unflushed_writes_in_a_reboot_is_rebuilt_before_it_is_read
             "read the block n2 lost"
         );
     }
+    // Healthy in the state is not enough (n2 starts out healthy there):
+    // n2 must have been rebuilt, which is when it drops its unclean mark.
     wait_for(
         "n2's replica rebuilt and healthy",
         Duration::from_secs(60),
-        || all_healthy(&nodes[0], "gen", 2),
+        || {
+            nodes[1].log().contains("unclean replica serves again")
+                && all_healthy(&nodes[0], "gen", 2)
+        },
     );
     // With n3 gone, n2 alone serves the volume: it holds the write now.
     nodes[2].kill9();
-    assert!(
-        read_direct(&dev, at, 4096).expect("read from n2 alone") == unflushed,
-        "n2 was not resynced"
-    );
+    let alone = read_direct(&dev, at, 4096)
+        .unwrap_or_else(|e| panic!("read from n2 alone: {e}; n1:\n{}", nodes[0].last_log()));
+    assert!(alone == unflushed, "n2 was not resynced");
     nodes[0].cli_ok(&["volume", "detach", "gen"]);
     let _ = std::fs::remove_file(&boot);
 }

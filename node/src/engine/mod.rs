@@ -135,6 +135,9 @@ pub struct RebuildProgress {
 const STRIPES: usize = 64;
 /// Extents a rebuild copies concurrently.
 const COPIERS: usize = 4;
+/// Writes up to this size go to remote replicas from the writing thread
+/// (see [`Engine::write_inline`]).
+const INLINE_WRITE: usize = 64 << 10;
 
 /// Byte ranges being written; a write waits while it overlaps one.
 #[derive(Default)]
@@ -551,6 +554,9 @@ impl Engine {
         let _range = self.writing.lock(offset, buf.len() as u64);
         let _locks = self.lock_shared(offset, buf.len() as u64);
         let slots = self.writable();
+        if buf.len() <= INLINE_WRITE {
+            return self.write_inline(&slots, offset, buf);
+        }
         let data = if slots.iter().any(|s| !s.is_local()) {
             Bytes::copy_from_slice(buf)
         } else {
@@ -587,6 +593,37 @@ impl Engine {
                 .handle
                 .block_on(h)
                 .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
+            results.push((s, r));
+        }
+        self.settle(results)
+    }
+
+    /// A small write without thread hand-offs: this thread sends it to
+    /// every remote replica, writes the local one while they work, then
+    /// reads their replies. (A large write's sends would block on socket
+    /// buffers one after the other; those go to the blocking pool.)
+    fn write_inline(
+        &self,
+        slots: &[Arc<Slot>],
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), EngineError> {
+        let epoch = self.epoch();
+        let sent: Vec<_> = slots
+            .iter()
+            .filter_map(|s| match &s.target {
+                Target::Remote(r) => Some((s.clone(), r.begin_write(epoch, offset, buf))),
+                Target::Local(_) => None,
+            })
+            .collect();
+        let mut results = Vec::with_capacity(slots.len());
+        for s in slots {
+            if let Target::Local(h) = &s.target {
+                results.push((s.clone(), h.write(epoch, offset, buf)));
+            }
+        }
+        for (s, pending) in sent {
+            let r = pending.and_then(|p| p.finish()).map(|_| ());
             results.push((s, r));
         }
         self.settle(results)

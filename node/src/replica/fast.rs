@@ -17,6 +17,8 @@ use super::host::HostMap;
 use super::remote::IO_TIMEOUT;
 use super::ReplicaError;
 use crate::cluster::store::ClusterStore;
+use crate::pool::IO_ALIGN;
+use crate::sys::AlignedBuf;
 use crate::types::{Id128, MAX_VOLUME_SIZE};
 
 /// Idle connections kept per peer.
@@ -77,7 +79,9 @@ impl FastServer {
         };
         let _ = s.set_nodelay(true);
         let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
-        let mut payload = Vec::new();
+        // Aligned, so a block-aligned write goes to the pool's O_DIRECT
+        // path without a bounce copy.
+        let mut payload = AlignedBuf::new(0, IO_ALIGN);
         loop {
             let mut hdr = [0u8; frame::REQ_LEN];
             if s.read_exact(&mut hdr).is_err() {
@@ -95,11 +99,15 @@ impl FastServer {
                 let _ = reply(&mut s, frame::INVALID, 0, b"payload too large");
                 return;
             }
-            payload.resize(inbound as usize, 0);
-            if s.read_exact(&mut payload).is_err() {
+            let len = inbound as usize;
+            if payload.as_slice().len() < len {
+                payload = AlignedBuf::new(len.next_power_of_two(), IO_ALIGN);
+            }
+            let body = &mut payload.as_mut_slice()[..len];
+            if s.read_exact(body).is_err() {
                 return;
             }
-            let r = self.handle(&req, &payload);
+            let r = self.handle(&req, &payload.as_slice()[..len]);
             let sent = match r {
                 Ok(data) => reply(&mut s, frame::OK, 0, &data),
                 Err((status, fence, msg)) => reply(&mut s, status, fence, msg.as_bytes()),
@@ -107,8 +115,8 @@ impl FastServer {
             if sent.is_err() {
                 return;
             }
-            if payload.capacity() > KEEP_BUFFER {
-                payload = Vec::new();
+            if payload.as_slice().len() > KEEP_BUFFER {
+                payload = AlignedBuf::new(0, IO_ALIGN);
             }
         }
     }
@@ -200,81 +208,119 @@ impl FastPool {
     /// closed meanwhile (it restarted) is replaced once by a new one: every
     /// request is idempotent (a write of the same bytes, a read, a flush).
     pub fn call(&self, req: &Request, payload: &[u8]) -> Result<Vec<u8>, ReplicaError> {
+        self.begin(req, payload)?.finish()
+    }
+
+    /// Sends a request and returns without waiting for the reply, so the
+    /// caller can do other work (its local write, the other replicas'
+    /// sends) before [`Pending::finish`].
+    pub fn begin(&self, req: &Request, payload: &[u8]) -> Result<Pending<'_>, ReplicaError> {
         let mut out = Vec::with_capacity(frame::REQ_LEN + payload.len());
         out.extend_from_slice(&req.encode());
         out.extend_from_slice(payload);
-        let mut hdr = [0u8; frame::REP_LEN];
         let idle = self.idle.lock().expect("pool lock").pop();
-        let mut s = match idle {
-            Some(mut s) => match s.write_all(&out).and_then(|_| s.read_exact(&mut hdr)) {
-                Ok(()) => s,
+        let (stream, pooled) = match idle {
+            Some(mut s) => match s.write_all(&out) {
+                Ok(()) => (s, true),
                 // A slow peer is not a closed connection: no second wait.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    return Err(ReplicaError::Remote(format!("{}: {e}", self.addr)));
-                }
-                Err(_) => {
-                    let mut fresh = self.connect()?;
-                    self.exchange(&mut fresh, &out, &mut hdr)?;
-                    fresh
-                }
+                Err(e) if timed_out(&e) => return Err(self.io_err(e)),
+                Err(_) => (self.send_fresh(&out)?, false),
             },
-            None => {
-                let mut fresh = self.connect()?;
-                self.exchange(&mut fresh, &out, &mut hdr)?;
-                fresh
-            }
+            None => (self.send_fresh(&out)?, false),
         };
-        let io_err = |e: io::Error| ReplicaError::Remote(format!("{}: {e}", self.addr));
+        Ok(Pending {
+            pool: self,
+            stream,
+            pooled,
+            out,
+            epoch: req.epoch,
+            volume: Id128(req.volume),
+        })
+    }
+
+    fn send_fresh(&self, out: &[u8]) -> Result<TcpStream, ReplicaError> {
+        let mut s = self.connect()?;
+        s.write_all(out).map_err(|e| self.io_err(e))?;
+        Ok(s)
+    }
+
+    fn io_err(&self, e: io::Error) -> ReplicaError {
+        ReplicaError::Remote(format!("{}: {e}", self.addr))
+    }
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// A request on the wire whose reply has not been read yet.
+pub struct Pending<'a> {
+    pool: &'a FastPool,
+    stream: TcpStream,
+    /// Taken from the idle pool (so it may have been closed by the peer).
+    pooled: bool,
+    /// The request as sent, for the one resend on a fresh connection.
+    out: Vec<u8>,
+    epoch: u64,
+    volume: Id128,
+}
+
+impl Pending<'_> {
+    /// Reads the reply (bounded by the connection's timeout).
+    pub fn finish(self) -> Result<Vec<u8>, ReplicaError> {
+        let Pending {
+            pool,
+            mut stream,
+            pooled,
+            out,
+            epoch,
+            volume,
+        } = self;
+        let mut hdr = [0u8; frame::REP_LEN];
+        match stream.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if timed_out(&e) => return Err(pool.io_err(e)),
+            Err(_) if pooled => {
+                stream = pool.send_fresh(&out)?;
+                stream.read_exact(&mut hdr).map_err(|e| pool.io_err(e))?;
+            }
+            Err(e) => return Err(pool.io_err(e)),
+        }
         let rep = Reply::decode(&hdr)
-            .ok_or_else(|| ReplicaError::Remote(format!("{}: not a data reply", self.addr)))?;
+            .ok_or_else(|| ReplicaError::Remote(format!("{}: not a data reply", pool.addr)))?;
         if rep.length as u64 > frame::MAX_PAYLOAD {
             return Err(ReplicaError::Remote(format!(
                 "{}: reply too large",
-                self.addr
+                pool.addr
             )));
         }
         let mut body = vec![0u8; rep.length as usize];
-        s.read_exact(&mut body).map_err(io_err)?;
+        stream.read_exact(&mut body).map_err(|e| pool.io_err(e))?;
         if crc32fast::hash(&body) != rep.crc {
-            return Err(ReplicaError::Corrupt(format!("reply from {}", self.addr)));
+            return Err(ReplicaError::Corrupt(format!("reply from {}", pool.addr)));
         }
         {
-            let mut idle = self.idle.lock().expect("pool lock");
+            let mut idle = pool.idle.lock().expect("pool lock");
             if idle.len() < POOL {
-                idle.push(s);
+                idle.push(stream);
             }
         }
         let msg = || String::from_utf8_lossy(&body).into_owned();
         match rep.status {
             frame::OK => Ok(body),
             frame::FENCED => Err(ReplicaError::Fenced {
-                epoch: req.epoch,
+                epoch,
                 fence: rep.fence,
             }),
             frame::GONE => Err(ReplicaError::Remote(format!("replica gone: {}", msg()))),
             frame::NO_SPACE => Err(ReplicaError::NoSpace),
             frame::CORRUPT => Err(ReplicaError::Corrupt(msg())),
-            frame::UNCLEAN => Err(ReplicaError::Unclean(Id128(req.volume))),
+            frame::UNCLEAN => Err(ReplicaError::Unclean(volume)),
             _ => Err(ReplicaError::Remote(msg())),
         }
-    }
-}
-
-impl FastPool {
-    fn exchange(
-        &self,
-        s: &mut TcpStream,
-        out: &[u8],
-        hdr: &mut [u8; frame::REP_LEN],
-    ) -> Result<(), ReplicaError> {
-        s.write_all(out)
-            .and_then(|_| s.read_exact(hdr))
-            .map_err(|e| ReplicaError::Remote(format!("{}: {e}", self.addr)))
     }
 }
 

@@ -157,6 +157,25 @@ impl RemoteReplica {
         self.fast.call(&req, data).map(|_| ())
     }
 
+    /// Sends a write without waiting for its reply: the engine sends a
+    /// small write to every remote replica from its own thread, writes the
+    /// local replica, then collects the replies.
+    pub fn begin_write(
+        &self,
+        epoch: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<super::fast::Pending<'_>, ReplicaError> {
+        let req = self.frame(
+            frame::OP_WRITE,
+            epoch,
+            offset,
+            data.len() as u64,
+            crc32fast::hash(data),
+        );
+        self.fast.begin(&req, data)
+    }
+
     pub fn read_blocking(
         &self,
         epoch: u64,
