@@ -191,6 +191,12 @@ impl Meta {
         self.append(UNMAP, volume, logical, 0)
     }
 
+    /// Bytes in the log files (they shrink at each commit).
+    pub fn log_bytes(&self) -> u64 {
+        let log = self.log.lock().expect("log lock");
+        log.len[0] + log.len[1]
+    }
+
     /// Returns once every change this thread made to the db before the call
     /// is on stable storage.
     pub fn commit(&self) -> sled::Result<()> {
@@ -362,8 +368,12 @@ mod tests {
         assert_eq!(get(b, 9), Some(200));
         assert_eq!(get(b, 1), Some(100), "the freed extent went to b");
         assert_eq!(std::fs::metadata(log_path(&dir, 0)).expect("log").len(), 0);
-        // New records continue the sequence.
+        // New records continue the sequence; a commit empties the log.
         assert_eq!(meta.log.lock().expect("log").next_seq, 5);
+        meta.log_map(a, 3, 400).expect("log");
+        assert_eq!(meta.log_bytes(), REC_LEN as u64);
+        meta.commit().expect("commit");
+        assert_eq!(meta.log_bytes(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -319,6 +319,16 @@ impl HostMap {
         self.map.read().expect("host map lock").get(&id).cloned()
     }
 
+    /// Commits the metadata when the extent map log has grown past
+    /// `limit` bytes (a writer that never flushes would grow it forever).
+    pub fn bound_map_log(&self, limit: u64) {
+        if self.meta.log_bytes() > limit {
+            if let Err(e) = self.meta.commit() {
+                tracing::warn!(error = %e, "committing the extent map failed; retried");
+            }
+        }
+    }
+
     /// Replicas marked unclean (see the module doc).
     pub fn unclean_ids(&self) -> Vec<VolumeId> {
         self.map

@@ -270,6 +270,7 @@ impl VolumeManager {
                 }
             }
         }
+        self.hosts.bound_map_log(1 << 20);
         // An unclean replica (this node's kernel restarted) still counted
         // healthy beside another healthy copy is recorded faulted, so the
         // engine reads elsewhere and rebuilds it without waiting for an I/O
