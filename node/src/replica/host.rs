@@ -16,8 +16,9 @@
 //! whole. The mark is dropped once the state shows the replica
 //! `rebuilding` (every engine stopped reading it before that), or shows it
 //! the only healthy copy (nothing better exists). A daemon crash without a
-//! kernel restart loses nothing: its `O_DIRECT` writes reached the device and
-//! map entries are durable before a write is acknowledged.
+//! kernel restart loses nothing: its `O_DIRECT` writes reached the device,
+//! and a new extent's map entry is in the extent map log (page cache,
+//! replayed at start) before the write into it is acknowledged.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -267,10 +268,10 @@ impl HostMap {
     }
 
     /// Start-up, after the replicas were loaded: when the kernel's boot id
-    /// differs from the one the daemon last ran under, this node restarted
-    /// uncleanly or not, and every replica it hosts may lack acknowledged
-    /// writes that were never flushed; they are marked unclean. Returns how
-    /// many were marked.
+    /// differs from the one the daemon last ran under, the kernel restarted
+    /// (cleanly or not: no shutdown record tells them apart), and every
+    /// replica this node hosts may lack acknowledged writes that were never
+    /// flushed; they are marked unclean. Returns how many were marked.
     pub fn note_boot(&self, boot_id: &str) -> Result<usize, String> {
         let node = self.meta.db.open_tree("node").map_err(|e| e.to_string())?;
         let before = node.get("boot_id").map_err(|e| e.to_string())?;
