@@ -42,6 +42,24 @@ fn raw_three_replicas(n: &TestNode, name: &str) -> PathBuf {
     PathBuf::from(n.cli_ok(&["volume", "attach", name]).trim())
 }
 
+/// Waits until every node's pool size is in the state (placement reads it).
+fn wait_pools_reported(n: &TestNode) {
+    wait_for("pool sizes reported", Duration::from_secs(15), || {
+        let (_, v) = n.api("GET", "/v1/nodes", None);
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|n| n["pool_capacity_bytes"].as_u64() > Some(0))
+        })
+    });
+}
+
+/// The nodes holding `volume`'s replicas, sorted.
+fn placed_on(n: &TestNode, volume: &str) -> Vec<String> {
+    let mut placed: Vec<String> = replica_states(n, volume).into_iter().map(|r| r.0).collect();
+    placed.sort();
+    placed
+}
+
 fn mount_dir(n: &TestNode, name: &str) -> PathBuf {
     let p = n.dir.join(name);
     std::fs::create_dir_all(&p).expect("mount dir");
@@ -227,13 +245,7 @@ fn three_replicas_survive_a_node_kill_and_resync_only_the_delta() {
 fn a_volume_with_no_local_replica_moves_to_a_survivor() {
     // n1's small pool keeps the replicas on n2 and n3.
     let mut nodes = cluster_with("rr", &["96MiB", "512MiB", "512MiB"], 85);
-    wait_for("pool sizes reported", Duration::from_secs(15), || {
-        let (_, v) = nodes[0].api("GET", "/v1/nodes", None);
-        v.as_array().is_some_and(|a| {
-            a.iter()
-                .all(|n| n["pool_capacity_bytes"].as_u64() > Some(0))
-        })
-    });
+    wait_pools_reported(&nodes[0]);
     nodes[0].cli_ok(&[
         "volume",
         "create",
@@ -243,12 +255,7 @@ fn a_volume_with_no_local_replica_moves_to_a_survivor() {
         "--replicas",
         "2",
     ]);
-    let mut placed: Vec<String> = replica_states(&nodes[0], "far")
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    placed.sort();
-    assert_eq!(placed, ["n2", "n3"]);
+    assert_eq!(placed_on(&nodes[0], "far"), ["n2", "n3"]);
     let mnt = mount_dir(&nodes[0], "mnt");
     nodes[0].cli_ok(&["volume", "mount", "far", mnt.to_str().unwrap()]);
     let manifest = write_manifest(&mnt, 24, MIB as usize, 0xfa);
@@ -521,13 +528,7 @@ fn a_replica_that_lost_unflushed_writes_in_a_reboot_is_rebuilt_before_it_is_read
         161,
         &["--boot-id-file", &boot_arg],
     );
-    wait_for("pool sizes reported", Duration::from_secs(15), || {
-        let (_, v) = nodes[0].api("GET", "/v1/nodes", None);
-        v.as_array().is_some_and(|a| {
-            a.iter()
-                .all(|n| n["pool_capacity_bytes"].as_u64() > Some(0))
-        })
-    });
+    wait_pools_reported(&nodes[0]);
     nodes[0].cli_ok(&[
         "volume",
         "create",
@@ -539,12 +540,7 @@ fn a_replica_that_lost_unflushed_writes_in_a_reboot_is_rebuilt_before_it_is_read
         "--replicas",
         "2",
     ]);
-    let mut placed: Vec<String> = replica_states(&nodes[0], "gen")
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    placed.sort();
-    assert_eq!(placed, ["n2", "n3"]);
+    assert_eq!(placed_on(&nodes[0], "gen"), ["n2", "n3"]);
     let dev = PathBuf::from(nodes[0].cli_ok(&["volume", "attach", "gen"]).trim());
     let at = 8 * MIB + 4096;
     let (mut flushed, mut unflushed) = (vec![0u8; 4096], vec![0u8; 4096]);

@@ -197,6 +197,8 @@ pub struct Engine {
 
 /// What one replica did with one request.
 type Outcome = (Arc<Slot>, Result<(), ReplicaError>);
+/// One replica's request running on the runtime.
+type RemoteTask = (Arc<Slot>, tokio::task::JoinHandle<Result<(), ReplicaError>>);
 
 impl Engine {
     /// An engine for `v` at `epoch`, with a slot per replica in the state.
@@ -357,6 +359,12 @@ impl Engine {
             let r = self.ctx.handle.block_on(op(s.target.clone_handle(), epoch));
             out.push((s.clone(), r));
         }
+        self.join_remote(remote, &mut out);
+        out
+    }
+
+    /// Waits for remote replicas' tasks and adds their outcomes to `out`.
+    fn join_remote(&self, remote: Vec<RemoteTask>, out: &mut Vec<Outcome>) {
         for (s, h) in remote {
             let r = self
                 .ctx
@@ -365,7 +373,6 @@ impl Engine {
                 .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
             out.push((s, r));
         }
-        out
     }
 
     /// Handles failures of a fan-out: a fenced engine fails; any other
@@ -587,14 +594,7 @@ impl Engine {
                 results.push((s.clone(), h.write(epoch, offset, local_buf)));
             }
         }
-        for (s, h) in remote {
-            let r = self
-                .ctx
-                .handle
-                .block_on(h)
-                .unwrap_or_else(|e| Err(ReplicaError::Remote(e.to_string())));
-            results.push((s, r));
-        }
+        self.join_remote(remote, &mut results);
         self.settle(results)
     }
 

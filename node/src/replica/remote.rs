@@ -147,14 +147,19 @@ impl RemoteReplica {
     /// Framed calls block the calling thread (engine threads: FUSE, NBD,
     /// healer); the fan-out runs them on the blocking pool.
     pub fn write_blocking(&self, epoch: u64, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
-        let req = self.frame(
+        self.fast
+            .call(&self.write_frame(epoch, offset, data), data)
+            .map(|_| ())
+    }
+
+    fn write_frame(&self, epoch: u64, offset: u64, data: &[u8]) -> Request {
+        self.frame(
             frame::OP_WRITE,
             epoch,
             offset,
             data.len() as u64,
             crc32fast::hash(data),
-        );
-        self.fast.call(&req, data).map(|_| ())
+        )
     }
 
     /// Sends a write without waiting for its reply: the engine sends a
@@ -166,14 +171,8 @@ impl RemoteReplica {
         offset: u64,
         data: &[u8],
     ) -> Result<super::fast::Pending<'_>, ReplicaError> {
-        let req = self.frame(
-            frame::OP_WRITE,
-            epoch,
-            offset,
-            data.len() as u64,
-            crc32fast::hash(data),
-        );
-        self.fast.begin(&req, data)
+        self.fast
+            .begin(&self.write_frame(epoch, offset, data), data)
     }
 
     pub fn read_blocking(
