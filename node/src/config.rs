@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// Rebuild copy limit per second, e.g. `200MiB` (`0`: unlimited).
     #[arg(long, env = "CAIRN_REBUILD_BANDWIDTH")]
     pub rebuild_bandwidth: Option<String>,
+    /// How long I/O on attached volumes waits for a crashed daemon to come
+    /// back before it fails with EIO and mounts can be torn down (default `2m`).
+    #[arg(long, env = "CAIRN_ORPHAN_IO_TIMEOUT")]
+    pub orphan_io_timeout: Option<String>,
     /// Erase devices that carry other data or another pool's superblock.
     #[arg(long)]
     pub force_format: bool,
@@ -127,6 +131,7 @@ struct FileConfig {
     docker_mount_dir: Option<PathBuf>,
     csi_socket: Option<PathBuf>,
     csi_max_volumes: Option<u64>,
+    orphan_io_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,11 +157,12 @@ pub struct Config {
     pub docker_mount_dir: PathBuf,
     pub csi_socket: Option<PathBuf>,
     pub csi_max_volumes: u64,
+    pub orphan_io_timeout: Duration,
     pub force_format: bool,
     pub boot_id_file: PathBuf,
 }
 
-/// Parses `500ms`, `5s`, `2m` (a number and a unit).
+/// Parses `500ms`, `5s`, `2m`, `1h`, `7d` (a number and a unit).
 pub fn parse_duration(flag: &str, s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -168,9 +174,11 @@ pub fn parse_duration(flag: &str, s: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86400)),
         _ => {
             return Err(format!(
-                "{flag} {s:?}: unknown unit {unit:?}; use ms, s or m"
+                "{flag} {s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
             ))
         }
     };
@@ -391,6 +399,13 @@ impl Config {
                 "--csi-max-volumes {csi_max_volumes}: must be between 1 and 4096"
             ));
         }
+        let orphan_io_timeout = parse_duration(
+            "--orphan-io-timeout",
+            &args
+                .orphan_io_timeout
+                .or(file.orphan_io_timeout)
+                .unwrap_or_else(|| "2m".into()),
+        )?;
         let docker_mount_dir = args
             .docker_mount_dir
             .or(file.docker_mount_dir)
@@ -432,6 +447,7 @@ impl Config {
             docker_mount_dir,
             csi_socket,
             csi_max_volumes,
+            orphan_io_timeout,
             force_format: args.force_format,
             boot_id_file: args.boot_id_file,
         })
@@ -467,6 +483,7 @@ mod tests {
             docker_mount_dir: None,
             csi_socket: None,
             csi_max_volumes: None,
+            orphan_io_timeout: None,
             force_format: false,
             boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
         }
@@ -536,7 +553,12 @@ mod tests {
         );
         assert_eq!(parse_duration("--x", "5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("--x", "2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "5", "s", "0s", "5h", "-1s", "1.5s"] {
+        assert_eq!(parse_duration("--x", "1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_duration("--x", "7d"),
+            Ok(Duration::from_secs(7 * 86400))
+        );
+        for bad in ["", "5", "s", "0s", "5w", "-1s", "1.5s"] {
             assert!(parse_duration("--x", bad).is_err(), "{bad}");
         }
         let mut a = args();

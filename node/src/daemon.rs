@@ -144,6 +144,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             boot_id: std::fs::read_to_string(&cfg.boot_id_file)
                 .map(|s| s.trim().to_string())
                 .map_err(|e| format!("kernel boot id {}: {e}", cfg.boot_id_file.display()))?,
+            orphan_io_timeout: cfg.orphan_io_timeout,
             handle: rt.handle().clone(),
         },
         Arc::new(crate::replica::commit::Meta::open(
@@ -153,6 +154,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         pool,
         store.clone(),
     )?;
+    tracing::info!(timeout = ?cfg.orphan_io_timeout, "I/O on attached volumes waits this long for a crashed daemon to come back (--orphan-io-timeout), then fails with EIO");
     let _ = data_service.inner.set((store.clone(), mgr.hosts()));
     let _ = fast_server.set(crate::replica::fast::FastServer {
         store: store.clone(),

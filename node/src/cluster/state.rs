@@ -251,6 +251,14 @@ pub enum Command {
         id: VolumeId,
         node: NodeId,
     },
+    /// The daemon of the attached node restarted and serves the volume
+    /// again: its attachment of `epoch` moves to a new epoch, so a request
+    /// its previous incarnation left in flight can never land later.
+    Reattach {
+        id: VolumeId,
+        node: NodeId,
+        epoch: u64,
+    },
     /// Adds a read-only holder; refused while the volume is attached.
     AttachReader {
         id: VolumeId,
@@ -281,6 +289,8 @@ pub enum StateError {
     AttachedElsewhere { id: VolumeId, node: NodeId },
     #[error("volume {0} is attached; detach it before deleting")]
     Attached(VolumeId),
+    #[error("volume {id} is not attached to node {node}")]
+    NotAttached { id: VolumeId, node: NodeId },
     #[error("volume {id} is held read-only by {count} node(s); they must release it first")]
     HasReaders { id: VolumeId, count: usize },
     #[error("node name {0:?} is already used by node {1}")]
@@ -524,6 +534,38 @@ impl ClusterState {
                     _ => self.volumes.get_mut(id).expect("checked").attachment = None,
                 }
             }
+            Command::Reattach { id, node, epoch } => {
+                let v = self.volume(*id)?;
+                match &v.attachment {
+                    Some(a) if a.node != *node => {
+                        return Err(StateError::AttachedElsewhere {
+                            id: *id,
+                            node: a.node,
+                        })
+                    }
+                    Some(a) if a.epoch != *epoch => {
+                        return Err(StateError::StaleEpoch {
+                            id: *id,
+                            given: *epoch,
+                            current: a.epoch,
+                        })
+                    }
+                    Some(_) => {
+                        let v = self.volumes.get_mut(id).expect("checked");
+                        v.epoch += 1;
+                        v.attachment = Some(Attachment {
+                            node: *node,
+                            epoch: v.epoch,
+                        });
+                    }
+                    None => {
+                        return Err(StateError::NotAttached {
+                            id: *id,
+                            node: *node,
+                        })
+                    }
+                }
+            }
             Command::AttachReader { id, node } => {
                 let v = self.volume(*id)?;
                 if let Some(a) = &v.attachment {
@@ -713,10 +755,54 @@ mod tests {
             },
             Command::Detach { id: a, node: n2 },
             Command::DeleteVolume { id: a },
+            Command::Reattach {
+                id: a,
+                node: n2,
+                epoch: 1,
+            },
+            Command::Reattach {
+                id: a,
+                node: n1,
+                epoch: 0,
+            },
+            Command::Reattach {
+                id: b,
+                node: n1,
+                epoch: 1,
+            },
         ] {
             assert!(s.apply(&c).is_err(), "{c:?} was accepted");
             assert_eq!(s, attached);
         }
+        // A restarted daemon fences its previous incarnation: new epoch,
+        // same node; the old epoch is then stale.
+        let reattach = Command::Reattach {
+            id: a,
+            node: n1,
+            epoch: 1,
+        };
+        s.apply(&reattach).expect("reattach");
+        let v = &s.volumes[&a];
+        assert_eq!(
+            (v.epoch, v.attachment.as_ref().map(|x| (x.node, x.epoch))),
+            (2, Some((n1, 2)))
+        );
+        let after = s.clone();
+        assert!(matches!(
+            s.apply(&reattach),
+            Err(StateError::StaleEpoch { .. })
+        ));
+        assert_eq!(s, after);
+        s.apply(&Command::Detach { id: a, node: n1 })
+            .expect("detach");
+        assert!(matches!(
+            s.apply(&Command::Reattach {
+                id: a,
+                node: n1,
+                epoch: 2
+            }),
+            Err(StateError::NotAttached { .. })
+        ));
     }
 
     #[test]

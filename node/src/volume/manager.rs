@@ -18,13 +18,13 @@ use super::VolumeError;
 use crate::cluster::state::{Command, NodeState, ReplicaState, StateError, Volume, MAX_REPLICAS};
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::engine::metrics::{render_headers, VolumeMetrics};
-use crate::engine::{Engine, EngineCtx};
+use crate::engine::{Engine, EngineCtx, EngineError};
 use crate::frontend::fuse::{holder, FuseServer};
 use crate::frontend::nbd::{Export, ExportProvider};
 use crate::pool::Pool;
 use crate::replica::commit::Meta;
 use crate::replica::host::HostMap;
-use crate::replica::LocalReplica;
+use crate::replica::{LocalReplica, ReplicaError};
 use crate::sys::loopdev;
 use crate::types::{
     now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE,
@@ -44,6 +44,10 @@ pub struct ManagerConfig {
     /// The running kernel's boot id (a change since the last start marks
     /// the hosted replicas unclean).
     pub boot_id: String,
+    /// How long I/O on attached volumes waits for a daemon: the FUSE
+    /// holder's patience with a dead one, and a restarted one's with its
+    /// own start-up.
+    pub orphan_io_timeout: std::time::Duration,
     pub handle: tokio::runtime::Handle,
 }
 
@@ -210,14 +214,25 @@ impl VolumeManager {
         // over: its loop devices and mounts (containers' included) live on.
         let adopted = holder::reclaim(&cfg.holder_socket, &cfg.fuse_dir);
         let fuse = match adopted {
-            Some(fd) => {
-                tracing::info!(path = %cfg.fuse_dir.display(), "took over the FUSE connection kept across the restart");
-                FuseServer::adopt(&cfg.fuse_dir, fd)
+            Some(fds) => {
+                tracing::info!(path = %cfg.fuse_dir.display(), fds = fds.len(), "took over the FUSE connection kept across the restart");
+                FuseServer::adopt(
+                    &cfg.fuse_dir,
+                    fds,
+                    cfg.fuse_threads,
+                    &cfg.holder_socket,
+                    cfg.orphan_io_timeout,
+                )
             }
             None => {
                 mount::cleanup_stale(&cfg.fuse_dir);
-                FuseServer::mount(&cfg.fuse_dir, cfg.fuse_threads, &cfg.holder_socket)
-                    .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?
+                FuseServer::mount(
+                    &cfg.fuse_dir,
+                    cfg.fuse_threads,
+                    &cfg.holder_socket,
+                    cfg.orphan_io_timeout,
+                )
+                .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?
             }
         };
         let adopted = !fuse.started();
@@ -1357,26 +1372,46 @@ impl VolumeManager {
 
     /// Re-serves this node's attachments. With an adopted FUSE connection,
     /// loop devices still bound to it keep their mounts: their files are
-    /// re-added before the session threads start (so no request finds a
-    /// file missing), then the kernel resends what the old daemon left
-    /// unanswered. Anything else gets a new loop device and its mounts again.
-    fn reserve_attachments(&self, adopted: bool) {
+    /// marked expected before the session threads start and the kernel
+    /// resends what the old daemon left unanswered, so those requests wait
+    /// (instead of failing) until [`Self::readopt`] has each volume's
+    /// engine ready. Anything else gets a new loop device and its mounts
+    /// again.
+    fn reserve_attachments(self: &Arc<Self>, adopted: bool) {
         let state = self.store.read().clone();
         let mut recorded = self.local_records();
         if adopted {
+            let mut kept = Vec::new();
             recorded.retain(|(id, rec)| {
-                let Some(v) = state
+                let keep = state
                     .volumes
                     .get(id)
-                    .filter(|v| self.held_here(v, rec.read_only))
-                else {
-                    return true;
-                };
-                !(self.is_bound(*id, rec) && self.readopt(v))
+                    .is_some_and(|v| self.held_here(v, rec.read_only))
+                    && self.is_bound(*id, rec);
+                if keep {
+                    kept.push((*id, rec.read_only));
+                }
+                !keep
             });
             if let Some(f) = self.fuse.lock().expect("fuse lock").as_mut() {
-                if let Err(e) = f.start(self.cfg.fuse_threads, true) {
+                for (id, _) in &kept {
+                    f.expect(&id.to_string());
+                }
+                if let Err(e) = f.start(true) {
                     tracing::error!(error = %e, "cannot start FUSE session threads");
+                }
+            }
+            for (id, read_only) in kept {
+                let epoch = state.volumes[&id].attachment.as_ref().map(|a| a.epoch);
+                let mgr = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("readopt-{}", &id.to_string()[..8]))
+                    .spawn(move || mgr.readopt(id, read_only, epoch));
+                if let Err(e) = spawned {
+                    tracing::error!(volume = %id, error = %e, "cannot start re-serving a kept attachment");
+                    if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
+                        f.abandon(&id.to_string());
+                    }
                 }
             }
         }
@@ -1446,27 +1481,105 @@ impl VolumeManager {
     }
 
     /// Serves an attachment whose loop device survived the restart on the
-    /// adopted FUSE connection; its mounts are untouched.
-    fn readopt(&self, v: &Volume) -> bool {
-        let epoch = v.attachment.as_ref().map_or(v.epoch, |a| a.epoch);
-        let r = self.engine_for(v).and_then(|e| {
-            e.activate(v, epoch)
-                .map_err(|err| VolumeError::Device(err.to_string()))
-                .map(|_| e)
-        });
-        match r {
-            Ok(engine) => {
-                if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
-                    f.add(&v.id.to_string(), engine);
-                }
-                tracing::info!(volume = %v.name, "attachment kept across the restart");
-                true
+    /// adopted FUSE connection (its mounts are untouched), retrying what
+    /// fails because of this daemon's own start-up (no quorum yet, a replica
+    /// node not answering yet) until the orphan I/O timeout. `start_epoch`
+    /// is the attachment's epoch when the daemon started: the attachment
+    /// moves to a new one first, so nothing the previous incarnation sent
+    /// can land after the requests it left are served again.
+    fn readopt(self: Arc<Self>, id: VolumeId, read_only: bool, start_epoch: Option<u64>) {
+        let name = id.to_string();
+        let deadline = self.started + self.cfg.orphan_io_timeout;
+        // API calls on the volume wait for this (Busy) instead of racing it.
+        let _g = loop {
+            match self.guard(id, &name) {
+                Ok(g) => break g,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
             }
-            Err(e) => {
-                tracing::error!(volume = %v.name, error = %e, "cannot re-serve a kept attachment");
-                false
+        };
+        let mut said = false;
+        loop {
+            match self.try_readopt(id, read_only, start_epoch) {
+                Ok(v) => {
+                    tracing::info!(volume = %v.name, epoch = v.epoch, "attachment kept across the restart");
+                    return;
+                }
+                Err(Readopt::Never(why)) => {
+                    tracing::error!(volume = %id, error = %why, "cannot serve a kept attachment again: its I/O fails");
+                    break;
+                }
+                Err(Readopt::NotYet(why)) if Instant::now() < deadline => {
+                    if !said {
+                        tracing::info!(volume = %id, error = %why, "kept attachment not ready yet; its I/O waits");
+                        said = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                Err(Readopt::NotYet(why)) => {
+                    tracing::error!(volume = %id, error = %why, timeout = ?self.cfg.orphan_io_timeout, "kept attachment not ready within the orphan I/O timeout: its I/O fails");
+                    break;
+                }
             }
         }
+        if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
+            f.abandon(&name);
+        }
+    }
+
+    fn try_readopt(
+        &self,
+        id: VolumeId,
+        read_only: bool,
+        start_epoch: Option<u64>,
+    ) -> Result<Volume, Readopt> {
+        let v = self
+            .store
+            .read()
+            .volumes
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Readopt::Never("the volume was deleted".into()))?;
+        if !self.held_here(&v, read_only) {
+            return Err(Readopt::Never(
+                "the volume is no longer attached to this node".into(),
+            ));
+        }
+        let v = match (read_only, v.attachment.as_ref().map(|a| a.epoch)) {
+            (false, Some(epoch)) if Some(epoch) == start_epoch => {
+                let r = self.store.propose(Command::Reattach {
+                    id,
+                    node: self.cfg.node_id,
+                    epoch,
+                });
+                match r {
+                    Ok(s) => s
+                        .volumes
+                        .get(&id)
+                        .cloned()
+                        .ok_or_else(|| Readopt::Never("the volume was deleted".into()))?,
+                    Err(StoreError::Refused(
+                        e @ (StateError::AttachedElsewhere { .. }
+                        | StateError::NotAttached { .. }
+                        | StateError::VolumeNotFound(_)),
+                    )) => return Err(Readopt::Never(e.to_string())),
+                    // StaleEpoch: moved on already, seen on a later round.
+                    Err(e) => return Err(Readopt::NotYet(format!("new epoch: {e}"))),
+                }
+            }
+            _ => v,
+        };
+        let epoch = v.attachment.as_ref().map_or(v.epoch, |a| a.epoch);
+        let engine = self
+            .engine_for(&v)
+            .map_err(|e| Readopt::NotYet(e.to_string()))?;
+        engine.activate(&v, epoch).map_err(|e| match e {
+            EngineError::Replica(ReplicaError::Fenced { .. }) => Readopt::Never(e.to_string()),
+            e => Readopt::NotYet(e.to_string()),
+        })?;
+        if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
+            f.add(&id.to_string(), engine);
+        }
+        Ok(v)
     }
 
     /// Graceful shutdown: unmount and unbind every attachment (records are
@@ -1494,6 +1607,14 @@ impl VolumeManager {
         }
         let _ = self.db.flush();
     }
+}
+
+/// Why a kept attachment is not served again (yet).
+enum Readopt {
+    /// Retried: the daemon's own start-up (no quorum, a peer not ready).
+    NotYet(String),
+    /// Final: the volume moved, was deleted, or this engine is fenced.
+    Never(String),
 }
 
 /// Releases an NBD connection's claim on a volume.

@@ -13,17 +13,27 @@
 //!
 //! Teardown order (written down here, followed by the volume manager): detach
 //! the loop device, remove the file, and only at daemon shutdown unmount FUSE.
+//!
+//! Crashes ([`holder`]): every fd the session threads read requests from is
+//! also held by the FUSE holder process, so a daemon crash ends no request.
+//! A restarted daemon takes the fds over, marks the files it will serve
+//! again as *expected*, and only then starts its threads and asks the
+//! kernel to resend: a request for an expected file waits until the
+//! volume's engine is ready ([`FuseServer::add`]) instead of being answered
+//! with an error caused by the daemon's own start-up.
 
 mod abi;
 pub mod holder;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use abi::*;
 
@@ -51,14 +61,59 @@ struct Files {
     by_ino: HashMap<u64, Arc<Served>>,
     /// Every name ever served on this mount and its inode number.
     inos: HashMap<String, u64>,
+    /// Inodes of files a restarted daemon will serve again once their
+    /// engines are ready: requests for them wait.
+    expected: HashSet<u64>,
+}
+
+/// The served files, and a signal for requests waiting on expected ones.
+#[derive(Default)]
+struct Table {
+    files: RwLock<Files>,
+    changed: Mutex<()>,
+    ready: Condvar,
+}
+
+impl Table {
+    fn notify(&self) {
+        let _g = self.changed.lock().expect("table signal");
+        self.ready.notify_all();
+    }
+
+    /// The file `ino`, waiting while it is expected.
+    fn served(&self, ino: u64) -> Option<Arc<Served>> {
+        loop {
+            let f = self.files.read().expect("files lock");
+            if let Some(s) = f.by_ino.get(&ino) {
+                return Some(s.clone());
+            }
+            if !f.expected.contains(&ino) {
+                return None;
+            }
+            drop(f);
+            self.wait();
+        }
+    }
+
+    /// Waits for a change (bounded, so a missed signal only delays).
+    fn wait(&self) {
+        let g = self.changed.lock().expect("table signal");
+        let _ = self
+            .ready
+            .wait_timeout(g, Duration::from_millis(200))
+            .expect("table signal");
+    }
 }
 
 pub struct FuseServer {
     mountpoint: PathBuf,
-    files: Arc<RwLock<Files>>,
+    table: Arc<Table>,
     threads: Vec<JoinHandle<()>>,
-    /// The connection until the session threads start.
-    dev: Option<File>,
+    /// The session fds until the session threads start (the first is the
+    /// one the mount was made with); the holder holds each of them too.
+    fds: Vec<File>,
+    /// Open while this daemon serves: the holder's sign that it lives.
+    _lease: Option<UnixStream>,
 }
 
 /// A file's inode number, derived from its name so that it is the same for
@@ -74,17 +129,25 @@ fn ino_of(name: &str) -> u64 {
 }
 
 impl FuseServer {
-    /// Mounts an empty FUSE directory at `mountpoint`, hands the
-    /// connection to a holder process listening on `holder` (so it survives
-    /// a daemon crash), and starts `threads` session threads.
-    pub fn mount(mountpoint: &Path, threads: usize, holder: &Path) -> io::Result<FuseServer> {
+    /// Mounts an empty FUSE directory at `mountpoint`, opens `threads`
+    /// session fds on the connection, gives every one of them to a holder
+    /// process listening on `holder` (so neither the connection nor a
+    /// request survives a daemon crash only by luck), and starts serving.
+    pub fn mount(
+        mountpoint: &Path,
+        threads: usize,
+        holder: &Path,
+        orphan_timeout: Duration,
+    ) -> io::Result<FuseServer> {
         std::fs::create_dir_all(mountpoint)?;
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/fuse")?;
+        // default_permissions: the kernel enforces the files' 0600 root
+        // mode (allow_other alone would let any local user open them).
         let opts = format!(
-            "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={MAX_IO}",
+            "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions,max_read={MAX_IO}",
             dev.as_raw_fd()
         );
         sys::mount::mount(
@@ -94,72 +157,132 @@ impl FuseServer {
             libc::MS_NOSUID | libc::MS_NODEV,
             &opts,
         )?;
-        if let Err(e) = holder::spawn(&dev, holder, mountpoint) {
-            tracing::warn!(error = %e, "no FUSE holder: a daemon crash will take attached volumes' mounts with it");
+        let held = holder::spawn(&dev, holder, mountpoint);
+        let mut server = FuseServer {
+            mountpoint: mountpoint.to_path_buf(),
+            table: Arc::default(),
+            threads: Vec::new(),
+            fds: vec![dev],
+            _lease: None,
+        };
+        match held {
+            Ok(()) => server.add_fds(threads, holder, orphan_timeout),
+            Err(e) => {
+                tracing::warn!(error = %e, "no FUSE holder: a daemon crash will take attached volumes' mounts with it");
+                server.clone_fds(threads);
+            }
         }
-        let mut server = FuseServer::adopt(mountpoint, dev.into());
-        server.start(threads, false)?;
+        server.start(false)?;
         Ok(server)
     }
 
-    /// Takes over a live FUSE connection (from the holder) without serving
-    /// yet: the caller re-adds the files first, then calls [`Self::start`].
-    pub fn adopt(mountpoint: &Path, dev: std::os::fd::OwnedFd) -> FuseServer {
-        FuseServer {
+    /// Takes over a live FUSE connection from the holder (`fds`: every fd
+    /// it holds) without serving yet: the caller marks the files it will
+    /// serve again ([`Self::expect`]), then calls [`Self::start`].
+    pub fn adopt(
+        mountpoint: &Path,
+        fds: Vec<OwnedFd>,
+        threads: usize,
+        holder: &Path,
+        orphan_timeout: Duration,
+    ) -> FuseServer {
+        let mut server = FuseServer {
             mountpoint: mountpoint.to_path_buf(),
-            files: Arc::new(RwLock::new(Files::default())),
+            table: Arc::default(),
             threads: Vec::new(),
-            dev: Some(File::from(dev)),
-        }
-    }
-
-    /// True once session threads serve the connection.
-    pub fn started(&self) -> bool {
-        self.dev.is_none()
-    }
-
-    /// Starts the session threads; `resend` asks the kernel to send again
-    /// every request an earlier daemon read but did not answer.
-    pub fn start(&mut self, threads: usize, resend: bool) -> io::Result<()> {
-        let Some(dev) = self.dev.take() else {
-            return Ok(());
+            fds: fds.into_iter().map(File::from).collect(),
+            _lease: None,
         };
-        if resend {
-            let mut hdr = [0u8; OUT_HEADER_LEN];
-            put_u32(&mut hdr, 0, OUT_HEADER_LEN as u32);
-            put_u32(&mut hdr, 4, NOTIFY_RESEND as u32);
-            // SAFETY: writing a 16-byte buffer we own to the FUSE fd.
-            let n = unsafe { libc::write(dev.as_raw_fd(), hdr.as_ptr().cast(), hdr.len()) };
-            if n < 0 {
-                tracing::warn!(error = %io::Error::last_os_error(), "FUSE resend notification failed; requests in flight at the crash may hang");
-            }
+        server.add_fds(threads, holder, orphan_timeout);
+        server
+    }
+
+    /// Clones session fds up to `threads`, deposits the new ones with the
+    /// holder before any thread reads from them, and takes the lease.
+    fn add_fds(&mut self, threads: usize, holder: &Path, orphan_timeout: Duration) {
+        let had = self.fds.len();
+        self.clone_fds(threads);
+        let new: Vec<BorrowedFd<'_>> = self.fds[had..].iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = holder::deposit(holder, &new) {
+            tracing::warn!(error = %e, "the FUSE holder did not take the session fds: requests in flight at a crash would fail");
+            // Serve only on what the holder has.
+            self.fds.truncate(had);
         }
-        let mut fds = vec![dev];
-        for _ in 1..threads.max(1) {
-            match clone_fd(&fds[0]) {
-                Ok(f) => fds.push(f),
+        match holder::lease(holder, orphan_timeout) {
+            Ok(l) => self._lease = Some(l),
+            Err(e) => tracing::warn!(error = %e, "no lease on the FUSE holder"),
+        }
+    }
+
+    /// Opens clones of the first fd until there are `threads` of them.
+    fn clone_fds(&mut self, threads: usize) {
+        while self.fds.len() < threads.max(1) {
+            match clone_fd(&self.fds[0]) {
+                Ok(f) => self.fds.push(f),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot clone /dev/fuse fd; serving with fewer threads");
                     break;
                 }
             }
         }
-        for (i, fd) in fds.into_iter().enumerate() {
-            let files = self.files.clone();
+    }
+
+    /// True once session threads serve the connection.
+    pub fn started(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Starts a session thread on each fd; `resend` asks the kernel to send
+    /// again every request an earlier daemon read but did not answer.
+    pub fn start(&mut self, resend: bool) -> io::Result<()> {
+        if self.fds.is_empty() {
+            return Ok(());
+        }
+        if resend {
+            let mut hdr = [0u8; OUT_HEADER_LEN];
+            put_u32(&mut hdr, 0, OUT_HEADER_LEN as u32);
+            put_u32(&mut hdr, 4, NOTIFY_RESEND as u32);
+            // SAFETY: writing a 16-byte buffer we own to the FUSE fd.
+            let n = unsafe { libc::write(self.fds[0].as_raw_fd(), hdr.as_ptr().cast(), hdr.len()) };
+            if n < 0 {
+                tracing::warn!(error = %io::Error::last_os_error(), "FUSE resend notification failed; requests in flight at the crash may hang");
+            }
+        }
+        for (i, fd) in std::mem::take(&mut self.fds).into_iter().enumerate() {
+            let table = self.table.clone();
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .stack_size(256 << 10)
-                .spawn(move || Session { fd, files }.run())?;
+                .spawn(move || Session { fd, table }.run())?;
             self.threads.push(h);
         }
         Ok(())
+    }
+
+    /// Marks `name` as a file this daemon will serve again (after a
+    /// restart): requests for it wait until [`Self::add`] or
+    /// [`Self::abandon`].
+    pub fn expect(&self, name: &str) {
+        let mut f = self.table.files.write().expect("files lock");
+        f.expected.insert(ino_of(name));
+    }
+
+    /// Gives up serving an expected file: its waiting requests fail.
+    pub fn abandon(&self, name: &str) {
+        self.table
+            .files
+            .write()
+            .expect("files lock")
+            .expected
+            .remove(&ino_of(name));
+        self.table.notify();
     }
 
     /// Exposes `engine` as `<mountpoint>/<name>` and returns that path. A
     /// name keeps its inode number for the life of the mount, so a dentry the
     /// kernel still holds from an earlier attach resolves to the new engine.
     pub fn add(&self, name: &str, engine: Arc<Engine>) -> PathBuf {
-        let mut f = self.files.write().expect("files lock");
+        let mut f = self.table.files.write().expect("files lock");
         let ino = *f.inos.entry(name.into()).or_insert_with(|| ino_of(name));
         f.by_ino.insert(
             ino,
@@ -168,12 +291,15 @@ impl FuseServer {
                 engine,
             }),
         );
+        f.expected.remove(&ino);
+        drop(f);
+        self.table.notify();
         self.mountpoint.join(name)
     }
 
     /// Removes a file; callers detach its loop device first.
     pub fn remove(&self, name: &str) {
-        let mut f = self.files.write().expect("files lock");
+        let mut f = self.table.files.write().expect("files lock");
         if let Some(ino) = f.inos.get(name).copied() {
             f.by_ino.remove(&ino);
         }
@@ -216,7 +342,7 @@ fn clone_fd(session: &File) -> io::Result<File> {
 
 struct Session {
     fd: File,
-    files: Arc<RwLock<Files>>,
+    table: Arc<Table>,
 }
 
 enum Reply<'a> {
@@ -258,12 +384,7 @@ impl Session {
     }
 
     fn served(&self, ino: u64) -> Option<Arc<Served>> {
-        self.files
-            .read()
-            .expect("files lock")
-            .by_ino
-            .get(&ino)
-            .cloned()
+        self.table.served(ino)
     }
 
     fn dispatch(&self, h: InHeader, buf: &mut AlignedBuf, n: usize) -> std::ops::ControlFlow<()> {
@@ -375,15 +496,13 @@ impl Session {
         let Ok(name) = std::str::from_utf8(name) else {
             return Reply::Err(libc::ENOENT);
         };
-        let f = self.files.read().expect("files lock");
-        let Some((ino, s)) = f
-            .inos
-            .get(name)
-            .and_then(|i| f.by_ino.get(i).map(|s| (*i, s.clone())))
-        else {
+        let ino = {
+            let f = self.table.files.read().expect("files lock");
+            f.inos.get(name).copied().unwrap_or_else(|| ino_of(name))
+        };
+        let Some(s) = self.served(ino) else {
             return Reply::Err(libc::ENOENT);
         };
-        drop(f);
         out[..128].fill(0);
         put_u64(out, 0, ino); // nodeid
                               // entry_valid = attr_valid = 0: every open looks the name up again
@@ -396,7 +515,7 @@ impl Session {
     fn getattr<'a>(&self, h: InHeader, body: &[u8], out: &'a mut [u8; 256]) -> Reply<'a> {
         out[..104].fill(0);
         if h.nodeid == ROOT_INO {
-            encode_attr(&mut out[16..], ROOT_INO, 0, libc::S_IFDIR | 0o755, 2);
+            encode_attr(&mut out[16..], ROOT_INO, 0, libc::S_IFDIR | 0o700, 2);
             return Reply::Data(&out[..104]);
         }
         let Some(s) = self.served(h.nodeid) else {
@@ -431,7 +550,7 @@ impl Session {
             return Reply::Err(libc::EINVAL);
         };
         let size = (size as usize).min(MAX_IO);
-        let f = self.files.read().expect("files lock");
+        let f = self.table.files.read().expect("files lock");
         let mut entries: Vec<(u64, String, u32)> =
             vec![(ROOT_INO, ".".into(), 4), (ROOT_INO, "..".into(), 4)];
         let mut files: Vec<_> = f
