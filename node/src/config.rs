@@ -91,6 +91,13 @@ pub struct RunArgs {
     /// Rebuild copy limit per second, e.g. `200MiB` (`0`: unlimited).
     #[arg(long, env = "CAIRN_REBUILD_BANDWIDTH")]
     pub rebuild_bandwidth: Option<String>,
+    /// How often each volume's replicas are compared by the node serving it
+    /// (`7d` by default; `off` turns the periodic scrub off).
+    #[arg(long, env = "CAIRN_SCRUB_INTERVAL")]
+    pub scrub_interval: Option<String>,
+    /// Scrub read limit per second and replica, e.g. `64MiB` (`0`: unlimited).
+    #[arg(long, env = "CAIRN_SCRUB_BANDWIDTH")]
+    pub scrub_bandwidth: Option<String>,
     /// How long I/O on attached volumes waits for a crashed daemon to come
     /// back before it fails with EIO and mounts can be torn down (default `2m`).
     #[arg(long, env = "CAIRN_ORPHAN_IO_TIMEOUT")]
@@ -132,6 +139,8 @@ struct FileConfig {
     csi_socket: Option<PathBuf>,
     csi_max_volumes: Option<u64>,
     orphan_io_timeout: Option<String>,
+    scrub_interval: Option<String>,
+    scrub_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +167,9 @@ pub struct Config {
     pub csi_socket: Option<PathBuf>,
     pub csi_max_volumes: u64,
     pub orphan_io_timeout: Duration,
+    /// None: no periodic scrub.
+    pub scrub_interval: Option<Duration>,
+    pub scrub_bandwidth: u64,
     pub force_format: bool,
     pub boot_id_file: PathBuf,
 }
@@ -186,6 +198,18 @@ pub fn parse_duration(flag: &str, s: &str) -> Result<Duration, String> {
         return Err(format!("{flag} {s:?}: must be positive"));
     }
     Ok(d)
+}
+
+/// A rate in bytes per second with units (`200MiB`); `0` is unlimited.
+fn parse_bandwidth(flag: &str, s: Option<String>, default: u64) -> Result<u64, String> {
+    match s {
+        None => Ok(default),
+        Some(s) if s.trim() == "0" => Ok(0),
+        Some(s) => Ok(s
+            .parse::<ByteSize>()
+            .map_err(|e| format!("{flag} {s:?}: {e}"))?
+            .0),
+    }
 }
 
 fn parse_disk_file(s: &str) -> Result<DiskSpec, String> {
@@ -416,15 +440,23 @@ impl Config {
                 "--default-replicas {default_replicas}: must be 1, 2 or 3"
             ));
         }
-        let rebuild_bandwidth = match args.rebuild_bandwidth.or(file.rebuild_bandwidth) {
-            None => 256 << 20,
-            Some(s) if s.trim() == "0" => 0,
-            Some(s) => {
-                s.parse::<ByteSize>()
-                    .map_err(|e| format!("--rebuild-bandwidth {s:?}: {e}"))?
-                    .0
-            }
+        let rebuild_bandwidth = parse_bandwidth(
+            "--rebuild-bandwidth",
+            args.rebuild_bandwidth.or(file.rebuild_bandwidth),
+            256 << 20,
+        )?;
+        let scrub_interval = match args.scrub_interval.or(file.scrub_interval) {
+            Some(s) if s.trim() == "off" => None,
+            s => Some(parse_duration(
+                "--scrub-interval",
+                &s.unwrap_or_else(|| "7d".into()),
+            )?),
         };
+        let scrub_bandwidth = parse_bandwidth(
+            "--scrub-bandwidth",
+            args.scrub_bandwidth.or(file.scrub_bandwidth),
+            64 << 20,
+        )?;
         Ok(Config {
             data_dir,
             disks,
@@ -448,6 +480,8 @@ impl Config {
             csi_socket,
             csi_max_volumes,
             orphan_io_timeout,
+            scrub_interval,
+            scrub_bandwidth,
             force_format: args.force_format,
             boot_id_file: args.boot_id_file,
         })
@@ -484,6 +518,8 @@ mod tests {
             csi_socket: None,
             csi_max_volumes: None,
             orphan_io_timeout: None,
+            scrub_interval: None,
+            scrub_bandwidth: None,
             force_format: false,
             boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
         }

@@ -233,8 +233,8 @@ impl Backend for CsiBackend {
 
     fn delete(&self, name: &str) -> Result<(), Error> {
         match self.mgr.delete(name, false) {
-            Err(VolumeError::NotFound(_)) => Ok(()),
-            r => r.map_err(map),
+            Ok(_) | Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(map(e)),
         }
     }
 

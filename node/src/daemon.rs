@@ -61,8 +61,19 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if let Err(e) = crate::sys::set_io_flusher() {
         tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed; memory reclaim may wait on our own I/O");
     }
+    // Everything the daemon creates (metadata, logs, sockets, pool files)
+    // is for root only unless it says otherwise.
+    // SAFETY: umask(2) only changes this process's file mode mask.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
+    // Metadata, sockets, the FUSE mount and default pool files live here:
+    // root only, whatever the umask or an older version left.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
+    }
     let _lock = lock_data_dir(&cfg)?;
     // Bind the API first so a port conflict fails before anything changes.
     let api_listener = std::net::TcpListener::bind(cfg.listen)
@@ -160,6 +171,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         store: store.clone(),
         hosts: mgr.hosts(),
     });
+    match cfg.scrub_interval {
+        Some(every) => mgr.start_scrubber(every, cfg.scrub_bandwidth),
+        None => tracing::warn!("periodic scrub is off (--scrub-interval off): replicas that differ are found only by `cairn volume verify`"),
+    }
     let registration = Registration::new(&cfg, node_id);
     register_node(&store, &registration).inspect_err(|_| mgr.shutdown())?;
     let nbd = match NbdServer::start(

@@ -158,7 +158,7 @@ impl Backend for DockerBackend {
                 refs.len()
             ));
         }
-        self.mgr.delete(name, false).map_err(msg)
+        self.mgr.delete(name, false).map(|_| ()).map_err(msg)
     }
 
     fn mount(&self, name: &str, id: &str) -> Result<String, String> {

@@ -128,6 +128,15 @@ pub struct VolumeInfo {
     pub replicas: Vec<ReplicaInfo>,
 }
 
+/// Answer of `DELETE /v1/volumes/{name}` (202) when some replica's space
+/// is not freed yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeDeleted {
+    /// Nodes whose copy was not freed yet (down or slow): their space comes
+    /// back when they answer again.
+    pub space_pending_on: Vec<String>,
+}
+
 /// Answer of `POST /v1/volumes/{name}/verify`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -135,6 +144,22 @@ pub struct VerifyReport {
     pub replicas_compared: u32,
     /// Extents whose checksums differ between healthy replicas.
     pub mismatched_extents: Vec<u64>,
+    /// With `?repair=true`: the differing extents made equal, and from where.
+    #[serde(default)]
+    pub repaired: Vec<RepairedExtent>,
+}
+
+/// One extent `verify --repair` made equal again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairedExtent {
+    pub extent: u64,
+    /// The node whose copy was kept.
+    pub source: String,
+    /// Whether a majority of the healthy replicas held that copy (else it
+    /// is the copy reads were served from).
+    pub majority: bool,
+    /// The nodes whose copies were rewritten.
+    pub targets: Vec<String>,
 }
 
 /// One copy of a volume.

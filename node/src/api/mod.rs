@@ -245,11 +245,17 @@ async fn delete_volume(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<axum::response::Response> {
     let force = force_flag(q)?;
     let m = s.mgr.clone();
-    blocking(move || m.delete(&name, force)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let pending = blocking(move || m.delete(&name, force)).await?;
+    if pending.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let body = api::VolumeDeleted {
+        space_pending_on: pending,
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 /// Attach/detach take no body; anything but nothing or `{}` is refused.
@@ -278,14 +284,24 @@ async fn attach(
     Ok(Json(api::AttachInfo { device }))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyQuery {
+    #[serde(default)]
+    repair: bool,
+}
+
 async fn verify(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    q: Result<Query<VerifyQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> ApiResult<Json<api::VerifyReport>> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
     empty_body(&body)?;
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.verify(&name)).await?))
+    Ok(Json(blocking(move || m.verify(&name, q.repair)).await?))
 }
 
 async fn detach(

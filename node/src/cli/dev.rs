@@ -43,7 +43,16 @@ pub fn up(nodes: usize, dir: &Path, disk_size: &str) -> Result<(), String> {
         let ndir = dir.join(format!("n{i}"));
         std::fs::create_dir_all(&ndir).map_err(|e| format!("{}: {e}", ndir.display()))?;
         let ip = node_ip(i);
-        let log = std::fs::File::create(ndir.join("log")).map_err(|e| e.to_string())?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(ndir.join("log"))
+                .map_err(|e| e.to_string())?
+        };
         let mut cmd = Command::new(&exe);
         cmd.args(["node", "run", "--data-dir"])
             .arg(ndir.join("data"))

@@ -183,7 +183,13 @@ pub enum VolumeCmd {
     /// Detach the block device.
     Detach { name: String },
     /// Compare extent checksums across the healthy replicas (on the attaching node).
-    Verify { name: String },
+    Verify {
+        name: String,
+        /// Make differing extents equal again: from the copy a majority of
+        /// the healthy replicas holds, else the one reads are served from.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Attach, format on first use, and mount at PATH.
     Mount {
         name: String,
@@ -335,15 +341,30 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 render_volume,
             ),
             VolumeCmd::Rm { name, force } => {
-                call(
+                let r = call(
                     &c,
                     "DELETE",
                     &format!("/v1/volumes/{}?force={force}", seg(&name)),
                     None,
                 )?;
-                (json!({ "deleted": name }), |v| {
-                    format!("deleted {}", v["deleted"].as_str().unwrap_or_default())
-                })
+                let pending = r["space_pending_on"].clone();
+                (
+                    json!({ "deleted": name, "space_pending_on": pending }),
+                    |v| {
+                        let name = v["deleted"].as_str().unwrap_or_default();
+                        match v["space_pending_on"].as_array() {
+                            Some(p) if !p.is_empty() => {
+                                let nodes: Vec<&str> =
+                                    p.iter().filter_map(|n| n.as_str()).collect();
+                                format!(
+                                    "deleted {name}; its space on {} is freed when they answer again",
+                                    nodes.join(", ")
+                                )
+                            }
+                            _ => format!("deleted {name}"),
+                        }
+                    },
+                )
             }
             VolumeCmd::Attach { name, force } => (
                 call(
@@ -363,16 +384,16 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 )?,
                 render_volume,
             ),
-            VolumeCmd::Verify { name } => (
+            VolumeCmd::Verify { name, repair } => (
                 call(
                     &c,
                     "POST",
-                    &format!("/v1/volumes/{}/verify", seg(&name)),
+                    &format!("/v1/volumes/{}/verify?repair={repair}", seg(&name)),
                     None,
                 )?,
                 |v| {
                     let bad = v["mismatched_extents"].as_array().map_or(0, |a| a.len());
-                    format!(
+                    let mut out = format!(
                         "{} extents compared across {} healthy replicas: {}",
                         s(&v["extents_compared"]),
                         s(&v["replicas_compared"]),
@@ -381,7 +402,27 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                         } else {
                             format!("{bad} differ: {}", v["mismatched_extents"])
                         }
-                    )
+                    );
+                    for r in v["repaired"].as_array().into_iter().flatten() {
+                        let targets: Vec<&str> = r["targets"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|t| t.as_str())
+                            .collect();
+                        out += &format!(
+                            "\nrepaired extent {}: {} rewritten from {} ({})",
+                            s(&r["extent"]),
+                            targets.join(", "),
+                            s(&r["source"]),
+                            if r["majority"] == true {
+                                "the copy a majority holds"
+                            } else {
+                                "no majority: the copy reads were served from"
+                            }
+                        );
+                    }
+                    out
                 },
             ),
             VolumeCmd::Mount { name, path, force } => {

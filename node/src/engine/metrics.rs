@@ -68,6 +68,14 @@ pub struct VolumeMetrics {
     read_latency: Histogram,
     write_latency: Histogram,
     flush_latency: Histogram,
+    /// Scrub passes completed over the volume's replicas.
+    pub scrubs: AtomicU64,
+    /// Extents a scrub or verify found differing between healthy replicas.
+    pub scrub_mismatches: AtomicU64,
+    /// Differing extents made equal again (`verify --repair`).
+    pub scrub_repairs: AtomicU64,
+    /// When the last scrub pass ended (Unix seconds; 0: none yet).
+    pub scrub_last_unix: AtomicU64,
 }
 
 impl VolumeMetrics {
@@ -113,6 +121,16 @@ impl VolumeMetrics {
     pub fn render(&self, out: &mut String, volume: &str) {
         let l = format!("volume=\"{volume}\"");
         let counters = [
+            ("cairn_volume_scrubs_total", &self.scrubs),
+            (
+                "cairn_volume_scrub_mismatches_total",
+                &self.scrub_mismatches,
+            ),
+            ("cairn_volume_scrub_repairs_total", &self.scrub_repairs),
+            (
+                "cairn_volume_scrub_last_timestamp_seconds",
+                &self.scrub_last_unix,
+            ),
             ("cairn_volume_reads_total", &self.reads),
             ("cairn_volume_writes_total", &self.writes),
             ("cairn_volume_flushes_total", &self.flushes),
@@ -159,6 +177,26 @@ pub fn render_headers(out: &mut String) {
             "Completed write requests",
         ),
         ("cairn_volume_flushes_total", "counter", "Completed flushes"),
+        (
+            "cairn_volume_scrubs_total",
+            "counter",
+            "Scrub passes completed over the volume's healthy replicas",
+        ),
+        (
+            "cairn_volume_scrub_mismatches_total",
+            "counter",
+            "Extents found differing between healthy replicas (scrub or verify)",
+        ),
+        (
+            "cairn_volume_scrub_repairs_total",
+            "counter",
+            "Differing extents made equal again (verify --repair)",
+        ),
+        (
+            "cairn_volume_scrub_last_timestamp_seconds",
+            "gauge",
+            "When the last scrub pass over the volume ended (Unix time; 0: never)",
+        ),
         (
             "cairn_volume_discards_total",
             "counter",

@@ -16,12 +16,26 @@
 //! - Overlapping writes are serialised (a byte-range lock), so every replica
 //!   applies them in the same order and replicas never diverge on a block
 //!   two requests wrote at once.
+//! - Replicas never silently diverge. A write or zeroing that succeeds on
+//!   some replicas and fails on others is settled before the writer hears
+//!   back and before the range lock lets the next write in: the failing
+//!   replicas are recorded faulted (and rebuilt later) when a healthy one
+//!   took the change, which keeps the change durable where it landed and
+//!   reads stable (only replicas holding it are read); when no healthy one
+//!   took it, the write fails and the replicas that did take it are
+//!   recorded faulted. A full pool is no exception: the replica is left
+//!   unchanged, so if another replica had room it is faulted like any
+//!   other failure, and if none had, all stay equal and the writer sees
+//!   ENOSPC. We chose faulting over making the range equal again because
+//!   undoing a write that landed would need its old data, and redoing it
+//!   on a replica that failed it usually fails again.
 //! - Rebuild: the target first receives every new write (`rebuilding`), a
 //!   barrier drains writes that started before, then extents whose
 //!   checksums differ are copied under an exclusive per-extent lock that
 //!   application writes to that extent take shared.
 
 pub mod metrics;
+pub mod scrub;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
@@ -45,6 +59,8 @@ pub enum EngineError {
     Replica(#[from] ReplicaError),
     #[error("no healthy replica is reachable")]
     NoReplica,
+    #[error("the engine stopped (the volume was deleted or moved)")]
+    Stopped,
     #[error(
         "replica on node {node} failed ({why}) and could not be recorded as faulted: {record}"
     )]
@@ -71,6 +87,7 @@ impl EngineError {
             EngineError::OutOfRange { .. } => libc::EINVAL,
             EngineError::Replica(r) => r.errno(),
             EngineError::NoReplica
+            | EngineError::Stopped
             | EngineError::Unrecorded { .. }
             | EngineError::LastCopy { .. } => libc::EIO,
         }
@@ -335,7 +352,7 @@ impl Engine {
                 Target::Remote(r) => r.open(e).await,
             }
         });
-        self.settle(results)
+        self.settle(results, false)
     }
 
     // ---- fan-out ------------------------------------------------------------
@@ -375,38 +392,62 @@ impl Engine {
         }
     }
 
-    /// Handles failures of a fan-out: a fenced engine fails; any other
-    /// failure is recorded as a fault before the replica leaves the set. Ok
-    /// when at least one healthy replica succeeded and every failed one is
-    /// recorded.
-    fn settle(&self, results: Vec<Outcome>) -> Result<(), EngineError> {
-        let mut healthy_ok = false;
-        let mut fatal: Option<EngineError> = None;
-        let mut other: Option<EngineError> = None;
+    /// Handles the outcomes of one fan-out. A fenced engine fails and marks
+    /// nothing (a newer engine owns the volume). Otherwise every replica
+    /// that failed is recorded faulted before it leaves the set, and a
+    /// fault that cannot be recorded fails the I/O: nothing completes on a
+    /// degraded set the cluster does not know about. Ok when at least one
+    /// healthy replica succeeded.
+    ///
+    /// With `changes` (writes, zeroing) the replicas must stay equal, so
+    /// the outcome decides which side is kept (see the module doc): when a
+    /// healthy replica took the change, every replica that did not is
+    /// recorded faulted, a full pool included; when none did, the change
+    /// fails and the replicas that took it anyway (rebuilding ones) are
+    /// recorded faulted instead. A full pool leaves its replica unchanged
+    /// (`LocalReplica::write` allocates before it writes), so replicas that
+    /// all ran out of space stay equal, healthy, and the writer sees ENOSPC.
+    fn settle(&self, results: Vec<Outcome>, changes: bool) -> Result<(), EngineError> {
+        if let Some(i) = results
+            .iter()
+            .position(|(_, r)| matches!(r, Err(ReplicaError::Fenced { .. })))
+        {
+            let (_, r) = results.into_iter().nth(i).expect("found");
+            return Err(r.expect_err("fenced").into());
+        }
+        let healthy_ok = results
+            .iter()
+            .any(|(s, r)| r.is_ok() && s.state() == HEALTHY);
+        let mut unrecorded: Option<EngineError> = None;
+        let mut failed: Option<EngineError> = None;
         for (slot, r) in results {
-            match r {
-                Ok(()) => healthy_ok |= slot.state() == HEALTHY,
-                Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::NoSpace)) => {
-                    fatal.get_or_insert(e.into());
+            let cause = match r {
+                Ok(()) if !changes || healthy_ok => continue,
+                Ok(()) => ReplicaError::Remote(
+                    "it took a write that no healthy replica took, so it differs from them".into(),
+                ),
+                Err(ReplicaError::NoSpace) if !(changes && healthy_ok) => {
+                    failed.get_or_insert(ReplicaError::NoSpace.into());
+                    continue;
                 }
-                Err(e) => match self.mark_faulted(&slot, &e) {
-                    // Nothing completes on an unrecorded degraded set.
-                    Err(unrecorded) => {
-                        fatal.get_or_insert(unrecorded);
-                    }
-                    Ok(()) => {
-                        other.get_or_insert(EngineError::Replica(e));
-                    }
-                },
+                Err(e) => e,
+            };
+            match self.mark_faulted(&slot, &cause) {
+                Err(u) => {
+                    unrecorded.get_or_insert(u);
+                }
+                Ok(()) => {
+                    failed.get_or_insert(EngineError::Replica(cause));
+                }
             }
         }
-        if let Some(e) = fatal {
+        if let Some(e) = unrecorded {
             return Err(e);
         }
         if healthy_ok {
             return Ok(());
         }
-        Err(other.unwrap_or(EngineError::NoReplica))
+        Err(failed.unwrap_or(EngineError::NoReplica))
     }
 
     /// Before any I/O: faults that could not be recorded earlier must be
@@ -595,7 +636,7 @@ impl Engine {
             }
         }
         self.join_remote(remote, &mut results);
-        self.settle(results)
+        self.settle(results, true)
     }
 
     /// A small write without thread hand-offs: this thread sends it to
@@ -626,7 +667,7 @@ impl Engine {
             let r = pending.and_then(|p| p.finish()).map(|_| ());
             results.push((s, r));
         }
-        self.settle(results)
+        self.settle(results, true)
     }
 
     /// TRIM/discard and write-zeroes: the range reads as zeros afterwards.
@@ -645,7 +686,7 @@ impl Engine {
                         }
                     }
                 });
-                self.settle(results)
+                self.settle(results, true)
             })
         });
         self.metrics.record_discard(len, r.is_ok());
@@ -663,52 +704,10 @@ impl Engine {
                     Target::Remote(r) => blocking(move || r.flush_blocking(e)).await,
                 }
             });
-            self.settle(results)
+            self.settle(results, false)
         });
         self.metrics.record_flush(t.elapsed(), r.is_ok());
         r
-    }
-
-    /// Compares every extent's checksum across the healthy replicas, with
-    /// writes held off batch by batch so the comparison sees a stable
-    /// volume. Returns (extents compared, replicas compared, mismatched
-    /// extents).
-    pub fn verify(&self) -> Result<(u64, usize, Vec<u64>), EngineError> {
-        const BATCH: u64 = 64;
-        let total = self.size().div_ceil(self.extent_size);
-        let mut mismatched = Vec::new();
-        let mut replicas = 0;
-        let mut first = 0;
-        while first < total {
-            let count = BATCH.min(total - first);
-            let _all: Vec<_> = self
-                .stripes
-                .iter()
-                .map(|s| s.write().expect("stripe lock"))
-                .collect();
-            let healthy: Vec<Arc<Slot>> = self.slots_where(|st| st == HEALTHY);
-            replicas = healthy.len();
-            let mut sums = Vec::new();
-            for s in &healthy {
-                sums.push(self.checksums(&s.target, first, count)?);
-            }
-            for i in 0..count as usize {
-                if sums
-                    .iter()
-                    .any(|v| self.norm(v[i]) != self.norm(sums[0][i]))
-                {
-                    let detail: Vec<String> = healthy
-                        .iter()
-                        .zip(&sums)
-                        .map(|(s, v)| format!("{}={:?}", s.node, v[i]))
-                        .collect();
-                    tracing::warn!(volume = %self.volume, extent = first + i as u64, replicas = ?detail, "replicas differ");
-                    mismatched.push(first + i as u64);
-                }
-            }
-            first += count;
-        }
-        Ok((total, replicas, mismatched))
     }
 
     // ---- rebuild ------------------------------------------------------------

@@ -17,7 +17,7 @@ pub mod superblock;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -487,6 +487,7 @@ fn open_device(spec: &DiskSpec) -> Result<(File, u64, bool), PoolError> {
             let f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(p)
                 .map_err(err)?;
             f.set_len(*size).map_err(err)?;
@@ -504,6 +505,12 @@ fn open_device(spec: &DiskSpec) -> Result<(File, u64, bool), PoolError> {
         .map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     let is_block = meta.file_type().is_block_device();
+    if !is_block && meta.permissions().mode() & 0o077 != 0 {
+        // A pool file holds every volume's data: root only.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
+        tracing::info!(path = %path.display(), "pool file made readable by root only (0600)");
+    }
     let size = match spec {
         DiskSpec::Block(_) if !is_block => {
             return Err(PoolError::NotBlockDevice {

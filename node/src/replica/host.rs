@@ -202,6 +202,7 @@ pub struct HostMap {
     unclean: sled::Tree,
     store: Arc<ClusterStore>,
     map: RwLock<HashMap<VolumeId, Arc<Hosted>>>,
+    destroying: std::sync::Mutex<()>,
     /// Data connections being served (`fast`), and those refused because
     /// [`super::fast::MAX_CONNECTIONS`] were.
     pub data_connections: AtomicUsize,
@@ -246,6 +247,7 @@ impl HostMap {
             unclean,
             store,
             map: RwLock::new(HashMap::new()),
+            destroying: std::sync::Mutex::new(()),
             data_connections: AtomicUsize::new(0),
             data_connections_refused: AtomicU64::new(0),
         })
@@ -389,8 +391,13 @@ impl HostMap {
 
     /// Frees a replica this node no longer holds: no I/O is admitted after
     /// this starts, then its extents return to the pool.
+    /// Frees a replica's space and forgets it. Callers racing on one
+    /// replica (the reconciler, a deleting node's request) are serialised,
+    /// so "freed" means the space is back when any of them returns; a
+    /// failure leaves the replica listed (refusing I/O) for a retry.
     pub fn destroy(&self, id: VolumeId) -> Result<(), ReplicaError> {
-        let Some(h) = self.map.write().expect("host map lock").remove(&id) else {
+        let _one = self.destroying.lock().expect("destroy lock");
+        let Some(h) = self.get(id) else {
             return Ok(());
         };
         {
@@ -398,6 +405,7 @@ impl HostMap {
             h.gone.store(true, Ordering::Release);
         }
         h.replica.destroy()?;
+        self.map.write().expect("host map lock").remove(&id);
         let _ = self.fences.remove(id.to_string());
         let _ = self.unclean.remove(id.to_string());
         tracing::info!(volume = %id, "freed local replica");

@@ -253,11 +253,21 @@ impl LocalReplica {
     /// Writes `buf`; same alignment rules as [`LocalReplica::read`]. An
     /// extent allocated for it is in the extent map log before this
     /// returns, so an acknowledged write survives a daemon crash.
+    ///
+    /// All-or-nothing on a full pool: every extent the write needs is
+    /// allocated before any byte is written, so [`ReplicaError::NoSpace`]
+    /// means the replica's data did not change (an extent allocated before
+    /// the pool ran out reads as zeros, as an unallocated one does). The
+    /// engine relies on it to keep replicas equal when every one of them
+    /// is full.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
         if !Self::aligned(offset, buf) {
             return self.write_unaligned(offset, buf);
         }
         let _gate = self.free_gate.read().expect("free gate");
+        self.each_piece(offset, buf.len(), |logical, _, _| {
+            self.lookup_or_allocate(logical).map(|_| ())
+        })?;
         self.each_piece(offset, buf.len(), |logical, within, range| {
             let addr = self.lookup_or_allocate(logical)?;
             Ok(self.pool.write(addr, within, &buf[range])?)
@@ -507,6 +517,19 @@ mod tests {
         let (r, _) = LocalReplica::load(&f.db, f.pool.clone(), Id128::random()).expect("load");
         let w = aligned(4096, 1);
         r.write(0, w.as_slice()).expect("first extent");
+        // A write that needs the last free extent and one more changes
+        // nothing, not even the part that would have fit.
+        let e = r
+            .write(2 * EXTENT_SIZE - 4096, aligned(8192, 9).as_slice())
+            .expect_err("needs two extents, one is free");
+        assert!(matches!(e, ReplicaError::NoSpace));
+        let mut back = aligned(4096, 0xff);
+        r.read(2 * EXTENT_SIZE - 4096, back.as_mut_slice())
+            .expect("read");
+        assert!(
+            back.as_slice().iter().all(|b| *b == 0),
+            "a failed write left data behind"
+        );
         r.write(EXTENT_SIZE, w.as_slice()).expect("second extent");
         let e = r
             .write(2 * EXTENT_SIZE, w.as_slice())

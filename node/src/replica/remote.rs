@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cairn_proto::data::data_client::DataClient;
 use cairn_proto::data::{
-    ChecksumsRequest, ExtentChecksum, Header, OpenRequest, DATA_PROTOCOL_VERSION,
+    ChecksumsRequest, ExtentChecksum, FreeRequest, Header, OpenRequest, DATA_PROTOCOL_VERSION,
 };
 use cairn_proto::frame::{self, Request};
 use tonic::transport::Channel;
@@ -22,6 +22,8 @@ use crate::types::{NodeId, VolumeId};
 pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on a checksum batch (it reads up to `CHECKSUM_BATCH` extents).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on freeing a deleted volume's replica (it zeroes every extent).
+const FREE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest message either side accepts (data requests are at most a few MiB).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
@@ -129,6 +131,19 @@ impl RemoteReplica {
             header: self.header(epoch),
         };
         bounded(epoch, IO_TIMEOUT, c.open(req)).await.map(|_| ())
+    }
+
+    /// Asks the node to free its copy of this volume, deleted at Raft
+    /// index `applied_index`; returns the bytes it gave back to its pool.
+    pub async fn free(&self, applied_index: u64) -> Result<u64, ReplicaError> {
+        let mut c = self.client.clone();
+        let req = FreeRequest {
+            header: self.header(0),
+            applied_index,
+        };
+        bounded(0, FREE_TIMEOUT, c.free(req))
+            .await
+            .map(|r| r.freed_bytes)
     }
 
     fn frame(&self, op: u16, epoch: u64, offset: u64, length: u64, crc: u32) -> Request {

@@ -8,8 +8,8 @@ use std::sync::{Arc, OnceLock};
 
 use cairn_proto::data::data_server::Data;
 use cairn_proto::data::{
-    ChecksumsReply, ChecksumsRequest, ExtentChecksum, Header, OpenReply, OpenRequest,
-    DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
+    ChecksumsReply, ChecksumsRequest, ExtentChecksum, FreeReply, FreeRequest, Header, OpenReply,
+    OpenRequest, DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
 };
 use tonic::{Request, Response, Status};
 
@@ -62,9 +62,12 @@ fn check_range(offset: u64, len: u64, limit: u64) -> Result<(), Status> {
     Ok(())
 }
 
+type Checked = (Arc<ClusterStore>, Arc<HostMap>, VolumeId, u64);
+
 impl DataService {
-    /// Validates the header and finds (or creates) the hosted replica.
-    async fn hosted(&self, h: Option<Header>) -> Result<(u64, Arc<Hosted>), Status> {
+    /// Validates the header: protocol version, cluster, volume id.
+    #[allow(clippy::result_large_err)]
+    fn check(&self, h: Option<Header>) -> Result<Checked, Status> {
         let (store, hosts) = self
             .inner
             .get()
@@ -88,7 +91,12 @@ impl DataService {
             .volume_id
             .parse()
             .map_err(|e| Status::invalid_argument(format!("volume id: {e}")))?;
-        let epoch = h.epoch;
+        Ok((store, hosts, id, h.epoch))
+    }
+
+    /// Validates the header and finds (or creates) the hosted replica.
+    async fn hosted(&self, h: Option<Header>) -> Result<(u64, Arc<Hosted>), Status> {
+        let (store, hosts, id, epoch) = self.check(h)?;
         if let Some(hosted) = hosts.get(id) {
             return Ok((epoch, hosted));
         }
@@ -98,6 +106,36 @@ impl DataService {
             .map_err(replica_status)?;
         Ok((epoch, hosted))
     }
+}
+
+/// Frees the replica of deleted volume `id` once this node has applied
+/// the delete (`index`); returns the bytes given back.
+#[allow(clippy::result_large_err)]
+fn free_blocking(
+    store: &ClusterStore,
+    hosts: &HostMap,
+    id: VolumeId,
+    index: u64,
+) -> Result<u64, Status> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    if !store.wait_until(deadline, |s, _| s.applied >= index) {
+        return Err(Status::unavailable(format!(
+            "this node has not applied index {index} yet"
+        )));
+    }
+    let listed = store
+        .read()
+        .volumes
+        .get(&id)
+        .is_some_and(|v| v.has_replica_on(hosts.me));
+    if listed {
+        return Err(Status::failed_precondition(format!(
+            "volume {id} still has a replica on this node"
+        )));
+    }
+    let bytes = hosts.get(id).map_or(0, |h| h.replica.allocated_bytes());
+    hosts.destroy(id).map_err(replica_status)?;
+    Ok(bytes)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -158,5 +196,16 @@ impl Data for DataService {
                 })
                 .collect(),
         }))
+    }
+
+    #[allow(clippy::result_large_err)]
+    async fn free(&self, req: Request<FreeRequest>) -> Result<Response<FreeReply>, Status> {
+        let r = req.into_inner();
+        let (store, hosts, id, _) = self.check(r.header)?;
+        let index = r.applied_index;
+        let freed = tokio::task::spawn_blocking(move || free_blocking(&store, &hosts, id, index))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(FreeReply { freed_bytes: freed }))
     }
 }

@@ -5,6 +5,8 @@
 //! the lock under which attach and NBD writers exclude each other. No lock is
 //! held across a command that runs a program (mkfs, resize2fs).
 
+mod scrub;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -442,8 +444,13 @@ impl VolumeManager {
     }
 
     fn propose(&self, cmd: Command, name: &str) -> Result<(), VolumeError> {
+        self.propose_at(cmd, name).map(|_| ())
+    }
+
+    /// Proposes `cmd`; returns the applied index that includes it.
+    fn propose_at(&self, cmd: Command, name: &str) -> Result<u64, VolumeError> {
         match self.store.propose(cmd) {
-            Ok(_) => Ok(()),
+            Ok(s) => Ok(s.applied),
             Err(StoreError::Refused(e)) => Err(match e {
                 StateError::VolumeExists(n) => VolumeError::AlreadyExists(n),
                 StateError::VolumeNotFound(_) => VolumeError::NotFound(name.into()),
@@ -553,8 +560,9 @@ impl VolumeManager {
     }
 
     /// Compares all healthy replicas extent by extent (through the engine
-    /// that serves the volume, so it must run on the attaching node).
-    pub fn verify(&self, name: &str) -> Result<api::VerifyReport, VolumeError> {
+    /// that serves the volume, so it must run on the attaching node); with
+    /// `repair`, makes differing extents equal (see `engine::scrub`).
+    pub fn verify(&self, name: &str, repair: bool) -> Result<api::VerifyReport, VolumeError> {
         let v = self.find(name)?;
         match &v.attachment {
             Some(a) if a.node != self.cfg.node_id => {
@@ -571,13 +579,23 @@ impl VolumeManager {
                 .activate(&v, v.epoch)
                 .map_err(|e| VolumeError::Device(e.to_string()))?;
         }
-        let (extents, replicas, mismatched) = engine
-            .verify()
+        let r = engine
+            .scrub(repair, 0)
             .map_err(|e| VolumeError::Device(format!("verifying {name}: {e}")))?;
         Ok(api::VerifyReport {
-            extents_compared: extents,
-            replicas_compared: replicas as u32,
-            mismatched_extents: mismatched,
+            extents_compared: r.extents,
+            replicas_compared: r.replicas as u32,
+            mismatched_extents: r.mismatched,
+            repaired: r
+                .repaired
+                .iter()
+                .map(|x| api::RepairedExtent {
+                    extent: x.extent,
+                    source: self.node_name(x.source),
+                    majority: x.majority,
+                    targets: x.targets.iter().map(|n| self.node_name(*n)).collect(),
+                })
+                .collect(),
         })
     }
 
@@ -836,7 +854,12 @@ impl VolumeManager {
         self.inspect(name)
     }
 
-    pub fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
+    /// Deletes a volume and frees every replica's space: this node's at
+    /// once, the others' by asking their nodes, so that when this returns
+    /// the space is back everywhere. Returns the names of nodes whose copy
+    /// is not freed yet (down, or slow to answer): their reconcilers free
+    /// it when they run again.
+    pub fn delete(&self, name: &str, force: bool) -> Result<Vec<String>, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
         if let Some(a) = &v.attachment {
@@ -868,18 +891,86 @@ impl VolumeManager {
         }
         let ex = self.exports.lock().expect("exports lock");
         nbd_users(&ex)?;
-        self.propose(Command::DeleteVolume { id: v.id }, name)?;
+        let index = self.propose_at(Command::DeleteVolume { id: v.id }, name)?;
         if let Some(e) = self.engines.write().expect("engines lock").remove(&v.id) {
             e.stop();
         }
         drop(ex);
-        // The volume is gone from the state; each replica node's reconciler
-        // frees its copy (this node's now). A failure here is retried.
+        // The volume is gone from the state: every replica node frees its
+        // copy now, asked by us (its reconciler would too, later).
+        let mut pending = Vec::new();
         if let Err(e) = self.hosts.destroy(v.id) {
             tracing::error!(volume = %name, error = %e, "freeing deleted volume's space failed; retried");
+            pending.push(self.node_name(self.cfg.node_id));
         }
-        tracing::info!(volume = %name, "deleted volume");
-        Ok(())
+        pending.extend(self.free_remote_copies(&v, index));
+        if pending.is_empty() {
+            tracing::info!(volume = %name, "deleted volume; its space is free on every replica node");
+        } else {
+            tracing::warn!(volume = %name, pending = ?pending, "deleted volume; space not freed yet on some nodes (freed when they answer)");
+        }
+        Ok(pending)
+    }
+
+    /// Asks each other node that held a replica of the deleted `v` to free
+    /// it, all at once; returns the names of those that did not confirm.
+    fn free_remote_copies(&self, v: &Volume, index: u64) -> Vec<String> {
+        let (cluster, nodes): (_, Vec<(NodeId, String, String)>) = {
+            let s = self.store.read();
+            let nodes = v
+                .replicas
+                .iter()
+                .filter(|r| r.node != self.cfg.node_id)
+                .map(|r| {
+                    let n = s.nodes.get(&r.node);
+                    (
+                        r.node,
+                        n.map(|n| n.name.clone())
+                            .unwrap_or_else(|| r.node.to_string()),
+                        n.map(|n| n.peer_address.clone()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            (s.cluster_id, nodes)
+        };
+        let _rt = self.ctx.handle.enter();
+        let mut asks = Vec::new();
+        let mut pending = Vec::new();
+        for (node, name, addr) in nodes {
+            match crate::replica::remote::RemoteReplica::new(
+                &self.ctx.channels,
+                &self.ctx.fast,
+                node,
+                &addr,
+                cluster,
+                v.id,
+            ) {
+                Ok(r) => asks.push((
+                    name,
+                    self.ctx.handle.spawn(async move { r.free(index).await }),
+                )),
+                Err(e) => {
+                    tracing::debug!(volume = %v.name, node = %name, error = %e, "cannot ask to free a replica");
+                    pending.push(name);
+                }
+            }
+        }
+        for (name, ask) in asks {
+            match self.ctx.handle.block_on(ask) {
+                Ok(Ok(bytes)) => {
+                    tracing::debug!(volume = %v.name, node = %name, bytes, "replica freed")
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(volume = %v.name, node = %name, error = %e, "replica not freed yet");
+                    pending.push(name);
+                }
+                Err(e) => {
+                    tracing::info!(volume = %v.name, node = %name, error = %e, "replica not freed yet");
+                    pending.push(name);
+                }
+            }
+        }
+        pending
     }
 
     // ---- attach / detach -------------------------------------------------
