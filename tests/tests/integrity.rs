@@ -419,3 +419,75 @@ fn a_scrub_finds_a_flipped_byte_and_verify_repair_mends_it() {
     );
     nodes[0].cli_ok(&["volume", "detach", "v"]);
 }
+
+#[test]
+fn replicas_are_resynced_after_an_attachment_ends_uncleanly() {
+    let mut nodes = cluster_with("resync", &["256MiB", "256MiB"], 216);
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--fs",
+        "none",
+    ]);
+    let dev = nodes[0]
+        .cli_ok(&["volume", "attach", "v"])
+        .trim()
+        .to_string();
+    let data = pattern(MIB, 0xa7);
+    write_direct(Path::new(&dev), 8 << 20, &data).expect("write");
+    // n2's copy differs, as after a write the dead engine had in flight
+    // that reached n2 only.
+    let pool = nodes[1].disk_path();
+    let at = find_block(&pool, &data[..64]).expect("the data on n2's disk");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pool)
+        .expect("open");
+    f.write_at(&[data[7] ^ 1], at + 7)
+        .expect("change n2's copy");
+    f.sync_all().expect("sync");
+    assert_eq!(
+        verify(&nodes[0], "v")["mismatched_extents"],
+        serde_json::json!([8])
+    );
+    // An unclean end: the daemon dies and its holder with it, so nothing
+    // keeps the requests; the next start re-serves and resyncs.
+    nodes[0].kill9();
+    kill_holders(&nodes[0].dir);
+    nodes[0].restart();
+    wait_for("the resync", Duration::from_secs(60), || {
+        nodes[0]
+            .last_log()
+            .contains("replicas resynced after the unclean end")
+    });
+    assert_eq!(
+        verify(&nodes[0], "v")["mismatched_extents"],
+        serde_json::json!([])
+    );
+    let dev = nodes[0].inspect("v")["device"]
+        .as_str()
+        .expect("device")
+        .to_string();
+    assert!(
+        read_direct(Path::new(&dev), 8 << 20, MIB).expect("read") == data,
+        "the resync did not keep the copy reads were served from"
+    );
+    // A graceful stop is clean: no resync on the next start.
+    nodes[0].terminate();
+    nodes[0].restart();
+    wait_for("the attachment back", Duration::from_secs(30), || {
+        nodes[0].inspect("v")["state"] == "attached"
+    });
+    assert!(
+        !nodes[0].last_log().contains("ended uncleanly"),
+        "{}",
+        nodes[0].last_log()
+    );
+    nodes[0].cli_ok(&["volume", "detach", "v"]);
+}

@@ -16,6 +16,14 @@
 //! tell which of two different copies is right; the report says whether a
 //! majority chose.
 //!
+//! The same pass, keeping the copy reads are served from, resyncs a volume
+//! whose previous attachment ended without a clean stop ([`Engine::start_resync`]):
+//! a forced takeover from a dead node, or a daemon that came back after
+//! the orphan I/O timeout (or without its FUSE holder), so that the writes
+//! it had in flight, which reached some replicas only, leave no lasting
+//! difference. (A daemon restart within the timeout needs none: the kernel
+//! resends those writes and they reach every replica.)
+//!
 //! Divergence of any cause is found this way: a bug, a write that failed
 //! on some replicas before the engine settled it, a disk that silently
 //! flipped bits. The node scrubs each volume it serves every
@@ -53,11 +61,52 @@ pub struct ScrubReport {
     pub repaired: Vec<Repair>,
 }
 
+/// Which copy a repair keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The copy a majority holds, else the one reads are served from.
+    Majority,
+    /// Always the one reads are served from: after an attachment ended
+    /// uncleanly its replicas may differ where writes were in flight, and
+    /// either version is legitimate; keeping what reads return keeps them
+    /// stable while the resync runs.
+    Reads,
+}
+
 impl Engine {
     /// Compares every extent across the healthy replicas; with `repair`
     /// makes differing ones equal. Reads at most `bandwidth` bytes per
     /// second per replica (0: unlimited). A stopped engine ends early.
     pub fn scrub(&self, repair: bool, bandwidth: u64) -> Result<ScrubReport, EngineError> {
+        self.scrub_keeping(repair.then_some(Keep::Majority), bandwidth)
+    }
+
+    /// Makes the replicas equal in the background after the volume's
+    /// previous attachment ended without a clean stop (a forced takeover,
+    /// a daemon that did not come back in time): writes it had in flight
+    /// may have reached some replicas only. Reads are served from one
+    /// replica throughout, and the resync keeps its copy.
+    pub fn start_resync(self: &Arc<Self>) {
+        let e = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("resync-{}", &self.volume.to_string()[..8]))
+            .spawn(move || {
+                tracing::info!(volume = %e.volume, "the previous attachment ended uncleanly: making the replicas equal where its writes were in flight");
+                match e.scrub_keeping(Some(Keep::Reads), e.ctx.rebuild_bandwidth) {
+                    Ok(r) => tracing::info!(volume = %e.volume, extents = r.extents, differed = r.mismatched.len(), "replicas resynced after the unclean end"),
+                    Err(err) => tracing::warn!(volume = %e.volume, error = %err, "resync after the unclean end did not finish; the periodic scrub will report what still differs"),
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::error!(volume = %self.volume, error = %err, "cannot start the resync after an unclean end");
+        }
+    }
+
+    fn scrub_keeping(
+        &self,
+        repair: Option<Keep>,
+        bandwidth: u64,
+    ) -> Result<ScrubReport, EngineError> {
         let es = self.extent_size;
         let total = self.size().div_ceil(es);
         let mut report = ScrubReport {
@@ -102,7 +151,7 @@ impl Engine {
     fn recheck(
         &self,
         extent: u64,
-        repair: bool,
+        repair: Option<Keep>,
         report: &mut ScrubReport,
     ) -> Result<(), EngineError> {
         let _x = self.lock_extent(extent);
@@ -124,10 +173,13 @@ impl Engine {
             .map(|(s, c)| format!("{}={c:08x}", s.node))
             .collect();
         tracing::warn!(volume = %self.volume, extent, replicas = ?detail, "replicas differ");
-        if !repair {
+        let Some(keep) = repair else {
             return Ok(());
-        }
-        let (src, majority) = pick_source(&sums);
+        };
+        let (src, majority) = match keep {
+            Keep::Majority => pick_source(&sums),
+            Keep::Reads => (0, false),
+        };
         let source = &healthy[src];
         let targets: Vec<&Arc<Slot>> = healthy
             .iter()

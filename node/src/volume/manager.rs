@@ -66,6 +66,10 @@ struct LocalAttachment {
     /// Held as a reader (read-only device, no attachment of its own).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     read_only: bool,
+    /// Set by a graceful shutdown once everything was flushed: the next
+    /// start re-serves the attachment without resyncing its replicas.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    clean_stop: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -997,6 +1001,12 @@ impl VolumeManager {
                 return Ok(rec.device);
             }
         }
+        // Taking over from another node's attachment: its engine may have
+        // died with writes in flight that reached some replicas only.
+        let took_over = force
+            && v.attachment
+                .as_ref()
+                .is_some_and(|a| a.node != self.cfg.node_id);
         {
             let ex = self.exports.lock().expect("exports lock");
             if ex.get(&v.id).is_some_and(|u| u.writers > 0) {
@@ -1021,6 +1031,11 @@ impl VolumeManager {
                 rec.device = dev.clone();
                 self.save_local(v.id, Some(&rec))?;
                 tracing::info!(volume = %v.name, device = %dev, "attached volume");
+                if took_over {
+                    if let Some(e) = self.engine(v.id) {
+                        e.start_resync();
+                    }
+                }
                 Ok(dev)
             }
             Err(e) => {
@@ -1518,6 +1533,13 @@ impl VolumeManager {
             match self.bind_device(v, rec.read_only) {
                 Ok(dev) => {
                     rec.device = dev.clone();
+                    // Not a graceful stop, and the kernel did not keep the
+                    // requests: writes in flight then may differ.
+                    if !std::mem::take(&mut rec.clean_stop) && !rec.read_only {
+                        if let Some(e) = self.engine(id) {
+                            e.start_resync();
+                        }
+                    }
                     let mounts = std::mem::take(&mut rec.mounts);
                     for m in mounts {
                         let given = rec.options.get(&m).cloned().unwrap_or_default();
@@ -1689,8 +1711,16 @@ impl VolumeManager {
         }
         for e in self.engines.read().expect("engines lock").values() {
             e.stop();
-            if let Err(err) = e.flush() {
-                tracing::error!(volume = %e.volume, error = %err, "flush at shutdown failed");
+            match e.flush() {
+                Ok(()) => {
+                    if let Some(mut rec) = self.local_record(e.volume) {
+                        rec.clean_stop = true;
+                        let _ = self.save_local(e.volume, Some(&rec));
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(volume = %e.volume, error = %err, "flush at shutdown failed")
+                }
             }
         }
         if let Some(f) = self.fuse.lock().expect("fuse lock").take() {
