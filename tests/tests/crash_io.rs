@@ -311,3 +311,39 @@ fn io_fails_after_the_orphan_timeout_and_everything_can_be_torn_down() {
     verify_manifest(&mnt, &manifest);
     node.cli_ok(&["volume", "unmount", "v", &mnt_s]);
 }
+
+/// A volume whose replicas are all on the restarted node needs no quorum
+/// to be served again: only remote replicas need the new epoch.
+#[test]
+fn a_local_volume_serves_again_after_a_restart_without_quorum() {
+    let mut rng = Rng::from_env();
+    let mut nodes = cluster_with("crashnq", &["512MiB", "512MiB"], 221);
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "loc",
+        "--size",
+        "128MiB",
+        "--replicas",
+        "1",
+        "--locality",
+        "--fs",
+        "none",
+    ]);
+    let dev = nodes[0]
+        .cli_ok(&["volume", "attach", "loc"])
+        .trim()
+        .to_string();
+    // Two voters: without n2 there is no quorum.
+    nodes[1].kill9();
+    kill_during_fio(&mut nodes[0], &mut rng, Path::new(&dev), 16, "no quorum");
+    assert!(
+        nodes[0]
+            .last_log()
+            .contains("attachment kept across the restart"),
+        "{}",
+        nodes[0].last_log()
+    );
+    nodes[1].restart();
+    nodes[0].cli_ok(&["volume", "detach", "loc"]);
+}

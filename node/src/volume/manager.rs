@@ -1597,9 +1597,10 @@ impl VolumeManager {
     /// adopted FUSE connection (its mounts are untouched), retrying what
     /// fails because of this daemon's own start-up (no quorum yet, a replica
     /// node not answering yet) until the orphan I/O timeout. `start_epoch`
-    /// is the attachment's epoch when the daemon started: the attachment
-    /// moves to a new one first, so nothing the previous incarnation sent
-    /// can land after the requests it left are served again.
+    /// is the attachment's epoch when the daemon started: with a remote
+    /// replica the attachment moves to a new one first, so nothing the
+    /// previous incarnation sent can land after the requests it left are
+    /// served again.
     fn readopt(self: Arc<Self>, id: VolumeId, read_only: bool, start_epoch: Option<u64>) {
         let name = id.to_string();
         let deadline = self.started + self.cfg.orphan_io_timeout;
@@ -1657,8 +1658,12 @@ impl VolumeManager {
                 "the volume is no longer attached to this node".into(),
             ));
         }
+        // Only a remote replica can still receive what the previous
+        // incarnation sent (a local write died with it): a volume whose
+        // replicas are all here needs no new epoch, and no quorum.
+        let remote = v.replicas.iter().any(|r| r.node != self.cfg.node_id);
         let v = match (read_only, v.attachment.as_ref().map(|a| a.epoch)) {
-            (false, Some(epoch)) if Some(epoch) == start_epoch => {
+            (false, Some(epoch)) if remote && Some(epoch) == start_epoch => {
                 let r = self.store.propose(Command::Reattach {
                     id,
                     node: self.cfg.node_id,
