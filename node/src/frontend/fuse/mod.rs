@@ -131,8 +131,8 @@ fn ino_of(name: &str) -> u64 {
 impl FuseServer {
     /// Mounts an empty FUSE directory at `mountpoint`, opens `threads`
     /// session fds on the connection, gives every one of them to a holder
-    /// process listening on `holder` (so neither the connection nor a
-    /// request survives a daemon crash only by luck), and starts serving.
+    /// process listening on `holder` (so the connection and every request
+    /// it hands out survive a daemon crash), and starts serving.
     pub fn mount(
         mountpoint: &Path,
         threads: usize,
