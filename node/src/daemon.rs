@@ -166,6 +166,16 @@ pub fn run(cfg: Config) -> Result<(), String> {
         store.clone(),
     )?;
     tracing::info!(timeout = ?cfg.orphan_io_timeout, "I/O on attached volumes waits this long for a crashed daemon to come back (--orphan-io-timeout), then fails with EIO");
+    for knob in ["default_request_timeout", "max_request_timeout"] {
+        let path = format!("/proc/sys/fs/fuse/{knob}");
+        let secs: u64 = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if secs > 0 && std::time::Duration::from_secs(secs) < cfg.orphan_io_timeout {
+            tracing::warn!(sysctl = %path, secs, "the kernel aborts FUSE connections whose requests wait longer than this: a daemon outage past it fails I/O before --orphan-io-timeout");
+        }
+    }
     let _ = data_service.inner.set((store.clone(), mgr.hosts()));
     let _ = fast_server.set(crate::replica::fast::FastServer {
         store: store.clone(),

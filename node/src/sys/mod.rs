@@ -45,6 +45,33 @@ pub fn set_io_flusher() -> io::Result<()> {
     }
 }
 
+/// Makes every page of `buf` present and writable now, and keeps it so
+/// (`mlock`): the kernel then copies into it without faulting. A FUSE
+/// request copied into a page that faults while the process is being
+/// killed is ended with EIO instead of being kept for the next daemon.
+pub fn pin_memory(buf: &mut [u8]) -> io::Result<()> {
+    for b in buf.iter_mut().step_by(4096) {
+        // A volatile write: the page must really be touched.
+        // SAFETY: `b` is a valid, exclusive reference into `buf`.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    // SAFETY: the range is `buf`'s, valid for the call; mlock only changes
+    // paging of these pages.
+    if unsafe { libc::mlock(buf.as_ptr().cast(), buf.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// A zero-initialised heap buffer whose start is aligned to `align` bytes, for
 /// `O_DIRECT` I/O. Allocated once and reused; never per request.
 pub struct AlignedBuf {

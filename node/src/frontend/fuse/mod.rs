@@ -114,6 +114,14 @@ pub struct FuseServer {
     fds: Vec<File>,
     /// Open while this daemon serves: the holder's sign that it lives.
     _lease: Option<UnixStream>,
+    /// On kernels without FUSE resend: the held mount fd, never read.
+    _anchor: Option<File>,
+}
+
+/// Whether the kernel requeues unanswered requests on `FUSE_NOTIFY_RESEND`
+/// (Linux 6.9).
+fn resend_supported() -> bool {
+    sys::kernel_version().is_some_and(|v| v >= (6, 9))
 }
 
 /// A file's inode number, derived from its name so that it is the same for
@@ -164,6 +172,7 @@ impl FuseServer {
             threads: Vec::new(),
             fds: vec![dev],
             _lease: None,
+            _anchor: None,
         };
         match held {
             Ok(()) => server.add_fds(threads, holder, orphan_timeout),
@@ -192,6 +201,7 @@ impl FuseServer {
             threads: Vec::new(),
             fds: fds.into_iter().map(File::from).collect(),
             _lease: None,
+            _anchor: None,
         };
         server.add_fds(threads, holder, orphan_timeout);
         server
@@ -202,15 +212,33 @@ impl FuseServer {
     fn add_fds(&mut self, threads: usize, holder: &Path, orphan_timeout: Duration) {
         let had = self.fds.len();
         self.clone_fds(threads);
-        let new: Vec<BorrowedFd<'_>> = self.fds[had..].iter().map(|f| f.as_fd()).collect();
-        if let Err(e) = holder::deposit(holder, &new) {
-            tracing::warn!(error = %e, "the FUSE holder did not take the session fds: requests in flight at a crash would fail");
-            // Serve only on what the holder has.
-            self.fds.truncate(had);
+        if !resend_supported() {
+            // Requests read on a held fd could never be resent: they would
+            // hang. The holder keeps only the mount's fd (no thread reads
+            // it, see `start`); requests on the others end with the daemon.
+            tracing::warn!(kernel = ?sys::kernel_version(), "this kernel cannot resend FUSE requests (Linux 6.9+ can): I/O in flight at a daemon crash fails with EIO");
+        } else {
+            let new: Vec<BorrowedFd<'_>> = self.fds[had..].iter().map(|f| f.as_fd()).collect();
+            if let Err(e) = holder::deposit(holder, &new) {
+                tracing::warn!(error = %e, "the FUSE holder did not take the session fds: requests in flight at a crash would fail");
+                // Serve only on what the holder has.
+                self.fds.truncate(had);
+            }
         }
-        match holder::lease(holder, orphan_timeout) {
-            Ok(l) => self._lease = Some(l),
-            Err(e) => tracing::warn!(error = %e, "no lease on the FUSE holder"),
+        for attempt in 1..=3 {
+            match holder::lease(holder, orphan_timeout) {
+                Ok(l) => {
+                    self._lease = Some(l);
+                    break;
+                }
+                Err(e) if attempt < 3 => {
+                    tracing::debug!(error = %e, "lease on the FUSE holder not taken; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no lease on the FUSE holder: it gives the connection up after the orphan I/O timeout")
+                }
+            }
         }
     }
 
@@ -248,7 +276,12 @@ impl FuseServer {
                 tracing::warn!(error = %io::Error::last_os_error(), "FUSE resend notification failed; requests in flight at the crash may hang");
             }
         }
-        for (i, fd) in std::mem::take(&mut self.fds).into_iter().enumerate() {
+        let mut fds = std::mem::take(&mut self.fds);
+        if !resend_supported() && fds.len() > 1 {
+            // The held mount fd stays unread (see `add_fds`).
+            self._anchor = Some(fds.remove(0));
+        }
+        for (i, fd) in fds.into_iter().enumerate() {
             let table = self.table.clone();
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
@@ -354,6 +387,12 @@ enum Reply<'a> {
 impl Session {
     fn run(self) {
         let mut buf = AlignedBuf::new(BUF_LEN, 4096);
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if let Err(e) = sys::pin_memory(buf.as_mut_slice()) {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "session buffers not locked in memory (needs CAP_IPC_LOCK): a request being read at a daemon crash may fail instead of being resent");
+            }
+        }
         let raw = self.fd.as_raw_fd();
         loop {
             let region = &mut buf.as_mut_slice()[HDR_OFF..];
