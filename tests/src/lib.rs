@@ -436,6 +436,31 @@ pub fn kill_holders(dir: &Path) {
     }
 }
 
+/// Starts a standby `cairn fuse-holder` for the (prepared, not yet
+/// started) `node`, as a Kubernetes sidecar would run, and waits until it
+/// listens. The caller kills it after the node is gone.
+pub fn start_standby_holder(node: &TestNode) -> Child {
+    let data = node.dir.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let socket = data.join("fuse-holder.sock");
+    let holder = Command::new(cairn_bin())
+        .arg("fuse-holder")
+        .arg("--standby")
+        .arg(&socket)
+        .arg(data.join("fuse"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the standby holder");
+    wait_for(
+        "the standby holder's socket",
+        Duration::from_secs(10),
+        || socket.exists(),
+    );
+    holder
+}
+
 /// Runs a shell command; returns its output (no assertion).
 pub fn sh(cmd: &str) -> Output {
     Command::new("sh")

@@ -198,24 +198,7 @@ fn writers_see_no_error_when_the_attached_daemon_is_killed() {
 fn writers_see_no_error_across_a_daemon_kill_with_the_standby_holder() {
     let mut rng = Rng::from_env();
     let mut node = TestNode::prepare("crashsb", "127.0.0.1", "1GiB", &[]);
-    let data = node.dir.join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    let socket = data.join("fuse-holder.sock");
-    let mut holder = Command::new(cairn_bin())
-        .arg("fuse-holder")
-        .arg("--standby")
-        .arg(&socket)
-        .arg(data.join("fuse"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the standby holder");
-    wait_for(
-        "the standby holder's socket",
-        Duration::from_secs(10),
-        || socket.exists(),
-    );
+    let mut holder = start_standby_holder(&node);
     node.start_prepared();
     node.cli_ok(&["volume", "create", "r", "--size", "128MiB", "--fs", "none"]);
     let dev = node.cli_ok(&["volume", "attach", "r"]).trim().to_string();

@@ -217,22 +217,7 @@ fn holders_of(dir: &std::path::Path) -> usize {
 #[test]
 fn a_standby_holder_keeps_mounts_when_the_daemon_and_its_processes_die() {
     let mut node = TestNode::prepare("standby", "127.0.0.1", "1GiB", &[]);
-    let data = node.dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let socket = data.join("fuse-holder.sock");
-    let mut holder = std::process::Command::new(cairn_bin())
-        .arg("fuse-holder")
-        .arg("--standby")
-        .arg(&socket)
-        .arg(data.join("fuse"))
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("start the standby holder");
-    wait_for(
-        "the standby holder's socket",
-        Duration::from_secs(10),
-        || socket.exists(),
-    );
+    let mut holder = start_standby_holder(&node);
     node.start_prepared();
     node.cli_ok(&["volume", "create", "side", "--size", "256MiB"]);
     let mnt = node.dir.join("mnt");

@@ -28,6 +28,43 @@ fn all_healthy(n: &TestNode, volume: &str, count: usize) -> bool {
     r.len() == count && r.iter().all(|(_, s)| s == "healthy")
 }
 
+/// Creates a raw volume on `n` (with `extra` create flags) and attaches it
+/// there; returns its device.
+fn raw_volume(n: &TestNode, name: &str, size: &str, replicas: u32, extra: &[&str]) -> String {
+    let replicas = replicas.to_string();
+    let mut args = vec![
+        "volume",
+        "create",
+        name,
+        "--size",
+        size,
+        "--replicas",
+        &replicas,
+        "--fs",
+        "none",
+    ];
+    args.extend(extra);
+    n.cli_ok(&args);
+    n.cli_ok(&["volume", "attach", name]).trim().to_string()
+}
+
+/// Changes one byte (at `byte`) of `node`'s copy of `data` (a block the
+/// volume holds) on its disk, behind its daemon's back; returns the pool
+/// file and the copy's offset in it.
+fn change_copy(node: &TestNode, data: &[u8], byte: usize) -> (std::fs::File, u64) {
+    let pool = node.disk_path();
+    let at = find_block(&pool, &data[..64]).expect("the data on the node's disk");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pool)
+        .expect("open the pool file");
+    f.write_at(&[data[byte] ^ 0x40], at + byte as u64)
+        .expect("change the copy");
+    f.sync_all().expect("sync");
+    (f, at)
+}
+
 /// Writes random data through `dev` until the pool behind it is full.
 fn fill_until_full(dev: &str) {
     let o = sh(&format!(
@@ -39,40 +76,11 @@ fn fill_until_full(dev: &str) {
 #[test]
 fn a_write_that_a_full_replica_refuses_leaves_the_healthy_replicas_equal() {
     let nodes = cluster_with("divfull", &["512MiB", "512MiB", "160MiB"], 191);
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "256MiB",
-        "--replicas",
-        "3",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "v"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "v", "256MiB", 3, &[]);
     let a = pattern(16 * MIB, 1);
     write_direct(Path::new(&dev), 0, &a).expect("first write");
     // n3's pool fills up with a volume of its own.
-    nodes[2].cli_ok(&[
-        "volume",
-        "create",
-        "filler",
-        "--size",
-        "256MiB",
-        "--replicas",
-        "1",
-        "--locality",
-        "--fs",
-        "none",
-    ]);
-    let fdev = nodes[2]
-        .cli_ok(&["volume", "attach", "filler"])
-        .trim()
-        .to_string();
+    let fdev = raw_volume(&nodes[2], "filler", "256MiB", 1, &["--locality"]);
     fill_until_full(&fdev);
     // A write into new extents: n1 and n2 take it, n3 has no room.
     let b = pattern(4 * MIB, 2);
@@ -109,21 +117,7 @@ fn a_write_that_a_full_replica_refuses_leaves_the_healthy_replicas_equal() {
 #[test]
 fn a_write_that_no_replica_has_room_for_changes_none_of_them() {
     let nodes = cluster_with("divnone", &["96MiB", "96MiB"], 196);
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "256MiB",
-        "--replicas",
-        "2",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "v"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "v", "256MiB", 2, &[]);
     fill_until_full(&dev);
     let states = replica_states(&nodes[0], "v");
     assert!(
@@ -139,21 +133,7 @@ fn a_write_that_no_replica_has_room_for_changes_none_of_them() {
 #[test]
 fn a_replica_killed_in_the_middle_of_writes_leaves_the_rest_equal() {
     let mut nodes = cluster_with("divkill", &["512MiB", "512MiB", "512MiB"], 201);
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "128MiB",
-        "--replicas",
-        "3",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "v"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "v", "128MiB", 3, &[]);
     let mut fio = std::process::Command::new("fio")
         .args([
             "--name=kill",
@@ -224,21 +204,7 @@ fn delete_returns_once_the_space_is_free_on_every_replica_node() {
         assert_eq!(code, 204, "{body}");
         // At once: the next volume needs that space on all three nodes.
     }
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "b",
-        "--size",
-        "128MiB",
-        "--replicas",
-        "3",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "b"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "b", "128MiB", 3, &[]);
     write_direct(Path::new(&dev), 0, &pattern(128 * MIB, 9))
         .expect("writes into the freed space succeed");
     assert!(
@@ -250,21 +216,7 @@ fn delete_returns_once_the_space_is_free_on_every_replica_node() {
     nodes[0].cli_ok(&["volume", "rm", "b"]);
     // A replica node that is down: the delete says its space is pending,
     // and the node frees it when it comes back.
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "c",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "3",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "c"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "c", "64MiB", 3, &[]);
     write_direct(Path::new(&dev), 0, &pattern(32 * MIB, 10)).expect("write");
     nodes[0].cli_ok(&["volume", "detach", "c"]);
     wait_for(
@@ -298,8 +250,7 @@ fn as_nobody(cmd: &str) -> std::process::Output {
 #[test]
 fn local_users_cannot_reach_volume_data() {
     let node = TestNode::start("access", "512MiB");
-    node.cli_ok(&["volume", "create", "v", "--size", "64MiB", "--fs", "none"]);
-    let dev = node.cli_ok(&["volume", "attach", "v"]).trim().to_string();
+    let dev = raw_volume(&node, "v", "64MiB", 1, &[]);
     write_direct(Path::new(&dev), 0, &pattern(MIB, 3)).expect("write");
     let id = node.inspect("v")["id"].as_str().expect("id").to_string();
     let data = node.dir.join("data");
@@ -364,33 +315,11 @@ fn a_scrub_finds_a_flipped_byte_and_verify_repair_mends_it() {
         211,
         &["--scrub-interval", "2s"],
     );
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "3",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "v"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "v", "64MiB", 3, &[]);
     let data = pattern(MIB, 0xf1);
     write_direct(Path::new(&dev), 8 << 20, &data).expect("write");
     // Flip one byte of n3's copy, on its disk behind its daemon's back.
-    let pool = nodes[2].disk_path();
-    let at = find_block(&pool, &data[..64]).expect("the data on n3's disk");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pool)
-        .expect("open");
-    f.write_at(&[data[100] ^ 0x40], at + 100).expect("flip");
-    f.sync_all().expect("sync");
+    let (f, at) = change_copy(&nodes[2], &data, 100);
     let series = "cairn_volume_scrub_mismatches_total{volume=\"v\"}";
     wait_for(
         "the scrub to find the difference",
@@ -423,35 +352,12 @@ fn a_scrub_finds_a_flipped_byte_and_verify_repair_mends_it() {
 #[test]
 fn replicas_are_resynced_after_an_attachment_ends_uncleanly() {
     let mut nodes = cluster_with("resync", &["256MiB", "256MiB"], 216);
-    nodes[0].cli_ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "64MiB",
-        "--replicas",
-        "2",
-        "--fs",
-        "none",
-    ]);
-    let dev = nodes[0]
-        .cli_ok(&["volume", "attach", "v"])
-        .trim()
-        .to_string();
+    let dev = raw_volume(&nodes[0], "v", "64MiB", 2, &[]);
     let data = pattern(MIB, 0xa7);
     write_direct(Path::new(&dev), 8 << 20, &data).expect("write");
     // n2's copy differs, as after a write the dead engine had in flight
     // that reached n2 only.
-    let pool = nodes[1].disk_path();
-    let at = find_block(&pool, &data[..64]).expect("the data on n2's disk");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pool)
-        .expect("open");
-    f.write_at(&[data[7] ^ 1], at + 7)
-        .expect("change n2's copy");
-    f.sync_all().expect("sync");
+    change_copy(&nodes[1], &data, 7);
     assert_eq!(
         verify(&nodes[0], "v")["mismatched_extents"],
         serde_json::json!([8])
