@@ -40,6 +40,13 @@ pub enum Msg {
         reply: SyncSender<u64>,
     },
     Stop,
+    /// Proposes raw entry bytes (tests of entries this version would never
+    /// write).
+    #[cfg(test)]
+    ProposeRaw {
+        data: Vec<u8>,
+        reply: Reply,
+    },
 }
 
 /// Read requests older than this are forgotten: raft-rs drops a request
@@ -90,6 +97,10 @@ impl Driver {
                         tracing::debug!(error = %e, "raft message ignored");
                     }
                 }
+                #[cfg(test)]
+                Ok(Msg::ProposeRaw { data, reply }) => {
+                    self.submit(reply, |node, ctx| node.propose(ctx, data))
+                }
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -101,12 +112,19 @@ impl Driver {
             let r = self.on_ready();
             self.publish_status();
             if let Err(e) = r {
-                // Persisting failed: nothing more may be acknowledged.
-                tracing::error!(error = %e, "raft storage failed; the metadata group stops");
+                // Persisting or applying failed: nothing more may be
+                // acknowledged, and this node takes no further part.
+                tracing::error!(error = %e, "the metadata state machine stops on this node");
                 self.fail_all(&e.to_string());
                 if let Some(tx) = self.caught_up.take() {
                     let _ = tx.send(Err(e));
                 }
+                let mut st = self.shared.status.lock().expect("status lock");
+                st.role = "stopped".into();
+                st.leader_id = 0;
+                drop(st);
+                let _g = self.shared.state.lock().expect("cluster state lock");
+                self.shared.changed.notify_all();
                 return;
             }
         }
@@ -140,12 +158,8 @@ impl Driver {
     }
 
     fn propose(&mut self, cmd: super::state::Command, reply: Reply) {
-        match serde_json::to_vec(&cmd) {
-            Ok(data) => self.submit(reply, |node, ctx| node.propose(ctx, data)),
-            Err(e) => {
-                let _ = reply.send(Err(StoreError::Storage(e.to_string())));
-            }
-        }
+        let data = super::state::encode_command(&cmd);
+        self.submit(reply, |node, ctx| node.propose(ctx, data));
     }
 
     fn propose_conf_change(&mut self, cc: ConfChange, reply: Reply) {
@@ -299,23 +313,15 @@ impl Driver {
                     }
                 }
                 EntryType::EntryNormal => {
-                    let result = match serde_json::from_slice::<super::state::Command>(&e.data) {
-                        Ok(cmd) => {
-                            let mut s = self.shared.state.lock().expect("cluster state lock");
-                            let r = s.apply(&cmd);
-                            s.applied = e.index;
-                            r.map(|_| s.clone()).map_err(StoreError::from)
-                        }
-                        Err(err) => {
-                            // Deterministic on every replica: the entry is skipped.
-                            tracing::error!(index = e.index, error = %err, "undecodable command in the raft log skipped");
-                            self.shared
-                                .state
-                                .lock()
-                                .expect("cluster state lock")
-                                .applied = e.index;
-                            Err(StoreError::Storage(format!("undecodable command: {err}")))
-                        }
+                    let cmd = match super::state::decode_command(&e.data) {
+                        Ok(cmd) => cmd,
+                        Err(err) => return Err(self.undecodable(&e, &err.to_string())),
+                    };
+                    let result = {
+                        let mut s = self.shared.state.lock().expect("cluster state lock");
+                        let r = s.apply(&cmd);
+                        s.applied = e.index;
+                        r.map(|_| s.clone()).map_err(StoreError::from)
                     };
                     self.answer(&e.context, result);
                 }
@@ -336,34 +342,33 @@ impl Driver {
                             Ok(s.clone())
                         }
                         Err(err) => {
-                            tracing::error!(index = e.index, error = %err, "undecodable conf change skipped");
-                            self.shared
-                                .state
-                                .lock()
-                                .expect("cluster state lock")
-                                .applied = e.index;
-                            Err(StoreError::Storage(format!(
-                                "undecodable conf change: {err}"
-                            )))
+                            return Err(self.undecodable(&e, &format!("membership change: {err}")))
                         }
                     };
                     self.answer(&e.context, result);
                 }
                 EntryType::EntryConfChangeV2 => {
-                    tracing::error!(
-                        index = e.index,
-                        "unexpected joint configuration change in the raft log"
-                    );
-                    self.shared
-                        .state
-                        .lock()
-                        .expect("cluster state lock")
-                        .applied = e.index;
+                    return Err(self.undecodable(
+                        &e,
+                        "a joint membership change, which this version never makes",
+                    ))
                 }
             }
             self.since_snapshot += 1;
         }
         Ok(())
+    }
+
+    /// A committed entry this node cannot apply: skipping it would leave
+    /// this node's state different from every other node's for good, so its
+    /// state machine stops here (the driver returns the error and the node
+    /// takes no further part in the group's votes or commits) until it runs
+    /// a version that understands the entry.
+    fn undecodable(&mut self, e: &Entry, why: &str) -> StoreError {
+        tracing::error!(index = e.index, error = %why, "cannot apply a committed raft entry: this node's metadata state machine stops; upgrade it to a version that understands the entry");
+        let err = StoreError::Storage(format!("raft entry {} cannot be applied: {why}", e.index));
+        self.answer(&e.context, Err(err.clone()));
+        err
     }
 
     /// Answers the proposer whose id is in an applied entry's context.

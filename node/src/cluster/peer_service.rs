@@ -82,7 +82,7 @@ impl Peer for PeerService {
         let store = self.store()?;
         let req = req.into_inner();
         Self::check_cluster(&store, &req.cluster_id)?;
-        let cmd: Command = serde_json::from_slice(&req.command)
+        let cmd: Command = super::state::decode_command(&req.command)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
         let now = crate::types::now_unix_ms();
         if req.deadline_unix_ms != 0 && now >= req.deadline_unix_ms {

@@ -230,9 +230,17 @@ impl ClusterStore {
             // own log without a quorum; callers see at least that state.
             let commit = hard_commit;
             let deadline = Instant::now() + PROPOSE_TIMEOUT;
-            if !store.wait_until(deadline, |s, _| s.applied >= commit) {
+            if !store.wait_until(deadline, |s, st| {
+                s.applied >= commit || st.role == "stopped"
+            }) {
                 return Err(StoreError::Unavailable(
                     "replaying the local raft log timed out".into(),
+                ));
+            }
+            if store.status().role == "stopped" {
+                return Err(StoreError::Storage(
+                    "the local raft log holds an entry this node cannot apply (see the error above)"
+                        .into(),
                 ));
             }
         }
@@ -434,7 +442,7 @@ impl ClusterStore {
     }
 
     fn forward(&self, addr: &str, cmd: &Command, deadline: Instant) -> Result<u64, StoreError> {
-        let command = serde_json::to_vec(cmd).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let command = super::state::encode_command(cmd);
         let cluster_id = self.read().cluster_id.to_string();
         let timeout = deadline.saturating_duration_since(Instant::now());
         let deadline_unix_ms = now_unix_ms() + timeout.as_millis() as u64;
@@ -785,6 +793,45 @@ pub(crate) mod tests {
             more_replicas: vec![],
             created_unix_ms: 0,
         }
+    }
+
+    #[test]
+    fn an_entry_of_an_unknown_version_stops_the_state_machine() {
+        use super::super::state::{encode_command, ENTRY_VERSION};
+        let dir = std::env::temp_dir().join(format!("cairn-store-{}", Id128::random()));
+        {
+            let db = open_db(&dir);
+            let store = ClusterStore::open(&db, opts(Some(Id128::random()))).expect("bootstrap");
+            store.propose(create("before")).expect("accepted");
+            let mut data = encode_command(&create("after"));
+            data[1] = ENTRY_VERSION + 1;
+            let (reply, rx) = mpsc::sync_channel(1);
+            store
+                .tx
+                .send(Msg::ProposeRaw { data, reply })
+                .expect("driver runs");
+            let r = rx.recv_timeout(Duration::from_secs(10)).expect("answered");
+            assert!(
+                matches!(&r, Err(StoreError::Storage(m)) if m.contains("newer than this node understands")),
+                "{r:?}"
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            assert!(
+                store.wait_until(deadline, |_, st| st.role == "stopped"),
+                "the state machine did not stop"
+            );
+            let s = store.read().clone();
+            assert!(s.volume_by_name("before").is_some() && s.volume_by_name("after").is_none());
+            assert!(
+                store.propose(create("later")).is_err(),
+                "a stopped group took a proposal"
+            );
+        }
+        // Never skipped: the next start meets the entry again and stops.
+        let db = open_db(&dir);
+        assert!(ClusterStore::open(&db, opts(None)).is_err());
+        drop(db);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

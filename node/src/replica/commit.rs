@@ -17,8 +17,11 @@
 //! writes that were never flushed (a node whose kernel restarted has its
 //! replicas rebuilt anyway, see `host`).
 //!
-//! Log records carry a sequence number and a crc32; replay applies the
-//! valid ones in sequence order, so a later unmap cancels an earlier map.
+//! Log records carry a format version, a sequence number and a crc32;
+//! replay applies the valid ones in sequence order, so a later unmap
+//! cancels an earlier map. An intact record of a newer format version
+//! (written by a newer daemon) stops the start-up instead of being
+//! dropped, since dropping it would lose an acknowledged write's mapping.
 //! There are two log files: a commit switches appends to the other one
 //! before its sled flush starts, and empties the one it switched away from
 //! once the flush succeeded (every record in it described a change made
@@ -38,6 +41,9 @@ use crate::types::{Id128, VolumeId};
 
 const REC_LEN: usize = 64;
 const REC_MAGIC: u32 = 0x474c_4143; // "CALG" on disk
+/// Format version of a record (byte 5; records from before versions hold 0
+/// there and read the same).
+const REC_VERSION: u8 = 1;
 const MAP: u8 = 1;
 const UNMAP: u8 = 2;
 
@@ -57,6 +63,7 @@ impl Record {
         let mut b = [0u8; REC_LEN];
         b[0..4].copy_from_slice(&REC_MAGIC.to_le_bytes());
         b[4] = self.kind;
+        b[5] = REC_VERSION;
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume.0);
         b[32..40].copy_from_slice(&self.logical.to_le_bytes());
@@ -66,24 +73,30 @@ impl Record {
         b
     }
 
-    /// `None` for anything but a complete, intact record.
-    fn decode(b: &[u8]) -> Option<Record> {
+    /// `Ok(None)` for anything but a complete, intact record; `Err` with
+    /// the version for an intact record of a newer format.
+    fn decode(b: &[u8]) -> Result<Option<Record>, u8> {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         if b.len() < REC_LEN
             || u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != REC_MAGIC
             || u32::from_le_bytes(b[48..52].try_into().expect("4 bytes"))
                 != crc32fast::hash(&b[..48])
-            || !matches!(b[4], MAP | UNMAP)
         {
-            return None;
+            return Ok(None);
         }
-        Some(Record {
+        if b[5] > REC_VERSION {
+            return Err(b[5]);
+        }
+        if !matches!(b[4], MAP | UNMAP) {
+            return Ok(None);
+        }
+        Ok(Some(Record {
             seq: u64_at(8),
             kind: b[4],
             volume: Id128(b[16..32].try_into().expect("16 bytes")),
             logical: u64_at(32),
             addr: u64_at(40),
-        })
+        }))
     }
 }
 
@@ -136,7 +149,18 @@ impl Meta {
             std::io::Read::read_to_end(&mut &*f, &mut bytes)
                 .map_err(|e| format!("extent map log {}: {e}", log_path(dir, i).display()))?;
             // A torn tail (power loss) ends the file's valid records.
-            records.extend(bytes.chunks(REC_LEN).map_while(Record::decode));
+            for chunk in bytes.chunks(REC_LEN) {
+                match Record::decode(chunk) {
+                    Ok(Some(r)) => records.push(r),
+                    Ok(None) => break,
+                    Err(v) => {
+                        return Err(format!(
+                            "extent map log {}: a record of format version {v}, newer than this daemon understands (up to {REC_VERSION}); start a daemon of that version",
+                            log_path(dir, i).display()
+                        ))
+                    }
+                }
+            }
         }
         let next_seq = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
         let replayed = replay(&db, records)?;
@@ -322,13 +346,26 @@ mod tests {
             addr: 0xdead_beef,
         };
         let b = r.encode();
-        assert_eq!(Record::decode(&b), Some(r));
-        for i in [0, 4, 9, 20, 33, 41, 49] {
+        assert_eq!(Record::decode(&b), Ok(Some(r)));
+        for i in [0, 4, 5, 9, 20, 33, 41, 49] {
             let mut bad = b;
             bad[i] ^= 0x10;
-            assert_eq!(Record::decode(&bad), None, "byte {i} flipped");
+            assert_eq!(Record::decode(&bad), Ok(None), "byte {i} flipped");
         }
-        assert_eq!(Record::decode(&b[..REC_LEN - 1]), None);
+        assert_eq!(Record::decode(&b[..REC_LEN - 1]), Ok(None));
+        // Records from before versions (0) read the same; newer ones stop.
+        let reseal = |v: u8| {
+            let mut x = b;
+            x[5] = v;
+            let crc = crc32fast::hash(&x[..48]);
+            x[48..52].copy_from_slice(&crc.to_le_bytes());
+            x
+        };
+        assert_eq!(Record::decode(&reseal(0)), Ok(Some(r)));
+        assert_eq!(
+            Record::decode(&reseal(REC_VERSION + 1)),
+            Err(REC_VERSION + 1)
+        );
     }
 
     /// What the log holds when the process dies before a flush reaches the
