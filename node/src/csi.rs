@@ -12,6 +12,9 @@ use cairn_csi::{
 use cairn_proto::api::{SizeArg, VolumeCreate};
 
 use crate::cluster::state::{ClusterState, NodeState, ReplicaState, Volume};
+use crate::cluster::store::StoreError;
+use crate::engine::EngineError;
+use crate::replica::ReplicaError;
 use crate::sys::mount as sysmount;
 use crate::types::{NodeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
 use crate::volume::{VolumeError, VolumeManager};
@@ -73,8 +76,20 @@ fn map(e: VolumeError) -> Error {
         NotEnoughNodes(_) => Error::ResourceExhausted(m),
         Busy(_) => Error::Aborted(m),
         Shrink { .. } => Error::OutOfRange(m),
-        Device(_) => Error::Internal(m),
-        Store(_) => Error::Unavailable(m),
+        Device(_) | LocalStore(_) => Error::Internal(m),
+        Engine { source, .. } => match source {
+            EngineError::Replica(ReplicaError::NoSpace) => Error::ResourceExhausted(m),
+            EngineError::Replica(ReplicaError::Fenced { .. }) | EngineError::Stopped => {
+                Error::FailedPrecondition(m)
+            }
+            EngineError::Unrecorded { .. }
+            | EngineError::NoReplica
+            | EngineError::LastCopy { .. } => Error::Unavailable(m),
+            EngineError::OutOfRange { .. } | EngineError::Replica(_) => Error::Internal(m),
+        },
+        Metadata(StoreError::Unavailable(_)) | ShuttingDown => Error::Unavailable(m),
+        Metadata(StoreError::Refused(_) | StoreError::Rejected(_)) => Error::FailedPrecondition(m),
+        Metadata(StoreError::Storage(_)) => Error::Internal(m),
     }
 }
 

@@ -1722,3 +1722,139 @@ fn access_limits_conditions_and_ranges() {
         );
     }
 }
+
+/// POSTs `body` to the Docker volume plugin protocol on `n`'s socket;
+/// returns the `Err` field of the answer ("" on success).
+fn docker_plugin(n: &TestNode, call: &str, body: &str) -> String {
+    let out = sh_ok(&format!(
+        "curl -s --max-time 60 --unix-socket {} -X POST -d '{body}' http://plugin/VolumeDriver.{call}",
+        n.dir.join("docker.sock").display()
+    ));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{call}: {e}: {out}"));
+    v["Err"].as_str().unwrap_or_default().to_string()
+}
+
+/// The same failure is recognisable at every door: a full pool is ENOSPC to
+/// a writer (FUSE and NBD), 507 PoolFull in the API, RESOURCE_EXHAUSTED in
+/// CSI and says so in Docker's `Err`; no quorum is 503, UNAVAILABLE and a
+/// metadata error.
+#[test]
+fn a_full_pool_and_no_quorum_are_typed_at_every_door() {
+    let nodes = cluster_with("doors", &["128MiB", "128MiB"], 226);
+    let n1 = &nodes[0];
+    let c1 = Csi::connect(&n1.csi_socket());
+    // Fill both pools.
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "filler",
+        "--size",
+        "256MiB",
+        "--replicas",
+        "2",
+        "--fs",
+        "none",
+    ]);
+    let dev = n1
+        .cli_ok(&["volume", "attach", "filler"])
+        .trim()
+        .to_string();
+    let dd = sh(&format!(
+        "dd if=/dev/urandom of={dev} bs=1M oflag=direct status=none"
+    ));
+    assert!(
+        String::from_utf8_lossy(&dd.stderr).contains("No space left on device"),
+        "FUSE: {}",
+        String::from_utf8_lossy(&dd.stderr)
+    );
+    let made = |name: &str, fs: &str| {
+        n1.cli_ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "64MiB",
+            "--replicas",
+            "1",
+            "--locality",
+            "--fs",
+            fs,
+        ]);
+    };
+    made("nbdvol", "none");
+    let q = sh(&format!(
+        "qemu-io -f raw -c 'write -P 7 0 1M' '{}'",
+        n1.nbd_url("nbdvol")
+    ));
+    let qtext = format!(
+        "{}{}",
+        String::from_utf8_lossy(&q.stdout),
+        String::from_utf8_lossy(&q.stderr)
+    );
+    assert!(qtext.contains("No space left on device"), "NBD: {qtext}");
+    // REST: the first mount formats, which needs space.
+    made("fsvol", "ext4");
+    let (code, v) = n1.api(
+        "POST",
+        "/v1/volumes/fsvol/mount",
+        Some(&serde_json::json!({ "path": n1.path("m").to_string_lossy() })),
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (507, Some("PoolFull")),
+        "{v}"
+    );
+    // CSI: staging formats too.
+    c1.ok(
+        "CreateVolume",
+        c1.ctl()
+            .create_volume(create_req("pvc-full", 64 * MIB, ext4_cap(), &[])),
+    );
+    c1.ok(
+        "ControllerPublish",
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-full", "n1", ext4_cap())),
+    );
+    let p = paths(n1, "full");
+    let m = c1.fails(
+        "NodeStage on a full pool",
+        Code::ResourceExhausted,
+        c1.node()
+            .node_stage_volume(stage_req("pvc-full", &p.staging, ext4_cap())),
+    );
+    assert!(m.contains("pool is full"), "{m}");
+    // Docker: the mount formats as well.
+    assert_eq!(
+        docker_plugin(
+            n1,
+            "Create",
+            r#"{"Name":"dk","Opts":{"size":"64MiB","replicas":"1","locality":"true"}}"#
+        ),
+        ""
+    );
+    let err = docker_plugin(n1, "Mount", r#"{"Name":"dk","ID":"c1"}"#);
+    assert!(err.contains("pool is full"), "Docker: {err}");
+    // No quorum: two voters, one of them gone.
+    let mut nodes = nodes;
+    nodes[1].kill9();
+    let n1 = &nodes[0];
+    let (code, v) = n1.api(
+        "POST",
+        "/v1/volumes",
+        Some(&serde_json::json!({ "name": "nq", "size": "8MiB" })),
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (503, Some("MetadataError")),
+        "{v}"
+    );
+    c1.fails(
+        "CreateVolume without quorum",
+        Code::Unavailable,
+        c1.ctl()
+            .create_volume(create_req("pvc-nq", 8 * MIB, ext4_cap(), &[])),
+    );
+    let err = docker_plugin(n1, "Create", r#"{"Name":"dknq","Opts":{"size":"8MiB"}}"#);
+    assert!(err.contains("cluster metadata"), "Docker: {err}");
+}

@@ -13,6 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_proto::api::{self, ErrorBody, ErrorDetail, MountRequest, VolumeCreate, VolumeUpdate};
+
+use crate::cluster::store::StoreError;
+use crate::engine::EngineError;
+use crate::replica::ReplicaError;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -77,7 +81,35 @@ impl From<VolumeError> for ApiError {
             RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
             NotFormatted(_) => (StatusCode::CONFLICT, "NotFormatted"),
             Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),
-            Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "MetadataError"),
+            Engine { source, .. } => match source {
+                EngineError::Replica(ReplicaError::NoSpace) => {
+                    (StatusCode::INSUFFICIENT_STORAGE, "PoolFull")
+                }
+                EngineError::Replica(ReplicaError::Fenced { .. }) => {
+                    (StatusCode::CONFLICT, "Fenced")
+                }
+                EngineError::Stopped => (StatusCode::CONFLICT, "EngineStopped"),
+                EngineError::Unrecorded { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "MetadataError")
+                }
+                EngineError::NoReplica | EngineError::LastCopy { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "NoHealthyReplica")
+                }
+                EngineError::OutOfRange { .. } | EngineError::Replica(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError")
+                }
+            },
+            Metadata(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "MetadataError")
+            }
+            Metadata(StoreError::Refused(_) | StoreError::Rejected(_)) => {
+                (StatusCode::CONFLICT, "MetadataRefused")
+            }
+            Metadata(StoreError::Storage(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "MetadataStorageError")
+            }
+            LocalStore(_) => (StatusCode::INTERNAL_SERVER_ERROR, "LocalStoreError"),
+            ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "ShuttingDown"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -68,6 +68,8 @@ pub struct VolumeMetrics {
     read_latency: Histogram,
     write_latency: Histogram,
     flush_latency: Histogram,
+    /// Writes that failed because a replica's pool was full.
+    pub no_space_errors: AtomicU64,
     /// Scrub passes completed over the volume's replicas.
     pub scrubs: AtomicU64,
     /// Extents a scrub or verify found differing between healthy replicas.
@@ -121,6 +123,7 @@ impl VolumeMetrics {
     pub fn render(&self, out: &mut String, volume: &str) {
         let l = format!("volume=\"{volume}\"");
         let counters = [
+            ("cairn_volume_no_space_errors_total", &self.no_space_errors),
             ("cairn_volume_scrubs_total", &self.scrubs),
             (
                 "cairn_volume_scrub_mismatches_total",
@@ -177,6 +180,11 @@ pub fn render_headers(out: &mut String) {
             "Completed write requests",
         ),
         ("cairn_volume_flushes_total", "counter", "Completed flushes"),
+        (
+            "cairn_volume_no_space_errors_total",
+            "counter",
+            "Writes that failed because a replica's pool was full (ENOSPC to the writer)",
+        ),
         (
             "cairn_volume_scrubs_total",
             "counter",

@@ -594,6 +594,9 @@ impl Engine {
             .and_then(|_| self.retrying(|| self.write_once(offset, buf)));
         self.metrics
             .record_write(buf.len() as u64, t.elapsed(), r.is_ok());
+        if let Err(EngineError::Replica(ReplicaError::NoSpace)) = &r {
+            self.metrics.no_space_errors.fetch_add(1, Ordering::Relaxed);
+        }
         r
     }
 

@@ -54,17 +54,6 @@ fn reply(s: &mut TcpStream, status: u32, fence: u64, payload: &[u8]) -> io::Resu
     s.write_all(&out)
 }
 
-fn status_of(e: &ReplicaError) -> (u32, u64) {
-    match e {
-        ReplicaError::Fenced { fence, .. } => (frame::FENCED, *fence),
-        ReplicaError::Gone(_) => (frame::GONE, 0),
-        ReplicaError::NoSpace => (frame::NO_SPACE, 0),
-        ReplicaError::Corrupt(_) => (frame::CORRUPT, 0),
-        ReplicaError::Unclean(_) => (frame::UNCLEAN, 0),
-        _ => (frame::FAILED, 0),
-    }
-}
-
 impl FastServer {
     /// Serves one connection until the peer closes it, breaks framing or
     /// stays silent for [`IDLE_TIMEOUT`]; refused (closed at once) while
@@ -147,14 +136,14 @@ impl FastServer {
             return Err(invalid("range outside any volume".into()));
         }
         let volume = Id128(req.volume);
-        let h = self.hosts.get_or_create(volume, &self.store).map_err(|e| {
-            let (s, f) = status_of(&e);
-            (s, f, e.to_string())
-        })?;
         let fail = |e: ReplicaError| {
-            let (s, f) = status_of(&e);
+            let (s, f) = e.frame_status();
             (s, f, e.to_string())
         };
+        let h = self
+            .hosts
+            .get_or_create(volume, &self.store)
+            .map_err(fail)?;
         match req.op {
             frame::OP_WRITE => {
                 if crc32fast::hash(payload) != req.crc {
@@ -308,19 +297,13 @@ impl Pending<'_> {
                 idle.push(stream);
             }
         }
-        let msg = || String::from_utf8_lossy(&body).into_owned();
-        match rep.status {
-            frame::OK => Ok(body),
-            frame::FENCED => Err(ReplicaError::Fenced {
-                epoch,
-                fence: rep.fence,
-            }),
-            frame::GONE => Err(ReplicaError::Remote(format!("replica gone: {}", msg()))),
-            frame::NO_SPACE => Err(ReplicaError::NoSpace),
-            frame::CORRUPT => Err(ReplicaError::Corrupt(msg())),
-            frame::UNCLEAN => Err(ReplicaError::Unclean(volume)),
-            _ => Err(ReplicaError::Remote(msg())),
+        if rep.status == frame::OK {
+            return Ok(body);
         }
+        let msg = String::from_utf8_lossy(&body).into_owned();
+        Err(ReplicaError::from_frame(
+            rep.status, rep.fence, epoch, volume, msg,
+        ))
     }
 }
 

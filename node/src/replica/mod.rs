@@ -18,6 +18,7 @@ pub mod fast;
 pub mod host;
 pub mod remote;
 pub mod service;
+mod status;
 mod table;
 
 use std::io;

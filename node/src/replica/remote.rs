@@ -64,23 +64,6 @@ pub struct RemoteReplica {
     volume_raw: [u8; 16],
 }
 
-fn status_err(epoch: u64, s: tonic::Status) -> ReplicaError {
-    match s.code() {
-        tonic::Code::Aborted => {
-            let fence = s
-                .metadata()
-                .get("cairn-fence")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(epoch + 1);
-            ReplicaError::Fenced { epoch, fence }
-        }
-        tonic::Code::ResourceExhausted => ReplicaError::NoSpace,
-        tonic::Code::DataLoss => ReplicaError::Corrupt(s.message().to_string()),
-        _ => ReplicaError::Remote(format!("{:?}: {}", s.code(), s.message())),
-    }
-}
-
 async fn bounded<T>(
     epoch: u64,
     limit: Duration,
@@ -88,7 +71,7 @@ async fn bounded<T>(
 ) -> Result<T, ReplicaError> {
     match tokio::time::timeout(limit, f).await {
         Err(_) => Err(ReplicaError::Remote(format!("no answer within {limit:?}"))),
-        Ok(Err(s)) => Err(status_err(epoch, s)),
+        Ok(Err(s)) => Err(ReplicaError::from_grpc(epoch, s)),
         Ok(Ok(r)) => Ok(r.into_inner()),
     }
 }

@@ -26,24 +26,6 @@ pub struct DataService {
     pub inner: Arc<OnceLock<(Arc<ClusterStore>, Arc<HostMap>)>>,
 }
 
-// tonic's Status is large; every helper hands it straight back to tonic.
-#[allow(clippy::result_large_err)]
-fn replica_status(e: ReplicaError) -> Status {
-    match e {
-        ReplicaError::Fenced { fence, .. } => {
-            let mut s = Status::aborted(e.to_string());
-            if let Ok(v) = fence.to_string().parse() {
-                s.metadata_mut().insert("cairn-fence", v);
-            }
-            s
-        }
-        ReplicaError::Gone(_) => Status::not_found(e.to_string()),
-        ReplicaError::NoSpace => Status::resource_exhausted(e.to_string()),
-        ReplicaError::Corrupt(_) => Status::data_loss(e.to_string()),
-        other => Status::internal(other.to_string()),
-    }
-}
-
 #[allow(clippy::result_large_err)]
 fn check_range(offset: u64, len: u64, limit: u64) -> Result<(), Status> {
     if len > limit {
@@ -103,7 +85,7 @@ impl DataService {
         let hosted = tokio::task::spawn_blocking(move || hosts.get_or_create(id, &store))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(replica_status)?;
+            .map_err(ReplicaError::grpc_status)?;
         Ok((epoch, hosted))
     }
 }
@@ -134,7 +116,7 @@ fn free_blocking(
         )));
     }
     let bytes = hosts.get(id).map_or(0, |h| h.replica.allocated_bytes());
-    hosts.destroy(id).map_err(replica_status)?;
+    hosts.destroy(id).map_err(ReplicaError::grpc_status)?;
     Ok(bytes)
 }
 
@@ -144,7 +126,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(replica_status)
+        .map_err(ReplicaError::grpc_status)
 }
 
 #[tonic::async_trait]
@@ -179,7 +161,9 @@ impl Data for DataService {
         )?;
         let (first, count) = (r.first_extent, r.count as u64);
         let sums = if r.allocation_only {
-            let map = h.allocation(epoch, first, count).map_err(replica_status)?;
+            let map = h
+                .allocation(epoch, first, count)
+                .map_err(ReplicaError::grpc_status)?;
             map.into_iter().map(|a| a.then_some(0)).collect()
         } else {
             blocking(move || h.checksums(epoch, first, count)).await?

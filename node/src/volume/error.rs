@@ -1,5 +1,10 @@
 //! The volume manager's errors. Each front door maps these by variant to its
-//! own vocabulary (HTTP status + code, later CSI codes and Docker `Err`).
+//! own vocabulary (HTTP status + code, CSI codes, Docker `Err`) in one place.
+//! Engine and metadata failures keep their typed cause, so a full pool, a
+//! fenced engine or a missing quorum stay recognisable at every door.
+
+use crate::cluster::store::StoreError;
+use crate::engine::EngineError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -43,8 +48,32 @@ pub enum VolumeError {
     RawVolume(String),
     #[error("volume {0:?} has no filesystem yet; a writer must mount it first")]
     NotFormatted(String),
+    /// A device, mount or filesystem operation failed (loop ioctls, mkfs,
+    /// mount, resize).
     #[error("{0}")]
     Device(String),
-    #[error("metadata: {0}")]
-    Store(String),
+    /// The volume's engine failed: replicas, fencing, space.
+    #[error("volume {volume:?}: {source}")]
+    Engine {
+        volume: String,
+        #[source]
+        source: EngineError,
+    },
+    /// The cluster metadata (Raft) refused or could not take the change.
+    #[error(transparent)]
+    Metadata(#[from] StoreError),
+    /// This node's own records (its sled database) failed.
+    #[error("local records: {0}")]
+    LocalStore(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl VolumeError {
+    pub fn engine(volume: &str, source: EngineError) -> VolumeError {
+        VolumeError::Engine {
+            volume: volume.into(),
+            source,
+        }
+    }
 }

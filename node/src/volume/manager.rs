@@ -21,13 +21,13 @@ use super::VolumeError;
 use crate::cluster::state::{Command, NodeState, ReplicaState, StateError, Volume, MAX_REPLICAS};
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::engine::metrics::{render_headers, VolumeMetrics};
-use crate::engine::{Engine, EngineCtx};
+use crate::engine::{Engine, EngineCtx, EngineError};
 use crate::frontend::fuse::{holder, FuseServer};
 use crate::frontend::nbd::{Export, ExportProvider};
 use crate::pool::Pool;
 use crate::replica::commit::Meta;
 use crate::replica::host::HostMap;
-use crate::replica::LocalReplica;
+use crate::replica::{LocalReplica, ReplicaError};
 use crate::sys::loopdev;
 use crate::types::{
     now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE,
@@ -119,10 +119,6 @@ fn mount_options(fs: FsType, given: &[String], read_only: bool) -> Vec<String> {
         }
     }
     o
-}
-
-fn store_err(e: StoreError) -> VolumeError {
-    VolumeError::Store(e.to_string())
 }
 
 pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
@@ -329,7 +325,7 @@ impl VolumeManager {
             if v.attachment.is_none() && needs && first == Some(self.cfg.node_id) {
                 if let Err(e) = self.engine_for(v).and_then(|e| {
                     e.activate(v, v.epoch)
-                        .map_err(|e| VolumeError::Device(e.to_string()))
+                        .map_err(|err| VolumeError::engine(&v.name, err))
                 }) {
                     tracing::debug!(volume = %v.name, error = %e, "rebuild engine not ready");
                 }
@@ -406,7 +402,7 @@ impl VolumeManager {
             self.ctx.clone(),
             Arc::new(VolumeMetrics::default()),
         )
-        .map_err(|e| VolumeError::Device(format!("volume {}: {e}", v.name)))?;
+        .map_err(|e| VolumeError::engine(&v.name, e))?;
         e.start_healer();
         engines.insert(v.id, e.clone());
         Ok(e)
@@ -445,7 +441,7 @@ impl VolumeManager {
             None => self.local.remove(key).map(|_| ()),
         };
         r.and_then(|_| self.db.flush().map(|_| ()))
-            .map_err(|e| VolumeError::Store(e.to_string()))
+            .map_err(|e| VolumeError::LocalStore(e.to_string()))
     }
 
     fn propose(&self, cmd: Command, name: &str) -> Result<(), VolumeError> {
@@ -477,9 +473,9 @@ impl VolumeManager {
                     name: name.into(),
                     why: format!("{count} node(s) hold it read-only"),
                 },
-                other => VolumeError::Store(other.to_string()),
+                other => VolumeError::Metadata(StoreError::Refused(other)),
             }),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -554,7 +550,7 @@ impl VolumeManager {
 
     /// Brings the applied metadata up to everything committed (ReadIndex).
     pub fn sync_read(&self) -> Result<(), VolumeError> {
-        self.store.sync_read().map_err(store_err)
+        Ok(self.store.sync_read()?)
     }
 
     pub fn list(&self) -> Vec<api::VolumeInfo> {
@@ -582,11 +578,11 @@ impl VolumeManager {
         if v.attachment.is_none() {
             engine
                 .activate(&v, v.epoch)
-                .map_err(|e| VolumeError::Device(e.to_string()))?;
+                .map_err(|e| VolumeError::engine(name, e))?;
         }
         let r = engine
             .scrub(repair, 0)
-            .map_err(|e| VolumeError::Device(format!("verifying {name}: {e}")))?;
+            .map_err(|e| VolumeError::engine(name, e))?;
         Ok(api::VerifyReport {
             extents_compared: r.extents,
             replicas_compared: r.replicas as u32,
@@ -853,7 +849,7 @@ impl VolumeManager {
                 VolumeError::Device(format!("loop capacity refresh on {}: {e}", rec.device))
             })?;
             for m in &rec.mounts {
-                mount::grow(v.fs, &dev, Path::new(m)).map_err(VolumeError::Device)?;
+                self.on_device(&v, || mount::grow(v.fs, &dev, Path::new(m)))?;
             }
         }
         self.inspect(name)
@@ -1115,12 +1111,10 @@ impl VolumeManager {
         let engine = self.engine_for(v)?;
         engine
             .activate(v, epoch)
-            .map_err(|e| VolumeError::Device(format!("opening the replicas of {}: {e}", v.name)))?;
+            .map_err(|e| VolumeError::engine(&v.name, e))?;
         let path = {
             let fuse = self.fuse.lock().expect("fuse lock");
-            let fuse = fuse
-                .as_ref()
-                .ok_or_else(|| VolumeError::Device("the daemon is shutting down".into()))?;
+            let fuse = fuse.as_ref().ok_or(VolumeError::ShuttingDown)?;
             fuse.add(&v.id.to_string(), engine)
         };
         // A loop device over a file opened read-only is read-only.
@@ -1434,13 +1428,15 @@ impl VolumeManager {
                 }
                 None => {
                     tracing::info!(volume = %v.name, fs = v.fs.as_str(), "formatting volume (first use)");
-                    mount::format(dev, v.fs).map_err(VolumeError::Device)?;
+                    self.on_device(v, || mount::format(dev, v.fs))?;
                 }
             }
             self.propose(Command::MarkFormatted { id: v.id }, &v.name)?;
         }
-        mount::grow_before_mount(v.fs, dev, current.size_bytes).map_err(VolumeError::Device)?;
-        mount::mount(dev, path, v.fs, options).map_err(VolumeError::Device)?;
+        self.on_device(v, || {
+            mount::grow_before_mount(v.fs, dev, current.size_bytes)
+        })?;
+        self.on_device(v, || mount::mount(dev, path, v.fs, options))?;
         if v.fs == FsType::Xfs {
             // XFS grows only while mounted; a no-op when it already fits.
             if let Err(e) = mount::grow(v.fs, dev, path) {
@@ -1448,6 +1444,34 @@ impl VolumeManager {
             }
         }
         Ok(())
+    }
+
+    /// Runs a program or syscall that writes to `v`'s device (mkfs, a
+    /// journal replay, a grow). When it fails while the volume's writes ran
+    /// out of pool space, the error is that (PoolFull at the doors), not
+    /// the program's message.
+    fn on_device(
+        &self,
+        v: &Volume,
+        op: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), VolumeError> {
+        let engine = self.engine(v.id);
+        let full = || {
+            engine.as_ref().map_or(0, |e| {
+                e.metrics
+                    .no_space_errors
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+        };
+        let before = full();
+        op().map_err(|e| {
+            if full() > before {
+                tracing::warn!(volume = %v.name, error = %e, "the volume's pool ran out of space");
+                VolumeError::engine(&v.name, EngineError::Replica(ReplicaError::NoSpace))
+            } else {
+                VolumeError::Device(e)
+            }
+        })
     }
 
     pub fn unmount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {

@@ -57,7 +57,7 @@ impl VolumeManager {
             None if v.healthy().next().map(|r| r.node) == Some(me) => {
                 match self.engine_for(v).and_then(|e| {
                     e.activate(v, v.epoch)
-                        .map_err(|err| super::VolumeError::Device(err.to_string()))
+                        .map_err(|err| super::VolumeError::engine(&v.name, err))
                         .map(|_| e)
                 }) {
                     Ok(e) => Some(e),
