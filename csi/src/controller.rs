@@ -89,7 +89,11 @@ impl Controller for Driver {
         request: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
         let req = request.into_inner();
-        let name = required("name", &req.name)?.to_string();
+        let csi_name = required("name", &req.name)?.to_string();
+        // The volume id: the name itself when it is a valid volume name,
+        // else a deterministic mapping of it (the same name always maps to
+        // the same id, which keeps CreateVolume idempotent).
+        let name = rules::volume_id_for(&csi_name, |n| self.backend.valid_volume_name(n))?;
         let wanted = rules::capabilities(&req.volume_capabilities)?;
         let params = rules::params(&req.parameters)?;
         if wanted.reader && !wanted.block {
@@ -146,6 +150,12 @@ impl Controller for Driver {
         let volume = self
             .exclusive(&name.clone(), move |b| {
                 if let Some(v) = b.volume(&name)? {
+                    let owner = v.csi_name.as_deref().unwrap_or(&v.name);
+                    if owner != csi_name {
+                        return Err(Error::AlreadyExists(format!(
+                            "volume id {name:?} belongs to the CSI name {owner:?}, not {csi_name:?}"
+                        )));
+                    }
                     return match create_conflict(&v, &req2, &wanted, &fs, replicas) {
                         Some(why) => Err(Error::AlreadyExists(format!(
                             "volume {name:?} exists with other parameters: {why}"
@@ -190,6 +200,7 @@ impl Controller for Driver {
                     .flatten();
                 b.create(&CreateSpec {
                     name: name.clone(),
+                    csi_name: (csi_name != name).then(|| csi_name.clone()),
                     size_bytes: size,
                     fs: fs.clone(),
                     replicas: Some(replicas),

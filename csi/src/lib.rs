@@ -93,6 +93,8 @@ pub struct NodeFacts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeFacts {
     pub name: String,
+    /// The CO's name it was created by, when not `name`.
+    pub csi_name: Option<String>,
     pub size_bytes: u64,
     /// `ext4`, `xfs`, or `none` (raw block).
     pub fs: String,
@@ -124,6 +126,9 @@ impl VolumeFacts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateSpec {
     pub name: String,
+    /// The CO's name for the volume when it differs from `name` (see
+    /// `rules::volume_id_for`).
+    pub csi_name: Option<String>,
     pub size_bytes: u64,
     pub fs: String,
     pub replicas: Option<u32>,
@@ -188,6 +193,9 @@ pub trait Backend: Send + Sync + 'static {
     fn default_replicas(&self) -> u32;
     /// Most volumes this node attaches at once.
     fn max_volumes_per_node(&self) -> u64;
+    /// Whether `name` is a valid volume name of the core (a CSI name that
+    /// is one becomes the volume id as it is).
+    fn valid_volume_name(&self, name: &str) -> bool;
 
     fn create(&self, spec: &CreateSpec) -> Result<VolumeFacts, Error>;
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, Error>;

@@ -120,10 +120,11 @@ impl Node for Driver {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let name = required("volume_id", &req.volume_id)?.to_string();
-        let path = path_field("volume_path", &req.volume_path)?;
         let (v, u) = self
             .call(move |b| {
+                // An unknown volume is NOT_FOUND whatever the path.
                 let v = volume_for(b, &name, None)?;
+                let path = path_field("volume_path", &req.volume_path)?;
                 if !path.exists() {
                     return Err(Error::NotFound(format!(
                         "volume path {} does not exist",
@@ -162,7 +163,6 @@ impl Node for Driver {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let name = required("volume_id", &req.volume_id)?.to_string();
-        let path = path_field("volume_path", &req.volume_path)?;
         if req.volume_capability.is_some() {
             rules::one_capability(req.volume_capability.as_ref())?;
         }
@@ -174,7 +174,9 @@ impl Node for Driver {
         };
         let size = self
             .exclusive(&name.clone(), move |b| {
+                // An unknown volume is NOT_FOUND whatever the path.
                 let v = volume_for(b, &name, None)?;
+                let path = path_field("volume_path", &req.volume_path)?;
                 if wanted.is_some_and(|w| w > v.size_bytes) {
                     return Err(Error::OutOfRange(format!(
                         "volume {name:?} has {} bytes; expand it with ControllerExpandVolume first",

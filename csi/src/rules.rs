@@ -279,6 +279,54 @@ pub fn params(p: &HashMap<String, String>) -> Result<Params, Error> {
 
 /// Smallest volume a filesystem can be made on (mkfs.xfs refuses less
 /// than 300 MB).
+/// The volume id for the CSI name `name`: CSI names are any UTF-8 without
+/// control characters, up to 128 bytes; a volume name is narrower. A name
+/// that `valid` accepts is the id as it is; any other maps to
+/// `csi-<readable part>-<hash>`, where the hash (64-bit FNV-1a of the name's
+/// bytes, a fixed function so the mapping never changes between versions)
+/// tells apart names with the same readable part. The same name always
+/// gives the same id, so a repeated CreateVolume finds its volume; the
+/// volume records the CSI name, so an id held by another name is refused.
+pub fn volume_id_for(name: &str, valid: impl Fn(&str) -> bool) -> Result<String, Error> {
+    if name.len() > 128 {
+        return Err(Error::InvalidArgument(format!(
+            "name is {} bytes long; CSI names are at most 128 bytes",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "name {name:?} contains a control character"
+        )));
+    }
+    if valid(name) {
+        return Ok(name.to_string());
+    }
+    let mut slug = String::new();
+    for c in name.chars() {
+        if slug.len() >= 40 {
+            break;
+        }
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(if slug.is_empty() {
+        format!("csi-{h:016x}")
+    } else {
+        format!("csi-{slug}-{h:016x}")
+    })
+}
+
 pub fn min_size(fs: &str) -> u64 {
     match fs {
         "xfs" => 300 << 20,
@@ -372,6 +420,26 @@ mod tests {
         max: 1 << 40,
         default: 1 << 30,
     };
+
+    #[test]
+    fn csi_names_map_to_volume_ids_deterministically() {
+        let valid =
+            |n: &str| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !n.is_empty();
+        assert_eq!(volume_id_for("pvc-1", valid).unwrap(), "pvc-1");
+        let a = volume_id_for("my volume+1", valid).unwrap();
+        assert!(a.starts_with("csi-my-volume-1-") && valid(&a), "{a}");
+        assert_eq!(volume_id_for("my volume+1", valid).unwrap(), a);
+        assert_ne!(volume_id_for("my volume 1", valid).unwrap(), a);
+        let u = volume_id_for("日本語のボリューム", valid).unwrap();
+        assert!(u.starts_with("csi-") && u.len() == 20 && valid(&u), "{u}");
+        let long = "é".repeat(64);
+        assert_eq!(long.len(), 128);
+        assert!(volume_id_for(&long, valid).is_ok());
+        assert!(volume_id_for(&format!("{long}x"), valid).is_err());
+        assert!(volume_id_for("tab\there", valid).is_err());
+        // An id is valid and maps to itself.
+        assert_eq!(volume_id_for(&a, valid).unwrap(), a);
+    }
 
     fn range(required: i64, limit: i64) -> CapacityRange {
         CapacityRange {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cairn_csi::{
     Backend, CreateSpec, Error, NodeFacts, Publish, SizeRules, Stage, Usage, VolumeFacts,
 };
-use cairn_proto::api::{SizeArg, VolumeCreate};
+use cairn_proto::api::SizeArg;
 
 use crate::cluster::state::{ClusterState, NodeState, ReplicaState, Volume};
 use crate::cluster::store::StoreError;
@@ -17,7 +17,7 @@ use crate::engine::EngineError;
 use crate::replica::ReplicaError;
 use crate::sys::mount as sysmount;
 use crate::types::{NodeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
-use crate::volume::{VolumeError, VolumeManager};
+use crate::volume::{CreateVolume, VolumeError, VolumeManager};
 
 /// Size of a volume created without a capacity range.
 const DEFAULT_SIZE: u64 = 1 << 30;
@@ -127,6 +127,7 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
     }
     VolumeFacts {
         name: v.name.clone(),
+        csi_name: v.csi_name.clone(),
         size_bytes: v.size_bytes,
         fs: v.fs.as_str().to_string(),
         replicas: v.wanted() as u32,
@@ -201,6 +202,10 @@ impl Backend for CsiBackend {
         self.mgr.default_replicas()
     }
 
+    fn valid_volume_name(&self, name: &str) -> bool {
+        crate::types::validate_volume_name(name).is_ok()
+    }
+
     fn max_volumes_per_node(&self) -> u64 {
         self.max_volumes
     }
@@ -222,12 +227,16 @@ impl Backend for CsiBackend {
             .as_ref()
             .map(|n| Self::node_id(&state, n))
             .transpose()?;
-        let req = VolumeCreate {
+        let req = CreateVolume {
             name: spec.name.clone(),
             size: SizeArg::Bytes(spec.size_bytes),
-            fs: Some(spec.fs.clone()),
+            fs: spec
+                .fs
+                .parse()
+                .map_err(|e: String| Error::InvalidArgument(e))?,
             replicas: spec.replicas,
             locality: false,
+            csi_name: spec.csi_name.clone(),
         };
         self.mgr
             .create_placed(&req, local, allowed.as_deref())

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cairn_plugin::{Backend, VolumeView};
-use cairn_proto::api::{SizeArg, VolumeCreate, VolumeInfo};
+use cairn_proto::api::{SizeArg, VolumeInfo};
 use serde_json::json;
 
-use crate::volume::{VolumeError, VolumeManager};
+use crate::types::FsType;
+use crate::volume::{CreateVolume, VolumeError, VolumeManager};
 
 /// `--opt` names Docker users may pass, with what they accept.
 const OPTIONS: &str = "size (e.g. 10GiB), replicas (1-3), fs (ext4|xfs), locality (true|false)";
@@ -87,13 +88,14 @@ impl DockerBackend {
 
     /// Turns `--opt` pairs into a create request, refusing unknown options
     /// and bad values by name.
-    fn request(name: &str, opts: &BTreeMap<String, String>) -> Result<VolumeCreate, String> {
-        let mut req = VolumeCreate {
+    fn request(name: &str, opts: &BTreeMap<String, String>) -> Result<CreateVolume, String> {
+        let mut req = CreateVolume {
             name: name.to_string(),
             size: SizeArg::Text("10GiB".into()),
-            fs: None,
+            fs: FsType::Ext4,
             replicas: None,
             locality: false,
+            csi_name: None,
         };
         for (k, v) in opts {
             match k.as_str() {
@@ -114,12 +116,15 @@ impl DockerBackend {
                     req.replicas = Some(n);
                 }
                 "fs" => {
-                    if v != "ext4" && v != "xfs" {
-                        return Err(format!(
-                            "option fs={v:?}: accepted values are ext4 or xfs (Docker needs a filesystem)"
-                        ));
-                    }
-                    req.fs = Some(v.clone());
+                    req.fs = match v.as_str() {
+                        "ext4" => FsType::Ext4,
+                        "xfs" => FsType::Xfs,
+                        _ => {
+                            return Err(format!(
+                                "option fs={v:?}: accepted values are ext4 or xfs (Docker needs a filesystem)"
+                            ))
+                        }
+                    };
                 }
                 "locality" => {
                     req.locality = match v.as_str() {

@@ -126,6 +126,10 @@ pub struct VolumeInfo {
     pub readers: Vec<String>,
     pub created_unix_ms: u64,
     pub replicas: Vec<ReplicaInfo>,
+    /// The name a Kubernetes CO created the volume by, when it is not a
+    /// valid volume name (the CSI driver maps it to `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi_name: Option<String>,
 }
 
 /// Answer of `DELETE /v1/volumes/{name}` (202) when some replica's space

@@ -1858,3 +1858,81 @@ fn a_full_pool_and_no_quorum_are_typed_at_every_door() {
     let err = docker_plugin(n1, "Create", r#"{"Name":"dknq","Opts":{"size":"8MiB"}}"#);
     assert!(err.contains("cluster metadata"), "Docker: {err}");
 }
+
+/// CSI names are any UTF-8 without control characters, up to 128 bytes:
+/// each maps to one volume id, repeats find the same volume, and the CSI
+/// name shows in `volume inspect`.
+#[test]
+fn csi_names_of_any_kind_round_trip() {
+    let node = TestNode::start_with("csi-names", "512MiB", &["--node-name", "n1"]);
+    let c = Csi::connect(&node.csi_socket());
+    let long = "é".repeat(64);
+    for name in [
+        "pvc with spaces",
+        "a+b",
+        "日本語のボリューム",
+        "-dash first",
+        long.as_str(),
+    ] {
+        let made = c.ok(
+            "CreateVolume",
+            c.ctl()
+                .create_volume(create_req(name, 8 * MIB, ext4_cap(), &[])),
+        );
+        let id = made.volume.expect("volume").volume_id;
+        let again = c.ok(
+            "CreateVolume again",
+            c.ctl()
+                .create_volume(create_req(name, 8 * MIB, ext4_cap(), &[])),
+        );
+        assert_eq!(again.volume.expect("volume").volume_id, id, "{name}");
+        let shown = node.cli_ok(&["volume", "inspect", &id]);
+        assert!(shown.contains(&format!("CSI name      {name}")), "{shown}");
+        assert_eq!(node.inspect(&id)["csi_name"], name);
+        c.ok(
+            "DeleteVolume",
+            c.ctl().delete_volume(DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            }),
+        );
+        assert!(!names(&node).contains(&id));
+    }
+    // A valid volume name stays the id; the CSI name is not repeated.
+    let made = c.ok(
+        "CreateVolume",
+        c.ctl()
+            .create_volume(create_req("pvc-plain", 8 * MIB, ext4_cap(), &[])),
+    );
+    assert_eq!(made.volume.expect("volume").volume_id, "pvc-plain");
+    assert!(node.inspect("pvc-plain")["csi_name"].is_null());
+    for bad in [format!("{long}x"), "tab\there".to_string()] {
+        c.fails(
+            "CreateVolume with a bad name",
+            Code::InvalidArgument,
+            c.ctl()
+                .create_volume(create_req(&bad, 8 * MIB, ext4_cap(), &[])),
+        );
+    }
+    // An unknown volume is NOT_FOUND whatever the path looks like.
+    for path in ["relative/path", "/does/not/exist", ""] {
+        c.fails(
+            "NodeGetVolumeStats of an unknown volume",
+            Code::NotFound,
+            c.node().node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: "no-such-volume".into(),
+                volume_path: path.into(),
+                ..Default::default()
+            }),
+        );
+        c.fails(
+            "NodeExpandVolume of an unknown volume",
+            Code::NotFound,
+            c.node().node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: "no-such-volume".into(),
+                volume_path: path.into(),
+                ..Default::default()
+            }),
+        );
+    }
+}

@@ -209,6 +209,7 @@ async fn create_volume(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<api::VolumeInfo>)> {
     let req: VolumeCreate = parse_body(&body)?;
+    let req = crate::volume::CreateVolume::try_from(req)?;
     let m = s.mgr.clone();
     Ok((
         StatusCode::CREATED,

@@ -527,7 +527,7 @@ fn render_volume(v: &Value) -> String {
         .as_array()
         .map(|m| m.iter().map(s).collect::<Vec<_>>().join(", "))
         .unwrap_or_default();
-    [
+    let mut rows = vec![
         ("Name", s(&v["name"])),
         ("ID", s(&v["id"])),
         (
@@ -565,11 +565,14 @@ fn render_volume(v: &Value) -> String {
             }
         }),
         ("Replicas", render_replicas(&v["replicas"])),
-    ]
-    .iter()
-    .map(|(k, val)| format!("{k:<14}{val}"))
-    .collect::<Vec<_>>()
-    .join("\n")
+    ];
+    if let Some(c) = v["csi_name"].as_str() {
+        rows.insert(1, ("CSI name", c.to_string()));
+    }
+    rows.iter()
+        .map(|(k, val)| format!("{k:<14}{val}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One line per replica: node, state, and a progress bar while rebuilding.

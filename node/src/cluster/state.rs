@@ -13,9 +13,10 @@ pub const STATE_VERSION: u32 = 1;
 /// Bump it with every command or field added: a node that meets an entry of
 /// a newer version than it knows stops its state machine instead of
 /// skipping the entry (skipping would make its state differ from the
-/// others' for good). Version 1 added `Reattach`; entries written before
-/// versions existed (plain JSON) read as version 0.
-pub const ENTRY_VERSION: u8 = 1;
+/// others' for good). Version 1 added `Reattach`, version 2 the CSI name
+/// of `CreateVolume`; entries written before versions existed (plain JSON)
+/// read as version 0.
+pub const ENTRY_VERSION: u8 = 2;
 /// First byte of a versioned entry (`{` starts an unversioned one).
 const ENTRY_MAGIC: u8 = 0xCA;
 
@@ -80,6 +81,10 @@ pub struct Volume {
     #[serde(default)]
     pub replicas_wanted: u32,
     pub created_unix_ms: u64,
+    /// The name a CSI CO created the volume by, when that name is not a
+    /// valid volume name itself (the CSI driver maps it to `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi_name: Option<String>,
 }
 
 impl Volume {
@@ -253,6 +258,9 @@ pub enum Command {
         #[serde(default)]
         more_replicas: Vec<NodeId>,
         created_unix_ms: u64,
+        /// See [`Volume::csi_name`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        csi_name: Option<String>,
     },
     /// The engine of `epoch` reports a replica's state: `faulted` when it
     /// failed I/O (recorded before the engine drops it), `rebuilding` when
@@ -337,6 +345,8 @@ pub enum StateError {
     Attached(VolumeId),
     #[error("volume {id} is not attached to node {node}")]
     NotAttached { id: VolumeId, node: NodeId },
+    #[error("CSI name {0:?} is empty, longer than 128 bytes or holds control characters")]
+    InvalidCsiName(String),
     #[error("volume {id} is held read-only by {count} node(s); they must release it first")]
     HasReaders { id: VolumeId, count: usize },
     #[error("node name {0:?} is already used by node {1}")]
@@ -462,7 +472,13 @@ impl ClusterState {
                 replica_node,
                 more_replicas,
                 created_unix_ms,
+                csi_name,
             } => {
+                if let Some(c) = csi_name {
+                    if c.is_empty() || c.len() > 128 || c.chars().any(char::is_control) {
+                        return Err(StateError::InvalidCsiName(c.clone()));
+                    }
+                }
                 let mut nodes = vec![*replica_node];
                 nodes.extend(more_replicas.iter().copied());
                 let mut uniq = nodes.clone();
@@ -500,6 +516,7 @@ impl ClusterState {
                             })
                             .collect(),
                         created_unix_ms: *created_unix_ms,
+                        csi_name: csi_name.clone(),
                     },
                 );
             }
@@ -737,6 +754,7 @@ mod tests {
             replica_node: Id128([7; 16]),
             more_replicas: vec![],
             created_unix_ms: 1,
+            csi_name: None,
         }
     }
 
@@ -790,6 +808,7 @@ mod tests {
                 replica_node: n1,
                 more_replicas: vec![],
                 created_unix_ms: 1,
+                csi_name: None,
             },
             Command::CreateVolume {
                 id: b,
@@ -799,6 +818,7 @@ mod tests {
                 replica_node: n1,
                 more_replicas: vec![],
                 created_unix_ms: 1,
+                csi_name: None,
             },
             Command::ResizeVolume {
                 id: a,

@@ -792,6 +792,7 @@ pub(crate) mod tests {
             replica_node: Id128::random(),
             more_replicas: vec![],
             created_unix_ms: 0,
+            csi_name: None,
         }
     }
 

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use cairn_proto::api::{self, SizeArg, VolumeCreate};
+use cairn_proto::api::{self, SizeArg};
 use serde::{Deserialize, Serialize};
 
 use super::mount;
-use super::VolumeError;
+use super::{CreateVolume, VolumeError};
 use crate::cluster::state::{Command, NodeState, ReplicaState, StateError, Volume, MAX_REPLICAS};
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::engine::metrics::{render_headers, VolumeMetrics};
@@ -545,6 +545,7 @@ impl VolumeManager {
             },
             created_unix_ms: v.created_unix_ms,
             replicas,
+            csi_name: v.csi_name.clone(),
         }
     }
 
@@ -717,7 +718,7 @@ impl VolumeManager {
 
     // ---- create / resize / delete ---------------------------------------
 
-    pub fn create(&self, req: &VolumeCreate) -> Result<api::VolumeInfo, VolumeError> {
+    pub fn create(&self, req: &CreateVolume) -> Result<api::VolumeInfo, VolumeError> {
         let local = req.locality.then_some(self.cfg.node_id);
         self.create_placed(req, local, None)
     }
@@ -726,16 +727,13 @@ impl VolumeManager {
     /// with `allowed`, replicas only on those nodes.
     pub fn create_placed(
         &self,
-        req: &VolumeCreate,
+        req: &CreateVolume,
         local: Option<NodeId>,
         allowed: Option<&[NodeId]>,
     ) -> Result<api::VolumeInfo, VolumeError> {
         validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
         let size = parse_size(&req.size)?;
-        let fs = match &req.fs {
-            None => FsType::Ext4,
-            Some(s) => s.parse::<FsType>().map_err(VolumeError::InvalidFs)?,
-        };
+        let fs = req.fs;
         let count = req.replicas.unwrap_or(self.cfg.default_replicas);
         if !(1..=MAX_REPLICAS as u32).contains(&count) {
             return Err(VolumeError::InvalidReplicas(format!(
@@ -769,6 +767,7 @@ impl VolumeManager {
                 replica_node: nodes[0],
                 more_replicas: nodes[1..].to_vec(),
                 created_unix_ms: now_unix_ms(),
+                csi_name: req.csi_name.clone(),
             },
             &req.name,
         )?;

@@ -10,3 +10,42 @@ pub mod mount;
 
 pub use error::VolumeError;
 pub use manager::{parse_size, ManagerConfig, NbdExports, VolumeManager};
+
+use cairn_proto::api::{self, SizeArg};
+
+use crate::types::FsType;
+
+/// A volume to create, as every front door asks for it: the REST body,
+/// Docker's options and CSI's CreateVolume are converted into this at their
+/// edge.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: SizeArg,
+    pub fs: FsType,
+    /// Copies on distinct nodes (default: the daemon's `--default-replicas`).
+    pub replicas: Option<u32>,
+    /// Keep one replica on the node that serves the request.
+    pub locality: bool,
+    /// The name a CSI CO knows the volume by, when it is not `name`.
+    pub csi_name: Option<String>,
+}
+
+impl TryFrom<api::VolumeCreate> for CreateVolume {
+    type Error = VolumeError;
+
+    fn try_from(r: api::VolumeCreate) -> Result<Self, VolumeError> {
+        let fs = match &r.fs {
+            None => FsType::Ext4,
+            Some(s) => s.parse::<FsType>().map_err(VolumeError::InvalidFs)?,
+        };
+        Ok(CreateVolume {
+            name: r.name,
+            size: r.size,
+            fs,
+            replicas: r.replicas,
+            locality: r.locality,
+            csi_name: None,
+        })
+    }
+}
