@@ -17,6 +17,13 @@ fn main() {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            // A panic ends the daemon, not just the thread (see Cargo.toml).
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                tracing::error!("{info}");
+                report(info);
+                std::process::abort();
+            }));
             match Config::resolve(*args).and_then(cairn_node::daemon::run) {
                 Ok(()) => 0,
                 Err(e) => {

@@ -133,6 +133,54 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn request() -> impl Strategy<Value = Request> {
+        (
+            any::<u16>(),
+            any::<u16>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(version, op, cluster, volume, epoch, offset, length, crc)| Request {
+                    version,
+                    op,
+                    cluster,
+                    volume,
+                    epoch,
+                    offset,
+                    length,
+                    crc,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn every_request_and_reply_round_trips(r in request(), status: u32, fence: u64, length: u32, crc: u32) {
+            prop_assert_eq!(Request::decode(&r.encode()), Some(r));
+            let rep = Reply { status, fence, length, crc };
+            prop_assert_eq!(Reply::decode(&rep.encode()), Some(rep));
+        }
+
+        /// Any bytes decode to nothing (foreign magic) or to the request
+        /// they spell: decoding never invents or loses a field.
+        #[test]
+        fn arbitrary_bytes_decode_to_what_they_spell(mut b in any::<[u8; REQ_LEN]>(), ours: bool) {
+            if ours {
+                b[0..4].copy_from_slice(&REQ_MAGIC.to_le_bytes());
+            }
+            match Request::decode(&b) {
+                None => prop_assert_ne!(&b[0..4], &REQ_MAGIC.to_le_bytes()[..]),
+                Some(r) => prop_assert_eq!(&r.encode()[..68], &b[..68]),
+            }
+        }
+    }
 
     #[test]
     fn round_trip_and_foreign_bytes() {

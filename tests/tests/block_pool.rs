@@ -1,6 +1,9 @@
 //! A pool on a real block device (`--disk`): a loop device over a file the
 //! test creates, formatted by the daemon, used, and found again on restart.
 
+// Test code: an unwrap that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use cairn_tests::*;

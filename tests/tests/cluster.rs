@@ -2,6 +2,9 @@
 //! with Raft: joining, metadata visible through every node, leader failover,
 //! a killed node catching up, and refused joins.
 
+// Test code: an unwrap that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -5,6 +5,9 @@
 //! own driver name (its own socket under /run/docker/plugins) and removes
 //! every container, volume and image it created.
 
+// Test code: an unwrap that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Output};
 use std::time::Duration;
 

@@ -1,6 +1,9 @@
 //! Online grow: the volume, its loop device and the mounted filesystem grow
 //! without unmounting, and data written before the grow stays intact.
 
+// Test code: an unwrap that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use cairn_tests::*;
 
 fn df_size(path: &str) -> u64 {

@@ -5,6 +5,9 @@
 //! fenced, and without a Raft quorum a degraded write fails instead of
 //! completing unrecorded.
 
+// Test code: an unwrap that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

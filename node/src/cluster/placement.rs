@@ -107,6 +107,69 @@ mod tests {
         id
     }
 
+    proptest::proptest! {
+        /// On any cluster: `count` distinct nodes that are up, allowed and
+        /// not excluded; the local node first when it is eligible and has
+        /// room; as many zones as the eligible nodes offer; the same answer
+        /// every time.
+        #[test]
+        fn placement_keeps_its_rules_on_any_cluster(
+            nodes in proptest::collection::vec((0u8..4, 0u64..1000, proptest::bool::weighted(0.8)), 1..8),
+            count in 1usize..4,
+            local in proptest::option::of(0usize..8),
+            exclude_first: bool,
+            restrict: bool,
+        ) {
+            let mut s = ClusterState::new(Id128([1; 16]));
+            let mut ids = Vec::new();
+            for (i, (zone, free, up)) in nodes.iter().enumerate() {
+                let id = node(&mut s, &format!("z{zone}"), *free, *up);
+                // Deterministic ids keep the tie-break by id reproducible.
+                let rec = s.nodes.remove(&id).expect("just added");
+                let fixed = Id128([i as u8 + 1; 16]);
+                s.nodes.insert(fixed, NodeRecord { id: fixed, ..rec });
+                ids.push(fixed);
+            }
+            let local = local.and_then(|i| ids.get(i).copied());
+            let exclude: Vec<NodeId> = if exclude_first { ids[..1].to_vec() } else { vec![] };
+            let allowed: Option<Vec<NodeId>> = restrict.then(|| ids.iter().step_by(2).copied().collect());
+            let eligible: Vec<&NodeRecord> = s.nodes.values()
+                .filter(|n| n.state == NodeState::Up && !exclude.contains(&n.id))
+                .filter(|n| allowed.as_ref().is_none_or(|a| a.contains(&n.id)))
+                .collect();
+            let r = place(&s, count, local, &exclude, allowed.as_deref(), "zone");
+            proptest::prop_assert_eq!(&r, &place(&s, count, local, &exclude, allowed.as_deref(), "zone"));
+            let Ok(p) = r else {
+                proptest::prop_assert!(eligible.len() < count);
+                return Ok(());
+            };
+            proptest::prop_assert_eq!(p.len(), count);
+            let mut uniq = p.clone();
+            uniq.sort();
+            uniq.dedup();
+            proptest::prop_assert_eq!(uniq.len(), count);
+            for id in &p {
+                proptest::prop_assert!(eligible.iter().any(|n| n.id == *id), "{id} is not eligible");
+            }
+            if let Some(l) = local {
+                let room = s.nodes[&l].pool_allocated_bytes < s.nodes[&l].pool_capacity_bytes;
+                if eligible.iter().any(|n| n.id == l) && room {
+                    proptest::prop_assert_eq!(p[0], l);
+                }
+            }
+            if exclude.is_empty() && local.is_none() {
+                let zones = |ns: &mut dyn Iterator<Item = &NodeId>| {
+                    let mut z: Vec<String> = ns.map(|id| s.nodes[id].labels["zone"].clone()).collect();
+                    z.sort();
+                    z.dedup();
+                    z.len()
+                };
+                let offered = zones(&mut eligible.iter().map(|n| &n.id));
+                proptest::prop_assert_eq!(zones(&mut p.iter()), offered.min(count));
+            }
+        }
+    }
+
     #[test]
     fn spreads_zones_then_free_space() {
         let mut s = ClusterState::new(Id128::random());

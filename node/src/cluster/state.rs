@@ -1054,4 +1054,101 @@ mod tests {
         }
         assert_eq!(s1, s2);
     }
+
+    fn command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        let node = (0u8..3).prop_map(|i| Id128([10 + i; 16]));
+        let vol = (0u8..3).prop_map(|i| Id128([20 + i; 16]));
+        let rstate = prop_oneof![
+            Just(ReplicaState::Healthy),
+            Just(ReplicaState::Rebuilding),
+            Just(ReplicaState::Faulted)
+        ];
+        prop_oneof![
+            (
+                vol.clone(),
+                0u8..3,
+                0u64..3,
+                node.clone(),
+                proptest::collection::vec(node.clone(), 0..3)
+            )
+                .prop_map(|(id, n, k, replica_node, more_replicas)| {
+                    Command::CreateVolume {
+                        id,
+                        name: format!("v{n}"),
+                        size_bytes: k * SIZE_ALIGN,
+                        fs: FsType::Ext4,
+                        replica_node,
+                        more_replicas,
+                        created_unix_ms: 0,
+                        csi_name: None,
+                    }
+                }),
+            (vol.clone(), node.clone(), any::<bool>())
+                .prop_map(|(id, node, force)| Command::Attach { id, node, force }),
+            (vol.clone(), node.clone()).prop_map(|(id, node)| Command::Detach { id, node }),
+            (vol.clone(), node.clone(), 0u64..4).prop_map(|(id, node, epoch)| Command::Reattach {
+                id,
+                node,
+                epoch
+            }),
+            (vol.clone(), node.clone()).prop_map(|(id, node)| Command::AttachReader { id, node }),
+            (vol.clone(), node.clone()).prop_map(|(id, node)| Command::DetachReader { id, node }),
+            (vol.clone(), node.clone(), rstate, 0u64..4).prop_map(|(id, node, state, epoch)| {
+                Command::SetReplicaState {
+                    id,
+                    node,
+                    state,
+                    epoch,
+                }
+            }),
+            (vol.clone(), node.clone()).prop_map(|(id, node)| Command::AddReplica { id, node }),
+            (vol.clone(), node.clone()).prop_map(|(id, node)| Command::RemoveReplica { id, node }),
+            (vol.clone(), 0u32..5).prop_map(|(id, count)| Command::SetReplicaCount { id, count }),
+            (vol.clone(), 0u64..4).prop_map(|(id, k)| Command::ResizeVolume {
+                id,
+                size_bytes: k * SIZE_ALIGN
+            }),
+            vol.clone().prop_map(|id| Command::DeleteVolume { id }),
+            vol.prop_map(|id| Command::MarkFormatted { id }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any sequence of commands, accepted or refused, keeps the state's
+        /// invariants: a refused command changes nothing; a writer and
+        /// readers never hold a volume together; an attachment carries the
+        /// volume's epoch, and epochs only grow; replicas sit on distinct
+        /// nodes, at most three, and at least one of them is healthy.
+        #[test]
+        fn random_commands_keep_the_invariants(cmds in proptest::collection::vec(command(), 1..60)) {
+            let mut s = ClusterState::new(Id128([1; 16]));
+            for i in 0..3u8 {
+                s.apply(&register(Id128([10 + i; 16]), &format!("n{i}"))).expect("register");
+            }
+            let mut epochs: BTreeMap<VolumeId, u64> = BTreeMap::new();
+            for c in &cmds {
+                let before = s.clone();
+                if s.apply(c).is_err() {
+                    proptest::prop_assert_eq!(&s, &before, "refused {:?} changed the state", c);
+                }
+                for v in s.volumes.values() {
+                    proptest::prop_assert!(v.attachment.is_none() || v.readers.is_empty(), "{:?}", v);
+                    if let Some(a) = &v.attachment {
+                        proptest::prop_assert_eq!(a.epoch, v.epoch);
+                    }
+                    let seen = epochs.entry(v.id).or_insert(v.epoch);
+                    proptest::prop_assert!(v.epoch >= *seen, "epoch went back after {:?}", c);
+                    *seen = v.epoch;
+                    let mut nodes: Vec<NodeId> = v.replicas.iter().map(|r| r.node).collect();
+                    nodes.sort();
+                    nodes.dedup();
+                    proptest::prop_assert_eq!(nodes.len(), v.replicas.len());
+                    proptest::prop_assert!((1..=MAX_REPLICAS).contains(&v.replicas.len()));
+                    proptest::prop_assert!(v.healthy().count() >= 1, "no healthy replica after {:?}: {:?}", c, v);
+                }
+                epochs.retain(|id, _| s.volumes.contains_key(id));
+            }
+        }
+    }
 }
