@@ -779,7 +779,10 @@ mod tests {
         unknown.extend_from_slice(br#"{"op":"fly_away","id":"x"}"#);
         assert!(matches!(
             decode_command(&unknown),
-            Err(EntryError::Malformed { version: 1, .. })
+            Err(EntryError::Malformed {
+                version: ENTRY_VERSION,
+                ..
+            })
         ));
         for junk in [&b""[..], b"\x00", &[ENTRY_MAGIC][..]] {
             assert!(decode_command(junk).is_err(), "{junk:?}");
