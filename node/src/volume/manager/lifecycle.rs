@@ -1,0 +1,266 @@
+//! Creating, growing, re-replicating and deleting volumes (deleting frees
+//! every replica's space before it returns).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use cairn_proto::api::{self, SizeArg};
+
+use super::*;
+
+impl VolumeManager {
+    pub fn create(&self, req: &CreateVolume) -> Result<api::VolumeInfo, VolumeError> {
+        let local = req.locality.then_some(self.cfg.node_id);
+        self.create_placed(req, local, None)
+    }
+
+    /// Creates a volume with one replica on `local` when it has room and,
+    /// with `allowed`, replicas only on those nodes.
+    pub fn create_placed(
+        &self,
+        req: &CreateVolume,
+        local: Option<NodeId>,
+        allowed: Option<&[NodeId]>,
+    ) -> Result<api::VolumeInfo, VolumeError> {
+        validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
+        let size = parse_size(&req.size)?;
+        let fs = req.fs;
+        let count = req.replicas.unwrap_or(self.cfg.default_replicas);
+        if !(1..=MAX_REPLICAS as u32).contains(&count) {
+            return Err(VolumeError::InvalidReplicas(format!(
+                "replicas={count}: a volume has 1 to {MAX_REPLICAS} replicas"
+            )));
+        }
+        // Placement decides on everything committed (linearizable read).
+        self.sync_read()?;
+        if self.store.read().volume_by_name(&req.name).is_some() {
+            return Err(VolumeError::AlreadyExists(req.name.clone()));
+        }
+        let nodes = {
+            let s = self.store.read();
+            crate::cluster::placement::place(
+                &s,
+                count as usize,
+                local,
+                &[],
+                allowed,
+                crate::cluster::placement::PLACEMENT_LABEL,
+            )
+            .map_err(VolumeError::NotEnoughNodes)?
+        };
+        let id = VolumeId::random();
+        self.propose(
+            Command::CreateVolume {
+                id,
+                name: req.name.clone(),
+                size_bytes: size,
+                fs,
+                replica_node: nodes[0],
+                more_replicas: nodes[1..].to_vec(),
+                created_unix_ms: now_unix_ms(),
+                csi_name: req.csi_name.clone(),
+            },
+            &req.name,
+        )?;
+        if nodes.contains(&self.cfg.node_id) {
+            // The reconciler would do it too; doing it now makes the
+            // replica ready before the first attach.
+            if let Err(e) = self.hosts.get_or_create(id, &self.store) {
+                tracing::warn!(volume = %req.name, error = %e, "local replica not created yet");
+            }
+        }
+        tracing::info!(volume = %req.name, size, fs = fs.as_str(), replicas = count, "created volume");
+        self.inspect(&req.name)
+    }
+
+    /// Sets the wanted replica count; the leader's scheduler adds or
+    /// removes replicas (new ones are rebuilt online).
+    pub fn set_replicas(&self, name: &str, count: u32) -> Result<(), VolumeError> {
+        if !(1..=MAX_REPLICAS as u32).contains(&count) {
+            return Err(VolumeError::InvalidReplicas(format!(
+                "replicas={count}: a volume has 1 to {MAX_REPLICAS} replicas"
+            )));
+        }
+        self.sync_read()?;
+        let v = self.find(name)?;
+        let up = self
+            .store
+            .read()
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .count();
+        if count as usize > up {
+            return Err(VolumeError::NotEnoughNodes(format!(
+                "{count} replica(s) need {count} distinct nodes that are up, but {up} are"
+            )));
+        }
+        self.propose(Command::SetReplicaCount { id: v.id, count }, name)?;
+        tracing::info!(volume = %name, replicas = count, "replica count set");
+        Ok(())
+    }
+
+    pub fn resize(&self, name: &str, size: &SizeArg) -> Result<api::VolumeInfo, VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        let size = parse_size(size)?;
+        if size < v.size_bytes {
+            return Err(VolumeError::Shrink {
+                name: name.into(),
+                current: v.size_bytes,
+                requested: size,
+            });
+        }
+        if size > v.size_bytes {
+            self.propose(
+                Command::ResizeVolume {
+                    id: v.id,
+                    size_bytes: size,
+                },
+                name,
+            )?;
+            tracing::info!(volume = %name, size, "grew volume");
+        }
+        // Also when unchanged here: the grow may have been recorded by
+        // another node (CSI's controller) while this node's engine serves.
+        if let Some(e) = self.engine(v.id) {
+            e.set_size(size);
+        }
+        // Also when the size is unchanged: a retry after a failed filesystem
+        // grow completes it (resize2fs and xfs_growfs are idempotent).
+        if let Some(rec) = self.local_record(v.id) {
+            // The FUSE file reports the new size on its next stat (its
+            // attributes are never cached); the loop device re-reads it.
+            let file = self.fuse_path(v.id);
+            std::fs::metadata(&file)
+                .map_err(|e| VolumeError::Device(format!("stat {}: {e}", file.display())))?;
+            let dev = PathBuf::from(&rec.device);
+            loopdev::refresh_capacity(&dev).map_err(|e| {
+                VolumeError::Device(format!("loop capacity refresh on {}: {e}", rec.device))
+            })?;
+            for m in &rec.mounts {
+                self.on_device(&v, || mount::grow(v.fs, &dev, Path::new(m)))?;
+            }
+        }
+        self.inspect(name)
+    }
+
+    /// Deletes a volume and frees every replica's space: this node's at
+    /// once, the others' by asking their nodes, so that when this returns
+    /// the space is back everywhere. Returns the names of nodes whose copy
+    /// is not freed yet (down, or slow to answer): their reconcilers free
+    /// it when they run again.
+    pub fn delete(&self, name: &str, force: bool) -> Result<Vec<String>, VolumeError> {
+        let v = self.find(name)?;
+        let _g = self.guard(v.id, name)?;
+        if let Some(a) = &v.attachment {
+            if !force {
+                return Err(VolumeError::Attached {
+                    name: name.into(),
+                    node: self.node_name(a.node),
+                });
+            }
+            if a.node != self.cfg.node_id {
+                return Err(VolumeError::AttachedElsewhere {
+                    name: name.into(),
+                    node: self.node_name(a.node),
+                });
+            }
+        }
+        let nbd_users = |ex: &HashMap<VolumeId, ExportUse>| match ex.get(&v.id) {
+            Some(u) if u.readers + u.writers > 0 => Err(VolumeError::InUse {
+                name: name.into(),
+                why: format!("{} NBD connection(s) open", u.readers + u.writers),
+            }),
+            _ => Ok(()),
+        };
+        // Checked before unmounting anything, and again under the lock that
+        // keeps new NBD connections out until the volume is gone.
+        nbd_users(&self.exports.lock().expect("exports lock"))?;
+        if v.attachment.is_some() {
+            self.teardown(&v, true, true)?;
+        }
+        let ex = self.exports.lock().expect("exports lock");
+        nbd_users(&ex)?;
+        let index = self.propose_at(Command::DeleteVolume { id: v.id }, name)?;
+        if let Some(e) = self.engines.write().expect("engines lock").remove(&v.id) {
+            e.stop();
+        }
+        drop(ex);
+        // The volume is gone from the state: every replica node frees its
+        // copy now, asked by us (its reconciler would too, later).
+        let mut pending = Vec::new();
+        if let Err(e) = self.hosts.destroy(v.id) {
+            tracing::error!(volume = %name, error = %e, "freeing deleted volume's space failed; retried");
+            pending.push(self.node_name(self.cfg.node_id));
+        }
+        pending.extend(self.free_remote_copies(&v, index));
+        if pending.is_empty() {
+            tracing::info!(volume = %name, "deleted volume; its space is free on every replica node");
+        } else {
+            tracing::warn!(volume = %name, pending = ?pending, "deleted volume; space not freed yet on some nodes (freed when they answer)");
+        }
+        Ok(pending)
+    }
+
+    /// Asks each other node that held a replica of the deleted `v` to free
+    /// it, all at once; returns the names of those that did not confirm.
+    pub(super) fn free_remote_copies(&self, v: &Volume, index: u64) -> Vec<String> {
+        let (cluster, nodes): (_, Vec<(NodeId, String, String)>) = {
+            let s = self.store.read();
+            let nodes = v
+                .replicas
+                .iter()
+                .filter(|r| r.node != self.cfg.node_id)
+                .map(|r| {
+                    let n = s.nodes.get(&r.node);
+                    (
+                        r.node,
+                        n.map(|n| n.name.clone())
+                            .unwrap_or_else(|| r.node.to_string()),
+                        n.map(|n| n.peer_address.clone()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            (s.cluster_id, nodes)
+        };
+        let _rt = self.ctx.handle.enter();
+        let mut asks = Vec::new();
+        let mut pending = Vec::new();
+        for (node, name, addr) in nodes {
+            match crate::replica::remote::RemoteReplica::new(
+                &self.ctx.channels,
+                &self.ctx.fast,
+                node,
+                &addr,
+                cluster,
+                v.id,
+            ) {
+                Ok(r) => asks.push((
+                    name,
+                    self.ctx.handle.spawn(async move { r.free(index).await }),
+                )),
+                Err(e) => {
+                    tracing::debug!(volume = %v.name, node = %name, error = %e, "cannot ask to free a replica");
+                    pending.push(name);
+                }
+            }
+        }
+        for (name, ask) in asks {
+            match self.ctx.handle.block_on(ask) {
+                Ok(Ok(bytes)) => {
+                    tracing::debug!(volume = %v.name, node = %name, bytes, "replica freed")
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(volume = %v.name, node = %name, error = %e, "replica not freed yet");
+                    pending.push(name);
+                }
+                Err(e) => {
+                    tracing::info!(volume = %v.name, node = %name, error = %e, "replica not freed yet");
+                    pending.push(name);
+                }
+            }
+        }
+        pending
+    }
+}

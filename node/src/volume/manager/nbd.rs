@@ -1,0 +1,119 @@
+//! The NBD server's view of the manager: which volumes it exports and the
+//! claim each connection holds (a writer attaches the volume for the
+//! connection's life).
+
+use std::sync::Arc;
+
+use super::*;
+
+/// Releases an NBD connection's claim on a volume.
+struct ExportClaim {
+    mgr: std::sync::Weak<VolumeManager>,
+    id: VolumeId,
+    writer: bool,
+}
+
+impl Drop for ExportClaim {
+    fn drop(&mut self) {
+        if let Some(m) = self.mgr.upgrade() {
+            let mut ex = m.exports.lock().expect("exports lock");
+            if let Some(u) = ex.get_mut(&self.id) {
+                if self.writer {
+                    u.writers -= 1;
+                } else {
+                    u.readers -= 1;
+                }
+            }
+            let last_writer = self.writer && ex.get(&self.id).is_some_and(|u| u.writers == 0);
+            // `ex` stays held: a new writer waits until this one's detach.
+            if last_writer && m.local_record(self.id).is_none() {
+                // The writer's attachment ends with it: flush, then release.
+                if let Some(e) = m.engine(self.id) {
+                    if let Err(err) = e.flush() {
+                        tracing::error!(volume = %self.id, error = %err, "flush after NBD writer failed");
+                    }
+                }
+                if let Err(e) = m.store.propose(Command::Detach {
+                    id: self.id,
+                    node: m.cfg.node_id,
+                }) {
+                    tracing::warn!(volume = %self.id, error = %e, "detach after NBD writer failed");
+                }
+            }
+            drop(ex);
+        }
+    }
+}
+
+/// The NBD server's view of the manager.
+pub struct NbdExports(pub Arc<VolumeManager>);
+
+impl ExportProvider for NbdExports {
+    fn export_names(&self) -> Vec<String> {
+        self.0
+            .store
+            .read()
+            .volumes
+            .values()
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    fn open_export(&self, name: &str) -> Result<Export, String> {
+        let m = &self.0;
+        let mut ex = m.exports.lock().expect("exports lock");
+        let v = m.find(name).map_err(|e| e.to_string())?;
+        let engine = m.engine_for(&v).map_err(|e| e.to_string())?;
+        // Attached anywhere: readers only, so NBD never writes under a
+        // mounted filesystem or another node's engine. A writer attaches
+        // the volume to this node for the connection's life (a new epoch
+        // that fences every other engine).
+        let nbd_here = v
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.node == m.cfg.node_id)
+            && m.local_record(v.id).is_none()
+            && ex.get(&v.id).is_some_and(|u| u.writers > 0);
+        let writer = (v.attachment.is_none() || nbd_here)
+            && m.propose(
+                Command::Attach {
+                    id: v.id,
+                    node: m.cfg.node_id,
+                    force: false,
+                },
+                name,
+            )
+            .is_ok();
+        let v = m.find(name).map_err(|e| e.to_string())?;
+        let epoch = v.attachment.as_ref().map_or(v.epoch, |a| a.epoch);
+        if writer || v.attachment.is_none() {
+            if let Err(e) = engine.activate(&v, epoch) {
+                if writer {
+                    let _ = m.propose(
+                        Command::Detach {
+                            id: v.id,
+                            node: m.cfg.node_id,
+                        },
+                        name,
+                    );
+                }
+                return Err(e.to_string());
+            }
+        }
+        let u = ex.entry(v.id).or_default();
+        if writer {
+            u.writers += 1;
+        } else {
+            u.readers += 1;
+        }
+        Ok(Export {
+            engine,
+            read_only: !writer,
+            _release: Box::new(ExportClaim {
+                mgr: Arc::downgrade(m),
+                id: v.id,
+                writer,
+            }),
+        })
+    }
+}
