@@ -11,13 +11,13 @@ use cairn_csi::{
 };
 use cairn_proto::api::SizeArg;
 
-use crate::cluster::state::{ClusterState, NodeState, ReplicaState, Volume};
+use crate::cluster::state::{ClusterState, NodeState, Volume};
 use crate::cluster::store::StoreError;
 use crate::engine::EngineError;
 use crate::replica::ReplicaError;
 use crate::sys::mount as sysmount;
 use crate::types::{NodeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
-use crate::volume::{CreateVolume, VolumeError, VolumeManager};
+use crate::volume::{CreateVolume, ReplicaCondition, VolumeError, VolumeManager};
 
 /// Size of a volume created without a capacity range.
 const DEFAULT_SIZE: u64 = 1 << 30;
@@ -105,17 +105,9 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
         .replicas
         .iter()
         .filter_map(|r| {
-            let down = state
-                .nodes
-                .get(&r.node)
-                .is_none_or(|n| n.state == NodeState::Down);
-            let what = match r.state {
-                _ if down => "offline",
-                ReplicaState::Healthy => return None,
-                ReplicaState::Rebuilding => "rebuilding",
-                ReplicaState::Faulted => "faulted",
-            };
-            Some(format!("replica on {} is {what}", name_of(r.node)))
+            let c = ReplicaCondition::of(state, r);
+            (c != ReplicaCondition::Healthy)
+                .then(|| format!("replica on {} is {}", name_of(r.node), c.as_str()))
         })
         .collect();
     if v.replicas.len() < v.wanted() {
@@ -144,13 +136,12 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
 /// Whether mount `m` shows the volume whose device is `dev`: a filesystem
 /// mounted from it (staging) or bound from that mount (publish), or for a
 /// raw block volume the device file bound onto a file.
-fn shows_device(m: &sysmount::MountEntry, dev: &str, block: bool) -> bool {
+fn shows_device(m: &sysmount::MountEntry, dev: &Path, block: bool) -> bool {
     if block {
-        Path::new(dev)
-            .file_name()
+        dev.file_name()
             .is_some_and(|f| Path::new(&m.root).file_name() == Some(f))
     } else {
-        m.source == dev
+        Path::new(&m.source) == dev
     }
 }
 
@@ -286,7 +277,7 @@ impl Backend for CsiBackend {
         let info = self.mgr.inspect(name).map_err(map)?;
         let held_read_only = info.readers.contains(&self.name);
         let staged = info.device.is_some()
-            && (how.block || info.mounts.iter().any(|m| Path::new(m) == staging));
+            && (how.block || info.mounts.iter().any(|m| m.as_path() == staging));
         if staged {
             if held_read_only != how.read_only {
                 return Err(Error::AlreadyExists(format!(
@@ -357,7 +348,7 @@ impl Backend for CsiBackend {
         }
         if how.sole_writer && !readonly {
             let other = mounts.iter().find(|m| {
-                !dev.is_empty()
+                !dev.as_os_str().is_empty()
                     && m.mount_point != *target
                     && m.mount_point != staging
                     && !m.read_only
@@ -382,10 +373,11 @@ impl Backend for CsiBackend {
                 .write(true)
                 .open(target)
                 .map_err(|e| Error::Internal(format!("{}: {e}", target.display())))?;
-            std::path::PathBuf::from(dev)
+            dev
         } else {
-            let staging_s = staging.to_string_lossy();
-            if !info.mounts.iter().any(|m| *m == staging_s) || !sysmount::is_mount_point(staging) {
+            if !info.mounts.iter().any(|m| m.as_path() == staging)
+                || !sysmount::is_mount_point(staging)
+            {
                 return Err(not_staged());
             }
             std::fs::create_dir_all(target)
@@ -426,8 +418,8 @@ impl Backend for CsiBackend {
     fn usage(&self, name: &str, path: &Path) -> Result<Usage, Error> {
         let info = self.mgr.inspect(name).map_err(map)?;
         let dev = info.device.clone().unwrap_or_default();
-        let block = info.fs == "none";
-        let here = !dev.is_empty()
+        let block = info.fs == crate::types::FsType::None;
+        let here = !dev.as_os_str().is_empty()
             && sysmount::mounts()
                 .iter()
                 .any(|m| m.mount_point == path && shows_device(m, &dev, block));

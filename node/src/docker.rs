@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cairn_plugin::{Backend, VolumeView};
-use cairn_proto::api::{SizeArg, VolumeInfo};
+use cairn_proto::api::SizeArg;
 use serde_json::json;
 
 use crate::types::FsType;
@@ -66,9 +66,9 @@ impl DockerBackend {
         self.root.join(name)
     }
 
-    fn view(&self, v: &VolumeInfo) -> VolumeView {
+    fn view(&self, v: &crate::volume::VolumeView) -> VolumeView {
         let mp = self.mountpoint(&v.name);
-        let mounted = v.mounts.iter().any(|m| std::path::Path::new(m) == mp);
+        let mounted = v.mounts.contains(&mp);
         VolumeView {
             name: v.name.clone(),
             mountpoint: if mounted {
@@ -78,10 +78,10 @@ impl DockerBackend {
             },
             status: json!({
                 "size_bytes": v.size_bytes,
-                "fs": v.fs,
-                "state": v.state,
+                "fs": v.fs.as_str(),
+                "state": v.state.as_str(),
                 "attached_node": v.attached_node,
-                "replicas": v.replicas.iter().map(|r| json!({"node": r.node, "state": r.state})).collect::<Vec<_>>(),
+                "replicas": v.replicas.iter().map(|r| json!({"node": r.node, "state": r.condition.as_str()})).collect::<Vec<_>>(),
             }),
         }
     }
@@ -169,7 +169,7 @@ impl Backend for DockerBackend {
     fn mount(&self, name: &str, id: &str) -> Result<String, String> {
         let _g = self.lock.lock().expect("docker lock");
         let v = self.mgr.inspect(name).map_err(msg)?;
-        if v.fs == "none" {
+        if v.fs == FsType::None {
             return Err(format!(
                 "volume {name:?} is a raw block volume (fs=none); Docker volumes need a filesystem"
             ));
@@ -177,7 +177,7 @@ impl Backend for DockerBackend {
         let mp = self.mountpoint(name);
         let mp_s = mp.to_string_lossy().into_owned();
         let mut refs = self.refs_of(name);
-        if !v.mounts.contains(&mp_s) {
+        if !v.mounts.contains(&mp) {
             std::fs::create_dir_all(&mp).map_err(|e| format!("{mp_s}: {e}"))?;
             self.mgr.mount(name, &mp_s, false).map_err(msg)?;
             // A mount that was gone (refs left from an earlier life) starts over.

@@ -198,7 +198,7 @@ async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<Vec<api::Volu
     Ok(Json(
         blocking(move || {
             m.sync_read()?;
-            Ok(m.list())
+            Ok(m.list().into_iter().map(Into::into).collect())
         })
         .await?,
     ))
@@ -213,7 +213,7 @@ async fn create_volume(
     let m = s.mgr.clone();
     Ok((
         StatusCode::CREATED,
-        Json(blocking(move || m.create(&req)).await?),
+        Json(blocking(move || m.create(&req)).await?.into()),
     ))
 }
 
@@ -227,7 +227,8 @@ async fn get_volume(
             m.sync_read()?;
             m.inspect(&name)
         })
-        .await?,
+        .await?
+        .into(),
     ))
 }
 
@@ -255,7 +256,8 @@ async fn update_volume(
                 None => m.inspect(&name),
             }
         })
-        .await?,
+        .await?
+        .into(),
     ))
 }
 
@@ -345,7 +347,9 @@ async fn detach(
     empty_body(&body)?;
     let m = s.mgr.clone();
     Ok(Json(
-        blocking(move || m.detach(&name).and_then(|_| m.inspect(&name))).await?,
+        blocking(move || m.detach(&name).and_then(|_| m.inspect(&name)))
+            .await?
+            .into(),
     ))
 }
 
@@ -357,7 +361,9 @@ async fn mount(
     let req: MountRequest = parse_body(&body)?;
     let m = s.mgr.clone();
     Ok(Json(
-        blocking(move || m.mount(&name, &req.path, req.force)).await?,
+        blocking(move || m.mount(&name, &req.path, req.force))
+            .await?
+            .into(),
     ))
 }
 
@@ -368,7 +374,9 @@ async fn unmount(
 ) -> ApiResult<Json<api::VolumeInfo>> {
     let req: MountRequest = parse_body(&body)?;
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.unmount(&name, &req.path)).await?))
+    Ok(Json(
+        blocking(move || m.unmount(&name, &req.path)).await?.into(),
+    ))
 }
 
 async fn pool(State(s): State<ApiState>) -> ApiResult<Json<api::PoolInfo>> {
@@ -496,9 +504,15 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    let mut out = String::with_capacity(16 << 10);
-    s.mgr.render_metrics(&mut out);
+async fn metrics(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    // Rendering takes the manager's locks: off the async workers.
+    let m = s.mgr.clone();
+    let mut out = blocking(move || {
+        let mut out = String::with_capacity(16 << 10);
+        m.render_metrics(&mut out);
+        Ok(out)
+    })
+    .await?;
     let st = s.store.status();
     use std::fmt::Write;
     let _ = write!(
@@ -518,7 +532,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     s.store
         .propose_latency
         .render(&mut out, "cairn_raft_propose_seconds", "");
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }
 
 #[cfg(test)]

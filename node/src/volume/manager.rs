@@ -323,10 +323,9 @@ impl VolumeManager {
         if let Some(e) = self.engines.read().expect("engines lock").get(&v.id) {
             return Ok(e.clone());
         }
-        let mut engines = self.engines.write().expect("engines lock");
-        if let Some(e) = engines.get(&v.id) {
-            return Ok(e.clone());
-        }
+        // Created without the node-wide lock (opening replicas may wait on
+        // the network or a linearizable read); a racing creator's engine
+        // wins and this one is dropped before its healer starts.
         let e = Engine::new(
             v,
             v.epoch,
@@ -334,8 +333,13 @@ impl VolumeManager {
             Arc::new(VolumeMetrics::default()),
         )
         .map_err(|e| VolumeError::engine(&v.name, e))?;
-        e.start_healer();
+        let mut engines = self.engines.write().expect("engines lock");
+        if let Some(won) = engines.get(&v.id) {
+            return Ok(won.clone());
+        }
         engines.insert(v.id, e.clone());
+        drop(engines);
+        e.start_healer();
         Ok(e)
     }
 

@@ -7,9 +7,11 @@
 mod error;
 mod manager;
 pub mod mount;
+pub mod view;
 
 pub use error::VolumeError;
 pub use manager::{parse_size, ManagerConfig, NbdExports, VolumeManager};
+pub use view::{ReplicaCondition, ReplicaView, VolumeState, VolumeView};
 
 use cairn_proto::api::{self, SizeArg};
 

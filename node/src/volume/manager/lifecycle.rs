@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use cairn_proto::api::{self, SizeArg};
+use cairn_proto::api::SizeArg;
 
 use super::*;
 
 impl VolumeManager {
-    pub fn create(&self, req: &CreateVolume) -> Result<api::VolumeInfo, VolumeError> {
+    pub fn create(&self, req: &CreateVolume) -> Result<crate::volume::VolumeView, VolumeError> {
         let local = req.locality.then_some(self.cfg.node_id);
         self.create_placed(req, local, None)
     }
@@ -21,7 +21,7 @@ impl VolumeManager {
         req: &CreateVolume,
         local: Option<NodeId>,
         allowed: Option<&[NodeId]>,
-    ) -> Result<api::VolumeInfo, VolumeError> {
+    ) -> Result<crate::volume::VolumeView, VolumeError> {
         validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
         let size = parse_size(&req.size)?;
         let fs = req.fs;
@@ -100,7 +100,11 @@ impl VolumeManager {
         Ok(())
     }
 
-    pub fn resize(&self, name: &str, size: &SizeArg) -> Result<api::VolumeInfo, VolumeError> {
+    pub fn resize(
+        &self,
+        name: &str,
+        size: &SizeArg,
+    ) -> Result<crate::volume::VolumeView, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(v.id, name)?;
         let size = parse_size(size)?;

@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use cairn_proto::api::{self};
-
 use super::*;
 
 impl VolumeManager {
@@ -48,7 +46,7 @@ impl VolumeManager {
         name: &str,
         path: &str,
         force: bool,
-    ) -> Result<api::VolumeInfo, VolumeError> {
+    ) -> Result<crate::volume::VolumeView, VolumeError> {
         self.mount_with(name, path, force, &[], false)
     }
 
@@ -63,7 +61,7 @@ impl VolumeManager {
         force: bool,
         options: &[String],
         read_only: bool,
-    ) -> Result<api::VolumeInfo, VolumeError> {
+    ) -> Result<crate::volume::VolumeView, VolumeError> {
         crate::sys::mount::parse_options(options).map_err(VolumeError::InvalidOptions)?;
         let path = self.check_mount_target(path)?;
         let v = self.find(name)?;
@@ -181,7 +179,11 @@ impl VolumeManager {
         })
     }
 
-    pub fn unmount(&self, name: &str, path: &str) -> Result<api::VolumeInfo, VolumeError> {
+    pub fn unmount(
+        &self,
+        name: &str,
+        path: &str,
+    ) -> Result<crate::volume::VolumeView, VolumeError> {
         let path = Self::check_path(path)?;
         let path_s = path.to_string_lossy().into_owned();
         let v = self.find(name)?;

@@ -5,10 +5,13 @@ use std::collections::HashMap;
 
 use cairn_proto::api::{self};
 
+use std::path::PathBuf;
+
 use super::*;
+use crate::volume::view::{ReplicaCondition, ReplicaView, VolumeState, VolumeView};
 
 impl VolumeManager {
-    pub(super) fn info(&self, v: &Volume) -> api::VolumeInfo {
+    pub(super) fn info(&self, v: &Volume) -> VolumeView {
         let rec = self.local_record(v.id);
         let allocated = self
             .hosts
@@ -23,42 +26,38 @@ impl VolumeManager {
             let s = self.store.read();
             v.replicas
                 .iter()
-                .map(|r| {
-                    let node = s.nodes.get(&r.node);
-                    let down = node.is_none_or(|n| n.state == NodeState::Down);
-                    let state = if down && r.state == ReplicaState::Healthy {
-                        "offline"
-                    } else {
-                        r.state.as_str()
-                    };
-                    api::ReplicaInfo {
-                        node: node
-                            .map(|n| n.name.clone())
-                            .unwrap_or_else(|| r.node.to_string()),
-                        state: state.into(),
-                        rebuild_progress: progress
-                            .as_ref()
-                            .filter(|p| p.node == Some(r.node) && p.total_extents > 0)
-                            .map(|p| p.done_extents as f64 / p.total_extents as f64),
-                    }
+                .map(|r| ReplicaView {
+                    node_id: r.node,
+                    node: s
+                        .nodes
+                        .get(&r.node)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_else(|| r.node.to_string()),
+                    condition: ReplicaCondition::of(&s, r),
+                    rebuild_progress: progress
+                        .as_ref()
+                        .filter(|p| p.node == Some(r.node) && p.total_extents > 0)
+                        .map(|p| p.done_extents as f64 / p.total_extents as f64),
                 })
                 .collect()
         };
-        let device = rec.as_ref().map(|r| r.device.clone());
-        let mounts = rec.map(|r| r.mounts).unwrap_or_default();
+        let device = rec.as_ref().map(|r| PathBuf::from(&r.device));
+        let mounts: Vec<PathBuf> = rec
+            .map(|r| r.mounts.iter().map(PathBuf::from).collect())
+            .unwrap_or_default();
         let state = if !mounts.is_empty() {
-            "mounted"
+            VolumeState::Mounted
         } else if device.is_some() || v.attachment.is_some() || !v.readers.is_empty() {
-            "attached"
+            VolumeState::Attached
         } else {
-            "detached"
+            VolumeState::Detached
         };
-        api::VolumeInfo {
-            id: v.id.to_string(),
+        VolumeView {
+            id: v.id,
             name: v.name.clone(),
             size_bytes: v.size_bytes,
-            fs: v.fs.as_str().into(),
-            state: state.into(),
+            fs: v.fs,
+            state,
             device,
             mounts,
             allocated_bytes: allocated,
@@ -81,7 +80,7 @@ impl VolumeManager {
         Ok(self.store.sync_read()?)
     }
 
-    pub fn list(&self) -> Vec<api::VolumeInfo> {
+    pub fn list(&self) -> Vec<VolumeView> {
         let vols: Vec<Volume> = self.store.read().volumes.values().cloned().collect();
         let mut out: Vec<_> = vols.iter().map(|v| self.info(v)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -128,7 +127,7 @@ impl VolumeManager {
         })
     }
 
-    pub fn inspect(&self, name: &str) -> Result<api::VolumeInfo, VolumeError> {
+    pub fn inspect(&self, name: &str) -> Result<VolumeView, VolumeError> {
         Ok(self.info(&self.find(name)?))
     }
 
