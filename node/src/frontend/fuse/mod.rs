@@ -25,7 +25,7 @@
 mod abi;
 pub mod holder;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -62,8 +62,8 @@ struct Files {
     /// Every name ever served on this mount and its inode number.
     inos: HashMap<String, u64>,
     /// Inodes of files a restarted daemon will serve again once their
-    /// engines are ready: requests for them wait.
-    expected: HashSet<u64>,
+    /// engines are ready, with the time their requests stop waiting.
+    expected: HashMap<u64, std::time::Instant>,
 }
 
 /// The served files, and a signal for requests waiting on expected ones.
@@ -87,8 +87,9 @@ impl Table {
             if let Some(s) = f.by_ino.get(&ino) {
                 return Some(s.clone());
             }
-            if !f.expected.contains(&ino) {
-                return None;
+            match f.expected.get(&ino) {
+                Some(until) if std::time::Instant::now() < *until => {}
+                _ => return None,
             }
             drop(f);
             self.wait();
@@ -293,11 +294,11 @@ impl FuseServer {
     }
 
     /// Marks `name` as a file this daemon will serve again (after a
-    /// restart): requests for it wait until [`Self::add`] or
-    /// [`Self::abandon`].
-    pub fn expect(&self, name: &str) {
+    /// restart): requests for it wait until [`Self::add`], [`Self::abandon`]
+    /// or `until`, whichever comes first.
+    pub fn expect(&self, name: &str, until: std::time::Instant) {
         let mut f = self.table.files.write().expect("files lock");
-        f.expected.insert(ino_of(name));
+        f.expected.insert(ino_of(name), until);
     }
 
     /// Gives up serving an expected file: its waiting requests fail.

@@ -39,8 +39,9 @@ impl VolumeManager {
                 !keep
             });
             if let Some(f) = self.fuse.lock().expect("fuse lock").as_mut() {
+                let until = self.started + self.cfg.orphan_io_timeout;
                 for (id, _) in &kept {
-                    f.expect(&id.to_string());
+                    f.expect(&id.to_string(), until);
                 }
                 if let Err(e) = f.start(true) {
                     tracing::error!(error = %e, "cannot start FUSE session threads");
