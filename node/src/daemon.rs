@@ -110,7 +110,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // admits this node can reach it while the store opens.
     let peer_service = PeerService::default();
     let data_service = crate::replica::service::DataService::default();
-    let fast_server: Arc<std::sync::OnceLock<crate::replica::fast::FastServer>> = Arc::default();
+    let fast_server: Arc<std::sync::OnceLock<crate::replica::wire::Server>> = Arc::default();
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let listener = rt
@@ -177,7 +177,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     }
     let _ = data_service.inner.set((store.clone(), mgr.hosts()));
-    let _ = fast_server.set(crate::replica::fast::FastServer {
+    let _ = fast_server.set(crate::replica::wire::Server {
         store: store.clone(),
         hosts: mgr.hosts(),
     });
@@ -505,7 +505,7 @@ async fn heartbeats(
 }
 
 /// The peer port's connections, told apart by their first bytes: data
-/// frames (`cairn_proto::frame`) go to a thread of the fast data server,
+/// frames (`cairn_proto::frame`) go to a thread of the data wire server (`replica::wire`),
 /// everything else (HTTP/2) to the gRPC server through the returned stream.
 struct Incoming(tokio::sync::mpsc::Receiver<std::io::Result<tokio::net::TcpStream>>);
 
@@ -521,7 +521,7 @@ impl futures_core::Stream for Incoming {
 
 fn route_peer_connections(
     listener: tokio::net::TcpListener,
-    fast: Arc<std::sync::OnceLock<crate::replica::fast::FastServer>>,
+    fast: Arc<std::sync::OnceLock<crate::replica::wire::Server>>,
 ) -> Incoming {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {

@@ -106,7 +106,7 @@ pub struct EngineCtx {
     pub store: Arc<ClusterStore>,
     pub hosts: Arc<HostMap>,
     pub channels: Channels,
-    pub fast: crate::replica::fast::FastPools,
+    pub fast: crate::replica::wire::Pools,
     pub handle: tokio::runtime::Handle,
     /// Rebuild copy rate limit in bytes per second (0: unlimited).
     pub rebuild_bandwidth: u64,

@@ -203,8 +203,8 @@ pub struct HostMap {
     store: Arc<ClusterStore>,
     map: RwLock<HashMap<VolumeId, Arc<Hosted>>>,
     destroying: std::sync::Mutex<()>,
-    /// Data connections being served (`fast`), and those refused because
-    /// [`super::fast::MAX_CONNECTIONS`] were.
+    /// Data connections being served (`wire`), and those refused because
+    /// [`super::wire::MAX_CONNECTIONS`] were.
     pub data_connections: AtomicUsize,
     pub data_connections_refused: AtomicU64,
 }
@@ -222,7 +222,7 @@ impl HostMap {
     /// A slot for one more data connection, unless the limit is reached.
     pub fn data_connection(&self) -> Option<ConnectionSlot<'_>> {
         let open = self.data_connections.fetch_add(1, Ordering::AcqRel);
-        if open >= super::fast::MAX_CONNECTIONS {
+        if open >= super::wire::MAX_CONNECTIONS {
             self.data_connections.fetch_sub(1, Ordering::AcqRel);
             self.data_connections_refused
                 .fetch_add(1, Ordering::Relaxed);

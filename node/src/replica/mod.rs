@@ -14,12 +14,12 @@
 //!   so a write never lands in an extent that was handed to another volume.
 
 pub mod commit;
-pub mod fast;
 pub mod host;
 pub mod remote;
 pub mod service;
 mod status;
 mod table;
+pub mod wire;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -57,7 +57,7 @@ pub struct RemoteReplica {
     pub node: NodeId,
     client: DataClient<Channel>,
     /// The framed TCP path for reads, writes, flushes and zeroings.
-    fast: Arc<super::fast::FastPool>,
+    fast: Arc<super::wire::Pool>,
     cluster_id: Arc<str>,
     volume: Arc<str>,
     cluster_raw: [u8; 16],
@@ -79,7 +79,7 @@ async fn bounded<T>(
 impl RemoteReplica {
     pub fn new(
         channels: &Channels,
-        pools: &super::fast::FastPools,
+        pools: &super::wire::Pools,
         node: NodeId,
         address: &str,
         cluster_id: crate::types::Id128,
@@ -168,7 +168,7 @@ impl RemoteReplica {
         epoch: u64,
         offset: u64,
         data: &[u8],
-    ) -> Result<super::fast::Pending<'_>, ReplicaError> {
+    ) -> Result<super::wire::Pending<'_>, ReplicaError> {
         self.fast
             .begin(&self.write_frame(epoch, offset, data), data)
     }

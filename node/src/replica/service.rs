@@ -2,7 +2,7 @@
 //! this node hosts (raising their epoch fence) and read extent checksums
 //! for rebuilds. Every field is checked before use (version, cluster,
 //! volume id, ranges); pool I/O runs on the blocking pool. Reads and writes
-//! arrive on the framed path ([`super::fast`]).
+//! arrive on the framed path ([`super::wire`]).
 
 use std::sync::{Arc, OnceLock};
 
