@@ -11,9 +11,9 @@
 //! at a time (the attachment is the fencing epoch), so only single-node
 //! access modes are offered.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 mod controller;
 mod identity;
@@ -196,6 +196,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether `name` is a valid volume name of the core (a CSI name that
     /// is one becomes the volume id as it is).
     fn valid_volume_name(&self, name: &str) -> bool;
+    /// Holds `volume` against every other operation on it (from any front
+    /// door) until the returned value is dropped; `Aborted` while another
+    /// one runs. Operations on the calling thread run inside it.
+    fn claim(&self, volume: &str) -> Result<Box<dyn std::any::Any + Send>, Error>;
 
     fn create(&self, spec: &CreateSpec) -> Result<VolumeFacts, Error>;
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, Error>;
@@ -233,43 +237,10 @@ pub trait Backend: Send + Sync + 'static {
     fn expand_on_node(&self, name: &str, path: &Path) -> Result<u64, Error>;
 }
 
-/// Volumes with an operation in flight: a second one gets ABORTED.
-#[derive(Default)]
-struct InFlight(Mutex<HashSet<String>>);
-
-/// Held for as long as the operation's work runs (not just the request: a
-/// client that gives up and retries must not overtake it).
-struct Claim {
-    set: Arc<InFlight>,
-    key: String,
-}
-
-impl InFlight {
-    fn claim(self: &Arc<Self>, key: &str) -> Result<Claim, Error> {
-        let mut s = self.0.lock().expect("in-flight lock");
-        if !s.insert(key.to_string()) {
-            return Err(Error::Aborted(format!(
-                "an operation on volume {key:?} is already in progress"
-            )));
-        }
-        Ok(Claim {
-            set: self.clone(),
-            key: key.to_string(),
-        })
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.set.0.lock().expect("in-flight lock").remove(&self.key);
-    }
-}
-
 /// Shared by the three services.
 #[derive(Clone)]
 pub struct Driver {
     backend: Arc<dyn Backend>,
-    in_flight: Arc<InFlight>,
     version: &'static str,
 }
 
@@ -277,7 +248,6 @@ impl Driver {
     pub fn new(backend: Arc<dyn Backend>) -> Driver {
         Driver {
             backend,
-            in_flight: Arc::default(),
             version: env!("CARGO_PKG_VERSION"),
         }
     }
@@ -294,16 +264,18 @@ impl Driver {
             .map_err(tonic::Status::from)
     }
 
-    /// Like [`Driver::call`], refused with ABORTED while another operation
-    /// on `volume` is in flight.
+    /// Like [`Driver::call`], holding the backend's claim on `volume` for as
+    /// long as the work runs (not just the request: a client that gives up
+    /// and retries must not overtake it). ABORTED while another operation
+    /// on the volume, from any front door, is in progress.
     async fn exclusive<T: Send + 'static>(
         &self,
         volume: &str,
         f: impl FnOnce(&dyn Backend) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, tonic::Status> {
-        let claim = self.in_flight.claim(volume)?;
+        let volume = volume.to_string();
         self.call(move |b| {
-            let _claim = claim;
+            let _claim = b.claim(&volume)?;
             f(b)
         })
         .await

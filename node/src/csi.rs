@@ -193,6 +193,10 @@ impl Backend for CsiBackend {
         self.mgr.default_replicas()
     }
 
+    fn claim(&self, volume: &str) -> Result<Box<dyn std::any::Any + Send>, Error> {
+        Ok(Box::new(self.mgr.claim(volume).map_err(map)?))
+    }
+
     fn valid_volume_name(&self, name: &str) -> bool {
         crate::types::validate_volume_name(name).is_ok()
     }

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cairn_plugin::{Backend, VolumeView};
 use cairn_proto::api::SizeArg;
@@ -18,12 +18,13 @@ use crate::volume::{CreateVolume, VolumeError, VolumeManager};
 /// `--opt` names Docker users may pass, with what they accept.
 const OPTIONS: &str = "size (e.g. 10GiB), replicas (1-3), fs (ext4|xfs), locality (true|false)";
 
+/// Docker's view of the manager. A volume's reference changes and the
+/// mounts they cause run under the manager's claim on that volume, the one
+/// guard every front door shares (a concurrent operation gets Busy).
 pub struct DockerBackend {
     mgr: Arc<VolumeManager>,
     refs: sled::Tree,
     root: PathBuf,
-    /// Serialises reference changes with the mounts they cause.
-    lock: Mutex<()>,
 }
 
 fn msg(e: VolumeError) -> String {
@@ -37,7 +38,6 @@ impl DockerBackend {
             mgr,
             refs: db.open_tree("docker_refs").map_err(|e| e.to_string())?,
             root,
-            lock: Mutex::new(()),
         })
     }
 
@@ -155,7 +155,7 @@ impl Backend for DockerBackend {
     }
 
     fn remove(&self, name: &str) -> Result<(), String> {
-        let _g = self.lock.lock().expect("docker lock");
+        let _claim = self.mgr.claim(name).map_err(msg)?;
         let refs = self.refs_of(name);
         if !refs.is_empty() {
             return Err(format!(
@@ -167,7 +167,7 @@ impl Backend for DockerBackend {
     }
 
     fn mount(&self, name: &str, id: &str) -> Result<String, String> {
-        let _g = self.lock.lock().expect("docker lock");
+        let _claim = self.mgr.claim(name).map_err(msg)?;
         let v = self.mgr.inspect(name).map_err(msg)?;
         if v.fs == FsType::None {
             return Err(format!(
@@ -189,7 +189,7 @@ impl Backend for DockerBackend {
     }
 
     fn unmount(&self, name: &str, id: &str) -> Result<(), String> {
-        let _g = self.lock.lock().expect("docker lock");
+        let _claim = self.mgr.claim(name).map_err(msg)?;
         let mut refs = self.refs_of(name);
         if !refs.remove(id) {
             // Unknown container: nothing of ours to release (idempotent).

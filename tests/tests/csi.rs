@@ -1936,3 +1936,60 @@ fn csi_names_of_any_kind_round_trip() {
         );
     }
 }
+
+/// One guard for every door: while Docker mounts a volume (its first
+/// mount formats it), a CSI operation on the same volume is ABORTED; once
+/// the mount is done the same call succeeds, and nothing was half-done.
+#[test]
+fn csi_and_docker_share_one_operation_guard() {
+    let node = TestNode::start_with("guard", "1GiB", &["--node-name", "n1"]);
+    let c = Csi::connect(&node.csi_socket());
+    assert_eq!(
+        docker_plugin(
+            &node,
+            "Create",
+            r#"{"Name":"shared","Opts":{"size":"8GiB","replicas":"1"}}"#
+        ),
+        ""
+    );
+    let expand = || ControllerExpandVolumeRequest {
+        volume_id: "shared".into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 8 << 30,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let mounting = std::thread::scope(|sc| {
+        let m = sc.spawn(|| docker_plugin(&node, "Mount", r#"{"Name":"shared","ID":"c1"}"#));
+        let mut aborted = 0;
+        while !m.is_finished() {
+            match c.run(c.ctl().controller_expand_volume(expand())) {
+                Err(s) if s.code() == Code::Aborted => aborted += 1,
+                Err(s) => panic!("expand during the mount: {:?} {}", s.code(), s.message()),
+                Ok(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (m.join().expect("mount thread"), aborted)
+    });
+    assert_eq!(mounting.0, "", "Docker mount failed");
+    assert!(
+        mounting.1 > 0,
+        "no CSI call was refused while Docker mounted"
+    );
+    c.ok(
+        "expand after the mount",
+        c.ctl().controller_expand_volume(expand()),
+    );
+    let v = node.inspect("shared");
+    assert_eq!(
+        (v["state"].as_str(), v["formatted"].as_bool()),
+        (Some("mounted"), Some(true)),
+        "{v}"
+    );
+    assert_eq!(
+        docker_plugin(&node, "Unmount", r#"{"Name":"shared","ID":"c1"}"#),
+        ""
+    );
+}

@@ -1,5 +1,6 @@
 //! The volume manager proper. Locking: `busy` admits one operation per volume
-//! at a time (a second one gets [`VolumeError::Busy`]); `hosts` holds the
+//! at a time, from every front door (a second one gets [`VolumeError::Busy`];
+//! a door holds it across several steps with [`VolumeManager::claim`]); `hosts` holds the
 //! replicas stored on this node, `engines` the engines of volumes served
 //! from this node (attached or exported); `exports` counts NBD users and is
 //! the lock under which attach and NBD writers exclude each other. No lock is
@@ -23,7 +24,7 @@ mod views;
 
 pub use nbd::NbdExports;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -104,22 +105,37 @@ pub struct VolumeManager {
     hosts: Arc<HostMap>,
     ctx: Arc<EngineCtx>,
     engines: RwLock<HashMap<VolumeId, Arc<Engine>>>,
-    busy: Mutex<HashSet<VolumeId>>,
+    busy: Arc<Busy>,
     exports: Mutex<HashMap<VolumeId, ExportUse>>,
     pub started: Instant,
 }
 
 /// Admits one operation on a volume; released on drop.
-struct OpGuard<'a> {
-    busy: &'a Mutex<HashSet<VolumeId>>,
-    id: VolumeId,
+struct OpGuard {
+    busy: Arc<Busy>,
+    name: String,
+    /// False for a nested guard on the thread that already holds it.
+    owned: bool,
 }
 
-impl Drop for OpGuard<'_> {
+/// Volumes with an operation in progress, by name, and the thread running
+/// it (so that operation may call others on the same volume).
+type Busy = Mutex<HashMap<String, std::thread::ThreadId>>;
+
+impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.busy.lock().expect("busy lock").remove(&self.id);
+        if self.owned {
+            self.busy.lock().expect("busy lock").remove(&self.name);
+        }
     }
 }
+
+/// A front door's hold on one volume for an operation of several steps
+/// (CSI's CreateVolume, Docker's mount with its reference count): any
+/// other operation on the volume, from any door, gets
+/// [`VolumeError::Busy`] until it is dropped; operations called on the
+/// same thread meanwhile run inside it.
+pub struct Claim(#[allow(dead_code)] OpGuard);
 
 /// Mount options for `fs`: a reader's mount is read-only and never replays
 /// the journal (it must not write, and no writer exists to have left one).
@@ -264,7 +280,7 @@ impl VolumeManager {
             hosts,
             ctx,
             engines: RwLock::new(HashMap::new()),
-            busy: Mutex::new(HashSet::new()),
+            busy: Arc::default(),
             exports: Mutex::new(HashMap::new()),
             started: Instant::now(),
         });
@@ -290,14 +306,30 @@ impl VolumeManager {
         &self.pool
     }
 
-    fn guard(&self, id: VolumeId, name: &str) -> Result<OpGuard<'_>, VolumeError> {
-        if !self.busy.lock().expect("busy lock").insert(id) {
-            return Err(VolumeError::Busy(name.into()));
-        }
+    /// Admits one operation on the volume `name` at a time, for every front
+    /// door (reentrant on the thread that holds it).
+    fn guard(&self, name: &str) -> Result<OpGuard, VolumeError> {
+        let me = std::thread::current().id();
+        let mut b = self.busy.lock().expect("busy lock");
+        let owned = match b.get(name) {
+            Some(t) if *t == me => false,
+            Some(_) => return Err(VolumeError::Busy(name.into())),
+            None => {
+                b.insert(name.to_string(), me);
+                true
+            }
+        };
         Ok(OpGuard {
-            busy: &self.busy,
-            id,
+            busy: self.busy.clone(),
+            name: name.to_string(),
+            owned,
         })
+    }
+
+    /// Holds `name` (which need not exist yet) for a door's multi-step
+    /// operation; see [`Claim`].
+    pub fn claim(&self, name: &str) -> Result<Claim, VolumeError> {
+        self.guard(name).map(Claim)
     }
 
     fn find(&self, name: &str) -> Result<Volume, VolumeError> {

@@ -13,7 +13,7 @@ impl VolumeManager {
 
     pub fn attach(&self, name: &str, force: bool) -> Result<String, VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         self.attach_locked(&v, force)
     }
 
@@ -179,7 +179,7 @@ impl VolumeManager {
     /// epoch, fencing any engine of an older one.
     pub fn attach_to(&self, name: &str, node: NodeId, read_only: bool) -> Result<(), VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         let cmd = if read_only {
             Command::AttachReader { id: v.id, node }
         } else {
@@ -198,7 +198,7 @@ impl VolumeManager {
     /// down first.
     pub fn detach_from(&self, name: &str, node: NodeId) -> Result<(), VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         let writer = v.attachment.as_ref().is_some_and(|a| a.node == node);
         if !writer && !v.readers.contains(&node) {
             return Ok(());
@@ -221,7 +221,7 @@ impl VolumeManager {
     /// device.
     pub fn attach_reader(&self, name: &str) -> Result<String, VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         self.attach_reader_locked(&v)
     }
 
@@ -232,7 +232,7 @@ impl VolumeManager {
 
     pub fn detach(&self, name: &str) -> Result<(), VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         if self.local_record(v.id).is_some_and(|r| r.read_only) {
             return self.teardown(&v, false, true);
         }
@@ -302,7 +302,7 @@ impl VolumeManager {
         let path = Self::check_path(path)?;
         let path_s = path.to_string_lossy().into_owned();
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         let Some(mut rec) = self.local_record(v.id) else {
             return Ok(());
         };

@@ -23,6 +23,7 @@ impl VolumeManager {
         allowed: Option<&[NodeId]>,
     ) -> Result<crate::volume::VolumeView, VolumeError> {
         validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
+        let _g = self.guard(&req.name)?;
         let size = parse_size(&req.size)?;
         let fs = req.fs;
         let count = req.replicas.unwrap_or(self.cfg.default_replicas);
@@ -106,7 +107,7 @@ impl VolumeManager {
         size: &SizeArg,
     ) -> Result<crate::volume::VolumeView, VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         let size = parse_size(size)?;
         if size < v.size_bytes {
             return Err(VolumeError::Shrink {
@@ -156,7 +157,7 @@ impl VolumeManager {
     /// it when they run again.
     pub fn delete(&self, name: &str, force: bool) -> Result<Vec<String>, VolumeError> {
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         if let Some(a) = &v.attachment {
             if !force {
                 return Err(VolumeError::Attached {

@@ -65,7 +65,7 @@ impl VolumeManager {
         crate::sys::mount::parse_options(options).map_err(VolumeError::InvalidOptions)?;
         let path = self.check_mount_target(path)?;
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         if v.fs == FsType::None {
             return Err(VolumeError::RawVolume(name.into()));
         }
@@ -187,7 +187,7 @@ impl VolumeManager {
         let path = Self::check_path(path)?;
         let path_s = path.to_string_lossy().into_owned();
         let v = self.find(name)?;
-        let _g = self.guard(v.id, name)?;
+        let _g = self.guard(name)?;
         let Some(mut rec) = self.local_record(v.id) else {
             return self.inspect(name);
         };

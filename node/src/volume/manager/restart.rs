@@ -144,9 +144,15 @@ impl VolumeManager {
     fn readopt(self: Arc<Self>, id: VolumeId, read_only: bool, start_epoch: Option<u64>) {
         let name = id.to_string();
         let deadline = self.started + self.cfg.orphan_io_timeout;
+        let volume = self
+            .store
+            .read()
+            .volumes
+            .get(&id)
+            .map_or_else(|| name.clone(), |v| v.name.clone());
         // API calls on the volume wait for this (Busy) instead of racing it.
         let _g = loop {
-            match self.guard(id, &name) {
+            match self.guard(&volume) {
                 Ok(g) => break g,
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
             }
