@@ -2,9 +2,10 @@
 //! at a time, from every front door (a second one gets [`VolumeError::Busy`];
 //! a door holds it across several steps with [`VolumeManager::claim`]); `hosts` holds the
 //! replicas stored on this node, `engines` the engines of volumes served
-//! from this node (attached or exported); `exports` counts NBD users and is
-//! the lock under which attach and NBD writers exclude each other. No lock is
-//! held across a command that runs a program (mkfs, resize2fs).
+//! from this node (attached or exported); `exports` counts NBD users (held
+//! only to read or change a count: NBD opens take the volume's guard). No
+//! node-wide lock is held across a Raft proposal, engine creation or a
+//! command that runs a program (mkfs, resize2fs).
 //!
 //! This file holds the manager's state, its start-up and the helpers every
 //! operation uses; the operations live beside it by concept: `lifecycle`

@@ -35,23 +35,28 @@ impl VolumeManager {
             && v.attachment
                 .as_ref()
                 .is_some_and(|a| a.node != self.cfg.node_id);
-        {
-            let ex = self.exports.lock().expect("exports lock");
-            if ex.get(&v.id).is_some_and(|u| u.writers > 0) {
-                return Err(VolumeError::InUse {
-                    name: v.name.clone(),
-                    why: "it is open for writing over NBD".into(),
-                });
-            }
-            self.propose(
-                Command::Attach {
-                    id: v.id,
-                    node: self.cfg.node_id,
-                    force,
-                },
-                &v.name,
-            )?;
+        // An NBD writer cannot appear meanwhile: opening one takes the guard
+        // the caller holds.
+        let nbd_writer = self
+            .exports
+            .lock()
+            .expect("exports lock")
+            .get(&v.id)
+            .is_some_and(|u| u.writers > 0);
+        if nbd_writer {
+            return Err(VolumeError::InUse {
+                name: v.name.clone(),
+                why: "it is open for writing over NBD".into(),
+            });
         }
+        self.propose(
+            Command::Attach {
+                id: v.id,
+                node: self.cfg.node_id,
+                force,
+            },
+            &v.name,
+        )?;
         let v = &self.find(&v.name)?;
         match self.bind_device(v, false) {
             Ok(dev) => {

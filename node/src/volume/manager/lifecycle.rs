@@ -179,19 +179,16 @@ impl VolumeManager {
             }),
             _ => Ok(()),
         };
-        // Checked before unmounting anything, and again under the lock that
-        // keeps new NBD connections out until the volume is gone.
+        // No new NBD connection opens meanwhile: opening takes the guard
+        // this operation holds.
         nbd_users(&self.exports.lock().expect("exports lock"))?;
         if v.attachment.is_some() {
             self.teardown(&v, true, true)?;
         }
-        let ex = self.exports.lock().expect("exports lock");
-        nbd_users(&ex)?;
         let index = self.propose_at(Command::DeleteVolume { id: v.id }, name)?;
         if let Some(e) = self.engines.write().expect("engines lock").remove(&v.id) {
             e.stop();
         }
-        drop(ex);
         // The volume is gone from the state: every replica node frees its
         // copy now, asked by us (its reconciler would too, later).
         let mut pending = Vec::new();

@@ -10,37 +10,47 @@ use super::*;
 struct ExportClaim {
     mgr: std::sync::Weak<VolumeManager>,
     id: VolumeId,
+    name: String,
     writer: bool,
 }
 
 impl Drop for ExportClaim {
     fn drop(&mut self) {
-        if let Some(m) = self.mgr.upgrade() {
+        let Some(m) = self.mgr.upgrade() else { return };
+        // Under the volume's guard, like opening: a new writer waits until
+        // this one's detach. Nothing that holds the guard waits for an NBD
+        // connection to end, so waiting here is bounded by their work.
+        let _g = loop {
+            match m.guard(&self.name) {
+                Ok(g) => break g,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let last_writer = {
             let mut ex = m.exports.lock().expect("exports lock");
-            if let Some(u) = ex.get_mut(&self.id) {
-                if self.writer {
-                    u.writers -= 1;
-                } else {
-                    u.readers -= 1;
+            let Some(u) = ex.get_mut(&self.id) else {
+                return;
+            };
+            if self.writer {
+                u.writers -= 1;
+            } else {
+                u.readers -= 1;
+            }
+            self.writer && u.writers == 0
+        };
+        if last_writer && m.local_record(self.id).is_none() {
+            // The writer's attachment ends with it: flush, then release.
+            if let Some(e) = m.engine(self.id) {
+                if let Err(err) = e.flush() {
+                    tracing::error!(volume = %self.id, error = %err, "flush after NBD writer failed");
                 }
             }
-            let last_writer = self.writer && ex.get(&self.id).is_some_and(|u| u.writers == 0);
-            // `ex` stays held: a new writer waits until this one's detach.
-            if last_writer && m.local_record(self.id).is_none() {
-                // The writer's attachment ends with it: flush, then release.
-                if let Some(e) = m.engine(self.id) {
-                    if let Err(err) = e.flush() {
-                        tracing::error!(volume = %self.id, error = %err, "flush after NBD writer failed");
-                    }
-                }
-                if let Err(e) = m.store.propose(Command::Detach {
-                    id: self.id,
-                    node: m.cfg.node_id,
-                }) {
-                    tracing::warn!(volume = %self.id, error = %e, "detach after NBD writer failed");
-                }
+            if let Err(e) = m.store.propose(Command::Detach {
+                id: self.id,
+                node: m.cfg.node_id,
+            }) {
+                tracing::warn!(volume = %self.id, error = %e, "detach after NBD writer failed");
             }
-            drop(ex);
         }
     }
 }
@@ -61,7 +71,9 @@ impl ExportProvider for NbdExports {
 
     fn open_export(&self, name: &str) -> Result<Export, String> {
         let m = &self.0;
-        let mut ex = m.exports.lock().expect("exports lock");
+        // One operation on the volume at a time, as at every door; no
+        // node-wide lock is held across the proposals below.
+        let _g = m.guard(name).map_err(|e| e.to_string())?;
         let v = m.find(name).map_err(|e| e.to_string())?;
         let engine = m.engine_for(&v).map_err(|e| e.to_string())?;
         // Attached anywhere: readers only, so NBD never writes under a
@@ -73,7 +85,11 @@ impl ExportProvider for NbdExports {
             .as_ref()
             .is_some_and(|a| a.node == m.cfg.node_id)
             && m.local_record(v.id).is_none()
-            && ex.get(&v.id).is_some_and(|u| u.writers > 0);
+            && m.exports
+                .lock()
+                .expect("exports lock")
+                .get(&v.id)
+                .is_some_and(|u| u.writers > 0);
         let writer = (v.attachment.is_none() || nbd_here)
             && m.propose(
                 Command::Attach {
@@ -100,11 +116,14 @@ impl ExportProvider for NbdExports {
                 return Err(e.to_string());
             }
         }
-        let u = ex.entry(v.id).or_default();
-        if writer {
-            u.writers += 1;
-        } else {
-            u.readers += 1;
+        {
+            let mut ex = m.exports.lock().expect("exports lock");
+            let u = ex.entry(v.id).or_default();
+            if writer {
+                u.writers += 1;
+            } else {
+                u.readers += 1;
+            }
         }
         Ok(Export {
             engine,
@@ -112,6 +131,7 @@ impl ExportProvider for NbdExports {
             _release: Box::new(ExportClaim {
                 mgr: Arc::downgrade(m),
                 id: v.id,
+                name: v.name.clone(),
                 writer,
             }),
         })
