@@ -380,12 +380,23 @@ impl Drop for TestNode {
 }
 
 /// Removes the kernel state under `dir` (mounts deepest first, loop devices
-/// backed by files under it) and then the directory itself.
+/// backed by files under it) and then the directory itself. Retries until
+/// nothing is left (bounded); what it could not remove is written, with the
+/// errors seen, to `$CAIRN_TEST_ROOT/leftover-<dir name>.txt` (the test
+/// script prints those files when its final check finds anything).
 pub fn cleanup_dir(dir: &Path) {
-    // The daemon's FUSE holder first: without it a dead daemon's FUSE
-    // connection is aborted and nothing below can hang on it.
-    kill_holders(dir);
-    for _ in 0..3 {
+    // The daemon's FUSE holder first, and until it is gone: without it a
+    // dead daemon's FUSE connection is aborted and nothing below can hang
+    // on it.
+    let holders = kill_holders(dir);
+    let gone = |pid: &i32| !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(*pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !holders.iter().all(gone) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
         // Loop devices first, while their backing files still resolve
         // under `dir` (after the FUSE mount is gone they would not).
         let loops = cairn_node::sys::loopdev::devices_backed_under(dir);
@@ -395,11 +406,15 @@ pub fn cleanup_dir(dir: &Path) {
                 .into_iter()
                 .filter(|m| m.source == src)
             {
-                let _ = cairn_node::sys::mount::umount(&m.mount_point, libc::MNT_DETACH);
+                if let Err(e) = cairn_node::sys::mount::umount(&m.mount_point, libc::MNT_DETACH) {
+                    errors.push(format!("umount {}: {e}", m.mount_point.display()));
+                }
             }
         }
         for (dev, _) in &loops {
-            let _ = cairn_node::sys::loopdev::detach(dev);
+            if let Err(e) = cairn_node::sys::loopdev::detach(dev) {
+                errors.push(format!("detach {}: {e}", dev.display()));
+            }
         }
         let mut mounts: Vec<PathBuf> = cairn_node::sys::mount::mounts()
             .into_iter()
@@ -408,19 +423,57 @@ pub fn cleanup_dir(dir: &Path) {
             .collect();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for m in &mounts {
-            let _ = cairn_node::sys::mount::umount(m, libc::MNT_DETACH);
+            if let Err(e) = cairn_node::sys::mount::umount(m, libc::MNT_DETACH) {
+                errors.push(format!("umount {}: {e}", m.display()));
+            }
         }
-        if mounts.is_empty() && loops.is_empty() {
+        let left_mounts: Vec<String> = cairn_node::sys::mount::mounts()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(dir))
+            .map(|m| format!("mount {} ({})", m.mount_point.display(), m.fstype))
+            .collect();
+        // A detach the kernel deferred to the last close shows the device
+        // bound still; it goes when its user does.
+        let left_loops: Vec<String> = cairn_node::sys::loopdev::devices_backed_under(dir)
+            .into_iter()
+            .map(|(d, b)| format!("loop {} -> {}", d.display(), b.display()))
+            .collect();
+        if left_mounts.is_empty() && left_loops.is_empty() {
             break;
         }
+        if Instant::now() > deadline {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            let report = format!(
+                "cleanup of {} left:\n{}\n{}\nerrors:\n{}\nholders killed: {holders:?}\n",
+                dir.display(),
+                left_mounts.join("\n"),
+                left_loops.join("\n"),
+                errors.join("\n")
+            );
+            eprintln!("{report}");
+            if let Some(name) = name {
+                let _ = std::fs::write(test_root().join(format!("leftover-{name}.txt")), report);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// SIGKILLs `cairn fuse-holder` processes serving a socket under `dir`.
-pub fn kill_holders(dir: &Path) {
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// SIGKILLs `cairn fuse-holder` processes serving a socket under `dir`;
+/// returns their pids.
+pub fn kill_holders(dir: &Path) -> Vec<i32> {
+    let mut killed = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
+        return killed;
     };
     let want = dir.to_string_lossy().into_owned();
     for p in procs.flatten() {
@@ -432,8 +485,10 @@ pub fn kill_holders(dir: &Path) {
         if cmd.contains("fuse-holder") && cmd.contains(&want) {
             // SAFETY: kill(2) on a holder of a daemon this test started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.push(pid);
         }
     }
+    killed
 }
 
 /// Starts a standby `cairn fuse-holder` for the (prepared, not yet

@@ -99,9 +99,12 @@ fn unescape(s: &str) -> String {
 
 /// Parses `/proc/self/mountinfo`.
 pub fn mounts() -> Vec<MountEntry> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    // Bytes, not a String: a path anywhere in the table that is not UTF-8
+    // must not hide every mount.
+    let Ok(raw) = std::fs::read("/proc/self/mountinfo") else {
         return Vec::new();
     };
+    let text = String::from_utf8_lossy(&raw);
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;

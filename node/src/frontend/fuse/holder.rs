@@ -60,9 +60,11 @@ fn log_path(socket: &Path) -> PathBuf {
 
 /// True while `mountpoint` is a cairn FUSE mount.
 fn mounted(mountpoint: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
+    // Unreadable is "still mounted": giving up the fds aborts every request.
+    let Ok(raw) = std::fs::read("/proc/self/mountinfo") else {
+        return true;
     };
+    let info = String::from_utf8_lossy(&raw);
     let want = mountpoint.to_string_lossy();
     info.lines().any(|l| {
         let mut f = l.split(' ');
