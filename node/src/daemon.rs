@@ -4,8 +4,11 @@
 //! cluster store, volume manager (which cleans stale kernel state, mounts
 //! FUSE and re-serves attachments), NBD, then the REST API.
 //! Shutdown (SIGTERM/SIGINT): stop the API, stop NBD (closing connections),
-//! unmount and unbind attached volumes (records kept for the next start),
-//! unmount FUSE, flush the db.
+//! unmount and unbind attached volumes nothing uses any more (records kept
+//! for the next start); if any volume is still in use, hand the FUSE
+//! connection to the holder (session threads answer what they read and
+//! stop; the rest waits for the next daemon), else unmount FUSE; flush the
+//! engines and the db.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;

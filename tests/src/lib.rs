@@ -468,12 +468,11 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
-/// SIGKILLs `cairn fuse-holder` processes serving a socket under `dir`;
-/// returns their pids.
-pub fn kill_holders(dir: &Path) -> Vec<i32> {
-    let mut killed = Vec::new();
+/// The live `cairn fuse-holder` processes serving a socket under `dir`.
+pub fn holders(dir: &Path) -> Vec<i32> {
+    let mut found = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return killed;
+        return found;
     };
     let want = dir.to_string_lossy().into_owned();
     for p in procs.flatten() {
@@ -482,11 +481,20 @@ pub fn kill_holders(dir: &Path) -> Vec<i32> {
         };
         let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("fuse-holder") && cmd.contains(&want) {
-            // SAFETY: kill(2) on a holder of a daemon this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed.push(pid);
+        if cmd.contains("fuse-holder") && cmd.contains(&want) && !is_zombie(pid) {
+            found.push(pid);
         }
+    }
+    found
+}
+
+/// SIGKILLs `cairn fuse-holder` processes serving a socket under `dir`;
+/// returns their pids.
+pub fn kill_holders(dir: &Path) -> Vec<i32> {
+    let killed = holders(dir);
+    for pid in &killed {
+        // SAFETY: kill(2) on a holder of a daemon this test started.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
     }
     killed
 }

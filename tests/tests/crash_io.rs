@@ -216,6 +216,94 @@ fn writers_see_no_error_across_a_daemon_kill_with_the_standby_holder() {
     let _ = holder.wait();
 }
 
+/// SIGTERM while fio writes through a filesystem and to a raw device: the
+/// volumes in use stay attached and their I/O waits in the FUSE holder
+/// (the writers see no error and lose nothing), an idle mount is taken
+/// down as before, the daemon exits at once; a stop with nothing in use
+/// leaves no holder and no FUSE mount behind.
+#[test]
+fn sigterm_during_fio_fails_no_writer_and_leaves_nothing_behind() {
+    let mut node = TestNode::start("termio", "1GiB");
+    let mnt = node.path("mnt");
+    let idle = node.path("idle");
+    let (mnt_s, idle_s) = (
+        mnt.to_string_lossy().into_owned(),
+        idle.to_string_lossy().into_owned(),
+    );
+    for (name, fs) in [("fsv", "ext4"), ("raw", "none"), ("still", "ext4")] {
+        node.cli_ok(&["volume", "create", name, "--size", "256MiB", "--fs", fs]);
+    }
+    node.cli_ok(&["volume", "mount", "fsv", &mnt_s]);
+    node.cli_ok(&["volume", "mount", "still", &idle_s]);
+    let raw = node.cli_ok(&["volume", "attach", "raw"]).trim().to_string();
+    let file = mnt.join("fio.dat");
+    sh_ok(&format!("fallocate -l 96M {}", file.display()));
+    let allocated = |n: &TestNode, v: &str| n.inspect(v)["allocated_bytes"].as_u64().unwrap_or(0);
+    let (fs0, raw0) = (allocated(&node, "fsv"), allocated(&node, "raw"));
+    let on_fs = fio(&file, "96M", 16, 0);
+    let on_raw = fio(Path::new(&raw), "96M", 16, 0);
+    wait_for(
+        "both writers to be writing",
+        Duration::from_secs(30),
+        || allocated(&node, "fsv") > fs0 + (4 << 20) && allocated(&node, "raw") > raw0 + (4 << 20),
+    );
+
+    let status = node.terminate().expect("was running");
+    assert!(status.success(), "exit {status}; log:\n{}", node.log());
+    let log = node.last_log();
+    assert_eq!(
+        log.matches("volume in use: it stays attached").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("handing the FUSE connection to the holder"),
+        "{log}"
+    );
+    assert!(
+        !cairn_node::sys::mount::is_mount_point(&idle),
+        "the idle mount stayed"
+    );
+    assert!(
+        cairn_node::sys::mount::is_mount_point(&mnt),
+        "the busy mount went"
+    );
+    assert_eq!(
+        holders(&node.dir).len(),
+        1,
+        "the holder keeps the connection"
+    );
+
+    node.restart();
+    fio_ok(on_fs, "fio on ext4 across SIGTERM");
+    fio_ok(on_raw, "fio on the raw device across SIGTERM");
+    wait_for("the idle mount back", Duration::from_secs(30), || {
+        cairn_node::sys::mount::is_mount_point(&idle)
+    });
+    let log = node.last_log();
+    for bad in [
+        "write failed",
+        "read failed",
+        "flush failed",
+        "cannot serve a kept attachment",
+    ] {
+        assert!(!log.contains(bad), "logged {bad:?}:\n{log}");
+    }
+
+    // Nothing in use: the stop takes everything down, the holder exits.
+    node.cli_ok(&["volume", "unmount", "fsv", &mnt_s]);
+    node.cli_ok(&["volume", "unmount", "still", &idle_s]);
+    node.cli_ok(&["volume", "detach", "raw"]);
+    assert!(node.terminate().expect("was running").success());
+    wait_for("the holder to exit", Duration::from_secs(10), || {
+        holders(&node.dir).is_empty()
+    });
+    assert!(!cairn_node::sys::mount::is_mount_point(
+        &node.dir.join("data/fuse")
+    ));
+    assert!(cairn_node::sys::loopdev::devices_backed_under(&node.dir).is_empty());
+}
+
 /// Processes in uninterruptible sleep among `pids`.
 fn in_d_state(pids: &[u32]) -> Vec<u32> {
     pids.iter()

@@ -163,3 +163,87 @@ pub fn devices_backed_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     out.sort();
     out
 }
+
+/// Who still uses block device `device` besides this process, if anyone:
+/// a filesystem on it (mounted anywhere, in any mount namespace), a bind
+/// mount of the device node itself, or a process holding it open (found
+/// by device number, whatever path it was opened by, e.g. inside a
+/// container). Files are looked at without asking their filesystem (no
+/// FUSE or NFS request can block the scan).
+pub fn in_use(device: &Path) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(device).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let numbers = format!("{major}:{minor}");
+    let node_name = format!("/{}", device.file_name()?.to_string_lossy());
+    for m in crate::sys::mount::mounts() {
+        if m.dev == numbers {
+            return Some(format!(
+                "a filesystem on it is mounted at {}",
+                m.mount_point.display()
+            ));
+        }
+    }
+    // A filesystem mounted in any mount namespace (a container's) claims
+    // the device exclusively.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let excl = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(device);
+        if excl.is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY)) {
+            return Some("a filesystem on it is mounted (maybe in another mount namespace)".into());
+        }
+    }
+    for m in crate::sys::mount::mounts() {
+        if m.fstype == "devtmpfs" && m.root == node_name {
+            return Some(format!("it is bind-mounted at {}", m.mount_point.display()));
+        }
+    }
+    let me = std::process::id().to_string();
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid = p.file_name();
+        let pid = pid.to_string_lossy();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if statx_rdev(&fd.path()) == Some((major, minor)) {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                return Some(format!("process {pid} ({}) has it open", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
+/// The device number of the block device `path` leads to, from cached
+/// attributes only (`AT_STATX_DONT_SYNC`).
+fn statx_rdev(path: &Path) -> Option<(u32, u32)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and outlives the call; `st` is a live
+    // out-buffer of the right type.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE,
+            &mut st,
+        )
+    };
+    if r != 0 || u32::from(st.stx_mode) & libc::S_IFMT != libc::S_IFBLK {
+        return None;
+    }
+    Some((st.stx_rdev_major, st.stx_rdev_minor))
+}

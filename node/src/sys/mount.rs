@@ -74,6 +74,8 @@ pub struct MountEntry {
     /// mount of a device file shows that file's path in devtmpfs).
     pub root: String,
     pub read_only: bool,
+    /// The filesystem's device number (`major:minor`, as in `st_dev`).
+    pub dev: String,
 }
 
 fn unescape(s: &str) -> String {
@@ -108,7 +110,8 @@ pub fn mounts() -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
-            let mut pre = pre.split(' ').skip(3);
+            let mut pre = pre.split(' ').skip(2);
+            let dev = pre.next()?;
             let root = pre.next()?;
             let mount_point = pre.next()?;
             let options = pre.next()?;
@@ -121,6 +124,7 @@ pub fn mounts() -> Vec<MountEntry> {
                 source: unescape(source),
                 root: unescape(root),
                 read_only: options.split(',').any(|o| o == "ro"),
+                dev: dev.into(),
             })
         })
         .collect()

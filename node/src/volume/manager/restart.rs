@@ -1,7 +1,8 @@
 //! Restart and shutdown: re-serving this node's attachments when the
 //! daemon starts (taking over the FUSE connection the holder kept, or
 //! binding new loop devices), and the graceful shutdown that unmounts,
-//! unbinds and flushes everything, recording a clean stop.
+//! unbinds and flushes what nothing uses, hands what is in use to the FUSE
+//! holder, and records a clean stop.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -162,6 +163,7 @@ impl VolumeManager {
             match self.try_readopt(id, read_only, start_epoch) {
                 Ok(v) => {
                     tracing::info!(volume = %v.name, epoch = v.epoch, "attachment kept across the restart");
+                    self.remount_missing(&v);
                     return;
                 }
                 Err(Readopt::Never(why)) => {
@@ -183,6 +185,27 @@ impl VolumeManager {
         }
         if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
             f.abandon(&name);
+        }
+    }
+
+    /// Mounts of a kept attachment that the previous daemon's stop had
+    /// already taken down (it stopped at a busy one): mounted again.
+    fn remount_missing(&self, v: &Volume) {
+        let Some(rec) = self.local_record(v.id) else {
+            return;
+        };
+        for m in &rec.mounts {
+            if crate::sys::mount::is_mount_point(Path::new(m)) {
+                continue;
+            }
+            let given = rec.options.get(m).cloned().unwrap_or_default();
+            let options = mount_options(v.fs, &given, rec.read_only);
+            match mount::mount(Path::new(&rec.device), Path::new(m), v.fs, &options) {
+                Ok(()) => tracing::info!(volume = %v.name, path = %m, "mounted again"),
+                Err(e) => {
+                    tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart")
+                }
+            }
         }
     }
 
@@ -246,38 +269,84 @@ impl VolumeManager {
         Ok(v)
     }
 
-    /// Graceful shutdown: unmount and unbind every attachment (records are
-    /// kept so the next start re-serves them), flush, unmount FUSE.
+    /// Graceful shutdown. Every attachment nothing uses any more is
+    /// unmounted and unbound (its record is kept, so the next start serves
+    /// it again). One that is still in use (a busy mount, another mount of
+    /// its filesystem or device, a process holding the device open) stays
+    /// as it is, and the FUSE connection is handed to the holder instead of
+    /// unmounted: the session threads answer what they read and stop, the
+    /// rest of the I/O waits in the kernel for the next daemon, as across a
+    /// crash, so a stop never fails a writer. Then every engine is flushed
+    /// and the stop recorded as clean.
     pub fn shutdown(&self) {
         let recorded = self.local_records();
+        let mut busy = Vec::new();
         for (id, rec) in &recorded {
-            for m in &rec.mounts {
-                if let Err(e) = crate::sys::mount::umount_or_detach(Path::new(m)) {
-                    tracing::warn!(path = %m, error = %e, "unmount at shutdown failed");
-                }
+            match self.release_at_shutdown(*id, rec) {
+                Ok(()) => {}
+                Err(why) => busy.push((*id, why)),
             }
-            if let Err(e) = self.unbind_device(*id, &rec.device) {
-                tracing::warn!(volume = %id, error = %e, "unbinding at shutdown failed");
+        }
+        let mut fuse = self.fuse.lock().expect("fuse lock").take();
+        let mut handed_off = true;
+        if !busy.is_empty() {
+            for (id, why) in &busy {
+                tracing::info!(volume = %id, reason = %why, timeout = ?self.cfg.orphan_io_timeout, "volume in use: it stays attached across the stop, its I/O waits in the FUSE holder for the next daemon");
             }
+            if let Some(f) = fuse.as_ref() {
+                tracing::info!(mountpoint = %f.mountpoint().display(), "handing the FUSE connection to the holder");
+            }
+            handed_off = fuse
+                .take()
+                .is_some_and(|f| f.hand_off(std::time::Duration::from_secs(10)));
         }
         for e in self.engines.read().expect("engines lock").values() {
             e.stop();
             match e.flush() {
-                Ok(()) => {
+                // A request still being served after the hand-off could
+                // yet be acknowledged: then the stop is not clean.
+                Ok(()) if handed_off => {
                     if let Some(mut rec) = self.local_record(e.volume) {
                         rec.clean_stop = true;
                         let _ = self.save_local(e.volume, Some(&rec));
                     }
                 }
+                Ok(()) => {}
                 Err(err) => {
                     tracing::error!(volume = %e.volume, error = %err, "flush at shutdown failed")
                 }
             }
         }
-        if let Some(f) = self.fuse.lock().expect("fuse lock").take() {
+        if let Some(f) = fuse {
             f.unmount();
         }
         let _ = self.db.flush();
+    }
+
+    /// Unmounts and unbinds one recorded attachment unless it is in use;
+    /// says why it is.
+    fn release_at_shutdown(
+        &self,
+        id: VolumeId,
+        rec: &super::LocalAttachment,
+    ) -> Result<(), String> {
+        use crate::sys::{loopdev, mount};
+        for m in rec.mounts.iter().rev() {
+            match mount::umount(Path::new(m), 0) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(format!("{m} is busy"));
+                }
+                Err(e) => return Err(format!("unmounting {m} failed: {e}")),
+            }
+        }
+        if !rec.device.is_empty() {
+            if let Some(why) = loopdev::in_use(Path::new(&rec.device)) {
+                return Err(format!("{}: {why}", rec.device));
+            }
+        }
+        self.unbind_device(id, &rec.device)
+            .map_err(|e| format!("unbinding failed: {e}"))
     }
 }
 
