@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod docker;
 pub mod engine;
 pub mod frontend;
+pub mod metrics;
 pub mod pool;
 pub mod replica;
 pub mod sys;

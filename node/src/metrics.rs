@@ -1,4 +1,5 @@
-//! Per-volume I/O metrics: counters and latency histograms updated with
+//! The daemon's metrics: per-volume I/O counters and latency histograms
+//! (also used for the store's proposal latency) updated with
 //! relaxed atomics on the I/O path (no locks, no allocation), rendered in
 //! Prometheus text format by the API.
 

@@ -14,7 +14,7 @@ use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, StateRole, Storage};
 
 use super::raft_storage::SledStorage;
-use super::store::{decode_state, encode_state, raft_err, Shared, StoreError, TICK};
+use super::shared::{decode_state, encode_state, raft_err, Shared, StoreError, TICK};
 use super::transport::Transport;
 use crate::cluster::state::ClusterState;
 

@@ -12,6 +12,7 @@ pub mod liveness;
 pub mod peer_service;
 pub mod placement;
 pub mod raft_storage;
+mod shared;
 pub mod state;
 pub mod store;
 mod transport;

@@ -18,52 +18,15 @@ use cairn_proto::peer::peer_client::PeerClient;
 use cairn_proto::peer::{JoinReply, JoinRequest, ProposeRequest, RemoveNodeRequest};
 use raft::prelude::{ConfChange, ConfChangeType, Snapshot};
 use raft::RawNode;
-use serde::{Deserialize, Serialize};
 
 use super::driver::{Driver, Msg};
 use super::raft_storage::SledStorage;
-use super::state::{ClusterState, Command, NodeRole, StateError, STATE_VERSION};
+pub use super::shared::{
+    decode_state, encode_state, raft_err, RaftStatus, Shared, StoreError, PROPOSE_TIMEOUT, TICK,
+};
+use super::state::{ClusterState, Command, NodeRole, StateError};
 use super::transport::{self, Transport};
 use crate::types::{now_unix_ms, Id128, NodeId};
-
-#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
-pub enum StoreError {
-    #[error(transparent)]
-    Refused(#[from] StateError),
-    #[error("cluster metadata is unavailable: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Rejected(String),
-    #[error("metadata store: {0}")]
-    Storage(String),
-}
-
-pub const TICK: Duration = Duration::from_millis(100);
-/// How long a proposal may wait for a leader, a commit and the local apply.
-pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the Raft group looks like from this node, refreshed by the driver.
-#[derive(Debug, Clone, Default)]
-pub struct RaftStatus {
-    pub raft_id: u64,
-    /// 0 while no leader is known.
-    pub leader_id: u64,
-    pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    /// `leader`, `follower`, `candidate` or `precandidate`.
-    pub role: String,
-    pub voters: Vec<u64>,
-    pub learners: Vec<u64>,
-}
-
-/// State shared by the store and its driver thread. `changed` is notified
-/// (under the `state` lock) after entries are applied and status changes.
-pub struct Shared {
-    pub state: Mutex<ClusterState>,
-    pub status: Mutex<RaftStatus>,
-    pub changed: Condvar,
-}
 
 /// How to open the store.
 pub struct StoreOptions {
@@ -91,7 +54,7 @@ pub struct ClusterStore {
     /// per leader address (a new connection per proposal costs a handshake).
     forward_clients: Mutex<HashMap<String, PeerClient<tonic::transport::Channel>>>,
     /// Leader-side time from proposing a command to applying it.
-    pub propose_latency: crate::engine::metrics::Histogram,
+    pub propose_latency: crate::metrics::Histogram,
 }
 
 /// Forwards raft-rs's slog records to tracing.
@@ -111,26 +74,6 @@ impl slog::Drain for TracingDrain {
         }
         Ok(())
     }
-}
-
-pub fn raft_err(e: raft::Error) -> StoreError {
-    StoreError::Storage(e.to_string())
-}
-
-pub fn encode_state(s: &ClusterState) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(s).map_err(|e| StoreError::Storage(e.to_string()))
-}
-
-pub fn decode_state(data: &[u8]) -> Result<ClusterState, StoreError> {
-    let s: ClusterState = serde_json::from_slice(data)
-        .map_err(|e| StoreError::Storage(format!("snapshot state: {e}")))?;
-    if s.version != STATE_VERSION {
-        return Err(StoreError::Storage(format!(
-            "cluster state version {} is not supported",
-            s.version
-        )));
-    }
-    Ok(s)
 }
 
 impl ClusterStore {
@@ -741,130 +684,4 @@ impl Drop for ClusterStore {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::types::{FsType, Id128};
-
-    use super::super::driver::SNAPSHOT_EVERY;
-
-    /// Opens a sled db, waiting (bounded) for a just-dropped handle's
-    /// background flusher to release the directory lock.
-    pub(crate) fn open_db(dir: &std::path::Path) -> sled::Db {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match sled::Config::new().path(dir).open() {
-                Ok(db) => return db,
-                Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("db {}: {e}", dir.display()),
-            }
-        }
-    }
-
-    fn runtime() -> &'static tokio::runtime::Runtime {
-        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-        RT.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("rt")
-        })
-    }
-
-    fn opts(bootstrap: Option<Id128>) -> StoreOptions {
-        StoreOptions {
-            raft_id: 1,
-            bootstrap,
-            cluster_id: None,
-            advertise: "127.0.0.1:1".into(),
-            handle: runtime().handle().clone(),
-        }
-    }
-
-    fn create(name: &str) -> Command {
-        Command::CreateVolume {
-            id: Id128::random(),
-            name: name.into(),
-            size_bytes: 1 << 20,
-            fs: FsType::Ext4,
-            replica_node: Id128::random(),
-            more_replicas: vec![],
-            created_unix_ms: 0,
-            csi_name: None,
-        }
-    }
-
-    #[test]
-    fn an_entry_of_an_unknown_version_stops_the_state_machine() {
-        use super::super::state::{encode_command, ENTRY_VERSION};
-        let dir = std::env::temp_dir().join(format!("cairn-store-{}", Id128::random()));
-        {
-            let db = open_db(&dir);
-            let store = ClusterStore::open(&db, opts(Some(Id128::random()))).expect("bootstrap");
-            store.propose(create("before")).expect("accepted");
-            let mut data = encode_command(&create("after"));
-            data[1] = ENTRY_VERSION + 1;
-            let (reply, rx) = mpsc::sync_channel(1);
-            store
-                .tx
-                .send(Msg::ProposeRaw { data, reply })
-                .expect("driver runs");
-            let r = rx.recv_timeout(Duration::from_secs(10)).expect("answered");
-            assert!(
-                matches!(&r, Err(StoreError::Storage(m)) if m.contains("newer than this node understands")),
-                "{r:?}"
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            assert!(
-                store.wait_until(deadline, |_, st| st.role == "stopped"),
-                "the state machine did not stop"
-            );
-            let s = store.read().clone();
-            assert!(s.volume_by_name("before").is_some() && s.volume_by_name("after").is_none());
-            assert!(
-                store.propose(create("later")).is_err(),
-                "a stopped group took a proposal"
-            );
-        }
-        // Never skipped: the next start meets the entry again and stops.
-        let db = open_db(&dir);
-        assert!(ClusterStore::open(&db, opts(None)).is_err());
-        drop(db);
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn commands_survive_restart_and_compaction() {
-        let dir = std::env::temp_dir().join(format!("cairn-store-{}", Id128::random()));
-        let open = || open_db(&dir);
-        let n = SNAPSHOT_EVERY + 50;
-        {
-            let db = open();
-            let store = ClusterStore::open(&db, opts(Some(Id128::random()))).expect("bootstrap");
-            for i in 0..n {
-                let s = store.propose(create(&format!("v{i}"))).expect("accepted");
-                assert_eq!(s.volumes.len() as u64, i + 1);
-            }
-            // Refused commands answer with the state machine's error.
-            assert!(matches!(
-                store.propose(create("v0")),
-                Err(StoreError::Refused(StateError::VolumeExists(_)))
-            ));
-            let snap = SledStorage::open(&db).unwrap().latest_snapshot().unwrap();
-            assert!(
-                snap.get_metadata().index >= SNAPSHOT_EVERY,
-                "the log was never compacted"
-            );
-        }
-        let db = open();
-        let store = ClusterStore::open(&db, opts(None)).expect("reopen");
-        let s = store.read().clone();
-        assert_eq!(s.volumes.len() as u64, n);
-        assert!(s.volume_by_name(&format!("v{}", n - 1)).is_some());
-        drop(store);
-        drop(db);
-        std::fs::remove_dir_all(&dir).ok();
-    }
-}
+pub(crate) mod tests;

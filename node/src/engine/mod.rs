@@ -41,14 +41,13 @@
 
 mod fanout;
 mod io;
-pub mod metrics;
 mod rebuild;
 pub mod scrub;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use metrics::VolumeMetrics;
+use crate::metrics::VolumeMetrics;
 
 use crate::cluster::state::{ReplicaState, Volume};
 use crate::cluster::store::ClusterStore;

@@ -204,10 +204,14 @@ pub struct HostMap {
     map: RwLock<HashMap<VolumeId, Arc<Hosted>>>,
     destroying: std::sync::Mutex<()>,
     /// Data connections being served (`wire`), and those refused because
-    /// [`super::wire::MAX_CONNECTIONS`] were.
+    /// [`MAX_DATA_CONNECTIONS`] were.
     pub data_connections: AtomicUsize,
     pub data_connections_refused: AtomicU64,
 }
+
+/// Data connections served at once (each is a thread); engines keep at
+/// most 32 idle ones per peer, so this leaves room for 30 peers.
+pub const MAX_DATA_CONNECTIONS: usize = 1024;
 
 /// One served data connection; counted until dropped.
 pub struct ConnectionSlot<'a>(&'a AtomicUsize);
@@ -222,7 +226,7 @@ impl HostMap {
     /// A slot for one more data connection, unless the limit is reached.
     pub fn data_connection(&self) -> Option<ConnectionSlot<'_>> {
         let open = self.data_connections.fetch_add(1, Ordering::AcqRel);
-        if open >= super::wire::MAX_CONNECTIONS {
+        if open >= MAX_DATA_CONNECTIONS {
             self.data_connections.fetch_sub(1, Ordering::AcqRel);
             self.data_connections_refused
                 .fetch_add(1, Ordering::Relaxed);

@@ -32,6 +32,10 @@ use crate::pool::{ExtentAddr, Pool, PoolError, IO_ALIGN};
 use crate::sys::AlignedBuf;
 use crate::types::VolumeId;
 
+/// Bound on one I/O to a remote replica: the longest stall an application
+/// sees before a replica is declared failed.
+pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Errors of one replica I/O, mapped to errno by the frontends.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {

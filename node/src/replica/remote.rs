@@ -14,12 +14,9 @@ use cairn_proto::data::{
 use cairn_proto::frame::{self, Request};
 use tonic::transport::Channel;
 
-use super::ReplicaError;
+use super::{ReplicaError, IO_TIMEOUT};
 use crate::types::{NodeId, VolumeId};
 
-/// Bound on one I/O to a remote replica: the longest stall an application
-/// sees before a replica is declared failed.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on a checksum batch (it reads up to `CHECKSUM_BATCH` extents).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on freeing a deleted volume's replica (it zeroes every extent).

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use cairn_proto::frame::{self, Reply, Request};
 
-use super::super::remote::IO_TIMEOUT;
-use super::super::ReplicaError;
+use super::super::{ReplicaError, IO_TIMEOUT};
 use super::*;
 use crate::types::Id128;
 

@@ -23,9 +23,6 @@ const POOL: usize = 32;
 /// a frame) is closed; an engine replaces a pooled connection the peer
 /// closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Data connections served at once (each is a thread); engines keep at
-/// most [`POOL`] idle ones per peer, so this leaves room for 30 peers.
-pub const MAX_CONNECTIONS: usize = 1024;
 /// Payload buffer a connection keeps between requests; a larger one is
 /// released after the request that needed it.
 const KEEP_BUFFER: usize = 1 << 20;

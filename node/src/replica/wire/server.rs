@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cairn_proto::frame::{self, Reply, Request};
 
-use super::super::host::HostMap;
+use super::super::host::{HostMap, MAX_DATA_CONNECTIONS};
 use super::super::ReplicaError;
 use super::*;
 use crate::cluster::store::ClusterStore;
@@ -41,7 +41,7 @@ impl Server {
         let Some(_slot) = self.hosts.data_connection() else {
             tracing::warn!(
                 peer = ?s.peer_addr().ok(),
-                "refused a data connection: {MAX_CONNECTIONS} are open"
+                "refused a data connection: {MAX_DATA_CONNECTIONS} are open"
             );
             return;
         };

@@ -1,0 +1,415 @@
+use super::*;
+use crate::types::Id128;
+
+fn create(id: VolumeId, name: &str) -> Command {
+    Command::CreateVolume {
+        id,
+        name: name.into(),
+        size_bytes: 1 << 30,
+        fs: FsType::Ext4,
+        replica_node: Id128([7; 16]),
+        more_replicas: vec![],
+        created_unix_ms: 1,
+        csi_name: None,
+    }
+}
+
+#[test]
+fn entries_carry_their_version_and_decode_strictly() {
+    let c = create(Id128::random(), "a");
+    let bytes = encode_command(&c);
+    assert_eq!(&bytes[..2], &[ENTRY_MAGIC, ENTRY_VERSION]);
+    assert_eq!(decode_command(&bytes), Ok(c.clone()));
+    // Entries from before versions: plain JSON.
+    let legacy = serde_json::to_vec(&c).expect("json");
+    assert_eq!(decode_command(&legacy), Ok(c));
+    let mut newer = bytes.clone();
+    newer[1] = ENTRY_VERSION + 1;
+    assert_eq!(
+        decode_command(&newer),
+        Err(EntryError::UnknownVersion {
+            found: ENTRY_VERSION + 1
+        })
+    );
+    let mut unknown = vec![ENTRY_MAGIC, ENTRY_VERSION];
+    unknown.extend_from_slice(br#"{"op":"fly_away","id":"x"}"#);
+    assert!(matches!(
+        decode_command(&unknown),
+        Err(EntryError::Malformed {
+            version: ENTRY_VERSION,
+            ..
+        })
+    ));
+    for junk in [&b""[..], b"\x00", &[ENTRY_MAGIC][..]] {
+        assert!(decode_command(junk).is_err(), "{junk:?}");
+    }
+}
+
+#[test]
+fn refused_commands_change_nothing() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, b, n1, n2) = (
+        Id128::random(),
+        Id128::random(),
+        Id128::random(),
+        Id128::random(),
+    );
+    s.apply(&create(a, "a")).expect("create");
+    let before = s.clone();
+    let refused = [
+        create(b, "a"),
+        create(a, "b"),
+        Command::CreateVolume {
+            id: b,
+            name: "b".into(),
+            size_bytes: 0,
+            fs: FsType::Ext4,
+            replica_node: n1,
+            more_replicas: vec![],
+            created_unix_ms: 1,
+            csi_name: None,
+        },
+        Command::CreateVolume {
+            id: b,
+            name: "b".into(),
+            size_bytes: 1000,
+            fs: FsType::Ext4,
+            replica_node: n1,
+            more_replicas: vec![],
+            created_unix_ms: 1,
+            csi_name: None,
+        },
+        Command::ResizeVolume {
+            id: a,
+            size_bytes: 4096,
+        },
+        Command::ResizeVolume {
+            id: b,
+            size_bytes: 2 << 30,
+        },
+        Command::DeleteVolume { id: b },
+    ];
+    for c in &refused {
+        assert!(s.apply(c).is_err(), "{c:?} was accepted");
+        assert_eq!(s, before, "{c:?} changed the state");
+    }
+    s.apply(&Command::Attach {
+        id: a,
+        node: n1,
+        force: false,
+    })
+    .expect("attach");
+    let attached = s.clone();
+    for c in [
+        Command::Attach {
+            id: a,
+            node: n2,
+            force: false,
+        },
+        Command::Detach { id: a, node: n2 },
+        Command::DeleteVolume { id: a },
+        Command::Reattach {
+            id: a,
+            node: n2,
+            epoch: 1,
+        },
+        Command::Reattach {
+            id: a,
+            node: n1,
+            epoch: 0,
+        },
+        Command::Reattach {
+            id: b,
+            node: n1,
+            epoch: 1,
+        },
+    ] {
+        assert!(s.apply(&c).is_err(), "{c:?} was accepted");
+        assert_eq!(s, attached);
+    }
+    // A restarted daemon fences its previous incarnation: new epoch,
+    // same node; the old epoch is then stale.
+    let reattach = Command::Reattach {
+        id: a,
+        node: n1,
+        epoch: 1,
+    };
+    s.apply(&reattach).expect("reattach");
+    let v = &s.volumes[&a];
+    assert_eq!(
+        (v.epoch, v.attachment.as_ref().map(|x| (x.node, x.epoch))),
+        (2, Some((n1, 2)))
+    );
+    let after = s.clone();
+    assert!(matches!(
+        s.apply(&reattach),
+        Err(StateError::StaleEpoch { .. })
+    ));
+    assert_eq!(s, after);
+    s.apply(&Command::Detach { id: a, node: n1 })
+        .expect("detach");
+    assert!(matches!(
+        s.apply(&Command::Reattach {
+            id: a,
+            node: n1,
+            epoch: 2
+        }),
+        Err(StateError::NotAttached { .. })
+    ));
+}
+
+#[test]
+fn readers_and_a_writer_exclude_each_other() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, n1, n2) = (Id128::random(), Id128::random(), Id128::random());
+    s.apply(&create(a, "a")).expect("create");
+    for n in [n1, n2, n2] {
+        s.apply(&Command::AttachReader { id: a, node: n })
+            .expect("reader");
+    }
+    let epoch = s.volumes[&a].epoch;
+    assert_eq!(s.volumes[&a].readers.len(), 2);
+    let held = s.clone();
+    for c in [
+        Command::Attach {
+            id: a,
+            node: n1,
+            force: false,
+        },
+        Command::DeleteVolume { id: a },
+    ] {
+        assert!(s.apply(&c).is_err(), "{c:?} was accepted");
+        assert_eq!(s, held);
+    }
+    s.apply(&Command::DetachReader { id: a, node: n1 })
+        .expect("release");
+    s.apply(&Command::DetachReader { id: a, node: n2 })
+        .expect("release");
+    s.apply(&Command::Attach {
+        id: a,
+        node: n1,
+        force: false,
+    })
+    .expect("writer after the readers left");
+    assert!(s.apply(&Command::AttachReader { id: a, node: n2 }).is_err());
+    // A forced attach takes over from readers and fences them.
+    s.apply(&Command::Detach { id: a, node: n1 })
+        .expect("detach");
+    s.apply(&Command::AttachReader { id: a, node: n2 })
+        .expect("reader");
+    s.apply(&Command::Attach {
+        id: a,
+        node: n1,
+        force: true,
+    })
+    .expect("forced");
+    assert!(s.volumes[&a].readers.is_empty());
+    assert!(s.volumes[&a].epoch > epoch);
+}
+
+#[test]
+fn attach_bumps_epoch_once_and_is_idempotent() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, n) = (Id128::random(), Id128::random());
+    s.apply(&create(a, "a")).expect("create");
+    s.apply(&Command::Attach {
+        id: a,
+        node: n,
+        force: false,
+    })
+    .expect("attach");
+    s.apply(&Command::Attach {
+        id: a,
+        node: n,
+        force: false,
+    })
+    .expect("again");
+    assert_eq!(s.volumes[&a].epoch, 1);
+    s.apply(&Command::Detach { id: a, node: n })
+        .expect("detach");
+    s.apply(&Command::Detach { id: a, node: n }).expect("again");
+    s.apply(&Command::Attach {
+        id: a,
+        node: n,
+        force: false,
+    })
+    .expect("attach");
+    assert_eq!(s.volumes[&a].epoch, 2);
+}
+
+fn register(id: NodeId, name: &str) -> Command {
+    Command::RegisterNode {
+        id,
+        name: name.into(),
+        raft_id: 1,
+        api_address: "127.0.0.1:7400".into(),
+        peer_address: "127.0.0.1:7401".into(),
+        labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+        role: NodeRole::Voter,
+        at_unix_ms: 10,
+    }
+}
+
+#[test]
+fn node_registry() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, b) = (Id128::random(), Id128::random());
+    s.apply(&register(a, "n1")).expect("register");
+    s.apply(&register(a, "n1"))
+        .expect("re-register is an update");
+    let before = s.clone();
+    assert_eq!(
+        s.apply(&register(b, "n1")),
+        Err(StateError::NodeNameTaken("n1".into(), a))
+    );
+    let beat = |id, at| Command::NodeHeartbeat {
+        id,
+        pool_capacity_bytes: 100,
+        pool_allocated_bytes: 7,
+        at_unix_ms: at,
+    };
+    assert_eq!(s.apply(&beat(b, 20)), Err(StateError::NodeNotFound(b)));
+    assert_eq!(s, before);
+    s.apply(&beat(a, 20)).expect("heartbeat");
+    s.apply(&beat(a, 15)).expect("late heartbeat");
+    let n = &s.nodes[&a];
+    assert_eq!(
+        (
+            n.pool_capacity_bytes,
+            n.pool_allocated_bytes,
+            n.last_heartbeat_unix_ms
+        ),
+        (100, 7, 20)
+    );
+    // Re-registering keeps the reported usage.
+    s.apply(&register(a, "renamed")).expect("rename");
+    assert_eq!(s.nodes[&a].pool_capacity_bytes, 100);
+    assert_eq!(s.nodes[&a].name, "renamed");
+}
+
+#[test]
+fn replay_is_deterministic() {
+    let (a, n) = (Id128::random(), Id128::random());
+    let cmds = vec![
+        create(a, "a"),
+        Command::ResizeVolume {
+            id: a,
+            size_bytes: 2 << 30,
+        },
+        Command::Attach {
+            id: a,
+            node: n,
+            force: false,
+        },
+        Command::MarkFormatted { id: a },
+    ];
+    let cluster = Id128::random();
+    let (mut s1, mut s2) = (ClusterState::new(cluster), ClusterState::new(cluster));
+    for c in &cmds {
+        s1.apply(c).expect("apply");
+        let json = serde_json::to_string(c).expect("encode");
+        s2.apply(&serde_json::from_str(&json).expect("decode"))
+            .expect("apply");
+    }
+    assert_eq!(s1, s2);
+}
+
+fn command() -> impl proptest::strategy::Strategy<Value = Command> {
+    use proptest::prelude::*;
+    let node = (0u8..3).prop_map(|i| Id128([10 + i; 16]));
+    let vol = (0u8..3).prop_map(|i| Id128([20 + i; 16]));
+    let rstate = prop_oneof![
+        Just(ReplicaState::Healthy),
+        Just(ReplicaState::Rebuilding),
+        Just(ReplicaState::Faulted)
+    ];
+    prop_oneof![
+        (
+            vol.clone(),
+            0u8..3,
+            0u64..3,
+            node.clone(),
+            proptest::collection::vec(node.clone(), 0..3)
+        )
+            .prop_map(|(id, n, k, replica_node, more_replicas)| {
+                Command::CreateVolume {
+                    id,
+                    name: format!("v{n}"),
+                    size_bytes: k * SIZE_ALIGN,
+                    fs: FsType::Ext4,
+                    replica_node,
+                    more_replicas,
+                    created_unix_ms: 0,
+                    csi_name: None,
+                }
+            }),
+        (vol.clone(), node.clone(), any::<bool>()).prop_map(|(id, node, force)| Command::Attach {
+            id,
+            node,
+            force
+        }),
+        (vol.clone(), node.clone()).prop_map(|(id, node)| Command::Detach { id, node }),
+        (vol.clone(), node.clone(), 0u64..4).prop_map(|(id, node, epoch)| Command::Reattach {
+            id,
+            node,
+            epoch
+        }),
+        (vol.clone(), node.clone()).prop_map(|(id, node)| Command::AttachReader { id, node }),
+        (vol.clone(), node.clone()).prop_map(|(id, node)| Command::DetachReader { id, node }),
+        (vol.clone(), node.clone(), rstate, 0u64..4).prop_map(|(id, node, state, epoch)| {
+            Command::SetReplicaState {
+                id,
+                node,
+                state,
+                epoch,
+            }
+        }),
+        (vol.clone(), node.clone()).prop_map(|(id, node)| Command::AddReplica { id, node }),
+        (vol.clone(), node.clone()).prop_map(|(id, node)| Command::RemoveReplica { id, node }),
+        (vol.clone(), 0u32..5).prop_map(|(id, count)| Command::SetReplicaCount { id, count }),
+        (vol.clone(), 0u64..4).prop_map(|(id, k)| Command::ResizeVolume {
+            id,
+            size_bytes: k * SIZE_ALIGN
+        }),
+        vol.clone().prop_map(|id| Command::DeleteVolume { id }),
+        vol.prop_map(|id| Command::MarkFormatted { id }),
+    ]
+}
+
+proptest::proptest! {
+    /// Any sequence of commands, accepted or refused, keeps the state's
+    /// invariants: a refused command changes nothing; a writer and
+    /// readers never hold a volume together; an attachment carries the
+    /// volume's epoch, and epochs only grow; replicas sit on distinct
+    /// nodes, at most three, and at least one of them is healthy.
+    #[test]
+    fn random_commands_keep_the_invariants(cmds in proptest::collection::vec(command(), 1..60)) {
+        let mut s = ClusterState::new(Id128([1; 16]));
+        for i in 0..3u8 {
+            s.apply(&register(Id128([10 + i; 16]), &format!("n{i}"))).expect("register");
+        }
+        let mut epochs: BTreeMap<VolumeId, u64> = BTreeMap::new();
+        for c in &cmds {
+            let before = s.clone();
+            if s.apply(c).is_err() {
+                proptest::prop_assert_eq!(&s, &before, "refused {:?} changed the state", c);
+            }
+            for v in s.volumes.values() {
+                proptest::prop_assert!(v.attachment.is_none() || v.readers.is_empty(), "{:?}", v);
+                if let Some(a) = &v.attachment {
+                    proptest::prop_assert_eq!(a.epoch, v.epoch);
+                }
+                let seen = epochs.entry(v.id).or_insert(v.epoch);
+                proptest::prop_assert!(v.epoch >= *seen, "epoch went back after {:?}", c);
+                *seen = v.epoch;
+                let mut nodes: Vec<NodeId> = v.replicas.iter().map(|r| r.node).collect();
+                nodes.sort();
+                nodes.dedup();
+                proptest::prop_assert_eq!(nodes.len(), v.replicas.len());
+                proptest::prop_assert!((1..=MAX_REPLICAS).contains(&v.replicas.len()));
+                proptest::prop_assert!(v.healthy().count() >= 1, "no healthy replica after {:?}: {:?}", c, v);
+            }
+            epochs.retain(|id, _| s.volumes.contains_key(id));
+        }
+    }
+}
