@@ -1,13 +1,18 @@
 //! The `cairn` command line: `node run` starts the daemon; every other
 //! command is a client of the REST admin API (`--api` or `CAIRN_API`), printing
-//! human tables by default and the API's JSON with `-o json`.
+//! human tables by default and the API's JSON with `-o json`. Request and
+//! answer bodies are the typed `cairn_proto::api` types: an answer that does
+//! not match them is an error, never a table of dashes.
 
 pub mod client;
 mod dev;
 
 use std::path::PathBuf;
 
+use cairn_proto::api;
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use client::Client;
@@ -227,26 +232,57 @@ fn seg(name: &str) -> String {
         .collect()
 }
 
-fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+/// One API call: `body` serialised from its request type, the answer
+/// deserialised into `T` (an empty body reads as JSON `null`, so `T` may be
+/// an `Option`), an error answer turned into its message and stable code.
+fn call<T: DeserializeOwned>(
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<T, String> {
+    let body = body
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| format!("request body: {e}"))?;
     let r = c.request(method, path, body.as_ref())?;
-    let v: Value = if r.body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&r.body).map_err(|e| {
-            format!(
-                "the API answered {} with a body that is not JSON: {e}",
-                r.status
-            )
-        })?
-    };
-    if (200..300).contains(&r.status) {
-        Ok(v)
-    } else {
-        let code = v["error"]["code"].as_str().unwrap_or("Unknown");
-        let msg = v["error"]["message"].as_str().unwrap_or("no message");
-        Err(format!("{msg} ({code}, HTTP {})", r.status))
+    if !(200..300).contains(&r.status) {
+        return Err(match serde_json::from_slice::<api::ErrorBody>(&r.body) {
+            Ok(b) => format!("{} ({}, HTTP {})", b.error.message, b.error.code, r.status),
+            Err(_) => format!(
+                "HTTP {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body).trim()
+            ),
+        });
     }
+    let parsed = if r.body.is_empty() {
+        serde_json::from_value(Value::Null)
+    } else {
+        serde_json::from_slice(&r.body)
+    };
+    parsed.map_err(|e| {
+        format!(
+            "the API answered {} with a body this CLI does not understand: {e}",
+            r.status
+        )
+    })
 }
+
+/// Prints an answer: the API's JSON with `-o json`, else `render`'s table.
+fn show<T: Serialize>(output: Output, v: &T, render: impl Fn(&T) -> String) -> Result<(), String> {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+        ),
+        Output::Table => println!("{}", render(v)),
+    }
+    Ok(())
+}
+
+/// No request body.
+const NONE: Option<&()> = None;
 
 fn absolute(p: PathBuf) -> Result<String, String> {
     let p = if p.is_absolute() {
@@ -275,25 +311,42 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
         };
     }
     let c = Client::new(api)?;
-    let (v, render): (Value, fn(&Value) -> String) = match cmd {
+    let volume = |name: &str| format!("/v1/volumes/{}", seg(name));
+    match cmd {
         Top::Node(NodeCmd::Run(_)) | Top::Dev(_) | Top::FuseHolder { .. } => {
             unreachable!("handled before")
         }
-        Top::Node(NodeCmd::Status) => (call(&c, "GET", "/v1/node", None)?, render_node),
-        Top::Pool(PoolCmd::Ls) => (call(&c, "GET", "/v1/pool", None)?, render_pool),
-        Top::Node(NodeCmd::Ls) => (call(&c, "GET", "/v1/nodes", None)?, render_nodes),
+        Top::Node(NodeCmd::Status) => show(
+            output,
+            &call::<api::NodeStatus>(&c, "GET", "/v1/node", NONE)?,
+            render_node,
+        ),
+        Top::Pool(PoolCmd::Ls) => show(
+            output,
+            &call::<api::PoolInfo>(&c, "GET", "/v1/pool", NONE)?,
+            render_pool,
+        ),
+        Top::Node(NodeCmd::Ls) => show(
+            output,
+            &call::<Vec<api::NodeInfo>>(&c, "GET", "/v1/nodes", NONE)?,
+            |v| render_nodes(v),
+        ),
         Top::Node(NodeCmd::Rm { name, force }) => {
-            call(
+            call::<IgnoredAny>(
                 &c,
                 "DELETE",
                 &format!("/v1/nodes/{}?force={force}", seg(&name)),
-                None,
+                NONE,
             )?;
-            (json!({ "removed": name }), |v| {
-                format!("removed {}", v["removed"].as_str().unwrap_or_default())
+            show(output, &json!({ "removed": name }), |_| {
+                format!("removed {name}")
             })
         }
-        Top::Cluster(ClusterCmd::Status) => (call(&c, "GET", "/v1/cluster", None)?, render_cluster),
+        Top::Cluster(ClusterCmd::Status) => show(
+            output,
+            &call::<api::ClusterStatus>(&c, "GET", "/v1/cluster", NONE)?,
+            render_cluster,
+        ),
         Top::Volume(cmd) => match cmd {
             VolumeCmd::Create {
                 name,
@@ -302,178 +355,187 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 replicas,
                 locality,
             } => {
-                let mut body = json!({ "name": name, "size": size });
-                if let Some(fs) = fs {
-                    body["fs"] = json!(fs);
-                }
-                if let Some(r) = replicas {
-                    body["replicas"] = json!(r);
-                }
-                if locality {
-                    body["locality"] = json!(true);
-                }
-                (call(&c, "POST", "/v1/volumes", Some(body))?, render_volume)
+                let body = api::VolumeCreate {
+                    name,
+                    size: api::SizeArg::Text(size),
+                    fs,
+                    replicas,
+                    locality,
+                };
+                show(
+                    output,
+                    &call::<api::VolumeInfo>(&c, "POST", "/v1/volumes", Some(&body))?,
+                    render_volume,
+                )
             }
-            VolumeCmd::Ls => (call(&c, "GET", "/v1/volumes", None)?, render_volumes),
+            VolumeCmd::Ls => show(
+                output,
+                &call::<Vec<api::VolumeInfo>>(&c, "GET", "/v1/volumes", NONE)?,
+                |v| render_volumes(v),
+            ),
             VolumeCmd::Inspect { name, watch } => {
-                let path = format!("/v1/volumes/{}", seg(&name));
+                let path = volume(&name);
                 if watch && output == Output::Table {
                     return watch_volume(&c, &path);
                 }
-                (call(&c, "GET", &path, None)?, render_volume)
+                show(
+                    output,
+                    &call::<api::VolumeInfo>(&c, "GET", &path, NONE)?,
+                    render_volume,
+                )
             }
-            VolumeCmd::Update { name, replicas } => (
-                call(
-                    &c,
-                    "PATCH",
-                    &format!("/v1/volumes/{}", seg(&name)),
-                    Some(json!({ "replicas": replicas })),
-                )?,
-                render_volume,
-            ),
-            VolumeCmd::Resize { name, size } => (
-                call(
-                    &c,
-                    "PATCH",
-                    &format!("/v1/volumes/{}", seg(&name)),
-                    Some(json!({ "size": size })),
-                )?,
-                render_volume,
-            ),
+            VolumeCmd::Update { name, replicas } => {
+                let body = api::VolumeUpdate {
+                    size: None,
+                    replicas: Some(replicas),
+                };
+                show(
+                    output,
+                    &call::<api::VolumeInfo>(&c, "PATCH", &volume(&name), Some(&body))?,
+                    render_volume,
+                )
+            }
+            VolumeCmd::Resize { name, size } => {
+                let body = api::VolumeUpdate {
+                    size: Some(api::SizeArg::Text(size)),
+                    replicas: None,
+                };
+                show(
+                    output,
+                    &call::<api::VolumeInfo>(&c, "PATCH", &volume(&name), Some(&body))?,
+                    render_volume,
+                )
+            }
             VolumeCmd::Rm { name, force } => {
-                let r = call(
+                let r = call::<Option<api::VolumeDeleted>>(
                     &c,
                     "DELETE",
-                    &format!("/v1/volumes/{}?force={force}", seg(&name)),
-                    None,
+                    &format!("{}?force={force}", volume(&name)),
+                    NONE,
                 )?;
-                let pending = r["space_pending_on"].clone();
-                (
-                    json!({ "deleted": name, "space_pending_on": pending }),
-                    |v| {
-                        let name = v["deleted"].as_str().unwrap_or_default();
-                        match v["space_pending_on"].as_array() {
-                            Some(p) if !p.is_empty() => {
-                                let nodes: Vec<&str> =
-                                    p.iter().filter_map(|n| n.as_str()).collect();
-                                format!(
-                                    "deleted {name}; its space on {} is freed when they answer again",
-                                    nodes.join(", ")
-                                )
-                            }
-                            _ => format!("deleted {name}"),
+                let pending = r.map(|d| d.space_pending_on).unwrap_or_default();
+                show(
+                    output,
+                    &json!({ "deleted": name, "space_pending_on": pending }),
+                    |_| {
+                        if pending.is_empty() {
+                            format!("deleted {name}")
+                        } else {
+                            format!(
+                                "deleted {name}; its space on {} is freed when they answer again",
+                                pending.join(", ")
+                            )
                         }
                     },
                 )
             }
-            VolumeCmd::Attach { name, force } => (
-                call(
-                    &c,
-                    "POST",
-                    &format!("/v1/volumes/{}/attach", seg(&name)),
-                    force.then(|| json!({ "force": true })),
-                )?,
-                |v| v["device"].as_str().unwrap_or_default().to_string(),
-            ),
-            VolumeCmd::Detach { name } => (
-                call(
-                    &c,
-                    "POST",
-                    &format!("/v1/volumes/{}/detach", seg(&name)),
-                    None,
-                )?,
-                render_volume,
-            ),
-            VolumeCmd::Verify { name, repair } => (
-                call(
-                    &c,
-                    "POST",
-                    &format!("/v1/volumes/{}/verify?repair={repair}", seg(&name)),
-                    None,
-                )?,
-                |v| {
-                    let bad = v["mismatched_extents"].as_array().map_or(0, |a| a.len());
-                    let mut out = format!(
-                        "{} extents compared across {} healthy replicas: {}",
-                        s(&v["extents_compared"]),
-                        s(&v["replicas_compared"]),
-                        if bad == 0 {
-                            "consistent".to_string()
-                        } else {
-                            format!("{bad} differ: {}", v["mismatched_extents"])
-                        }
-                    );
-                    for r in v["repaired"].as_array().into_iter().flatten() {
-                        let targets: Vec<&str> = r["targets"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|t| t.as_str())
-                            .collect();
-                        out += &format!(
-                            "\nrepaired extent {}: {} rewritten from {} ({})",
-                            s(&r["extent"]),
-                            targets.join(", "),
-                            s(&r["source"]),
-                            if r["majority"] == true {
-                                "the copy a majority holds"
-                            } else {
-                                "no majority: the copy reads were served from"
-                            }
-                        );
-                    }
-                    out
-                },
-            ),
-            VolumeCmd::Mount { name, path, force } => {
-                let mut body = json!({ "path": absolute(path)? });
-                if force {
-                    body["force"] = json!(true);
-                }
-                (
-                    call(
+            VolumeCmd::Attach { name, force } => {
+                let body = force.then_some(api::AttachRequest { force: true });
+                show(
+                    output,
+                    &call::<api::AttachInfo>(
                         &c,
                         "POST",
-                        &format!("/v1/volumes/{}/mount", seg(&name)),
-                        Some(body),
+                        &format!("{}/attach", volume(&name)),
+                        body.as_ref(),
+                    )?,
+                    |a| a.device.clone(),
+                )
+            }
+            VolumeCmd::Detach { name } => show(
+                output,
+                &call::<api::VolumeInfo>(&c, "POST", &format!("{}/detach", volume(&name)), NONE)?,
+                render_volume,
+            ),
+            VolumeCmd::Verify { name, repair } => show(
+                output,
+                &call::<api::VerifyReport>(
+                    &c,
+                    "POST",
+                    &format!("{}/verify?repair={repair}", volume(&name)),
+                    NONE,
+                )?,
+                render_verify,
+            ),
+            VolumeCmd::Mount { name, path, force } => {
+                let body = api::MountRequest {
+                    path: absolute(path)?,
+                    force,
+                };
+                show(
+                    output,
+                    &call::<api::VolumeInfo>(
+                        &c,
+                        "POST",
+                        &format!("{}/mount", volume(&name)),
+                        Some(&body),
                     )?,
                     render_volume,
                 )
             }
             VolumeCmd::Unmount { name, path } => {
-                let body = json!({ "path": absolute(path)? });
-                (
-                    call(
+                let body = api::MountRequest {
+                    path: absolute(path)?,
+                    force: false,
+                };
+                show(
+                    output,
+                    &call::<api::VolumeInfo>(
                         &c,
                         "POST",
-                        &format!("/v1/volumes/{}/unmount", seg(&name)),
-                        Some(body),
+                        &format!("{}/unmount", volume(&name)),
+                        Some(&body),
                     )?,
                     render_volume,
                 )
             }
         },
-    };
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("serialisable")
-        ),
-        Output::Table => println!("{}", render(&v)),
     }
-    Ok(())
 }
 
-fn bytes(v: &Value) -> String {
-    ByteSize(v.as_u64().unwrap_or(0)).to_string()
+fn bytes(n: u64) -> String {
+    ByteSize(n).to_string()
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+/// An optional value, `-` when absent.
+fn opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".into())
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
     }
+}
+
+fn render_verify(v: &api::VerifyReport) -> String {
+    let bad = v.mismatched_extents.len();
+    let mut out = format!(
+        "{} extents compared across {} healthy replicas: {}",
+        v.extents_compared,
+        v.replicas_compared,
+        if bad == 0 {
+            "consistent".to_string()
+        } else {
+            format!("{bad} differ: {:?}", v.mismatched_extents)
+        }
+    );
+    for r in &v.repaired {
+        out += &format!(
+            "\nrepaired extent {}: {} rewritten from {} ({})",
+            r.extent,
+            r.targets.join(", "),
+            r.source,
+            if r.majority {
+                "the copy a majority holds"
+            } else {
+                "no majority: the copy reads were served from"
+            }
+        );
+    }
+    out
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -498,76 +560,47 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n")
 }
 
-fn render_volumes(v: &Value) -> String {
+fn render_volumes(v: &[api::VolumeInfo]) -> String {
     let rows = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    vec![
-                        s(&x["name"]),
-                        bytes(&x["size_bytes"]),
-                        s(&x["fs"]),
-                        s(&x["state"]),
-                        s(&x["device"]),
-                        bytes(&x["allocated_bytes"]),
-                    ]
-                })
-                .collect()
+        .iter()
+        .map(|x| {
+            vec![
+                x.name.clone(),
+                bytes(x.size_bytes),
+                x.fs.clone(),
+                x.state.clone(),
+                opt(&x.device),
+                bytes(x.allocated_bytes),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(
         &["NAME", "SIZE", "FS", "STATE", "DEVICE", "ALLOCATED"],
         rows,
     )
 }
 
-fn render_volume(v: &Value) -> String {
-    let mounts = v["mounts"]
-        .as_array()
-        .map(|m| m.iter().map(s).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default();
+fn render_volume(v: &api::VolumeInfo) -> String {
     let mut rows = vec![
-        ("Name", s(&v["name"])),
-        ("ID", s(&v["id"])),
+        ("Name", v.name.clone()),
+        ("ID", v.id.clone()),
         (
             "Size",
-            format!(
-                "{} ({} bytes)",
-                bytes(&v["size_bytes"]),
-                s(&v["size_bytes"])
-            ),
+            format!("{} ({} bytes)", bytes(v.size_bytes), v.size_bytes),
         ),
-        ("Filesystem", s(&v["fs"])),
-        ("Formatted", s(&v["formatted"])),
-        ("State", s(&v["state"])),
-        ("Device", s(&v["device"])),
-        (
-            "Mounts",
-            if mounts.is_empty() {
-                "-".into()
-            } else {
-                mounts
-            },
-        ),
-        ("Allocated", bytes(&v["allocated_bytes"])),
-        ("Epoch", s(&v["epoch"])),
-        ("Attached node", s(&v["attached_node"])),
-        ("Read by", {
-            let r: Vec<&str> = v["readers"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
-                .unwrap_or_default();
-            if r.is_empty() {
-                "-".into()
-            } else {
-                r.join(", ")
-            }
-        }),
-        ("Replicas", render_replicas(&v["replicas"])),
+        ("Filesystem", v.fs.clone()),
+        ("Formatted", v.formatted.to_string()),
+        ("State", v.state.clone()),
+        ("Device", opt(&v.device)),
+        ("Mounts", list(&v.mounts)),
+        ("Allocated", bytes(v.allocated_bytes)),
+        ("Epoch", v.epoch.to_string()),
+        ("Attached node", opt(&v.attached_node)),
+        ("Read by", list(&v.readers)),
+        ("Replicas", render_replicas(&v.replicas)),
     ];
-    if let Some(c) = v["csi_name"].as_str() {
-        rows.insert(1, ("CSI name", c.to_string()));
+    if let Some(c) = &v.csi_name {
+        rows.insert(1, ("CSI name", c.clone()));
     }
     rows.iter()
         .map(|(k, val)| format!("{k:<14}{val}"))
@@ -576,14 +609,14 @@ fn render_volume(v: &Value) -> String {
 }
 
 /// One line per replica: node, state, and a progress bar while rebuilding.
-fn render_replicas(r: &Value) -> String {
-    let Some(list) = r.as_array() else {
+fn render_replicas(list: &[api::ReplicaInfo]) -> String {
+    if list.is_empty() {
         return "-".into();
-    };
+    }
     list.iter()
         .map(|x| {
-            let mut line = format!("{:<12}{}", s(&x["node"]), s(&x["state"]));
-            if let Some(p) = x["rebuild_progress"].as_f64() {
+            let mut line = format!("{:<12}{}", x.node, x.state);
+            if let Some(p) = x.rebuild_progress {
                 let filled = (p.clamp(0.0, 1.0) * 30.0).round() as usize;
                 line.push_str(&format!(
                     "  [{}{}] {:>3.0}%",
@@ -601,87 +634,73 @@ fn render_replicas(r: &Value) -> String {
 /// `volume inspect --watch`: redraws until every replica is healthy.
 fn watch_volume(c: &Client, path: &str) -> Result<(), String> {
     loop {
-        let v = call(c, "GET", path, None)?;
+        let v: api::VolumeInfo = call(c, "GET", path, NONE)?;
         println!("{}\n", render_volume(&v));
-        let healthy = v["replicas"]
-            .as_array()
-            .is_some_and(|l| l.iter().all(|x| x["state"] == "healthy"));
-        if healthy {
+        if v.replicas.iter().all(|x| x.state == "healthy") {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
-fn render_pool(v: &Value) -> String {
+fn render_pool(v: &api::PoolInfo) -> String {
     let head = format!(
         "Pool {}: capacity {}, allocated {}, free {}, provisioned {} (extent {})\n",
-        s(&v["id"]),
-        bytes(&v["capacity_bytes"]),
-        bytes(&v["allocated_bytes"]),
-        bytes(&v["free_bytes"]),
-        bytes(&v["provisioned_bytes"]),
-        bytes(&v["extent_size_bytes"]),
+        v.id,
+        bytes(v.capacity_bytes),
+        bytes(v.allocated_bytes),
+        bytes(v.free_bytes),
+        bytes(v.provisioned_bytes),
+        bytes(v.extent_size_bytes),
     );
-    let rows = v["devices"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|d| {
-                    vec![
-                        s(&d["index"]),
-                        s(&d["path"]),
-                        s(&d["kind"]),
-                        bytes(&d["capacity_bytes"]),
-                        bytes(&d["allocated_bytes"]),
-                    ]
-                })
-                .collect()
+    let rows = v
+        .devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.index.to_string(),
+                d.path.clone(),
+                d.kind.clone(),
+                bytes(d.capacity_bytes),
+                bytes(d.allocated_bytes),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     head + &table(&["INDEX", "PATH", "KIND", "CAPACITY", "ALLOCATED"], rows)
 }
 
-fn render_nodes(v: &Value) -> String {
+fn render_nodes(v: &[api::NodeInfo]) -> String {
     let now = crate::types::now_unix_ms();
     let rows = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|n| {
-                    let labels = n["labels"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", s(v)))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
-                    let age = now.saturating_sub(n["last_heartbeat_unix_ms"].as_u64().unwrap_or(0))
-                        / 1000;
-                    vec![
-                        s(&n["name"]),
-                        s(&n["id"]),
-                        s(&n["address"]),
-                        if labels.is_empty() {
-                            "-".into()
-                        } else {
-                            labels
-                        },
-                        s(&n["role"]),
-                        s(&n["state"]),
-                        format!(
-                            "{} / {}",
-                            bytes(&n["pool_allocated_bytes"]),
-                            bytes(&n["pool_capacity_bytes"])
-                        ),
-                        format!("{age}s ago"),
-                    ]
-                })
-                .collect()
+        .iter()
+        .map(|n| {
+            let labels = n
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let age = now.saturating_sub(n.last_heartbeat_unix_ms) / 1000;
+            vec![
+                n.name.clone(),
+                n.id.clone(),
+                n.address.clone(),
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels
+                },
+                n.role.clone(),
+                n.state.clone(),
+                format!(
+                    "{} / {}",
+                    bytes(n.pool_allocated_bytes),
+                    bytes(n.pool_capacity_bytes)
+                ),
+                format!("{age}s ago"),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(
         &[
             "NAME",
@@ -697,61 +716,112 @@ fn render_nodes(v: &Value) -> String {
     )
 }
 
-fn render_cluster(v: &Value) -> String {
+fn render_cluster(v: &api::ClusterStatus) -> String {
     let head = [
-        ("Cluster ID", s(&v["cluster_id"])),
-        ("Leader", s(&v["leader"])),
-        ("Term", s(&v["term"])),
-        ("Commit index", s(&v["commit_index"])),
-        ("Applied index", s(&v["applied_index"])),
+        ("Cluster ID", v.cluster_id.clone()),
+        ("Leader", opt(&v.leader)),
+        ("Term", v.term.to_string()),
+        ("Commit index", v.commit_index.to_string()),
+        ("Applied index", v.applied_index.to_string()),
     ]
     .iter()
     .map(|(k, val)| format!("{k:<15}{val}"))
     .collect::<Vec<_>>()
     .join("\n");
-    let rows = v["members"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|m| vec![s(&m["name"]), s(&m["id"]), s(&m["raft_id"]), s(&m["role"])])
-                .collect()
+    let rows = v
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.id.clone(),
+                m.raft_id.to_string(),
+                m.role.clone(),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     format!(
         "{head}\n\n{}",
         table(&["MEMBER", "ID", "RAFT ID", "ROLE"], rows)
     )
 }
 
-fn render_node(v: &Value) -> String {
+fn render_node(v: &api::NodeStatus) -> String {
     [
-        ("Name", s(&v["name"])),
-        ("ID", s(&v["id"])),
-        ("Version", s(&v["version"])),
-        ("Data dir", s(&v["data_dir"])),
-        ("API", s(&v["api_listen"])),
-        ("NBD socket", s(&v["nbd_socket"])),
-        ("NBD TCP", s(&v["nbd_listen"])),
+        ("Name", v.name.clone()),
+        ("ID", v.id.clone()),
+        ("Version", v.version.clone()),
+        ("Data dir", v.data_dir.clone()),
+        ("API", v.api_listen.clone()),
+        ("NBD socket", v.nbd_socket.clone()),
+        ("NBD TCP", opt(&v.nbd_listen)),
         (
             "Volumes",
-            format!(
-                "{} ({} attached here)",
-                s(&v["volumes"]),
-                s(&v["attached_volumes"])
-            ),
+            format!("{} ({} attached here)", v.volumes, v.attached_volumes),
         ),
         (
             "Pool",
             format!(
                 "{} allocated of {}",
-                bytes(&v["pool_allocated_bytes"]),
-                bytes(&v["pool_capacity_bytes"])
+                bytes(v.pool_allocated_bytes),
+                bytes(v.pool_capacity_bytes)
             ),
         ),
-        ("Uptime", format!("{}s", s(&v["uptime_seconds"]))),
+        ("Uptime", format!("{}s", v.uptime_seconds)),
     ]
     .iter()
     .map(|(k, val)| format!("{k:<12}{val}"))
     .collect::<Vec<_>>()
     .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-shot HTTP server on loopback answering `status` with `body`.
+    fn answer_once(status: &str, body: &'static str) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let status = status.to_string();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn an_answer_that_does_not_match_its_type_is_an_error() {
+        let c = Client::new(&answer_once("200 OK", r#"{"id": 7}"#)).expect("client");
+        let e = call::<api::VolumeInfo>(&c, "GET", "/v1/volumes/x", NONE).expect_err("typed");
+        assert!(e.contains("does not understand"), "{e}");
+    }
+
+    #[test]
+    fn an_error_answer_shows_its_message_and_code() {
+        let c = Client::new(&answer_once(
+            "404 Not Found",
+            r#"{"error": {"code": "VolumeNotFound", "message": "volume x not found"}}"#,
+        ))
+        .expect("client");
+        let e = call::<api::VolumeInfo>(&c, "GET", "/v1/volumes/x", NONE).expect_err("404");
+        assert_eq!(e, "volume x not found (VolumeNotFound, HTTP 404)");
+    }
+
+    #[test]
+    fn an_empty_answer_reads_as_none() {
+        let c = Client::new(&answer_once("204 No Content", "")).expect("client");
+        let v = call::<Option<api::VolumeDeleted>>(&c, "DELETE", "/v1/volumes/x", NONE)
+            .expect("empty is fine");
+        assert!(v.is_none());
+    }
 }
