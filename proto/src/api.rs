@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A size as a client wrote it: bytes, or a string with units.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SizeArg {
     Bytes(u64),
@@ -52,7 +52,7 @@ impl std::fmt::Display for SizeArg {
 }
 
 /// `POST /v1/volumes`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreate {
     pub name: String,
@@ -63,6 +63,7 @@ pub struct VolumeCreate {
     /// Copies on distinct nodes, 1 to 3 (default: the daemon's
     /// `--default-replicas`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3)]
     pub replicas: Option<u32>,
     /// Keep one replica on the node that serves this request (the node
     /// that will attach it), when it has room.
@@ -71,7 +72,7 @@ pub struct VolumeCreate {
 }
 
 /// `POST /v1/volumes/{name}/attach` (body optional).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
     /// Take the volume over from the node it is attached to (use when that
@@ -81,7 +82,7 @@ pub struct AttachRequest {
 }
 
 /// `PATCH /v1/volumes/{name}`: grow and/or change the replica count.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeUpdate {
     /// Grow to this size (volumes never shrink).
@@ -90,11 +91,12 @@ pub struct VolumeUpdate {
     /// Change the replica count (1 to 3); replicas are added or removed
     /// online by the leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3)]
     pub replicas: Option<u32>,
 }
 
 /// `POST /v1/volumes/{name}/mount` and `/unmount`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MountRequest {
     /// Absolute path on the daemon's host.
@@ -106,7 +108,7 @@ pub struct MountRequest {
 }
 
 /// A volume as the API reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeInfo {
     pub id: String,
     pub name: String,
@@ -134,7 +136,7 @@ pub struct VolumeInfo {
 
 /// Answer of `DELETE /v1/volumes/{name}` (202) when some replica's space
 /// is not freed yet.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeDeleted {
     /// Nodes whose copy was not freed yet (down or slow): their space comes
     /// back when they answer again.
@@ -142,7 +144,7 @@ pub struct VolumeDeleted {
 }
 
 /// Answer of `POST /v1/volumes/{name}/verify`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyReport {
     pub extents_compared: u64,
     pub replicas_compared: u32,
@@ -154,7 +156,7 @@ pub struct VerifyReport {
 }
 
 /// One extent `verify --repair` made equal again.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RepairedExtent {
     pub extent: u64,
     /// The node whose copy was kept.
@@ -167,7 +169,7 @@ pub struct RepairedExtent {
 }
 
 /// One copy of a volume.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaInfo {
     /// Node name.
     pub node: String,
@@ -180,12 +182,12 @@ pub struct ReplicaInfo {
 }
 
 /// Answer of `POST /v1/volumes/{name}/attach`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttachInfo {
     pub device: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceInfo {
     pub index: u32,
     pub path: String,
@@ -197,7 +199,7 @@ pub struct DeviceInfo {
 }
 
 /// `GET /v1/pool`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolInfo {
     pub id: String,
     pub extent_size_bytes: u64,
@@ -210,7 +212,7 @@ pub struct PoolInfo {
 }
 
 /// `GET /v1/node`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     pub id: String,
     pub name: String,
@@ -227,12 +229,12 @@ pub struct NodeStatus {
 }
 
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: e.g. `VolumeNotFound`, `InvalidSize`.
     pub code: String,
@@ -240,7 +242,7 @@ pub struct ErrorDetail {
 }
 
 /// `GET /v1/nodes`: one cluster member.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     pub id: String,
     pub name: String,
@@ -257,7 +259,7 @@ pub struct NodeInfo {
 }
 
 /// `GET /v1/cluster`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterStatus {
     pub cluster_id: String,
     /// Name of the metadata leader, if one is known.
@@ -268,7 +270,7 @@ pub struct ClusterStatus {
     pub members: Vec<ClusterMember>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterMember {
     pub name: String,
     pub id: String,
