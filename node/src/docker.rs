@@ -100,10 +100,14 @@ impl DockerBackend {
         for (k, v) in opts {
             match k.as_str() {
                 "size" => {
-                    crate::volume::parse_size(&SizeArg::Text(v.clone())).map_err(|e| {
-                        format!("option size={v:?}: {e}; accepted: a size with units such as 10GiB")
-                    })?;
-                    req.size = SizeArg::Text(v.clone());
+                    // Free text: rounded up to whole 4 KiB blocks.
+                    let bytes = crate::volume::parse_size_rounded(&SizeArg::Text(v.clone()))
+                        .map_err(|e| {
+                            format!(
+                                "option size={v:?}: {e}; accepted: a size with units such as 10GiB"
+                            )
+                        })?;
+                    req.size = SizeArg::Bytes(bytes);
                 }
                 "replicas" => {
                     let n: u32 =

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A size as a client wrote it: bytes, or a string with units.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum SizeArg {
     Bytes(u64),
@@ -42,6 +42,57 @@ impl<'de> Deserialize<'de> for SizeArg {
     }
 }
 
+/// The largest volume (64 TiB; the daemon's `MAX_VOLUME_SIZE`).
+pub const MAX_SIZE_BYTES: u64 = 64 << 40;
+/// Sizes are whole 4 KiB blocks.
+pub const SIZE_ALIGN_BYTES: u64 = 4096;
+/// The text sizes the description promises: whole MiB or GiB below 10,000,
+/// or TiB up to 64 (binary units, so always whole 4 KiB blocks). The API
+/// also reads other forms (`4096`, `1.5GiB`, `10GB`) when they come to
+/// whole blocks.
+pub const SIZE_TEXT_PATTERN: &str =
+    "^([1-9][0-9]{0,3}(M|Mi|MiB|G|Gi|GiB)|([1-9]|[1-5][0-9]|6[0-4])(T|Ti|TiB))$";
+
+impl utoipa::PartialSchema for SizeArg {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type,
+        };
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(SIZE_ALIGN_BYTES))
+                    .maximum(Some(MAX_SIZE_BYTES))
+                    .multiple_of(Some(SIZE_ALIGN_BYTES))
+                    .description(Some("Bytes: a multiple of 4 KiB.")),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(SIZE_TEXT_PATTERN))
+                    .description(Some("With a binary unit, e.g. 512MiB, 10GiB, 1T.")),
+            )
+            .description(Some(
+                "A size: whole 4 KiB blocks, at most 64 TiB; one between two blocks is refused, not rounded.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SizeArg {}
+
+/// The filesystems a volume can have (or `null`: the default).
+fn fs_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some([Some("ext4"), Some("xfs"), Some("none"), None]))
+        .description(Some("`ext4` (default), `xfs` or `none` (raw block)."))
+        .build()
+}
+
 impl std::fmt::Display for SizeArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -55,10 +106,12 @@ impl std::fmt::Display for SizeArg {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreate {
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     pub name: String,
     pub size: SizeArg,
     /// `ext4` (default), `xfs` or `none` (raw block).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = fs_schema)]
     pub fs: Option<String>,
     /// Copies on distinct nodes, 1 to 3 (default: the daemon's
     /// `--default-replicas`).

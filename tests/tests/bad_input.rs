@@ -36,6 +36,10 @@ fn api_refuses_bad_requests_and_changes_nothing() {
         json!(""),
         json!(1.5),
         json!(null),
+        // Between two multiples of 4 KiB: refused, never rounded silently.
+        json!(5623),
+        json!("1.5K"),
+        json!("1GB"),
     ];
     for s in sizes {
         let (st, v) = node.api(
@@ -51,6 +55,18 @@ fn api_refuses_bad_requests_and_changes_nothing() {
             "size {s}: message too vague: {v}"
         );
     }
+    let (_, v) = node.api(
+        "POST",
+        "/v1/volumes",
+        Some(&json!({ "name": "n", "size": 5623 })),
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the next one up is 8192"),
+        "{v}"
+    );
     for name in ["", "-x", "a/b", "a b", &"x".repeat(129)] {
         let (st, v) = node.api(
             "POST",

@@ -440,10 +440,11 @@ async fn attach(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<api::AttachInfo>> {
+    // No body, or JSON `null`, is no options (the description's optional body).
     let req: api::AttachRequest = if body.is_empty() {
         Default::default()
     } else {
-        parse_body(&body)?
+        parse_body::<Option<api::AttachRequest>>(&body)?.unwrap_or_default()
     };
     let m = s.mgr.clone();
     let device = blocking(move || m.attach(&name, req.force)).await?;
@@ -844,6 +845,16 @@ mod tests {
             v["components"]["schemas"]["VolumeCreate"]["additionalProperties"],
             false
         );
+    }
+
+    #[test]
+    fn the_described_size_limits_are_the_daemons() {
+        assert_eq!(api::MAX_SIZE_BYTES, crate::types::MAX_VOLUME_SIZE);
+        assert_eq!(api::SIZE_ALIGN_BYTES, crate::types::SIZE_ALIGN);
+        let v: serde_json::Value = serde_json::from_str(openapi_json()).expect("parses");
+        let size = &v["components"]["schemas"]["SizeArg"]["oneOf"];
+        assert_eq!(size[0]["multipleOf"], 4096, "{size}");
+        assert_eq!(size[1]["pattern"], api::SIZE_TEXT_PATTERN, "{size}");
     }
 
     #[test]

@@ -153,15 +153,24 @@ fn mount_options(fs: FsType, given: &[String], read_only: bool) -> Vec<String> {
     o
 }
 
+/// A size the API was given: a positive multiple of 4 KiB up to the
+/// largest volume. A size between two multiples is refused with the next
+/// one up named, never silently rounded.
 pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
-    let bytes = match arg {
-        SizeArg::Bytes(b) => *b,
-        SizeArg::Text(t) => {
-            t.parse::<ByteSize>()
-                .map_err(|e| VolumeError::InvalidSize(e.to_string()))?
-                .0
-        }
-    };
+    let bytes = parse_size_rounded(arg)?;
+    let given = parse_bytes(arg)?;
+    if given != bytes {
+        return Err(VolumeError::InvalidSize(format!(
+            "size {arg} ({given} bytes) is not a multiple of 4 KiB ({SIZE_ALIGN} bytes); the next one up is {bytes}"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A size rounded up to whole 4 KiB blocks: the rule of doors whose sizes
+/// are free text or minimums (Docker options, CSI capacity ranges).
+pub fn parse_size_rounded(arg: &SizeArg) -> Result<u64, VolumeError> {
+    let bytes = parse_bytes(arg)?;
     if bytes == 0 {
         return Err(VolumeError::InvalidSize(format!(
             "size {arg} must be greater than zero"
@@ -174,6 +183,17 @@ pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
         )));
     }
     Ok(bytes.div_ceil(SIZE_ALIGN) * SIZE_ALIGN)
+}
+
+fn parse_bytes(arg: &SizeArg) -> Result<u64, VolumeError> {
+    Ok(match arg {
+        SizeArg::Bytes(b) => *b,
+        SizeArg::Text(t) => {
+            t.parse::<ByteSize>()
+                .map_err(|e| VolumeError::InvalidSize(e.to_string()))?
+                .0
+        }
+    })
 }
 
 impl VolumeManager {
