@@ -312,13 +312,7 @@ impl VolumeManager {
             return Ok(());
         };
         if rec.mounts.contains(&path_s) {
-            crate::sys::mount::umount(&path, 0).map_err(|e| VolumeError::InUse {
-                name: name.into(),
-                why: format!("unmounting {path_s}: {e}"),
-            })?;
-            rec.mounts.retain(|m| *m != path_s);
-            rec.options.remove(&path_s);
-            self.save_local(v.id, Some(&rec))?;
+            self.forget_mount(&v, &mut rec, &path)?;
         }
         if rec.mounts.is_empty() {
             self.teardown(&v, false, false)?;

@@ -194,17 +194,29 @@ impl VolumeManager {
         if !rec.mounts.contains(&path_s) {
             return self.inspect(name);
         }
-        crate::sys::mount::umount(&path, 0).map_err(|e| VolumeError::InUse {
-            name: name.into(),
-            why: format!("unmounting {path_s}: {e}"),
-        })?;
-        rec.mounts.retain(|m| *m != path_s);
-        rec.options.remove(&path_s);
-        self.save_local(v.id, Some(&rec))?;
+        self.forget_mount(&v, &mut rec, &path)?;
         if rec.mounts.is_empty() {
             self.teardown(&v, false, true)?;
         }
         tracing::info!(volume = %name, path = %path_s, "unmounted volume");
         self.inspect(name)
+    }
+
+    /// Unmounts `path`, one of `rec`'s recorded mounts of `v` (a busy one
+    /// is `InUse` and stays recorded), and records that it is gone.
+    pub(super) fn forget_mount(
+        &self,
+        v: &Volume,
+        rec: &mut LocalAttachment,
+        path: &Path,
+    ) -> Result<(), VolumeError> {
+        let path_s = path.to_string_lossy().into_owned();
+        crate::sys::mount::umount(path, 0).map_err(|e| VolumeError::InUse {
+            name: v.name.clone(),
+            why: format!("unmounting {path_s}: {e}"),
+        })?;
+        rec.mounts.retain(|m| *m != path_s);
+        rec.options.remove(&path_s);
+        self.save_local(v.id, Some(rec))
     }
 }
