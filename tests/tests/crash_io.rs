@@ -260,6 +260,8 @@ fn sigterm_during_fio_fails_no_writer_and_leaves_nothing_behind() {
         log.contains("handing the FUSE connection to the holder"),
         "{log}"
     );
+    // Every session thread stopped with its request answered.
+    assert!(!log.contains("at the hand-off deadline"), "{log}");
     assert!(
         !cairn_node::sys::mount::is_mount_point(&idle),
         "the idle mount stayed"
@@ -281,6 +283,8 @@ fn sigterm_during_fio_fails_no_writer_and_leaves_nothing_behind() {
         cairn_node::sys::mount::is_mount_point(&idle)
     });
     let log = node.last_log();
+    // The stop was clean: the idle volume, torn down, needs no resync.
+    assert!(!log.contains("ended uncleanly"), "{log}");
     for bad in [
         "write failed",
         "read failed",
@@ -290,9 +294,25 @@ fn sigterm_during_fio_fails_no_writer_and_leaves_nothing_behind() {
         assert!(!log.contains(bad), "logged {bad:?}:\n{log}");
     }
 
-    // Nothing in use: the stop takes everything down, the holder exits.
+    // The kept attachment serves writes again, so its record no longer
+    // says "clean stop": a crash now that takes the holder with it is
+    // resynced at the next start.
     node.cli_ok(&["volume", "unmount", "fsv", &mnt_s]);
     node.cli_ok(&["volume", "unmount", "still", &idle_s]);
+    node.kill9();
+    let killed = kill_holders(&node.dir);
+    wait_for("the holder to die", Duration::from_secs(10), || {
+        holders(&node.dir).is_empty()
+    });
+    assert_eq!(killed.len(), 1);
+    node.restart();
+    wait_for(
+        "the resync of the raw volume",
+        Duration::from_secs(30),
+        || node.last_log().contains("ended uncleanly"),
+    );
+
+    // Nothing in use: the stop takes everything down, the holder exits.
     node.cli_ok(&["volume", "detach", "raw"]);
     assert!(node.terminate().expect("was running").success());
     wait_for("the holder to exit", Duration::from_secs(10), || {

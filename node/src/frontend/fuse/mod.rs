@@ -501,6 +501,15 @@ impl Session {
             if self.dispatch(h, &mut buf, n).is_break() {
                 return;
             }
+            // Under load the next read returns at once and never sees the
+            // hand-off's signal: look at the flag between requests too.
+            if self
+                .table
+                .stopping
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return;
+            }
         }
     }
 

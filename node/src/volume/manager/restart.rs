@@ -163,7 +163,7 @@ impl VolumeManager {
             match self.try_readopt(id, read_only, start_epoch) {
                 Ok(v) => {
                     tracing::info!(volume = %v.name, epoch = v.epoch, "attachment kept across the restart");
-                    self.remount_missing(&v);
+                    self.settle_kept(&v);
                     return;
                 }
                 Err(Readopt::Never(why)) => {
@@ -188,12 +188,19 @@ impl VolumeManager {
         }
     }
 
-    /// Mounts of a kept attachment that the previous daemon's stop had
-    /// already taken down (it stopped at a busy one): mounted again.
-    fn remount_missing(&self, v: &Volume) {
-        let Some(rec) = self.local_record(v.id) else {
+    /// A kept attachment served again: its record no longer says "clean
+    /// stop" (this daemon serves writes now; only its own graceful stop may
+    /// say so again), and mounts that the previous daemon's stop had taken
+    /// down already (it stopped at a busy one) are mounted again.
+    fn settle_kept(&self, v: &Volume) {
+        let Some(mut rec) = self.local_record(v.id) else {
             return;
         };
+        if std::mem::take(&mut rec.clean_stop) {
+            if let Err(e) = self.save_local(v.id, Some(&rec)) {
+                tracing::error!(volume = %v.name, error = %e, "cannot record that the volume serves again");
+            }
+        }
         for m in &rec.mounts {
             if crate::sys::mount::is_mount_point(Path::new(m)) {
                 continue;
