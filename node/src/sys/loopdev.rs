@@ -187,6 +187,9 @@ pub fn in_use(device: &Path) -> Option<String> {
                 m.mount_point.display()
             ));
         }
+        if m.fstype == "devtmpfs" && m.root == node_name {
+            return Some(format!("it is bind-mounted at {}", m.mount_point.display()));
+        }
     }
     // A filesystem mounted in any mount namespace (a container's) claims
     // the device exclusively.
@@ -198,11 +201,6 @@ pub fn in_use(device: &Path) -> Option<String> {
             .open(device);
         if excl.is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY)) {
             return Some("a filesystem on it is mounted (maybe in another mount namespace)".into());
-        }
-    }
-    for m in crate::sys::mount::mounts() {
-        if m.fstype == "devtmpfs" && m.root == node_name {
-            return Some(format!("it is bind-mounted at {}", m.mount_point.display()));
         }
     }
     let me = std::process::id().to_string();

@@ -157,8 +157,8 @@ fn mount_options(fs: FsType, given: &[String], read_only: bool) -> Vec<String> {
 /// largest volume. A size between two multiples is refused with the next
 /// one up named, never silently rounded.
 pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
-    let bytes = parse_size_rounded(arg)?;
     let given = parse_bytes(arg)?;
+    let bytes = round_size(arg, given)?;
     if given != bytes {
         return Err(VolumeError::InvalidSize(format!(
             "size {arg} ({given} bytes) is not a multiple of 4 KiB ({SIZE_ALIGN} bytes); the next one up is {bytes}"
@@ -170,7 +170,11 @@ pub fn parse_size(arg: &SizeArg) -> Result<u64, VolumeError> {
 /// A size rounded up to whole 4 KiB blocks: the rule of doors whose sizes
 /// are free text or minimums (Docker options, CSI capacity ranges).
 pub fn parse_size_rounded(arg: &SizeArg) -> Result<u64, VolumeError> {
-    let bytes = parse_bytes(arg)?;
+    round_size(arg, parse_bytes(arg)?)
+}
+
+/// `bytes` (as `arg` gave it) in range, rounded up to whole blocks.
+fn round_size(arg: &SizeArg, bytes: u64) -> Result<u64, VolumeError> {
     if bytes == 0 {
         return Err(VolumeError::InvalidSize(format!(
             "size {arg} must be greater than zero"

@@ -83,13 +83,8 @@ impl VolumeManager {
                     }
                     let mounts = std::mem::take(&mut rec.mounts);
                     for m in mounts {
-                        let given = rec.options.get(&m).cloned().unwrap_or_default();
-                        let options = mount_options(v.fs, &given, rec.read_only);
-                        match mount::mount(Path::new(&dev), Path::new(&m), v.fs, &options) {
-                            Ok(()) => rec.mounts.push(m),
-                            Err(e) => {
-                                tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart")
-                            }
+                        if self.mount_again(v, &rec, &m) {
+                            rec.mounts.push(m);
                         }
                     }
                     tracing::info!(volume = %v.name, device = %dev, mounts = rec.mounts.len(), "re-served attachment");
@@ -202,16 +197,22 @@ impl VolumeManager {
             }
         }
         for m in &rec.mounts {
-            if crate::sys::mount::is_mount_point(Path::new(m)) {
-                continue;
+            if !crate::sys::mount::is_mount_point(Path::new(m)) {
+                self.mount_again(v, &rec, m);
             }
-            let given = rec.options.get(m).cloned().unwrap_or_default();
-            let options = mount_options(v.fs, &given, rec.read_only);
-            match mount::mount(Path::new(&rec.device), Path::new(m), v.fs, &options) {
-                Ok(()) => tracing::info!(volume = %v.name, path = %m, "mounted again"),
-                Err(e) => {
-                    tracing::error!(volume = %v.name, path = %m, error = %e, "cannot re-mount after restart")
-                }
+        }
+    }
+
+    /// Mounts `rec.device` at `path`, one of the record's mounts of `v`,
+    /// with its recorded options; false (logged) when that fails.
+    fn mount_again(&self, v: &Volume, rec: &super::LocalAttachment, path: &str) -> bool {
+        let given = rec.options.get(path).cloned().unwrap_or_default();
+        let options = mount_options(v.fs, &given, rec.read_only);
+        match mount::mount(Path::new(&rec.device), Path::new(path), v.fs, &options) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(volume = %v.name, path = %path, error = %e, "cannot re-mount after restart");
+                false
             }
         }
     }
