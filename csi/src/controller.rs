@@ -95,7 +95,7 @@ impl Controller for Driver {
         // the same id, which keeps CreateVolume idempotent).
         let name = rules::volume_id_for(&csi_name, |n| self.backend.valid_volume_name(n))?;
         let wanted = rules::capabilities(&req.volume_capabilities)?;
-        let params = rules::params(&req.parameters)?;
+        let params = rules::params(&req.parameters, self.backend.max_replicas())?;
         if wanted.reader && !wanted.block {
             return Err(Error::InvalidArgument(
                 "only read-only access modes: the new filesystem could never be written; add a writer mode (e.g. SINGLE_NODE_WRITER)".into(),
@@ -343,18 +343,20 @@ impl Controller for Driver {
         let problem = match rules::capabilities(&req.volume_capabilities) {
             Err(Error::InvalidArgument(m)) | Err(Error::OutOfRange(m)) => Some(m),
             Err(e) => return Err(e.into()),
-            Ok(w) => rules::mismatch(&v, &w).or_else(|| match rules::params(&req.parameters) {
-                Err(e) => Some(e.to_string()),
-                Ok(Params {
-                    replicas: Some(r), ..
-                }) if r != v.replicas => Some(format!(
-                    "volume has {} replica(s), the parameters ask for {r}",
-                    v.replicas
-                )),
-                Ok(p) if !v.is_block() && p.fs.as_ref().is_some_and(|f| *f != v.fs) => {
-                    Some(format!("volume holds {}", v.fs))
+            Ok(w) => rules::mismatch(&v, &w).or_else(|| {
+                match rules::params(&req.parameters, self.backend.max_replicas()) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(Params {
+                        replicas: Some(r), ..
+                    }) if r != v.replicas => Some(format!(
+                        "volume has {} replica(s), the parameters ask for {r}",
+                        v.replicas
+                    )),
+                    Ok(p) if !v.is_block() && p.fs.as_ref().is_some_and(|f| *f != v.fs) => {
+                        Some(format!("volume holds {}", v.fs))
+                    }
+                    Ok(_) => None,
                 }
-                Ok(_) => None,
             }),
         };
         Ok(Response::new(match problem {
@@ -427,7 +429,7 @@ impl Controller for Driver {
         request: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
         let req = request.into_inner();
-        let params = rules::params(&req.parameters)?;
+        let params = rules::params(&req.parameters, self.backend.max_replicas())?;
         if let Some(t) = &req.accessible_topology {
             rules::check_topology(t)?;
         }

@@ -191,6 +191,8 @@ pub trait Backend: Send + Sync + 'static {
     fn size_rules(&self) -> SizeRules;
     /// Replicas of a volume created without `replicas`.
     fn default_replicas(&self) -> u32;
+    /// Most replicas a volume may have.
+    fn max_replicas(&self) -> u32;
     /// Most volumes this node attaches at once.
     fn max_volumes_per_node(&self) -> u64;
     /// Whether `name` is a valid volume name of the core (a CSI name that

@@ -11,9 +11,11 @@ use crate::{Error, NodeFacts, SizeRules, VolumeFacts, TOPOLOGY_NODE, TOPOLOGY_ZO
 /// Filesystems a mount capability may ask for.
 pub const FILESYSTEMS: [&str; 2] = ["ext4", "xfs"];
 
-/// StorageClass parameters this driver reads.
-pub const PARAMETERS: &str =
-    "replicas (1-3), fs (ext4|xfs), locality (true|false), csi.storage.k8s.io/fstype";
+/// StorageClass parameters this driver reads, for a backend that keeps
+/// up to `max_replicas` copies.
+fn parameters_help(max_replicas: u32) -> String {
+    format!("replicas (1-{max_replicas}), fs (ext4|xfs), locality (true|false), csi.storage.k8s.io/fstype")
+}
 
 /// What a list of capabilities asks of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,7 +228,8 @@ pub struct Params {
     pub locality: Option<bool>,
 }
 
-pub fn params(p: &HashMap<String, String>) -> Result<Params, Error> {
+/// Checks StorageClass parameters; `max_replicas` is the backend's limit.
+pub fn params(p: &HashMap<String, String>, max_replicas: u32) -> Result<Params, Error> {
     let mut out = Params::default();
     for (k, v) in p {
         match k.as_str() {
@@ -234,9 +237,11 @@ pub fn params(p: &HashMap<String, String>) -> Result<Params, Error> {
                 let n = v
                     .parse::<u32>()
                     .ok()
-                    .filter(|n| (1..=3).contains(n))
+                    .filter(|n| (1..=max_replicas).contains(n))
                     .ok_or_else(|| {
-                        Error::InvalidArgument(format!("parameter replicas={v:?}: give 1, 2 or 3"))
+                        Error::InvalidArgument(format!(
+                            "parameter replicas={v:?}: give a number from 1 to {max_replicas}"
+                        ))
                     })?;
                 out.replicas = Some(n);
             }
@@ -269,7 +274,8 @@ pub fn params(p: &HashMap<String, String>) -> Result<Params, Error> {
             k if k.starts_with("csi.storage.k8s.io/") => {}
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown parameter {k:?}; accepted: {PARAMETERS}"
+                    "unknown parameter {k:?}; accepted: {}",
+                    parameters_help(max_replicas)
                 )))
             }
         }
@@ -546,6 +552,7 @@ mod tests {
                 &kv.iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                3,
             )
         };
         assert_eq!(

@@ -1,7 +1,9 @@
 //! The CSI driver's backend: CSI volumes are Cairn volumes (volume id =
 //! name), CSI nodes are cluster nodes (node id = node name). Controller
 //! calls act on the cluster state from whichever node serves them; node
-//! calls act on this node through the same volume-manager calls as the CLI.
+//! calls act on this node through the same volume-manager calls as the CLI
+//! (stage, publish and their reverses own every mount and bind); this file
+//! only translates arguments and maps errors, in one place.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,9 +17,10 @@ use crate::cluster::state::{ClusterState, NodeState, Volume};
 use crate::cluster::store::StoreError;
 use crate::engine::EngineError;
 use crate::replica::ReplicaError;
-use crate::sys::mount as sysmount;
 use crate::types::{NodeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
-use crate::volume::{CreateVolume, ReplicaCondition, VolumeError, VolumeManager};
+use crate::volume::{
+    CreateVolume, PublishSpec, ReplicaCondition, StageSpec, VolumeError, VolumeManager,
+};
 
 /// Size of a volume created without a capacity range.
 const DEFAULT_SIZE: u64 = 1 << 30;
@@ -67,7 +70,9 @@ fn map(e: VolumeError) -> Error {
     match e {
         InvalidName(_) | InvalidSize(_) | InvalidFs(_) | InvalidPath(_) | InvalidOptions(_)
         | InvalidReplicas(_) | RawVolume(_) => Error::InvalidArgument(m),
-        NotFormatted(_) => Error::FailedPrecondition(m),
+        NotFormatted(_) | NotStaged { .. } => Error::FailedPrecondition(m),
+        PublishedDifferently { .. } => Error::AlreadyExists(m),
+        NotShownAt { .. } => Error::NotFound(m),
         NotFound(_) => Error::NotFound(m),
         AlreadyExists(_) => Error::AlreadyExists(m),
         Attached { .. } | AttachedElsewhere { .. } | Mounted { .. } | InUse { .. } => {
@@ -133,18 +138,6 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
     }
 }
 
-/// Whether mount `m` shows the volume whose device is `dev`: a filesystem
-/// mounted from it (staging) or bound from that mount (publish), or for a
-/// raw block volume the device file bound onto a file.
-fn shows_device(m: &sysmount::MountEntry, dev: &Path, block: bool) -> bool {
-    if block {
-        dev.file_name()
-            .is_some_and(|f| Path::new(&m.root).file_name() == Some(f))
-    } else {
-        Path::new(&m.source) == dev
-    }
-}
-
 impl Backend for CsiBackend {
     /// Ready once this node is a member of a cluster. A lost quorum is not
     /// "unready": calls then fail with UNAVAILABLE, and a failed probe would
@@ -191,6 +184,10 @@ impl Backend for CsiBackend {
 
     fn default_replicas(&self) -> u32 {
         self.mgr.default_replicas()
+    }
+
+    fn max_replicas(&self) -> u32 {
+        VolumeManager::MAX_REPLICAS
     }
 
     fn claim(&self, volume: &str) -> Result<Box<dyn std::any::Any + Send>, Error> {
@@ -278,32 +275,14 @@ impl Backend for CsiBackend {
     }
 
     fn stage(&self, name: &str, staging: &Path, how: &Stage) -> Result<(), Error> {
-        let info = self.mgr.inspect(name).map_err(map)?;
-        let held_read_only = info.readers.contains(&self.name);
-        let staged = info.device.is_some()
-            && (how.block || info.mounts.iter().any(|m| m.as_path() == staging));
-        if staged {
-            if held_read_only != how.read_only {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {name:?} is staged on this node {}",
-                    if held_read_only {
-                        "read-only"
-                    } else {
-                        "read-write"
-                    }
-                )));
-            }
-            return Ok(());
-        }
-        let r = match (how.block, how.read_only) {
-            (false, ro) => self
-                .mgr
-                .mount_with(name, &staging.to_string_lossy(), false, &how.flags, ro)
-                .map(|_| ()),
-            (true, false) => self.mgr.attach(name, false).map(|_| ()),
-            (true, true) => self.mgr.attach_reader(name).map(|_| ()),
+        let spec = StageSpec {
+            block: how.block,
+            read_only: how.read_only,
+            options: how.flags.clone(),
         };
-        r.map_err(map)
+        self.mgr
+            .stage(name, &staging.to_string_lossy(), &spec)
+            .map_err(map)
     }
 
     fn unstage(&self, name: &str, staging: &Path) -> Result<(), Error> {
@@ -320,134 +299,39 @@ impl Backend for CsiBackend {
         target: &Path,
         how: Publish,
     ) -> Result<(), Error> {
-        let (block, readonly) = (how.block, how.read_only);
-        let target = &self
-            .mgr
-            .check_mount_target(&target.to_string_lossy())
-            .map_err(map)?;
-        let info = self.mgr.inspect(name).map_err(map)?;
-        let not_staged = || {
-            Error::FailedPrecondition(format!(
-                "volume {name:?} is not staged at {} on this node",
-                staging.display()
-            ))
+        let spec = PublishSpec {
+            block: how.block,
+            read_only: how.read_only,
+            sole_writer: how.sole_writer,
         };
-        let dev = info.device.clone().unwrap_or_default();
-        let mounts = sysmount::mounts();
-        if let Some(m) = mounts.iter().find(|m| m.mount_point == *target) {
-            // Published already: the same volume the same way is a repeat.
-            let ours = shows_device(m, &dev, block);
-            if ours && m.read_only == readonly {
-                return Ok(());
-            }
-            return Err(Error::AlreadyExists(format!(
-                "{} is already a mount point ({})",
-                target.display(),
-                if ours {
-                    "this volume, with the other read-only setting"
-                } else {
-                    "of something else"
-                }
-            )));
-        }
-        if how.sole_writer && !readonly {
-            let other = mounts.iter().find(|m| {
-                !dev.as_os_str().is_empty()
-                    && m.mount_point != *target
-                    && m.mount_point != staging
-                    && !m.read_only
-                    && shows_device(m, &dev, block)
-            });
-            if let Some(m) = other {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {name:?} is published read-write at {}; SINGLE_NODE_SINGLE_WRITER allows one",
-                    m.mount_point.display()
-                )));
-            }
-        }
-        let source = if block {
-            let dev = info.device.ok_or_else(not_staged)?;
-            if let Some(dir) = target.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(target)
-                .map_err(|e| Error::Internal(format!("{}: {e}", target.display())))?;
-            dev
-        } else {
-            if !info.mounts.iter().any(|m| m.as_path() == staging)
-                || !sysmount::is_mount_point(staging)
-            {
-                return Err(not_staged());
-            }
-            std::fs::create_dir_all(target)
-                .map_err(|e| Error::Internal(format!("{}: {e}", target.display())))?;
-            staging.to_path_buf()
-        };
-        sysmount::bind(&source, target, readonly).map_err(|e| {
-            Error::Internal(format!(
-                "bind mount {} on {}: {e}",
-                source.display(),
-                target.display()
-            ))
-        })?;
-        tracing::info!(volume = %name, target = %target.display(), readonly, "published volume");
-        Ok(())
+        self.mgr
+            .publish(
+                name,
+                &staging.to_string_lossy(),
+                &target.to_string_lossy(),
+                spec,
+            )
+            .map_err(|e| match e {
+                VolumeError::InUse { .. } if how.sole_writer => Error::FailedPrecondition(format!(
+                    "{e} (SINGLE_NODE_SINGLE_WRITER allows one read-write target)"
+                )),
+                e => map(e),
+            })
     }
 
     fn unpublish(&self, name: &str, target: &Path) -> Result<(), Error> {
-        if sysmount::is_mount_point(target) {
-            sysmount::umount(target, 0)
-                .map_err(|e| Error::Internal(format!("unmounting {}: {e}", target.display())))?;
-            tracing::info!(volume = %name, target = %target.display(), "unpublished volume");
-        }
-        let removed = match std::fs::symlink_metadata(target) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
-            Ok(_) => std::fs::remove_file(target),
-            Err(e) => Err(e),
-        };
-        match removed {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Internal(format!(
-                "removing {}: {e}",
-                target.display()
-            ))),
-            _ => Ok(()),
-        }
+        self.mgr
+            .unpublish(name, &target.to_string_lossy())
+            .map_err(map)
     }
 
     fn usage(&self, name: &str, path: &Path) -> Result<Usage, Error> {
-        let info = self.mgr.inspect(name).map_err(map)?;
-        let dev = info.device.clone().unwrap_or_default();
-        let block = info.fs == crate::types::FsType::None;
-        let here = !dev.as_os_str().is_empty()
-            && sysmount::mounts()
-                .iter()
-                .any(|m| m.mount_point == path && shows_device(m, &dev, block));
-        if !here {
-            return Err(Error::NotFound(format!(
-                "volume {name:?} is neither staged nor published at {} on this node",
-                path.display()
-            )));
-        }
-        if block {
-            return Ok(Usage {
-                total_bytes: info.size_bytes,
-                used_bytes: 0,
-                available_bytes: 0,
-                inodes: None,
-            });
-        }
-        let (total, used, avail, itotal, iused, ifree) = sysmount::statvfs(path)
-            .map_err(|e| Error::Internal(format!("statvfs {}: {e}", path.display())))?;
+        let u = self.mgr.usage(name, path).map_err(map)?;
         Ok(Usage {
-            total_bytes: total,
-            used_bytes: used,
-            available_bytes: avail,
-            inodes: Some((itotal, iused, ifree)),
+            total_bytes: u.total_bytes,
+            used_bytes: u.used_bytes,
+            available_bytes: u.available_bytes,
+            inodes: u.inodes,
         })
     }
 

@@ -16,7 +16,13 @@ use crate::types::FsType;
 use crate::volume::{CreateVolume, VolumeError, VolumeManager};
 
 /// `--opt` names Docker users may pass, with what they accept.
-const OPTIONS: &str = "size (e.g. 10GiB), replicas (1-3), fs (ext4|xfs), locality (true|false)";
+/// The options `Create` reads.
+fn options_help() -> String {
+    format!(
+        "size (e.g. 10GiB), replicas (1-{}), fs (ext4|xfs), locality (true|false)",
+        VolumeManager::MAX_REPLICAS
+    )
+}
 
 /// Docker's view of the manager. A volume's reference changes and the
 /// mounts they cause run under the manager's claim on that volume, the one
@@ -110,13 +116,16 @@ impl DockerBackend {
                     req.size = SizeArg::Bytes(bytes);
                 }
                 "replicas" => {
-                    let n: u32 =
-                        v.parse()
-                            .ok()
-                            .filter(|n| (1..=3).contains(n))
-                            .ok_or_else(|| {
-                                format!("option replicas={v:?}: accepted values are 1, 2 or 3")
-                            })?;
+                    let n: u32 = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=VolumeManager::MAX_REPLICAS).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "option replicas={v:?}: accepted values are 1 to {}",
+                                VolumeManager::MAX_REPLICAS
+                            )
+                        })?;
                     req.replicas = Some(n);
                 }
                 "fs" => {
@@ -143,7 +152,8 @@ impl DockerBackend {
                 }
                 other => {
                     return Err(format!(
-                        "unknown option {other:?}; accepted options: {OPTIONS}"
+                        "unknown option {other:?}; accepted options: {}",
+                        options_help()
                     ))
                 }
             }

@@ -172,6 +172,10 @@ pub struct VolumeInfo {
     /// The block device path while attached on this node.
     pub device: Option<String>,
     pub mounts: Vec<String>,
+    /// Targets the volume is published at on this node (bind mounts made
+    /// by the CSI driver's NodePublishVolume).
+    #[serde(default)]
+    pub published: Vec<String>,
     pub allocated_bytes: u64,
     pub formatted: bool,
     pub epoch: u64,

@@ -120,6 +120,9 @@ impl From<VolumeError> for ApiError {
             Shrink { .. } => (StatusCode::BAD_REQUEST, "ShrinkNotSupported"),
             RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
             NotFormatted(_) => (StatusCode::CONFLICT, "NotFormatted"),
+            NotStaged { .. } => (StatusCode::CONFLICT, "NotStaged"),
+            PublishedDifferently { .. } => (StatusCode::CONFLICT, "PublishConflict"),
+            NotShownAt { .. } => (StatusCode::NOT_FOUND, "NotShownAt"),
             Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),
             Engine { source, .. } => match source {
                 EngineError::Replica(ReplicaError::NoSpace) => {

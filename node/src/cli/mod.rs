@@ -593,6 +593,7 @@ fn render_volume(v: &api::VolumeInfo) -> String {
         ("State", v.state.clone()),
         ("Device", opt(&v.device)),
         ("Mounts", list(&v.mounts)),
+        ("Published", list(&v.published)),
         ("Allocated", bytes(v.allocated_bytes)),
         ("Epoch", v.epoch.to_string()),
         ("Attached node", opt(&v.attached_node)),

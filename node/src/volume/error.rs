@@ -3,6 +3,8 @@
 //! Engine and metadata failures keep their typed cause, so a full pool, a
 //! fenced engine or a missing quorum stay recognisable at every door.
 
+use std::path::PathBuf;
+
 use crate::cluster::store::StoreError;
 use crate::engine::EngineError;
 
@@ -48,6 +50,18 @@ pub enum VolumeError {
     RawVolume(String),
     #[error("volume {0:?} has no filesystem yet; a writer must mount it first")]
     NotFormatted(String),
+    #[error("volume {name:?} is not staged at {} on this node", path.display())]
+    NotStaged { name: String, path: PathBuf },
+    /// Staging or publishing again in a way that differs from how the
+    /// path already shows the volume (or shows something else).
+    #[error("{}: volume {name:?} cannot be exposed there as asked: {how}", path.display())]
+    PublishedDifferently {
+        name: String,
+        path: PathBuf,
+        how: String,
+    },
+    #[error("volume {name:?} is neither staged nor published at {} on this node", path.display())]
+    NotShownAt { name: String, path: PathBuf },
     /// A device, mount or filesystem operation failed (loop ioctls, mkfs,
     /// mount, resize).
     #[error("{0}")]

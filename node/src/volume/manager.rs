@@ -9,21 +9,24 @@
 //!
 //! This file holds the manager's state, its start-up and the helpers every
 //! operation uses; the operations live beside it by concept: `lifecycle`
-//! (create, grow, delete), `attach` (devices, publish records, teardown),
-//! `mounting` (format, mount, unmount), `restart` (re-serving after a
-//! start, shutdown), `reconcile`, `scrub`, `views` (API views, metrics
-//! text) and `nbd` (export claims).
+//! (create, grow, delete), `attach` (devices, attachment records,
+//! teardown), `mounting` (format, mount, unmount), `publish` (stage,
+//! publish, unpublish, usage: what CSI's node service asks for),
+//! `restart` (re-serving after a start, shutdown), `reconcile`, `scrub`,
+//! `views` (API views, metrics text) and `nbd` (export claims).
 
 mod attach;
 mod lifecycle;
 mod mounting;
 mod nbd;
+mod publish;
 mod reconcile;
 mod restart;
 mod scrub;
 mod views;
 
 pub use nbd::NbdExports;
+pub use publish::{PathUsage, PublishSpec, StageSpec};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -88,6 +91,10 @@ struct LocalAttachment {
     /// start re-serves the attachment without resyncing its replicas.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     clean_stop: bool,
+    /// Targets the volume is published at (bind mounts of a staging mount
+    /// or of the device file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    published: Vec<publish::Publication>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -319,6 +326,9 @@ impl VolumeManager {
     }
 
     /// Replicas of a volume created without a count.
+    /// Most replicas a volume may have (on distinct nodes).
+    pub const MAX_REPLICAS: u32 = MAX_REPLICAS as u32;
+
     pub fn default_replicas(&self) -> u32 {
         self.cfg.default_replicas
     }

@@ -10,7 +10,10 @@ pub mod mount;
 pub mod view;
 
 pub use error::VolumeError;
-pub use manager::{parse_size, parse_size_rounded, ManagerConfig, NbdExports, VolumeManager};
+pub use manager::{
+    parse_size, parse_size_rounded, ManagerConfig, NbdExports, PathUsage, PublishSpec, StageSpec,
+    VolumeManager,
+};
 pub use view::{ReplicaCondition, ReplicaView, VolumeState, VolumeView};
 
 use cairn_proto::api::{self, SizeArg};

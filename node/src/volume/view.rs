@@ -84,6 +84,8 @@ pub struct VolumeView {
     /// The block device while attached on this node.
     pub device: Option<PathBuf>,
     pub mounts: Vec<PathBuf>,
+    /// Targets it is published at on this node (CSI NodePublish).
+    pub published: Vec<PathBuf>,
     /// Pool bytes this node's replica holds.
     pub allocated_bytes: u64,
     pub formatted: bool,
@@ -106,6 +108,7 @@ impl From<VolumeView> for api::VolumeInfo {
             state: v.state.as_str().into(),
             device: v.device.map(path),
             mounts: v.mounts.into_iter().map(path).collect(),
+            published: v.published.into_iter().map(path).collect(),
             allocated_bytes: v.allocated_bytes,
             formatted: v.formatted,
             epoch: v.epoch,

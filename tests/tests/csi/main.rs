@@ -269,3 +269,4 @@ mod access;
 mod doors;
 mod errors;
 mod lifecycle;
+mod restart;

@@ -1,6 +1,7 @@
 //! Attach and detach: the FUSE file and loop device of a volume served
 //! here (read-write, or read-only as one of its readers), CSI's
-//! publish/unpublish records, and the teardown that releases them.
+//! controller publish/unpublish (attachment records in the state), and the
+//! teardown that releases them.
 
 use std::path::{Path, PathBuf};
 
@@ -263,6 +264,21 @@ impl VolumeManager {
         release: bool,
     ) -> Result<(), VolumeError> {
         let mut rec = self.local_record(v.id).unwrap_or_default();
+        if unmount {
+            while let Some(p) = rec.published.first().cloned() {
+                let target = Path::new(&p.path);
+                if crate::sys::mount::is_mount_point(target) {
+                    crate::sys::mount::umount(target, 0).map_err(|e| VolumeError::InUse {
+                        name: v.name.clone(),
+                        why: format!("unmounting {}: {e}", p.path),
+                    })?;
+                }
+                rec.published.remove(0);
+                self.save_local(v.id, Some(&rec))?;
+            }
+        } else {
+            self.check_unpublished(v, &mut rec, None)?;
+        }
         if !rec.mounts.is_empty() {
             if !unmount {
                 return Err(VolumeError::Mounted {
@@ -296,27 +312,6 @@ impl VolumeManager {
         }
         self.propose(self.release(v.id, rec.read_only), &v.name)?;
         tracing::info!(volume = %v.name, read_only = rec.read_only, "detached volume");
-        Ok(())
-    }
-
-    /// CSI NodeUnstage: unmounts `path` if the volume is mounted there and,
-    /// once nothing of it is mounted on this node, unbinds its device. The
-    /// attachment (or read-only hold) stays until the controller
-    /// unpublishes, so the volume stays fenced to this node until then.
-    pub fn unstage(&self, name: &str, path: &str) -> Result<(), VolumeError> {
-        let path = Self::check_path(path)?;
-        let path_s = path.to_string_lossy().into_owned();
-        let v = self.find(name)?;
-        let _g = self.guard(name)?;
-        let Some(mut rec) = self.local_record(v.id) else {
-            return Ok(());
-        };
-        if rec.mounts.contains(&path_s) {
-            self.forget_mount(&v, &mut rec, &path)?;
-        }
-        if rec.mounts.is_empty() {
-            self.teardown(&v, false, false)?;
-        }
         Ok(())
     }
 

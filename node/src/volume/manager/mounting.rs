@@ -202,8 +202,9 @@ impl VolumeManager {
         self.inspect(name)
     }
 
-    /// Unmounts `path`, one of `rec`'s recorded mounts of `v` (a busy one
-    /// is `InUse` and stays recorded), and records that it is gone.
+    /// Unmounts `path`, one of `rec`'s recorded mounts of `v` (a busy one,
+    /// or one a recorded target is bound from, is `InUse` and stays
+    /// recorded), and records that it is gone.
     pub(super) fn forget_mount(
         &self,
         v: &Volume,
@@ -211,6 +212,9 @@ impl VolumeManager {
         path: &Path,
     ) -> Result<(), VolumeError> {
         let path_s = path.to_string_lossy().into_owned();
+        // A target bound from this mount would keep showing the volume
+        // after its device is gone.
+        self.check_unpublished(v, rec, Some(&path_s))?;
         crate::sys::mount::umount(path, 0).map_err(|e| VolumeError::InUse {
             name: v.name.clone(),
             why: format!("unmounting {path_s}: {e}"),

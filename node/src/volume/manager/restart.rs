@@ -87,7 +87,17 @@ impl VolumeManager {
                             rec.mounts.push(m);
                         }
                     }
-                    tracing::info!(volume = %v.name, device = %dev, mounts = rec.mounts.len(), "re-served attachment");
+                    // Targets bound from a staging mount that is not back
+                    // cannot show the volume again: dropped (unpublish
+                    // cleans up what is left there).
+                    let published = std::mem::take(&mut rec.published);
+                    for p in published {
+                        let source_back = p.staging.as_ref().is_none_or(|s| rec.mounts.contains(s));
+                        if source_back && self.publish_again(v, &rec, &p) {
+                            rec.published.push(p);
+                        }
+                    }
+                    tracing::info!(volume = %v.name, device = %dev, mounts = rec.mounts.len(), published = rec.published.len(), "re-served attachment");
                     let _ = self.save_local(id, Some(&rec));
                 }
                 Err(e) => {
@@ -186,7 +196,8 @@ impl VolumeManager {
     /// A kept attachment served again: its record no longer says "clean
     /// stop" (this daemon serves writes now; only its own graceful stop may
     /// say so again), and mounts that the previous daemon's stop had taken
-    /// down already (it stopped at a busy one) are mounted again.
+    /// down already (it stopped at a busy one) are mounted again, and the
+    /// targets bound from them.
     fn settle_kept(&self, v: &Volume) {
         let Some(mut rec) = self.local_record(v.id) else {
             return;
@@ -199,6 +210,11 @@ impl VolumeManager {
         for m in &rec.mounts {
             if !crate::sys::mount::is_mount_point(Path::new(m)) {
                 self.mount_again(v, &rec, m);
+            }
+        }
+        for p in &rec.published {
+            if !crate::sys::mount::is_mount_point(Path::new(&p.path)) {
+                self.publish_again(v, &rec, p);
             }
         }
     }
@@ -339,6 +355,14 @@ impl VolumeManager {
         rec: &super::LocalAttachment,
     ) -> Result<(), String> {
         use crate::sys::{loopdev, mount};
+        // A published target is in use by definition (a pod's volume).
+        if let Some(p) = rec
+            .published
+            .iter()
+            .find(|p| mount::is_mount_point(Path::new(&p.path)))
+        {
+            return Err(format!("it is published at {}", p.path));
+        }
         for m in rec.mounts.iter().rev() {
             match mount::umount(Path::new(m), 0) {
                 Ok(()) => {}

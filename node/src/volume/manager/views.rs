@@ -42,8 +42,13 @@ impl VolumeManager {
                 .collect()
         };
         let device = rec.as_ref().map(|r| PathBuf::from(&r.device));
-        let mounts: Vec<PathBuf> = rec
-            .map(|r| r.mounts.iter().map(PathBuf::from).collect())
+        let (mounts, published): (Vec<PathBuf>, Vec<PathBuf>) = rec
+            .map(|r| {
+                (
+                    r.mounts.iter().map(PathBuf::from).collect(),
+                    r.published.iter().map(|p| PathBuf::from(&p.path)).collect(),
+                )
+            })
             .unwrap_or_default();
         let state = if !mounts.is_empty() {
             VolumeState::Mounted
@@ -60,6 +65,7 @@ impl VolumeManager {
             state,
             device,
             mounts,
+            published,
             allocated_bytes: allocated,
             formatted: v.formatted,
             epoch: v.epoch,
