@@ -16,7 +16,6 @@ use crate::types::FsType;
 use crate::volume::{CreateVolume, VolumeError, VolumeManager};
 
 /// `--opt` names Docker users may pass, with what they accept.
-/// The options `Create` reads.
 fn options_help() -> String {
     format!(
         "size (e.g. 10GiB), replicas (1-{}), fs (ext4|xfs), locality (true|false)",
@@ -116,16 +115,13 @@ impl DockerBackend {
                     req.size = SizeArg::Bytes(bytes);
                 }
                 "replicas" => {
-                    let n: u32 = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=VolumeManager::MAX_REPLICAS).contains(n))
-                        .ok_or_else(|| {
-                            format!(
-                                "option replicas={v:?}: accepted values are 1 to {}",
-                                VolumeManager::MAX_REPLICAS
-                            )
-                        })?;
+                    // The range is the core's rule; it refuses others.
+                    let n: u32 = v.parse().map_err(|_| {
+                        format!(
+                            "option replicas={v:?}: give a number from 1 to {}",
+                            VolumeManager::MAX_REPLICAS
+                        )
+                    })?;
                     req.replicas = Some(n);
                 }
                 "fs" => {

@@ -325,10 +325,10 @@ impl VolumeManager {
         self.hosts.clone()
     }
 
-    /// Replicas of a volume created without a count.
     /// Most replicas a volume may have (on distinct nodes).
     pub const MAX_REPLICAS: u32 = MAX_REPLICAS as u32;
 
+    /// Replicas of a volume created without a count.
     pub fn default_replicas(&self) -> u32 {
         self.cfg.default_replicas
     }

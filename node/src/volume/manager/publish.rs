@@ -158,6 +158,11 @@ impl VolumeManager {
             path: staging.clone(),
         };
         let mut rec = self.local_record(v.id).ok_or_else(not_staged)?;
+        let publication = Publication {
+            path: target_s.clone(),
+            staging: (!how.block).then(|| staging.to_string_lossy().into_owned()),
+            read_only: how.read_only,
+        };
         let dev = PathBuf::from(&rec.device);
         let table = sysmount::mounts();
         if let Some(m) = table.iter().find(|m| m.mount_point == target) {
@@ -166,11 +171,7 @@ impl VolumeManager {
                 // A repeat, or a bind made before a crash kept it from
                 // being recorded: record it now.
                 if !rec.published.iter().any(|p| p.path == target_s) {
-                    rec.published.push(Publication {
-                        path: target_s,
-                        staging: (!how.block).then(|| staging.to_string_lossy().into_owned()),
-                        read_only: how.read_only,
-                    });
+                    rec.published.push(publication);
                     self.save_local(v.id, Some(&rec))?;
                 }
                 return Ok(());
@@ -232,11 +233,7 @@ impl VolumeManager {
                 target.display()
             ))
         })?;
-        rec.published.push(Publication {
-            path: target_s,
-            staging: (!how.block).then(|| staging.to_string_lossy().into_owned()),
-            read_only: how.read_only,
-        });
+        rec.published.push(publication);
         if let Err(e) = self.save_local(v.id, Some(&rec)) {
             // Nothing half-done: a bind the record does not know is undone.
             let _ = sysmount::umount(&target, 0);

@@ -1,0 +1,103 @@
+//! The one place where [`VolumeError`]s become HTTP statuses and stable
+//! error codes, and the error body every failed call answers with.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cairn_proto::api::{ErrorBody, ErrorDetail};
+
+use crate::cluster::store::StoreError;
+use crate::engine::EngineError;
+use crate::replica::ReplicaError;
+use crate::volume::VolumeError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        use VolumeError::*;
+        let (status, code) = match &e {
+            InvalidName(_) => (StatusCode::BAD_REQUEST, "InvalidName"),
+            InvalidSize(_) => (StatusCode::BAD_REQUEST, "InvalidSize"),
+            InvalidFs(_) => (StatusCode::BAD_REQUEST, "InvalidFs"),
+            InvalidPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
+            InvalidOptions(_) => (StatusCode::BAD_REQUEST, "InvalidOptions"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "VolumeNotFound"),
+            AlreadyExists(_) => (StatusCode::CONFLICT, "VolumeExists"),
+            Attached { .. } => (StatusCode::CONFLICT, "VolumeAttached"),
+            AttachedElsewhere { .. } => (StatusCode::CONFLICT, "VolumeAttachedElsewhere"),
+            Mounted { .. } => (StatusCode::CONFLICT, "VolumeMounted"),
+            InUse { .. } => (StatusCode::CONFLICT, "VolumeInUse"),
+            Busy(_) => (StatusCode::CONFLICT, "OperationInProgress"),
+            InvalidReplicas(_) => (StatusCode::BAD_REQUEST, "InvalidReplicas"),
+            NotEnoughNodes(_) => (StatusCode::CONFLICT, "NotEnoughNodes"),
+            Shrink { .. } => (StatusCode::BAD_REQUEST, "ShrinkNotSupported"),
+            RawVolume(_) => (StatusCode::BAD_REQUEST, "RawVolume"),
+            NotFormatted(_) => (StatusCode::CONFLICT, "NotFormatted"),
+            NotStaged { .. } => (StatusCode::CONFLICT, "NotStaged"),
+            PublishedDifferently { .. } => (StatusCode::CONFLICT, "PublishConflict"),
+            NotShownAt { .. } => (StatusCode::NOT_FOUND, "NotShownAt"),
+            Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError"),
+            Engine { source, .. } => match source {
+                EngineError::Replica(ReplicaError::NoSpace) => {
+                    (StatusCode::INSUFFICIENT_STORAGE, "PoolFull")
+                }
+                EngineError::Replica(ReplicaError::Fenced { .. }) => {
+                    (StatusCode::CONFLICT, "Fenced")
+                }
+                EngineError::Stopped => (StatusCode::CONFLICT, "EngineStopped"),
+                EngineError::Unrecorded { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "MetadataError")
+                }
+                EngineError::NoReplica | EngineError::LastCopy { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "NoHealthyReplica")
+                }
+                EngineError::OutOfRange { .. } | EngineError::Replica(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "DeviceError")
+                }
+            },
+            Metadata(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "MetadataError")
+            }
+            Metadata(StoreError::Refused(_) | StoreError::Rejected(_)) => {
+                (StatusCode::CONFLICT, "MetadataRefused")
+            }
+            Metadata(StoreError::Storage(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "MetadataStorageError")
+            }
+            LocalStore(_) => (StatusCode::INTERNAL_SERVER_ERROR, "LocalStoreError"),
+            ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "ShuttingDown"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
