@@ -71,6 +71,8 @@ pub struct VolumeMetrics {
     flush_latency: Histogram,
     /// Writes that failed because a replica's pool was full.
     pub no_space_errors: AtomicU64,
+    /// I/O refused because a newer engine elsewhere owns the volume.
+    pub fenced_errors: AtomicU64,
     /// Scrub passes completed over the volume's replicas.
     pub scrubs: AtomicU64,
     /// Extents a scrub or verify found differing between healthy replicas.
@@ -125,6 +127,7 @@ impl VolumeMetrics {
         let l = format!("volume=\"{volume}\"");
         let counters = [
             ("cairn_volume_no_space_errors_total", &self.no_space_errors),
+            ("cairn_volume_fenced_errors_total", &self.fenced_errors),
             ("cairn_volume_scrubs_total", &self.scrubs),
             (
                 "cairn_volume_scrub_mismatches_total",
@@ -185,6 +188,11 @@ pub fn render_headers(out: &mut String) {
             "cairn_volume_no_space_errors_total",
             "counter",
             "Writes that failed because a replica's pool was full (ENOSPC to the writer)",
+        ),
+        (
+            "cairn_volume_fenced_errors_total",
+            "counter",
+            "I/O refused because the volume was attached elsewhere since this engine started (EIO to the writer)",
         ),
         (
             "cairn_volume_scrubs_total",

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use cairn_node::cli::client::Client;
 use serde_json::Value;
 
+pub mod gate;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn cairn_bin() -> PathBuf {
@@ -148,6 +150,12 @@ impl TestNode {
         )
     }
 
+    /// Programs placed here shadow the system's for this node's daemon
+    /// (first on its PATH); see [`gate::Gate`].
+    pub fn bin_dir(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+
     pub fn disk_path(&self) -> PathBuf {
         self.dir.join("disk0.img")
     }
@@ -199,6 +207,14 @@ impl TestNode {
         if !self.extra_args.iter().any(|a| a == "--csi-socket") {
             cmd.arg("--csi-socket").arg(self.csi_socket());
         }
+        let path = match std::env::var_os("PATH") {
+            Some(p) => {
+                let mut dirs = vec![self.bin_dir()];
+                dirs.extend(std::env::split_paths(&p));
+                std::env::join_paths(dirs).expect("PATH")
+            }
+            None => self.bin_dir().into_os_string(),
+        };
         let child = cmd
             .args(&self.extra_args)
             .args([
@@ -208,6 +224,7 @@ impl TestNode {
                 &format!("{}:{}", self.ip, self.peer_port),
             ])
             .env("CAIRN_LOG", "info")
+            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -339,6 +339,11 @@ fn a_stale_engine_is_fenced_after_a_forced_attach() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success(), "the fenced engine's write succeeded");
+    // The writer sees EIO (the FUSE errno of a fenced engine).
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut dd.stderr.take().expect("stderr"), &mut err)
+        .expect("dd stderr");
+    assert!(err.contains("Input/output error"), "dd: {err}");
     // n2 sees its own data, never the stale writer's.
     let seen = read_direct(&dev2, 0, c.len()).expect("read on n2");
     assert!(seen == c, "data on n2 was changed by the fenced engine");

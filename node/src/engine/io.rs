@@ -60,6 +60,22 @@ impl Engine {
         }
     }
 
+    /// Counts the failures the front doors report by kind (a full pool,
+    /// fencing) and remembers the fence for [`Engine::retired`].
+    fn noted(&self, r: Result<(), EngineError>) -> Result<(), EngineError> {
+        match &r {
+            Err(EngineError::Replica(ReplicaError::NoSpace)) => {
+                self.metrics.no_space_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(EngineError::Replica(ReplicaError::Fenced { fence, .. })) => {
+                self.fence.fetch_max(*fence, Ordering::AcqRel);
+                self.metrics.fenced_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        r
+    }
+
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let t = Instant::now();
         let r = self.check(offset, buf.len() as u64).and_then(|_| {
@@ -70,7 +86,7 @@ impl Engine {
         });
         self.metrics
             .record_read(buf.len() as u64, t.elapsed(), r.is_ok());
-        r
+        self.noted(r)
     }
 
     fn read_any(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
@@ -94,10 +110,7 @@ impl Engine {
             .and_then(|_| self.retrying(|| self.write_once(offset, buf)));
         self.metrics
             .record_write(buf.len() as u64, t.elapsed(), r.is_ok());
-        if let Err(EngineError::Replica(ReplicaError::NoSpace)) = &r {
-            self.metrics.no_space_errors.fetch_add(1, Ordering::Relaxed);
-        }
-        r
+        self.noted(r)
     }
 
     fn write_once(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
@@ -193,7 +206,7 @@ impl Engine {
             })
         });
         self.metrics.record_discard(len, r.is_ok());
-        r
+        self.noted(r)
     }
 
     pub fn flush(&self) -> Result<(), EngineError> {
@@ -210,6 +223,6 @@ impl Engine {
             self.settle(results, false)
         });
         self.metrics.record_flush(t.elapsed(), r.is_ok());
-        r
+        self.noted(r)
     }
 }

@@ -213,6 +213,8 @@ pub struct Engine {
     /// Bytes copied to rebuild targets since the engine started.
     pub rebuild_bytes: AtomicU64,
     stopped: AtomicBool,
+    /// The highest epoch a replica fenced this engine's I/O with (0: none).
+    fence: AtomicU64,
     /// crc32 of an all-zero extent.
     zero_crc: u32,
 }
@@ -244,6 +246,7 @@ impl Engine {
             progress: Mutex::new(RebuildProgress::default()),
             rebuild_bytes: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            fence: AtomicU64::new(0),
             zero_crc: crc32fast::hash(&vec![0u8; ctx_extent as usize]),
         });
         e.sync_slots(v)?;
@@ -256,6 +259,19 @@ impl Engine {
 
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Why this engine's I/O fails for good, once it has seen why: it was
+    /// stopped, or a replica fenced it at an epoch newer than its own (the
+    /// volume was attached elsewhere since). None while it may still work.
+    /// A program that writes through the engine (mkfs) fails with only an
+    /// EIO; this is what the front doors report instead.
+    pub fn retired(&self) -> Option<EngineError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Some(EngineError::Stopped);
+        }
+        let (epoch, fence) = (self.epoch(), self.fence.load(Ordering::Acquire));
+        (fence > epoch).then_some(EngineError::Replica(ReplicaError::Fenced { epoch, fence }))
     }
 
     /// Volumes only grow; the caller recorded the new size in the cluster state.

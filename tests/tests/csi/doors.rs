@@ -1,5 +1,8 @@
 //! What every front door shares: typed errors, names, the operation guard.
 
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
 use super::*;
 
 /// POSTs `body` to the Docker volume plugin protocol on `n`'s socket;
@@ -271,4 +274,182 @@ fn csi_and_docker_share_one_operation_guard() {
         docker_plugin(&node, "Unmount", r#"{"Name":"shared","ID":"c1"}"#),
         ""
     );
+}
+
+/// A stale engine is reported as fenced at every door, never as an internal
+/// error. Each door's first mount formats the volume on n1; the mkfs is held
+/// at a gate until n2 has taken the volume over (a forced attach, which
+/// fences n1's engine on both replicas), then runs and fails with EIO: the
+/// API answers 409 Fenced, CSI FAILED_PRECONDITION and Docker's Err says
+/// fenced. NBD: a client writing through n1 gets EIO once n2 took over.
+#[test]
+fn a_fenced_engine_is_a_clear_error_at_every_door() {
+    let nodes = cluster("fenced", 2, 230);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let gate = cairn_tests::gate::Gate::install(n1, "mkfs.ext4");
+    let c1 = Csi::connect(&n1.csi_socket());
+    // Runs `door` (a first mount on n1) while n2 takes `name` over.
+    let fenced_during_mkfs = |name: &str, door: &mut dyn FnMut()| {
+        gate.close();
+        std::thread::scope(|s| {
+            let fencer = s.spawn(|| {
+                gate.wait_held(Duration::from_secs(60));
+                let out = wait_ok(n2, &["volume", "attach", name, "--force"]);
+                gate.open();
+                out
+            });
+            door();
+            fencer.join().expect("fencer");
+        });
+        n2.cli_ok(&["volume", "detach", name]);
+    };
+    let create = |name: &str| {
+        n1.cli_ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "64MiB",
+            "--replicas",
+            "2",
+        ]);
+    };
+
+    create("restvol");
+    fenced_during_mkfs("restvol", &mut || {
+        let (code, v) = n1.api(
+            "POST",
+            "/v1/volumes/restvol/mount",
+            Some(&serde_json::json!({ "path": n1.path("m").to_string_lossy() })),
+        );
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (409, Some("Fenced")),
+            "{v}"
+        );
+    });
+
+    c1.ok(
+        "CreateVolume",
+        c1.ctl().create_volume(create_req(
+            "pvc-fenced",
+            64 * MIB,
+            ext4_cap(),
+            &[("replicas", "2")],
+        )),
+    );
+    c1.ok(
+        "ControllerPublish",
+        c1.ctl()
+            .controller_publish_volume(cpublish("pvc-fenced", "n1", ext4_cap())),
+    );
+    let p = paths(n1, "fenced");
+    fenced_during_mkfs("pvc-fenced", &mut || {
+        let m = c1.fails(
+            "NodeStage with a fenced engine",
+            Code::FailedPrecondition,
+            c1.node()
+                .node_stage_volume(stage_req("pvc-fenced", &p.staging, ext4_cap())),
+        );
+        assert!(m.contains("fenced"), "{m}");
+    });
+
+    assert_eq!(
+        docker_plugin(
+            n1,
+            "Create",
+            r#"{"Name":"dkf","Opts":{"size":"64MiB","replicas":"2"}}"#
+        ),
+        ""
+    );
+    fenced_during_mkfs("dkf", &mut || {
+        let err = docker_plugin(n1, "Mount", r#"{"Name":"dkf","ID":"c1"}"#);
+        assert!(err.contains("fenced"), "Docker: {err}");
+    });
+    assert!(
+        metric(n1, "cairn_volume_fenced_errors_total{volume=\"dkf\"}").unwrap_or(0.0) > 0.0,
+        "the fenced I/O is counted"
+    );
+
+    // NBD: one qemu-io session writes through n1, n2 takes over, the next
+    // write fails.
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "nbdf",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--fs",
+        "none",
+    ]);
+    let mut q = Command::new("qemu-io")
+        .args(["-f", "raw", &n1.nbd_url("nbdf")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let mut stdin = q.stdin.take().expect("stdin");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let readers: Vec<_> = [
+        Box::new(q.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(q.stderr.take().expect("stderr")),
+    ]
+    .into_iter()
+    .map(|r| {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                lines.lock().expect("lines").push(l);
+            }
+        })
+    })
+    .collect();
+    let saw = |what: &str, text: &str| {
+        wait_for(what, Duration::from_secs(60), || {
+            lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .any(|l| l.contains(text))
+        })
+    };
+    writeln!(stdin, "write -P 1 0 64k").expect("qemu-io stdin");
+    saw("the first NBD write", "wrote 65536/65536");
+    wait_ok(n2, &["volume", "attach", "nbdf", "--force"]);
+    writeln!(stdin, "write -P 2 0 64k").expect("qemu-io stdin");
+    saw("the fenced NBD write to fail", "Input/output error");
+    writeln!(stdin, "quit").expect("qemu-io stdin");
+    drop(stdin);
+    let _ = q.wait();
+    for r in readers {
+        let _ = r.join();
+    }
+    assert!(
+        metric(n1, "cairn_volume_fenced_errors_total{volume=\"nbdf\"}").unwrap_or(0.0) > 0.0,
+        "the fenced NBD write is counted"
+    );
+    // n2 holds the first write, not the refused one.
+    let dev = n2.inspect("nbdf")["device"]
+        .as_str()
+        .expect("device on n2")
+        .to_string();
+    assert_eq!(
+        read_direct(Path::new(&dev), 0, 65536).expect("read on n2"),
+        vec![1u8; 65536]
+    );
+    n2.cli_ok(&["volume", "detach", "nbdf"]);
+}
+
+/// Runs a CLI command on `n` until it succeeds (a leader may be changing).
+fn wait_ok(n: &TestNode, args: &[&str]) -> String {
+    let mut out = String::new();
+    wait_for(&args.join(" "), Duration::from_secs(30), || {
+        let o = n.cli(args);
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        o.status.success()
+    });
+    out
 }

@@ -87,7 +87,7 @@ impl VolumeManager {
             }
             let dev = self.attach_reader_locked(&v)?;
             let opts = mount_options(v.fs, options, true);
-            mount::mount(Path::new(&dev), &path, v.fs, &opts).map_err(VolumeError::Device)
+            self.on_device(&v, || mount::mount(Path::new(&dev), &path, v.fs, &opts))
         } else {
             let dev = self.attach_locked(&v, force)?;
             self.format_and_mount(&v, Path::new(&dev), &path, options)
@@ -122,7 +122,7 @@ impl VolumeManager {
     ) -> Result<(), VolumeError> {
         let current = self.find(&v.name)?;
         if !current.formatted {
-            match mount::probe_fs(dev).map_err(VolumeError::Device)? {
+            match self.on_device(v, || mount::probe_fs(dev))? {
                 // A crash after mkfs but before the record: keep that filesystem.
                 Some(t) if t == v.fs.as_str() => {}
                 Some(t) => {
@@ -152,14 +152,16 @@ impl VolumeManager {
     }
 
     /// Runs a program or syscall that writes to `v`'s device (mkfs, a
-    /// journal replay, a grow). When it fails while the volume's writes ran
-    /// out of pool space, the error is that (PoolFull at the doors), not
-    /// the program's message.
-    pub(super) fn on_device(
+    /// journal replay, a grow). Such a program sees only EIO or ENOSPC; when
+    /// it fails, the engine's own reason is the error where it has one: it
+    /// was fenced (the volume was attached elsewhere since) or stopped, or
+    /// the volume's writes ran out of pool space meanwhile (PoolFull at the
+    /// doors). The program's message otherwise.
+    pub(super) fn on_device<T>(
         &self,
         v: &Volume,
-        op: impl FnOnce() -> Result<(), String>,
-    ) -> Result<(), VolumeError> {
+        op: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, VolumeError> {
         let engine = self.engine(v.id);
         let full = || {
             engine.as_ref().map_or(0, |e| {
@@ -170,7 +172,10 @@ impl VolumeManager {
         };
         let before = full();
         op().map_err(|e| {
-            if full() > before {
+            if let Some(why) = engine.as_ref().and_then(|en| en.retired()) {
+                tracing::warn!(volume = %v.name, error = %e, reason = %why, "a program writing to the volume failed");
+                VolumeError::engine(&v.name, why)
+            } else if full() > before {
                 tracing::warn!(volume = %v.name, error = %e, "the volume's pool ran out of space");
                 VolumeError::engine(&v.name, EngineError::Replica(ReplicaError::NoSpace))
             } else {
