@@ -40,8 +40,7 @@ impl Gate {
         );
         let path = bin.join(program);
         std::fs::write(&path, script).expect("gate script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            .expect("gate mode");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("gate mode");
         Gate { dir }
     }
 
