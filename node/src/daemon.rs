@@ -1,14 +1,27 @@
 //! `cairn node run`: start-up, serving, and the shutdown order.
 //!
 //! Start: lock the data dir, open the metadata db, node identity, pool,
-//! cluster store, volume manager (which cleans stale kernel state, mounts
-//! FUSE and re-serves attachments), NBD, then the REST API.
-//! Shutdown (SIGTERM/SIGINT): stop the API, stop NBD (closing connections),
-//! unmount and unbind attached volumes nothing uses any more (records kept
-//! for the next start); if any volume is still in use, hand the FUSE
-//! connection to the holder (session threads answer what they read and
-//! stop; the rest waits for the next daemon), else unmount FUSE; flush the
-//! engines and the db.
+//! peer service, cluster store, volume manager (which cleans stale kernel
+//! state, mounts FUSE and re-serves attachments), NBD, then the REST API,
+//! CSI and Docker doors and the background loops.
+//!
+//! Shutdown (SIGTERM/SIGINT), one tree (`shutdown`), each step awaited:
+//! 1. The doors' token: REST, CSI and Docker stop accepting and finish the
+//!    requests they hold (bounded).
+//! 2. The background token: heartbeats, liveness and the reconciler end at
+//!    their next turn, after the blocking work in hand.
+//! 3. NBD stops (closing connections, joining its threads).
+//! 4. The volume manager: attached volumes nothing uses are unmounted and
+//!    unbound (records kept for the next start); if any is still in use,
+//!    the FUSE connection goes to the holder (session threads answer what
+//!    they read and stop), else FUSE is unmounted; engines stop (their
+//!    healers and resyncs end) and flush; the db is flushed.
+//! 5. The data connections this node serves for peers' engines are closed
+//!    and the peer service (gRPC) stops.
+//! 6. Every registered thread is joined (healers, resyncs, scrubber,
+//!    re-adoptions, data connections); one still running after 10 s is
+//!    named in the log as an error.
+//! 7. The Raft driver stops and its thread is joined; then the runtime.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -20,9 +33,11 @@ use crate::cluster::store::{ClusterStore, StoreOptions};
 use crate::config::Config;
 use crate::frontend::nbd::NbdServer;
 use crate::pool::Pool;
+use crate::shutdown::{Conns, Stop, Threads};
 use crate::types::{now_unix_ms, Id128, NodeId};
 use cairn_proto::peer::peer_server::PeerServer;
 use cairn_proto::peer::{JoinReply, JoinRequest};
+use tokio_util::sync::CancellationToken;
 
 use crate::volume::{ManagerConfig, VolumeManager};
 
@@ -114,6 +129,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let peer_service = PeerService::default();
     let data_service = crate::replica::service::DataService::default();
     let fast_server: Arc<std::sync::OnceLock<crate::replica::wire::Server>> = Arc::default();
+    let stop = Stop::default();
+    let threads = Arc::new(Threads::default());
+    let data_conns = Arc::new(Conns::default());
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let listener = rt
@@ -121,6 +139,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let svc = peer_service.clone();
         let fast_route = fast_server.clone();
+        let (data_threads, data_open) = (threads.clone(), data_conns.clone());
         let data = cairn_proto::data::data_server::DataServer::new(data_service.clone())
             .max_decoding_message_size(crate::replica::remote::MAX_MESSAGE)
             .max_encoding_message_size(crate::replica::remote::MAX_MESSAGE);
@@ -128,9 +147,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
             let r = tonic::transport::Server::builder()
                 .add_service(PeerServer::new(svc))
                 .add_service(data)
-                .serve_with_incoming_shutdown(route_peer_connections(listener, fast_route), async {
-                    let _ = peer_stop_rx.await;
-                })
+                .serve_with_incoming_shutdown(
+                    route_peer_connections(listener, fast_route, data_threads, data_open),
+                    async {
+                        let _ = peer_stop_rx.await;
+                    },
+                )
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "peer service failed");
@@ -160,6 +182,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 .map_err(|e| format!("kernel boot id {}: {e}", cfg.boot_id_file.display()))?,
             orphan_io_timeout: cfg.orphan_io_timeout,
             handle: rt.handle().clone(),
+            threads: threads.clone(),
         },
         Arc::new(crate::replica::commit::Meta::open(
             db.clone(),
@@ -252,19 +275,34 @@ pub fn run(cfg: Config) -> Result<(), String> {
     };
     let live_store = store.clone();
     let recon_mgr = mgr.clone();
+    let (doors, background) = (stop.doors.clone(), stop.background.clone());
     let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(api_listener).map_err(|e| e.to_string())?;
         tracing::info!(listen = %cfg.listen, nbd = %cfg.nbd_socket.display(), "cairn node is serving");
-        let beats = tokio::spawn(heartbeats(beat_store, beat_mgr, registration, beat_every));
-        let liveness = tokio::spawn(crate::cluster::liveness::run(live_store, timing));
-        let reconciler = tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
-            loop {
-                every.tick().await;
-                let m = recon_mgr.clone();
-                let _ = tokio::task::spawn_blocking(move || m.reconcile()).await;
-            }
-        });
+        let signal = {
+            let doors = doors.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown_signal() => doors.cancel(),
+                    _ = doors.cancelled() => {}
+                }
+            })
+        };
+        let loops = [
+            tokio::spawn(heartbeats(
+                beat_store,
+                beat_mgr,
+                registration,
+                beat_every,
+                background.clone(),
+            )),
+            tokio::spawn(crate::cluster::liveness::run(
+                live_store,
+                timing,
+                background.clone(),
+            )),
+            tokio::spawn(reconciler(recon_mgr, background.clone())),
+        ];
         use axum::serve::ListenerExt;
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
@@ -276,17 +314,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 let l = tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?;
                 let app = cairn_plugin::router(docker_backend.expect("backend with listener"));
                 tracing::info!(socket = %path.display(), "serving the Docker volume plugin");
-                Some((tokio::spawn(async move { axum::serve(l, app).await }), path))
+                let stop = doors.clone().cancelled_owned();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                        tracing::error!(error = %e, "Docker plugin service failed");
+                    }
+                });
+                Some((task, path))
             }
             None => None,
         };
-        let (csi_stop_tx, csi_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let csi = csi.map(|(l, backend, path)| {
             tracing::info!(socket = %path.display(), "serving the CSI driver");
+            let stop = doors.clone().cancelled_owned();
             let task = tokio::spawn(async move {
-                let stop = async {
-                    let _ = csi_stop_rx.await;
-                };
                 if let Err(e) = cairn_csi::serve(l, backend, stop).await {
                     tracing::error!(error = %e, "CSI service failed");
                 }
@@ -294,28 +335,45 @@ pub fn run(cfg: Config) -> Result<(), String> {
             (task, path)
         });
         let r = axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(doors.clone().cancelled_owned())
             .await
             .map_err(|e| e.to_string());
-        let _ = csi_stop_tx.send(());
-        if let Some((task, path)) = csi {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        // The API may also end by failing: the other doors stop with it.
+        doors.cancel();
+        let _ = signal.await;
+        let limit = std::time::Duration::from_secs(10);
+        for (task, path, door) in csi
+            .map(|(t, p)| (t, p, "CSI"))
+            .into_iter()
+            .chain(plugin.map(|(t, p)| (t, p, "Docker plugin")))
+        {
+            if tokio::time::timeout(limit, task).await.is_err() {
+                tracing::error!(door, "requests still running {limit:?} after the stop");
+            }
             let _ = std::fs::remove_file(path);
         }
-        beats.abort();
-        liveness.abort();
-        if let Some((task, path)) = plugin {
-            task.abort();
-            let _ = std::fs::remove_file(path);
+        // Each loop ends at its next turn, after the blocking work it has
+        // in hand.
+        background.cancel();
+        for task in loops {
+            if tokio::time::timeout(limit, task).await.is_err() {
+                tracing::error!("a background loop did not end {limit:?} after the stop");
+            }
         }
-        reconciler.abort();
         r
     });
     tracing::info!("shutting down");
-    let _ = peer_stop_tx.send(());
     nbd.stop();
     mgr.shutdown();
+    // Peers' engines may write to this node's replicas until here.
+    data_conns.close_all();
+    let _ = peer_stop_tx.send(());
+    let stuck = threads.join_all(std::time::Duration::from_secs(10));
+    store.stop();
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if !stuck.is_empty() {
+        tracing::error!(threads = ?stuck, "threads still running at exit");
+    }
     tracing::info!("stopped");
     served
 }
@@ -483,11 +541,15 @@ async fn heartbeats(
     mgr: Arc<VolumeManager>,
     reg: Registration,
     interval: std::time::Duration,
+    stop: CancellationToken,
 ) {
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
         let (store, mgr, reg) = (store.clone(), mgr.clone(), reg.clone());
         let r = tokio::task::spawn_blocking(move || {
             let cmd = reg.command(&store).unwrap_or(Command::NodeHeartbeat {
@@ -504,6 +566,20 @@ async fn heartbeats(
             Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat not recorded"),
             Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
         }
+    }
+}
+
+/// Drives this node's replicas toward the state every 2 s (see
+/// [`VolumeManager::reconcile`]) until `stop`.
+async fn reconciler(mgr: Arc<VolumeManager>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let m = mgr.clone();
+        let _ = tokio::task::spawn_blocking(move || m.reconcile()).await;
     }
 }
 
@@ -525,6 +601,8 @@ impl futures_core::Stream for Incoming {
 fn route_peer_connections(
     listener: tokio::net::TcpListener,
     fast: Arc<std::sync::OnceLock<crate::replica::wire::Server>>,
+    threads: Arc<Threads>,
+    conns: Arc<Conns>,
 ) -> Incoming {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -540,6 +618,7 @@ fn route_peer_connections(
             // Small Raft messages and 4 KiB writes must not wait for Nagle.
             let _ = s.set_nodelay(true);
             let (tx, fast) = (tx.clone(), fast.clone());
+            let (threads, conns) = (threads.clone(), conns.clone());
             tokio::spawn(async move {
                 let mut b = [0u8; 4];
                 let peeked =
@@ -556,13 +635,15 @@ fn route_peer_connections(
                 match s.into_std() {
                     Ok(std_stream) => {
                         if std_stream.set_nonblocking(false).is_ok() {
-                            let spawned = std::thread::Builder::new()
-                                .name("data-conn".into())
-                                .spawn(move || {
-                                    if let Some(server) = fast.get() {
-                                        server.serve(std_stream)
-                                    }
-                                });
+                            let spawned = threads.spawn("data-conn".into(), move || {
+                                // None: the daemon is stopping.
+                                let Some(_open) = conns.register(&std_stream) else {
+                                    return;
+                                };
+                                if let Some(server) = fast.get() {
+                                    server.serve(std_stream)
+                                }
+                            });
                             if let Err(e) = spawned {
                                 tracing::warn!(error = %e, "cannot start a data connection thread");
                             }

@@ -29,6 +29,7 @@ pub mod frontend;
 pub mod metrics;
 pub mod pool;
 pub mod replica;
+pub mod shutdown;
 pub mod sys;
 pub mod types;
 pub mod volume;

@@ -272,6 +272,8 @@ impl TestNode {
     }
 
     /// SIGTERM and wait (bounded) for a graceful exit; returns its status.
+    /// A clean exit must have joined every thread the daemon started (its
+    /// log says so), whatever the test checks besides.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
         // SAFETY: kill(2) on our own child's pid.
@@ -279,6 +281,13 @@ impl TestNode {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(s)) = c.try_wait() {
+                let log = self.last_log();
+                assert!(
+                    !s.success()
+                        || (log.contains("every thread the daemon started has ended")
+                            && !log.contains("still running")),
+                    "the daemon exited without joining its threads:\n{log}"
+                );
                 return Some(s);
             }
             if Instant::now() > deadline {

@@ -760,3 +760,37 @@ fn hostile_frames_on_the_data_port_change_nothing() {
     assert!(open >= 1.0, "{open}");
     nodes[0].cli_ok(&["volume", "detach", "hx"]);
 }
+
+/// A graceful stop of a node that serves another node's engine closes the
+/// data connections it serves (their threads block in read) and joins
+/// every thread it started (`TestNode::terminate` checks the log for it);
+/// the writer on another node goes on degraded (two of three voters keep
+/// the quorum), and the replica comes back healthy after the restart.
+#[test]
+fn a_stopping_replica_node_closes_its_data_connections_and_joins_its_threads() {
+    let mut nodes = cluster("rstop", 3, 99);
+    nodes[1].cli_ok(&[
+        "volume",
+        "create",
+        "served",
+        "--size",
+        "64MiB",
+        "--fs",
+        "none",
+        "--replicas",
+        "3",
+    ]);
+    let dev = PathBuf::from(nodes[1].cli_ok(&["volume", "attach", "served"]).trim());
+    let mut a = vec![0u8; MIB as usize];
+    fill_pattern(&mut a, 11);
+    write_direct(&dev, 0, &a).expect("write through n2 to every replica");
+    let status = nodes[0].terminate().expect("was running");
+    assert!(status.success(), "exit {status}; log:\n{}", nodes[0].log());
+    write_direct(&dev, MIB, &a).expect("write with n1 stopped");
+    nodes[0].restart();
+    wait_for("every replica healthy", Duration::from_secs(60), || {
+        all_healthy(&nodes[1], "served", 3)
+    });
+    assert_eq!(read_direct(&dev, MIB, a.len()).expect("read"), a);
+    nodes[1].cli_ok(&["volume", "detach", "served"]);
+}

@@ -138,7 +138,11 @@ impl Tracker {
 }
 
 /// Runs for the daemon's life; acts only while this node leads.
-pub async fn run(store: Arc<ClusterStore>, timing: Timing) {
+pub async fn run(
+    store: Arc<ClusterStore>,
+    timing: Timing,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let timeout = timing.down_after;
     let mut every = tokio::time::interval(
         (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)),
@@ -146,7 +150,10 @@ pub async fn run(store: Arc<ClusterStore>, timing: Timing) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tracker: Option<Tracker> = None;
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
         let me = store.raft_id();
         if store.status().leader_id != me {
             tracker = None;

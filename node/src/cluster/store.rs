@@ -674,12 +674,20 @@ impl ClusterStore {
     }
 }
 
-impl Drop for ClusterStore {
-    fn drop(&mut self) {
+impl ClusterStore {
+    /// Stops the Raft driver and joins its thread (the daemon's last step
+    /// before the runtime stops). Idempotent; proposals fail afterwards.
+    pub fn stop(&self) {
         let _ = self.tx.send(Msg::Stop);
         if let Some(t) = self.thread.lock().expect("thread lock").take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for ClusterStore {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

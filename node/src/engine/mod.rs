@@ -109,6 +109,8 @@ pub struct EngineCtx {
     pub handle: tokio::runtime::Handle,
     /// Rebuild copy rate limit in bytes per second (0: unlimited).
     pub rebuild_bandwidth: u64,
+    /// Healers and resyncs run here (joined at exit).
+    pub threads: Arc<crate::shutdown::Threads>,
 }
 
 pub enum Target {

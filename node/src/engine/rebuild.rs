@@ -24,7 +24,7 @@ impl Engine {
     pub fn start_healer(self: &Arc<Self>) {
         let weak: Weak<Engine> = Arc::downgrade(self);
         let name = format!("heal-{}", &self.volume.to_string()[..8]);
-        let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
+        let spawned = self.ctx.threads.spawn(name, move || loop {
             std::thread::sleep(Duration::from_secs(1));
             let Some(e) = weak.upgrade() else { return };
             if e.stopped.load(Ordering::Acquire) {

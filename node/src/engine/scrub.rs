@@ -88,9 +88,10 @@ impl Engine {
     /// replica throughout, and the resync keeps its copy.
     pub fn start_resync(self: &Arc<Self>) {
         let e = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("resync-{}", &self.volume.to_string()[..8]))
-            .spawn(move || {
+        let spawned = self
+            .ctx
+            .threads
+            .spawn(format!("resync-{}", &self.volume.to_string()[..8]), move || {
                 tracing::info!(volume = %e.volume, "the previous attachment ended uncleanly: making the replicas equal where its writes were in flight");
                 match e.scrub_keeping(Some(Keep::Reads), e.ctx.rebuild_bandwidth) {
                     Ok(r) => tracing::info!(volume = %e.volume, extents = r.extents, differed = r.mismatched.len(), "replicas resynced after the unclean end"),

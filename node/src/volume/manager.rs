@@ -72,6 +72,9 @@ pub struct ManagerConfig {
     /// own start-up.
     pub orphan_io_timeout: std::time::Duration,
     pub handle: tokio::runtime::Handle,
+    /// Where the manager's and its engines' threads are registered, to be
+    /// joined at exit.
+    pub threads: Arc<crate::shutdown::Threads>,
 }
 
 /// What this node did to the kernel for an attached volume, persisted so a
@@ -274,6 +277,7 @@ impl VolumeManager {
             fast: Default::default(),
             handle: cfg.handle.clone(),
             rebuild_bandwidth: cfg.rebuild_bandwidth,
+            threads: cfg.threads.clone(),
         });
 
         // A FUSE connection kept by the holder across a crash is taken

@@ -51,9 +51,12 @@ impl VolumeManager {
             for (id, read_only) in kept {
                 let epoch = state.volumes[&id].attachment.as_ref().map(|a| a.epoch);
                 let mgr = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("readopt-{}", &id.to_string()[..8]))
-                    .spawn(move || mgr.readopt(id, read_only, epoch));
+                let spawned = self
+                    .cfg
+                    .threads
+                    .spawn(format!("readopt-{}", &id.to_string()[..8]), move || {
+                        mgr.readopt(id, read_only, epoch)
+                    });
                 if let Err(e) = spawned {
                     tracing::error!(volume = %id, error = %e, "cannot start re-serving a kept attachment");
                     if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {

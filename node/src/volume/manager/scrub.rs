@@ -21,28 +21,26 @@ impl VolumeManager {
     /// Starts the scrub thread; it ends with the manager.
     pub fn start_scrubber(self: &Arc<Self>, every: Duration, bandwidth: u64) {
         let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("scrub".into())
-            .spawn(move || {
-                let mut due: HashMap<VolumeId, Instant> = HashMap::new();
-                loop {
-                    std::thread::sleep(every.min(Duration::from_secs(1)));
-                    let Some(m) = weak.upgrade() else { return };
-                    if m.fuse.lock().expect("fuse lock").is_none() {
-                        return; // shut down
-                    }
-                    let volumes: Vec<Volume> = m.store.read().volumes.values().cloned().collect();
-                    let now = Instant::now();
-                    due.retain(|id, _| volumes.iter().any(|v| v.id == *id));
-                    for v in &volumes {
-                        let d = *due.entry(v.id).or_insert(now + every);
-                        if Instant::now() >= d {
-                            due.insert(v.id, Instant::now() + every);
-                            m.scrub_one(v, bandwidth);
-                        }
+        let spawned = self.cfg.threads.spawn("scrub".into(), move || {
+            let mut due: HashMap<VolumeId, Instant> = HashMap::new();
+            loop {
+                std::thread::sleep(every.min(Duration::from_secs(1)));
+                let Some(m) = weak.upgrade() else { return };
+                if m.fuse.lock().expect("fuse lock").is_none() {
+                    return; // shut down
+                }
+                let volumes: Vec<Volume> = m.store.read().volumes.values().cloned().collect();
+                let now = Instant::now();
+                due.retain(|id, _| volumes.iter().any(|v| v.id == *id));
+                for v in &volumes {
+                    let d = *due.entry(v.id).or_insert(now + every);
+                    if Instant::now() >= d {
+                        due.insert(v.id, Instant::now() + every);
+                        m.scrub_one(v, bandwidth);
                     }
                 }
-            });
+            }
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the scrub thread; replicas are not compared periodically");
         }
