@@ -41,6 +41,7 @@ use super::{CreateVolume, VolumeError};
 use crate::cluster::state::{Command, NodeState, ReplicaState, StateError, Volume, MAX_REPLICAS};
 use crate::cluster::store::{ClusterStore, StoreError};
 use crate::engine::{Engine, EngineCtx, EngineError};
+use crate::frontend::block::{BlockFrontend, FuseLoop};
 use crate::frontend::fuse::{holder, FuseServer};
 use crate::frontend::nbd::{Export, ExportProvider};
 use crate::metrics::{render_headers, VolumeMetrics};
@@ -48,7 +49,6 @@ use crate::pool::Pool;
 use crate::replica::commit::Meta;
 use crate::replica::host::HostMap;
 use crate::replica::{LocalReplica, ReplicaError};
-use crate::sys::loopdev;
 use crate::types::{
     now_unix_ms, validate_volume_name, ByteSize, FsType, NodeId, VolumeId, MAX_VOLUME_SIZE,
     SIZE_ALIGN,
@@ -112,7 +112,8 @@ pub struct VolumeManager {
     pool: Arc<Pool>,
     store: Arc<ClusterStore>,
     local: sled::Tree,
-    fuse: Mutex<Option<FuseServer>>,
+    /// How engines become block devices here (FUSE file + loop device).
+    frontend: Box<dyn BlockFrontend>,
     hosts: Arc<HostMap>,
     ctx: Arc<EngineCtx>,
     engines: RwLock<HashMap<VolumeId, Arc<Engine>>>,
@@ -305,14 +306,15 @@ impl VolumeManager {
                 .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.fuse_dir.display()))?
             }
         };
-        let adopted = !fuse.started();
+        let frontend = FuseLoop::new(&cfg.fuse_dir, fuse);
+        let adopted = frontend.adopted();
         let mgr = Arc::new(VolumeManager {
             cfg,
             db,
             pool,
             store,
             local,
-            fuse: Mutex::new(Some(fuse)),
+            frontend: Box::new(frontend),
             hosts,
             ctx,
             engines: RwLock::new(HashMap::new()),

@@ -3,15 +3,11 @@
 //! controller publish/unpublish (attachment records in the state), and the
 //! teardown that releases them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::*;
 
 impl VolumeManager {
-    pub(super) fn fuse_path(&self, id: VolumeId) -> PathBuf {
-        self.cfg.fuse_dir.join(id.to_string())
-    }
-
     pub fn attach(&self, name: &str, force: bool) -> Result<String, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(name)?;
@@ -86,8 +82,7 @@ impl VolumeManager {
     }
 
     pub(super) fn is_bound(&self, id: VolumeId, rec: &LocalAttachment) -> bool {
-        loopdev::backing_file(Path::new(&rec.device)).as_deref()
-            == Some(self.fuse_path(id).as_path())
+        self.frontend.is_bound(id, Path::new(&rec.device))
     }
 
     /// Holds the volume read-only on this node (recorded as a reader in the
@@ -149,34 +144,13 @@ impl VolumeManager {
         engine
             .activate(v, epoch)
             .map_err(|e| VolumeError::engine(&v.name, e))?;
-        let path = {
-            let fuse = self.fuse.lock().expect("fuse lock");
-            let fuse = fuse.as_ref().ok_or(VolumeError::ShuttingDown)?;
-            fuse.add(&v.id.to_string(), engine)
-        };
-        // A loop device over a file opened read-only is read-only.
-        let result = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(&path)
-            .map_err(|e| format!("open {}: {e}", path.display()))
-            .and_then(|f| loopdev::attach(&f, 4096).map_err(|e| format!("loop device setup: {e}")));
-        match result {
-            Ok(dev) => {
-                if !loopdev::uses_direct_io(&dev) {
-                    if let Err(e) = loopdev::set_direct_io(&dev) {
-                        tracing::warn!(device = %dev.display(), error = %e, "loop device runs without direct I/O");
-                    }
-                }
-                Ok(dev.to_string_lossy().into_owned())
-            }
-            Err(e) => {
-                if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
-                    f.remove(&v.id.to_string());
-                }
-                Err(VolumeError::Device(e))
-            }
+        if self.frontend.stopped() {
+            return Err(VolumeError::ShuttingDown);
         }
+        self.frontend
+            .attach(v.id, engine, read_only)
+            .map(|dev| dev.to_string_lossy().into_owned())
+            .map_err(VolumeError::Device)
     }
 
     /// Records the volume's attachment to `node` (CSI ControllerPublish),
@@ -316,16 +290,8 @@ impl VolumeManager {
     }
 
     pub(super) fn unbind_device(&self, id: VolumeId, device: &str) -> Result<(), VolumeError> {
-        if !device.is_empty() {
-            let dev = Path::new(device);
-            if loopdev::backing_file(dev).as_deref() == Some(self.fuse_path(id).as_path()) {
-                loopdev::detach(dev)
-                    .map_err(|e| VolumeError::Device(format!("detach {device}: {e}")))?;
-            }
-        }
-        if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
-            f.remove(&id.to_string());
-        }
-        Ok(())
+        self.frontend
+            .detach(id, Path::new(device))
+            .map_err(VolumeError::Device)
     }
 }

@@ -134,15 +134,10 @@ impl VolumeManager {
         // Also when the size is unchanged: a retry after a failed filesystem
         // grow completes it (resize2fs and xfs_growfs are idempotent).
         if let Some(rec) = self.local_record(v.id) {
-            // The FUSE file reports the new size on its next stat (its
-            // attributes are never cached); the loop device re-reads it.
-            let file = self.fuse_path(v.id);
-            std::fs::metadata(&file)
-                .map_err(|e| VolumeError::Device(format!("stat {}: {e}", file.display())))?;
             let dev = PathBuf::from(&rec.device);
-            loopdev::refresh_capacity(&dev).map_err(|e| {
-                VolumeError::Device(format!("loop capacity refresh on {}: {e}", rec.device))
-            })?;
+            self.frontend
+                .refresh_size(v.id, &dev)
+                .map_err(VolumeError::Device)?;
             for m in &rec.mounts {
                 self.on_device(&v, || mount::grow(v.fs, &dev, Path::new(m)))?;
             }

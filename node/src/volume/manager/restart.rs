@@ -39,14 +39,10 @@ impl VolumeManager {
                 }
                 !keep
             });
-            if let Some(f) = self.fuse.lock().expect("fuse lock").as_mut() {
-                let until = self.started + self.cfg.orphan_io_timeout;
-                for (id, _) in &kept {
-                    f.expect(&id.to_string(), until);
-                }
-                if let Err(e) = f.start(true) {
-                    tracing::error!(error = %e, "cannot start FUSE session threads");
-                }
+            let until = self.started + self.cfg.orphan_io_timeout;
+            let ids: Vec<VolumeId> = kept.iter().map(|(id, _)| *id).collect();
+            if let Err(e) = self.frontend.serve(&ids, until) {
+                tracing::error!(frontend = self.frontend.kind(), error = %e, "cannot serve the devices taken over");
             }
             for (id, read_only) in kept {
                 let epoch = state.volumes[&id].attachment.as_ref().map(|a| a.epoch);
@@ -59,9 +55,7 @@ impl VolumeManager {
                     });
                 if let Err(e) = spawned {
                     tracing::error!(volume = %id, error = %e, "cannot start re-serving a kept attachment");
-                    if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
-                        f.abandon(&id.to_string());
-                    }
+                    self.frontend.abandon(id);
                 }
             }
         }
@@ -191,9 +185,7 @@ impl VolumeManager {
                 }
             }
         }
-        if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
-            f.abandon(&name);
-        }
+        self.frontend.abandon(id);
     }
 
     /// A kept attachment served again: its record no longer says "clean
@@ -290,8 +282,8 @@ impl VolumeManager {
             EngineError::Replica(ReplicaError::Fenced { .. }) => Readopt::Never(e.to_string()),
             e => Readopt::NotYet(e.to_string()),
         })?;
-        if let Some(f) = self.fuse.lock().expect("fuse lock").as_ref() {
-            f.add(&id.to_string(), engine);
+        if !self.frontend.adopt(id, engine) {
+            return Err(Readopt::Never("the daemon is shutting down".into()));
         }
         Ok(v)
     }
@@ -314,19 +306,10 @@ impl VolumeManager {
                 Err(why) => busy.push((*id, why)),
             }
         }
-        let mut fuse = self.fuse.lock().expect("fuse lock").take();
-        let mut handed_off = true;
-        if !busy.is_empty() {
-            for (id, why) in &busy {
-                tracing::info!(volume = %id, reason = %why, timeout = ?self.cfg.orphan_io_timeout, "volume in use: it stays attached across the stop, its I/O waits in the FUSE holder for the next daemon");
-            }
-            if let Some(f) = fuse.as_ref() {
-                tracing::info!(mountpoint = %f.mountpoint().display(), "handing the FUSE connection to the holder");
-            }
-            handed_off = fuse
-                .take()
-                .is_some_and(|f| f.hand_off(std::time::Duration::from_secs(10)));
+        for (id, why) in &busy {
+            tracing::info!(volume = %id, reason = %why, timeout = ?self.cfg.orphan_io_timeout, "volume in use: it stays attached across the stop, its I/O waits in the FUSE holder for the next daemon");
         }
+        let handed_off = self.frontend.stop(!busy.is_empty());
         for e in self.engines.read().expect("engines lock").values() {
             e.stop();
             match e.flush() {
@@ -344,9 +327,7 @@ impl VolumeManager {
                 }
             }
         }
-        if let Some(f) = fuse {
-            f.unmount();
-        }
+        self.frontend.close();
         let _ = self.db.flush();
     }
 
@@ -357,7 +338,7 @@ impl VolumeManager {
         id: VolumeId,
         rec: &super::LocalAttachment,
     ) -> Result<(), String> {
-        use crate::sys::{loopdev, mount};
+        use crate::sys::mount;
         // A published target is in use by definition (a pod's volume).
         if let Some(p) = rec
             .published
@@ -376,7 +357,7 @@ impl VolumeManager {
             }
         }
         if !rec.device.is_empty() {
-            if let Some(why) = loopdev::in_use(Path::new(&rec.device)) {
+            if let Some(why) = self.frontend.in_use(Path::new(&rec.device)) {
                 return Err(format!("{}: {why}", rec.device));
             }
         }

@@ -26,7 +26,7 @@ impl VolumeManager {
             loop {
                 std::thread::sleep(every.min(Duration::from_secs(1)));
                 let Some(m) = weak.upgrade() else { return };
-                if m.fuse.lock().expect("fuse lock").is_none() {
+                if m.frontend.stopped() {
                     return; // shut down
                 }
                 let volumes: Vec<Volume> = m.store.read().volumes.values().cloned().collect();
