@@ -1,7 +1,9 @@
 //! The daemon's metrics: per-volume I/O counters and latency histograms
 //! (also used for the store's proposal latency) updated with
-//! relaxed atomics on the I/O path (no locks, no allocation), rendered in
-//! Prometheus text format by the API.
+//! relaxed atomics on the I/O path (no locks, no allocation), and the one
+//! place they become Prometheus text: [`NodeSample::render`] for the pool,
+//! data connections and volumes (sampled by the volume manager), served by
+//! the API's `/metrics`.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -171,7 +173,7 @@ impl VolumeMetrics {
 }
 
 /// The `# HELP`/`# TYPE` header for the per-volume series.
-pub fn render_headers(out: &mut String) {
+fn render_headers(out: &mut String) {
     for (name, kind, help) in [
         (
             "cairn_volume_reads_total",
@@ -263,6 +265,85 @@ pub fn render_headers(out: &mut String) {
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+}
+
+/// One reading of the node's pool, data connections and volumes.
+pub struct NodeSample {
+    pub pool_capacity_bytes: u64,
+    pub pool_allocated_bytes: u64,
+    pub data_connections: u64,
+    pub data_connections_refused: u64,
+    /// By name.
+    pub volumes: Vec<VolumeSample>,
+}
+
+/// A volume this node serves (an engine) or stores (a replica).
+pub struct VolumeSample {
+    /// A validated volume name (safe in a label).
+    pub name: String,
+    pub metrics: Option<std::sync::Arc<VolumeMetrics>>,
+    pub rebuild_bytes: Option<u64>,
+    pub rebuild_progress: Option<f64>,
+    pub allocated_bytes: Option<u64>,
+}
+
+impl NodeSample {
+    /// Appends the Prometheus text of everything sampled.
+    pub fn render(&self, out: &mut String) {
+        for (name, kind, help, value) in [
+            (
+                "cairn_pool_capacity_bytes",
+                "gauge",
+                "Usable pool capacity",
+                self.pool_capacity_bytes,
+            ),
+            (
+                "cairn_pool_allocated_bytes",
+                "gauge",
+                "Pool bytes allocated to volumes",
+                self.pool_allocated_bytes,
+            ),
+            (
+                "cairn_data_connections",
+                "gauge",
+                "Replica data connections being served",
+                self.data_connections,
+            ),
+            (
+                "cairn_data_connections_refused_total",
+                "counter",
+                "Replica data connections refused at the limit",
+                self.data_connections_refused,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        render_headers(out);
+        for v in &self.volumes {
+            let name = &v.name;
+            if let Some(m) = &v.metrics {
+                m.render(out, name);
+            }
+            if let Some(b) = v.rebuild_bytes {
+                let _ = writeln!(
+                    out,
+                    "cairn_volume_rebuild_bytes_total{{volume=\"{name}\"}} {b}"
+                );
+            }
+            if let Some(p) = v.rebuild_progress {
+                let _ = writeln!(
+                    out,
+                    "cairn_volume_rebuild_progress{{volume=\"{name}\"}} {p}"
+                );
+            }
+            if let Some(a) = v.allocated_bytes {
+                let _ = writeln!(out, "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {a}");
+            }
+        }
     }
 }
 

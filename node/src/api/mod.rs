@@ -21,6 +21,7 @@ use crate::cluster::state::NodeRole;
 use crate::cluster::store::ClusterStore;
 use crate::volume::{VolumeError, VolumeManager};
 
+mod convert;
 mod error;
 pub use error::ApiError;
 
@@ -397,7 +398,9 @@ async fn verify(
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
     empty_body(&body)?;
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || m.verify(&name, q.repair)).await?))
+    Ok(Json(
+        blocking(move || m.verify(&name, q.repair).map(api::VerifyReport::from)).await?,
+    ))
 }
 
 #[utoipa::path(
@@ -502,7 +505,7 @@ async fn unmount(
 )]
 async fn pool(State(s): State<ApiState>) -> ApiResult<Json<api::PoolInfo>> {
     let m = s.mgr.clone();
-    Ok(Json(blocking(move || Ok(m.pool_info())).await?))
+    Ok(Json(blocking(move || Ok(m.pool_info().into())).await?))
 }
 
 #[utoipa::path(
@@ -684,11 +687,11 @@ async fn openapi() -> impl IntoResponse {
     )
 )]
 async fn metrics(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
-    // Rendering takes the manager's locks: off the async workers.
+    // Sampling takes the manager's locks: off the async workers.
     let m = s.mgr.clone();
     let mut out = blocking(move || {
         let mut out = String::with_capacity(16 << 10);
-        m.render_metrics(&mut out);
+        m.metrics_sample().render(&mut out);
         Ok(out)
     })
     .await?;

@@ -44,7 +44,7 @@ use crate::engine::{Engine, EngineCtx, EngineError};
 use crate::frontend::block::{BlockFrontend, FuseLoop};
 use crate::frontend::fuse::{holder, FuseServer};
 use crate::frontend::nbd::{Export, ExportProvider};
-use crate::metrics::{render_headers, VolumeMetrics};
+use crate::metrics::VolumeMetrics;
 use crate::pool::Pool;
 use crate::replica::commit::Meta;
 use crate::replica::host::HostMap;

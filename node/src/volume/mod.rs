@@ -16,7 +16,7 @@ pub use manager::{
 };
 pub use view::{ReplicaCondition, ReplicaView, VolumeState, VolumeView};
 
-use cairn_proto::api::{self, SizeArg};
+use cairn_proto::api::SizeArg;
 
 use crate::types::FsType;
 
@@ -34,23 +34,4 @@ pub struct CreateVolume {
     pub locality: bool,
     /// The name a CSI CO knows the volume by, when it is not `name`.
     pub csi_name: Option<String>,
-}
-
-impl TryFrom<api::VolumeCreate> for CreateVolume {
-    type Error = VolumeError;
-
-    fn try_from(r: api::VolumeCreate) -> Result<Self, VolumeError> {
-        let fs = match &r.fs {
-            None => FsType::Ext4,
-            Some(s) => s.parse::<FsType>().map_err(VolumeError::InvalidFs)?,
-        };
-        Ok(CreateVolume {
-            name: r.name,
-            size: r.size,
-            fs,
-            replicas: r.replicas,
-            locality: r.locality,
-            csi_name: None,
-        })
-    }
 }

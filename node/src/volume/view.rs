@@ -1,13 +1,11 @@
 //! The core's view of a volume for every front door: states as enums,
-//! paths as paths. The REST body (`api::VolumeInfo`) is made from it at the
-//! API edge only; CSI and Docker glue read it directly.
+//! paths as paths. The REST bodies are made from these at the API edge only
+//! (`api::convert`); CSI and Docker glue read them directly.
 
 use std::path::PathBuf;
 
-use cairn_proto::api;
-
 use crate::cluster::state::{ClusterState, NodeState, ReplicaRecord, ReplicaState};
-use crate::types::{FsType, NodeId, VolumeId};
+use crate::types::{FsType, NodeId, PoolId, VolumeId};
 
 /// What this node does with a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,34 +95,45 @@ pub struct VolumeView {
     pub csi_name: Option<String>,
 }
 
-impl From<VolumeView> for api::VolumeInfo {
-    fn from(v: VolumeView) -> Self {
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        api::VolumeInfo {
-            id: v.id.to_string(),
-            name: v.name,
-            size_bytes: v.size_bytes,
-            fs: v.fs.as_str().into(),
-            state: v.state.as_str().into(),
-            device: v.device.map(path),
-            mounts: v.mounts.into_iter().map(path).collect(),
-            published: v.published.into_iter().map(path).collect(),
-            allocated_bytes: v.allocated_bytes,
-            formatted: v.formatted,
-            epoch: v.epoch,
-            attached_node: v.attached_node,
-            readers: v.readers,
-            created_unix_ms: v.created_unix_ms,
-            replicas: v
-                .replicas
-                .into_iter()
-                .map(|r| api::ReplicaInfo {
-                    node: r.node,
-                    state: r.condition.as_str().into(),
-                    rebuild_progress: r.rebuild_progress,
-                })
-                .collect(),
-            csi_name: v.csi_name,
-        }
-    }
+/// This node's pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolView {
+    pub id: PoolId,
+    pub extent_size: u64,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    /// Sum of all volumes' sizes (thin provisioning may exceed capacity).
+    pub provisioned_bytes: u64,
+    pub devices: Vec<DeviceView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceView {
+    pub index: u32,
+    pub path: PathBuf,
+    /// A block device (else a file).
+    pub block: bool,
+    pub id: String,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// What a verify found (and, with repair, mended), with node names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyView {
+    pub extents: u64,
+    pub replicas: u32,
+    pub mismatched: Vec<u64>,
+    pub repaired: Vec<RepairView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepairView {
+    pub extent: u64,
+    /// The node whose copy was kept.
+    pub source: String,
+    /// A majority held that copy (else it is the one reads came from).
+    pub majority: bool,
+    /// The nodes whose copies were rewritten.
+    pub targets: Vec<String>,
 }

@@ -1,14 +1,17 @@
-//! What the manager shows: volume and pool views for the API, verify, and
-//! the Prometheus text of the node's pool and volumes.
+//! What the manager shows, as core types (`volume::view`, and the metrics
+//! sample of `crate::metrics`): volume and pool views, verify reports, the
+//! counters of the node's pool and volumes. The REST bodies and the
+//! Prometheus text are made from these at the API edge.
 
 use std::collections::HashMap;
-
-use cairn_proto::api::{self};
-
 use std::path::PathBuf;
 
 use super::*;
-use crate::volume::view::{ReplicaCondition, ReplicaView, VolumeState, VolumeView};
+use crate::metrics::{NodeSample, VolumeSample};
+use crate::volume::view::{
+    DeviceView, PoolView, RepairView, ReplicaCondition, ReplicaView, VerifyView, VolumeState,
+    VolumeView,
+};
 
 impl VolumeManager {
     pub(super) fn info(&self, v: &Volume) -> VolumeView {
@@ -96,7 +99,7 @@ impl VolumeManager {
     /// Compares all healthy replicas extent by extent (through the engine
     /// that serves the volume, so it must run on the attaching node); with
     /// `repair`, makes differing extents equal (see `engine::scrub`).
-    pub fn verify(&self, name: &str, repair: bool) -> Result<api::VerifyReport, VolumeError> {
+    pub fn verify(&self, name: &str, repair: bool) -> Result<VerifyView, VolumeError> {
         let v = self.find(name)?;
         match &v.attachment {
             Some(a) if a.node != self.cfg.node_id => {
@@ -116,14 +119,14 @@ impl VolumeManager {
         let r = engine
             .scrub(repair, 0)
             .map_err(|e| VolumeError::engine(name, e))?;
-        Ok(api::VerifyReport {
-            extents_compared: r.extents,
-            replicas_compared: r.replicas as u32,
-            mismatched_extents: r.mismatched,
+        Ok(VerifyView {
+            extents: r.extents,
+            replicas: r.replicas as u32,
+            mismatched: r.mismatched,
             repaired: r
                 .repaired
                 .iter()
-                .map(|x| api::RepairedExtent {
+                .map(|x| RepairView {
                     extent: x.extent,
                     source: self.node_name(x.source),
                     majority: x.majority,
@@ -137,7 +140,7 @@ impl VolumeManager {
         Ok(self.info(&self.find(name)?))
     }
 
-    pub fn pool_info(&self) -> api::PoolInfo {
+    pub fn pool_info(&self) -> PoolView {
         let usage = self.pool.usage();
         let provisioned = self
             .store
@@ -146,21 +149,18 @@ impl VolumeManager {
             .values()
             .map(|v| v.size_bytes)
             .sum();
-        let capacity: u64 = usage.iter().map(|u| u.1).sum();
-        let allocated: u64 = usage.iter().map(|u| u.2).sum();
-        api::PoolInfo {
-            id: self.pool.id.to_string(),
-            extent_size_bytes: self.pool.extent_size,
-            capacity_bytes: capacity,
-            allocated_bytes: allocated,
-            free_bytes: capacity - allocated,
+        PoolView {
+            id: self.pool.id,
+            extent_size: self.pool.extent_size,
+            capacity_bytes: usage.iter().map(|u| u.1).sum(),
+            allocated_bytes: usage.iter().map(|u| u.2).sum(),
             provisioned_bytes: provisioned,
             devices: usage
                 .iter()
-                .map(|(d, cap, used)| api::DeviceInfo {
+                .map(|(d, cap, used)| DeviceView {
                     index: d.index,
-                    path: d.path.to_string_lossy().into_owned(),
-                    kind: if d.is_block { "block" } else { "file" }.into(),
+                    path: d.path.clone(),
+                    block: d.is_block,
                     id: d.id.to_string(),
                     capacity_bytes: *cap,
                     allocated_bytes: *used,
@@ -183,31 +183,11 @@ impl VolumeManager {
         (s.volumes.len() as u64, attached as u64)
     }
 
-    /// Prometheus text for every volume plus pool gauges.
-    pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        let cap = self.pool.capacity_bytes();
-        let used = self.pool.allocated_bytes();
-        let _ = writeln!(out, "# HELP cairn_pool_capacity_bytes Usable pool capacity\n# TYPE cairn_pool_capacity_bytes gauge");
-        let _ = writeln!(out, "cairn_pool_capacity_bytes {cap}");
-        let _ = writeln!(out, "# HELP cairn_pool_allocated_bytes Pool bytes allocated to volumes\n# TYPE cairn_pool_allocated_bytes gauge");
-        let _ = writeln!(out, "cairn_pool_allocated_bytes {used}");
-        let _ = writeln!(out, "# HELP cairn_data_connections Replica data connections being served\n# TYPE cairn_data_connections gauge");
-        let _ = writeln!(
-            out,
-            "cairn_data_connections {}",
-            self.hosts
-                .data_connections
-                .load(std::sync::atomic::Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# HELP cairn_data_connections_refused_total Replica data connections refused at the limit\n# TYPE cairn_data_connections_refused_total counter");
-        let _ = writeln!(
-            out,
-            "cairn_data_connections_refused_total {}",
-            self.hosts
-                .data_connections_refused
-                .load(std::sync::atomic::Ordering::Relaxed)
-        );
+    /// The counters of the pool, the data connections and every volume
+    /// this node serves or stores (rendered by `crate::metrics`). Takes
+    /// the locks only to copy what it reads.
+    pub fn metrics_sample(&self) -> NodeSample {
+        use std::sync::atomic::Ordering::Relaxed;
         let names: HashMap<VolumeId, String> = self
             .store
             .read()
@@ -215,36 +195,34 @@ impl VolumeManager {
             .values()
             .map(|v| (v.id, v.name.clone()))
             .collect();
-        render_headers(out);
         let engines = self.engines.read().expect("engines lock").clone();
         let mut ids: Vec<VolumeId> = engines.keys().copied().chain(self.hosts.ids()).collect();
         ids.sort_by_key(|id| names.get(id).cloned());
         ids.dedup();
-        for id in ids {
-            let Some(name) = names.get(&id) else { continue };
-            if let Some(e) = engines.get(&id) {
-                e.metrics.render(out, name);
-                let _ = writeln!(
-                    out,
-                    "cairn_volume_rebuild_bytes_total{{volume=\"{name}\"}} {}",
-                    e.rebuild_bytes.load(std::sync::atomic::Ordering::Relaxed)
-                );
-                let p = e.progress.lock().expect("progress lock").clone();
-                if p.total_extents > 0 {
-                    let _ = writeln!(
-                        out,
-                        "cairn_volume_rebuild_progress{{volume=\"{name}\"}} {}",
-                        p.done_extents as f64 / p.total_extents as f64
-                    );
-                }
-            }
-            if let Some(h) = self.hosts.get(id) {
-                let _ = writeln!(
-                    out,
-                    "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {}",
-                    h.replica.allocated_bytes()
-                );
-            }
+        let volumes = ids
+            .into_iter()
+            .filter_map(|id| {
+                let name = names.get(&id)?.clone();
+                let engine = engines.get(&id);
+                Some(VolumeSample {
+                    name,
+                    metrics: engine.map(|e| e.metrics.clone()),
+                    rebuild_bytes: engine.map(|e| e.rebuild_bytes.load(Relaxed)),
+                    rebuild_progress: engine.and_then(|e| {
+                        let p = e.progress.lock().expect("progress lock").clone();
+                        (p.total_extents > 0)
+                            .then(|| p.done_extents as f64 / p.total_extents as f64)
+                    }),
+                    allocated_bytes: self.hosts.get(id).map(|h| h.replica.allocated_bytes()),
+                })
+            })
+            .collect();
+        NodeSample {
+            pool_capacity_bytes: self.pool.capacity_bytes(),
+            pool_allocated_bytes: self.pool.allocated_bytes(),
+            data_connections: self.hosts.data_connections.load(Relaxed) as u64,
+            data_connections_refused: self.hosts.data_connections_refused.load(Relaxed),
+            volumes,
         }
     }
 }
