@@ -7,7 +7,6 @@ use serde_json::Value;
 
 use crate::{wait_for, TestNode};
 
-
 pub fn status(n: &TestNode) -> Option<Value> {
     let r = Client::new(&n.api_url())
         .ok()?
