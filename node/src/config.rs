@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// Where Docker volumes are mounted (default DATA_DIR/docker).
     #[arg(long, env = "CAIRN_DOCKER_MOUNT_DIR")]
     pub docker_mount_dir: Option<PathBuf>,
+    /// REST `mount` and `unmount` (and so `cairn volume mount`) accept only
+    /// paths below this directory (default: any absolute path). CSI and
+    /// Docker mount where their protocols say and are not limited by it.
+    #[arg(long, env = "CAIRN_API_MOUNT_ROOT")]
+    pub api_mount_root: Option<PathBuf>,
     /// Serve the Kubernetes CSI driver (csi.cairn.dev) on this unix socket
     /// (off when not given).
     #[arg(long, env = "CAIRN_CSI_SOCKET")]
@@ -85,7 +90,8 @@ pub struct RunArgs {
     /// A replica whose node stays down this long is replaced elsewhere.
     #[arg(long, env = "CAIRN_REPLICA_GRACE_PERIOD")]
     pub replica_grace_period: Option<String>,
-    /// Replicas of a volume created without `--replicas` (1 to 3).
+    /// Replicas of a volume created without `--replicas` (1 to 3, the
+    /// most a volume may have).
     #[arg(long, env = "CAIRN_DEFAULT_REPLICAS")]
     pub default_replicas: Option<u32>,
     /// Rebuild copy limit per second, e.g. `200MiB` (`0`: unlimited).
@@ -136,6 +142,7 @@ struct FileConfig {
     replica_grace_period: Option<String>,
     docker_plugin_socket: Option<String>,
     docker_mount_dir: Option<PathBuf>,
+    api_mount_root: Option<PathBuf>,
     csi_socket: Option<PathBuf>,
     csi_max_volumes: Option<u64>,
     orphan_io_timeout: Option<String>,
@@ -164,6 +171,8 @@ pub struct Config {
     pub replica_grace_period: Duration,
     pub docker_plugin_socket: Option<PathBuf>,
     pub docker_mount_dir: PathBuf,
+    /// REST mount paths must lie below this (None: any absolute path).
+    pub api_mount_root: Option<PathBuf>,
     pub csi_socket: Option<PathBuf>,
     pub csi_max_volumes: u64,
     pub orphan_io_timeout: Duration,
@@ -434,10 +443,23 @@ impl Config {
             .docker_mount_dir
             .or(file.docker_mount_dir)
             .unwrap_or_else(|| data_dir.join("docker"));
+        let api_mount_root = args.api_mount_root.or(file.api_mount_root);
+        if let Some(r) = &api_mount_root {
+            if !r.is_absolute()
+                || r.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(format!(
+                    "--api-mount-root {}: must be an absolute path without '..'",
+                    r.display()
+                ));
+            }
+        }
         let default_replicas = args.default_replicas.or(file.default_replicas).unwrap_or(1);
-        if !(1..=3).contains(&default_replicas) {
+        let max = crate::volume::VolumeManager::MAX_REPLICAS;
+        if !(1..=max).contains(&default_replicas) {
             return Err(format!(
-                "--default-replicas {default_replicas}: must be 1, 2 or 3"
+                "--default-replicas {default_replicas}: must be between 1 and {max}"
             ));
         }
         let rebuild_bandwidth = parse_bandwidth(
@@ -477,6 +499,7 @@ impl Config {
             replica_grace_period,
             docker_plugin_socket,
             docker_mount_dir,
+            api_mount_root,
             csi_socket,
             csi_max_volumes,
             orphan_io_timeout,
@@ -515,6 +538,7 @@ mod tests {
             replica_grace_period: None,
             docker_plugin_socket: None,
             docker_mount_dir: None,
+            api_mount_root: None,
             csi_socket: None,
             csi_max_volumes: None,
             orphan_io_timeout: None,

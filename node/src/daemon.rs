@@ -229,6 +229,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     };
 
     let state = ApiState {
+        mount_root: cfg.api_mount_root.as_deref().map(Arc::from),
         mgr: mgr.clone(),
         store: store.clone(),
         node: Arc::new(NodeFacts {

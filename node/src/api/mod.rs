@@ -72,6 +72,32 @@ pub struct ApiState {
     pub mgr: Arc<VolumeManager>,
     pub store: Arc<ClusterStore>,
     pub node: Arc<NodeFacts>,
+    /// `--api-mount-root`: mount and unmount paths must lie below it.
+    pub mount_root: Option<Arc<std::path::Path>>,
+}
+
+/// Refuses a mount path outside `--api-mount-root` (before anything is
+/// looked up, so the answer says nothing about the volume).
+fn within_mount_root(s: &ApiState, path: &str) -> Result<(), ApiError> {
+    let Some(root) = &s.mount_root else {
+        return Ok(());
+    };
+    let p = std::path::Path::new(path);
+    let inside = p.is_absolute()
+        && !p
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        && p.starts_with(root)
+        && p != &**root;
+    if inside {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidPath(format!(
+            "{path:?} is not below {}, the only place this node mounts volumes for the API (--api-mount-root)",
+            root.display()
+        ))
+        .into())
+    }
 }
 
 /// Static facts about this node for `/v1/node`.
@@ -457,6 +483,7 @@ async fn mount(
     body: Bytes,
 ) -> ApiResult<Json<api::VolumeInfo>> {
     let req: MountRequest = parse_body(&body)?;
+    within_mount_root(&s, &req.path)?;
     let m = s.mgr.clone();
     Ok(Json(
         blocking(move || m.mount(&name, &req.path, req.force))
@@ -488,6 +515,7 @@ async fn unmount(
     body: Bytes,
 ) -> ApiResult<Json<api::VolumeInfo>> {
     let req: MountRequest = parse_body(&body)?;
+    within_mount_root(&s, &req.path)?;
     let m = s.mgr.clone();
     Ok(Json(
         blocking(move || m.unmount(&name, &req.path)).await?.into(),
