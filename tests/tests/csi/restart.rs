@@ -190,3 +190,88 @@ fn published_targets_are_recorded_and_outlive_restarts() {
         );
     }
 }
+
+/// The other ways a recorded target matters: a REST unmount of the staging
+/// path a target is bound from is refused (409 VolumeInUse) and changes
+/// nothing; a target that went missing while the FUSE holder kept the
+/// volume is bound again when the next daemon takes it over; and `volume
+/// rm --force` takes the target down with the staging mount.
+#[test]
+fn a_bound_target_blocks_unmount_comes_back_after_a_crash_and_goes_with_rm_force() {
+    let mut node = TestNode::start_with("csi-bound", "1GiB", &["--node-name", "n1"]);
+    let mut c = connect_when_ready(&node);
+    c.ok(
+        "CreateVolume",
+        c.ctl().create_volume(create_req(
+            "pvc-bound",
+            64 * MIB,
+            ext4_cap(),
+            &[("replicas", "1")],
+        )),
+    );
+    let p = paths(&node, "bound");
+    c.ok(
+        "ControllerPublishVolume",
+        c.ctl()
+            .controller_publish_volume(cpublish("pvc-bound", "n1", ext4_cap())),
+    );
+    c.ok(
+        "NodeStageVolume",
+        c.node()
+            .node_stage_volume(stage_req("pvc-bound", &p.staging, ext4_cap())),
+    );
+    c.ok(
+        "NodePublishVolume",
+        c.node().node_publish_volume(publish_req(
+            "pvc-bound",
+            &p.staging,
+            &p.target,
+            ext4_cap(),
+            false,
+        )),
+    );
+    std::fs::write(p.target.join("kept.txt"), b"kept").expect("write");
+    std::fs::File::open(p.target.join("kept.txt"))
+        .and_then(|f| f.sync_all())
+        .expect("fsync");
+
+    let (st, v) = node.api(
+        "POST",
+        "/v1/volumes/pvc-bound/unmount",
+        Some(&serde_json::json!({ "path": p.staging.to_string_lossy() })),
+    );
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("VolumeInUse")),
+        "{v}"
+    );
+    assert!(mount_options(&p.staging).is_some() && mount_options(&p.target).is_some());
+
+    // The target goes missing behind the daemon's back, then the daemon
+    // dies while the holder keeps the volume: the next one binds it again.
+    cairn_node::sys::mount::umount(&p.target, 0).expect("umount the target");
+    drop(c);
+    node.kill9();
+    node.restart();
+    c = connect_when_ready(&node);
+    wait_for("the target bound again", Duration::from_secs(30), || {
+        mount_options(&p.target).is_some()
+    });
+    assert_eq!(
+        std::fs::read(p.target.join("kept.txt")).expect("read through the target"),
+        b"kept"
+    );
+    assert_eq!(
+        published(&node, "pvc-bound"),
+        vec![p.target.to_string_lossy().to_string()]
+    );
+
+    node.cli_ok(&["volume", "rm", "pvc-bound", "--force"]);
+    assert!(mount_options(&p.target).is_none(), "the target stayed");
+    assert!(
+        mount_options(&p.staging).is_none(),
+        "the staging mount stayed"
+    );
+    assert!(!names(&node).contains(&"pvc-bound".to_string()));
+    drop(c);
+}
