@@ -242,24 +242,24 @@ fn csi_and_docker_share_one_operation_guard() {
         }),
         ..Default::default()
     };
-    let mounting = std::thread::scope(|sc| {
+    // The mount's mkfs waits at a gate, so the CSI call surely meets the
+    // mount in progress (and cannot take the guard before the mount does).
+    let gate = cairn_tests::gate::Gate::install(&node, "mkfs.ext4");
+    gate.close();
+    let mounted = std::thread::scope(|sc| {
         let m = sc.spawn(|| docker_plugin(&node, "Mount", r#"{"Name":"shared","ID":"c1"}"#));
-        let mut aborted = 0;
-        while !m.is_finished() {
-            match c.run(c.ctl().controller_expand_volume(expand())) {
-                Err(s) if s.code() == Code::Aborted => aborted += 1,
-                Err(s) => panic!("expand during the mount: {:?} {}", s.code(), s.message()),
-                Ok(_) => {}
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        gate.wait_held(Duration::from_secs(60));
+        let during = c.run(c.ctl().controller_expand_volume(expand()));
+        gate.open();
+        let mounted = m.join().expect("mount thread");
+        match during {
+            Err(s) if s.code() == Code::Aborted => {}
+            Err(s) => panic!("expand during the mount: {:?} {}", s.code(), s.message()),
+            Ok(_) => panic!("no CSI call was refused while Docker mounted"),
         }
-        (m.join().expect("mount thread"), aborted)
+        mounted
     });
-    assert_eq!(mounting.0, "", "Docker mount failed");
-    assert!(
-        mounting.1 > 0,
-        "no CSI call was refused while Docker mounted"
-    );
+    assert_eq!(mounted, "", "Docker mount failed");
     c.ok(
         "expand after the mount",
         c.ctl().controller_expand_volume(expand()),
