@@ -58,16 +58,6 @@ impl Threads {
         Ok(())
     }
 
-    /// How many registered threads have not ended yet.
-    pub fn live(&self) -> usize {
-        self.running
-            .lock()
-            .expect("threads lock")
-            .iter()
-            .filter(|(_, h)| !h.is_finished())
-            .count()
-    }
-
     /// Joins every registered thread that ends within `timeout`; returns
     /// the names of those that did not (logged as errors: each is a thread
     /// whose stop condition the shutdown order failed to meet).
@@ -96,11 +86,19 @@ impl Threads {
 }
 
 /// Open connections whose serving threads block in `read`: closed at stop.
-#[derive(Default)]
 pub struct Conns {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, TcpStream>>,
-    closed: std::sync::atomic::AtomicBool,
+    /// None once closed.
+    open: Mutex<Option<HashMap<u64, TcpStream>>>,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            next: AtomicU64::new(0),
+            open: Mutex::new(Some(HashMap::new())),
+        }
+    }
 }
 
 /// Removes its connection from [`Conns`] when the serving thread ends.
@@ -111,7 +109,9 @@ pub struct ConnGuard<'a> {
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
-        self.conns.open.lock().expect("conns lock").remove(&self.id);
+        if let Some(open) = self.conns.open.lock().expect("conns lock").as_mut() {
+            open.remove(&self.id);
+        }
     }
 }
 
@@ -121,20 +121,16 @@ impl Conns {
     pub fn register(&self, s: &TcpStream) -> Option<ConnGuard<'_>> {
         let clone = s.try_clone().ok()?;
         let mut open = self.open.lock().expect("conns lock");
-        if self.closed.load(Ordering::Acquire) {
-            return None;
-        }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        open.insert(id, clone);
+        open.as_mut()?.insert(id, clone);
         Some(ConnGuard { conns: self, id })
     }
 
     /// Shuts every open connection down (a blocked read returns) and
     /// refuses new ones.
     pub fn close_all(&self) {
-        let open = self.open.lock().expect("conns lock");
-        self.closed.store(true, Ordering::Release);
-        for s in open.values() {
+        let open = self.open.lock().expect("conns lock").take();
+        for s in open.into_iter().flat_map(|m| m.into_values()) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -158,7 +154,7 @@ mod tests {
         assert_eq!(t.join_all(Duration::from_millis(100)), vec!["waiter"]);
         drop(tx);
         assert!(t.join_all(Duration::from_secs(5)).is_empty());
-        assert_eq!(t.live(), 0);
+        assert!(t.running.lock().expect("lock").is_empty());
     }
 
     #[test]
@@ -177,12 +173,18 @@ mod tests {
                 let _ = s.read(&mut b);
             })
             .expect("spawn");
-        while conns.open.lock().expect("lock").is_empty() {
+        while conns
+            .open
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(|m| m.is_empty())
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         conns.close_all();
         assert!(threads.join_all(Duration::from_secs(5)).is_empty());
-        assert!(conns.open.lock().expect("lock").is_empty());
+        assert!(conns.open.lock().expect("lock").is_none());
         let _c2 = TcpStream::connect(addr).expect("connect");
         let (s2, _) = l.accept().expect("accept");
         assert!(conns.register(&s2).is_none());

@@ -769,18 +769,7 @@ fn hostile_frames_on_the_data_port_change_nothing() {
 #[test]
 fn a_stopping_replica_node_closes_its_data_connections_and_joins_its_threads() {
     let mut nodes = cluster("rstop", 3, 99);
-    nodes[1].cli_ok(&[
-        "volume",
-        "create",
-        "served",
-        "--size",
-        "64MiB",
-        "--fs",
-        "none",
-        "--replicas",
-        "3",
-    ]);
-    let dev = PathBuf::from(nodes[1].cli_ok(&["volume", "attach", "served"]).trim());
+    let dev = raw_three_replicas(&nodes[1], "served");
     let mut a = vec![0u8; MIB as usize];
     fill_pattern(&mut a, 11);
     write_direct(&dev, 0, &a).expect("write through n2 to every replica");

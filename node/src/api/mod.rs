@@ -82,14 +82,10 @@ fn within_mount_root(s: &ApiState, path: &str) -> Result<(), ApiError> {
     let Some(root) = &s.mount_root else {
         return Ok(());
     };
-    let p = std::path::Path::new(path);
-    let inside = p.is_absolute()
-        && !p
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-        && p.starts_with(root)
-        && p != &**root;
-    if inside {
+    // The manager's own rules first (absolute, no `..`, not its FUSE
+    // directory), then the root.
+    let p = s.mgr.check_mount_target(path)?;
+    if p.starts_with(root) && p != **root {
         Ok(())
     } else {
         Err(VolumeError::InvalidPath(format!(

@@ -17,6 +17,16 @@ fn docker_plugin(n: &TestNode, call: &str, body: &str) -> String {
     v["Err"].as_str().unwrap_or_default().to_string()
 }
 
+/// A REST mount of `volume` on `n` that must fail: its status and code.
+fn rest_mount_fails(n: &TestNode, volume: &str) -> (u16, Option<String>) {
+    let (code, v) = n.api(
+        "POST",
+        &format!("/v1/volumes/{volume}/mount"),
+        Some(&serde_json::json!({ "path": n.path("m").to_string_lossy() })),
+    );
+    (code, v["error"]["code"].as_str().map(String::from))
+}
+
 /// The same failure is recognisable at every door: a full pool is ENOSPC to
 /// a writer (FUSE and NBD), 507 PoolFull in the API, RESOURCE_EXHAUSTED in
 /// CSI and says so in Docker's `Err`; no quorum is 503, UNAVAILABLE and a
@@ -77,15 +87,9 @@ fn a_full_pool_and_no_quorum_are_typed_at_every_door() {
     assert!(qtext.contains("No space left on device"), "NBD: {qtext}");
     // REST: the first mount formats, which needs space.
     made("fsvol", "ext4");
-    let (code, v) = n1.api(
-        "POST",
-        "/v1/volumes/fsvol/mount",
-        Some(&serde_json::json!({ "path": n1.path("m").to_string_lossy() })),
-    );
     assert_eq!(
-        (code, v["error"]["code"].as_str()),
-        (507, Some("PoolFull")),
-        "{v}"
+        rest_mount_fails(n1, "fsvol"),
+        (507, Some("PoolFull".into()))
     );
     // CSI: staging formats too.
     c1.ok(
@@ -317,15 +321,9 @@ fn a_fenced_engine_is_a_clear_error_at_every_door() {
 
     create("restvol");
     fenced_during_mkfs("restvol", &mut || {
-        let (code, v) = n1.api(
-            "POST",
-            "/v1/volumes/restvol/mount",
-            Some(&serde_json::json!({ "path": n1.path("m").to_string_lossy() })),
-        );
         assert_eq!(
-            (code, v["error"]["code"].as_str()),
-            (409, Some("Fenced")),
-            "{v}"
+            rest_mount_fails(n1, "restvol"),
+            (409, Some("Fenced".into()))
         );
     });
 
