@@ -17,6 +17,13 @@
 //! writes that were never flushed (a node whose kernel restarted has its
 //! replicas rebuilt anyway, see `host`).
 //!
+//! Every change of the I/O path is logged: a version mapped for a layer
+//! (full, partial, or a whiteout), removed, or blocks added to a partial
+//! version. Changes that free or move extents (snapshot deletion, revert,
+//! destroy) are not: they run with the replica's I/O stopped, commit
+//! first (so no record of that replica is left to replay over them),
+//! apply one atomic sled batch, and commit again.
+//!
 //! Log records carry a format version, a sequence number and a crc32;
 //! replay applies the valid ones in sequence order, so a later unmap
 //! cancels an earlier map. An intact record of a newer format version
@@ -42,20 +49,38 @@ use crate::types::{Id128, VolumeId};
 const REC_LEN: usize = 64;
 const REC_MAGIC: u32 = 0x474c_4143; // "CALG" on disk
 /// Format version of a record (byte 5; records from before versions hold 0
-/// there and read the same).
-const REC_VERSION: u8 = 1;
+/// there and read the same). Version 2 adds the layer (bytes 52..60) and
+/// the block count of an extent (bytes 6..8), and its crc covers them.
+const REC_VERSION: u8 = 2;
+/// A full version (address 0: a whiteout).
 const MAP: u8 = 1;
 const UNMAP: u8 = 2;
+/// A partial version holding no block yet.
+const PARTIAL: u8 = 3;
+/// Blocks `[first, first + count)` (the address field: first | count << 32)
+/// added to a partial version.
+const BITS: u8 = 4;
 
-/// One map change: logical extent `logical` of `volume` is backed by the
-/// packed extent address `addr` (MAP) or by nothing (UNMAP).
+/// One map change of `logical` of `volume` in `layer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Record {
     seq: u64,
     kind: u8,
     volume: VolumeId,
+    layer: u64,
+    /// Blocks per extent (PARTIAL and BITS).
+    blocks: u16,
     logical: u64,
     addr: u64,
+}
+
+fn crc_of(b: &[u8], version: u8) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[..48]);
+    if version >= 2 {
+        h.update(&b[52..64]);
+    }
+    h.finalize()
 }
 
 impl Record {
@@ -64,11 +89,13 @@ impl Record {
         b[0..4].copy_from_slice(&REC_MAGIC.to_le_bytes());
         b[4] = self.kind;
         b[5] = REC_VERSION;
+        b[6..8].copy_from_slice(&self.blocks.to_le_bytes());
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume.0);
         b[32..40].copy_from_slice(&self.logical.to_le_bytes());
         b[40..48].copy_from_slice(&self.addr.to_le_bytes());
-        let crc = crc32fast::hash(&b[..48]);
+        b[52..60].copy_from_slice(&self.layer.to_le_bytes());
+        let crc = crc_of(&b, REC_VERSION);
         b[48..52].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -76,24 +103,38 @@ impl Record {
     /// `Ok(None)` for anything but a complete, intact record; `Err` with
     /// the version for an intact record of a newer format.
     fn decode(b: &[u8]) -> Result<Option<Record>, u8> {
+        if b.len() < REC_LEN {
+            return Ok(None);
+        }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        if b.len() < REC_LEN
-            || u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != REC_MAGIC
-            || u32::from_le_bytes(b[48..52].try_into().expect("4 bytes"))
-                != crc32fast::hash(&b[..48])
+        let version = b[5];
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != REC_MAGIC
+            || u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")) != crc_of(b, version)
         {
             return Ok(None);
         }
-        if b[5] > REC_VERSION {
-            return Err(b[5]);
+        if version > REC_VERSION {
+            return Err(version);
         }
-        if !matches!(b[4], MAP | UNMAP) {
+        let kinds: &[u8] = if version >= 2 {
+            &[MAP, UNMAP, PARTIAL, BITS]
+        } else {
+            &[MAP, UNMAP]
+        };
+        if !kinds.contains(&b[4]) {
             return Ok(None);
         }
+        let (layer, blocks) = if version >= 2 {
+            (u64_at(52), u16::from_le_bytes([b[6], b[7]]))
+        } else {
+            (0, 0)
+        };
         Ok(Some(Record {
             seq: u64_at(8),
             kind: b[4],
             volume: Id128(b[16..32].try_into().expect("16 bytes")),
+            layer,
+            blocks,
             logical: u64_at(32),
             addr: u64_at(40),
         }))
@@ -187,15 +228,9 @@ impl Meta {
         })
     }
 
-    fn append(&self, kind: u8, volume: VolumeId, logical: u64, addr: u64) -> std::io::Result<()> {
+    fn append(&self, mut rec: Record) -> std::io::Result<()> {
         let mut log = self.log.lock().expect("log lock");
-        let rec = Record {
-            seq: log.next_seq,
-            kind,
-            volume,
-            logical,
-            addr,
-        };
+        rec.seq = log.next_seq;
         let (i, at) = (log.active, log.len[log.active]);
         log.files[i].write_all_at(&rec.encode(), at)?;
         log.len[i] += REC_LEN as u64;
@@ -203,16 +238,70 @@ impl Meta {
         Ok(())
     }
 
-    /// Records that `logical` of `volume` is now backed by `addr` (after
-    /// the sled insert, before the write it serves is acknowledged).
-    pub fn log_map(&self, volume: VolumeId, logical: u64, addr: u64) -> std::io::Result<()> {
-        self.append(MAP, volume, logical, addr)
+    fn record(kind: u8, volume: VolumeId, layer: u64, logical: u64, addr: u64) -> Record {
+        Record {
+            seq: 0,
+            kind,
+            volume,
+            layer,
+            blocks: 0,
+            logical,
+            addr,
+        }
     }
 
-    /// Records that `logical` of `volume` is backed by nothing (before the
-    /// sled removal and before its extent returns to the pool).
-    pub fn log_unmap(&self, volume: VolumeId, logical: u64) -> std::io::Result<()> {
-        self.append(UNMAP, volume, logical, 0)
+    /// Records that `logical` of `volume` is now backed in `layer` by the
+    /// packed extent address `addr` as a full version, or by a whiteout
+    /// when `addr` is 0 (after the sled insert, before the write it serves
+    /// is acknowledged).
+    pub fn log_map(
+        &self,
+        volume: VolumeId,
+        layer: u64,
+        logical: u64,
+        addr: u64,
+    ) -> std::io::Result<()> {
+        self.append(Self::record(MAP, volume, layer, logical, addr))
+    }
+
+    /// Records a partial version holding no block yet, of an extent of
+    /// `blocks` blocks.
+    pub fn log_partial(
+        &self,
+        volume: VolumeId,
+        layer: u64,
+        logical: u64,
+        addr: u64,
+        blocks: u16,
+    ) -> std::io::Result<()> {
+        self.append(Record {
+            blocks,
+            ..Self::record(PARTIAL, volume, layer, logical, addr)
+        })
+    }
+
+    /// Records that blocks `[first, first + count)` were added to the
+    /// partial version of `logical` in `layer`.
+    pub fn log_bits(
+        &self,
+        volume: VolumeId,
+        layer: u64,
+        logical: u64,
+        first: u32,
+        count: u32,
+        blocks: u16,
+    ) -> std::io::Result<()> {
+        let range = first as u64 | (count as u64) << 32;
+        self.append(Record {
+            blocks,
+            ..Self::record(BITS, volume, layer, logical, range)
+        })
+    }
+
+    /// Records that `logical` of `volume` has no version in `layer` (before
+    /// the sled removal and before its extent returns to the pool).
+    pub fn log_unmap(&self, volume: VolumeId, layer: u64, logical: u64) -> std::io::Result<()> {
+        self.append(Self::record(UNMAP, volume, layer, logical, 0))
     }
 
     /// Bytes in the log files (they shrink at each commit).
@@ -267,34 +356,74 @@ impl Meta {
 }
 
 /// Applies the net effect of `records` (in sequence order) to the extent
-/// maps in `db` and makes it durable; returns how many changes it applied.
+/// maps in `db` and makes it durable; returns how many versions it changed.
 fn replay(db: &sled::Db, mut records: Vec<Record>) -> Result<usize, String> {
+    use super::layers::{key, Bits};
     records.sort_by_key(|r| r.seq);
-    let mut net: BTreeMap<(VolumeId, u64), Option<u64>> = BTreeMap::new();
-    for r in &records {
-        net.insert((r.volume, r.logical), (r.kind == MAP).then_some(r.addr));
-    }
+    let err = |e: sled::Error| format!("replaying the extent map log: {e}");
     let existing: Vec<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
-    for ((volume, logical), addr) in &net {
+    // The value each touched version ends with (None: removed).
+    let mut net: BTreeMap<(VolumeId, u64, u64), Option<Vec<u8>>> = BTreeMap::new();
+    for r in &records {
+        let name = super::tree_name(r.volume);
+        let k = (r.volume, r.layer, r.logical);
+        let cur = match net.entry(k) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let now = if existing.iter().any(|n| n.as_slice() == name.as_bytes()) {
+                    db.open_tree(&name)
+                        .and_then(|t| t.get(key(r.layer, r.logical)))
+                        .map_err(err)?
+                        .map(|v| v.to_vec())
+                } else {
+                    None
+                };
+                v.insert(now)
+            }
+        };
+        match r.kind {
+            MAP => *cur = Some(r.addr.to_le_bytes().to_vec()),
+            UNMAP => *cur = None,
+            PARTIAL => {
+                let mut v = r.addr.to_le_bytes().to_vec();
+                v.extend(Bits::empty(r.blocks as u32).to_bytes());
+                *cur = Some(v);
+            }
+            _ => {
+                // BITS: only onto a partial version of the same geometry.
+                let (first, count) = (r.addr as u32, (r.addr >> 32) as u32);
+                if let Some(v) = cur.as_mut().filter(|v| v.len() > 8) {
+                    if let Some(mut bits) = Bits::from_bytes(&v[8..], r.blocks as u32) {
+                        if first
+                            .checked_add(count)
+                            .is_some_and(|end| end <= r.blocks as u32)
+                        {
+                            bits.set_range(first, count);
+                            v.truncate(8);
+                            v.extend(bits.to_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for ((volume, layer, logical), value) in &net {
         let name = super::tree_name(*volume);
-        let key = logical.to_be_bytes();
-        match addr {
-            Some(a) => {
+        let k = key(*layer, *logical);
+        match value {
+            Some(v) => {
                 db.open_tree(&name)
-                    .and_then(|t| t.insert(key, &a.to_le_bytes()))
-                    .map_err(|e| format!("replaying the extent map log: {e}"))?;
+                    .and_then(|t| t.insert(k, v.as_slice()))
+                    .map_err(err)?;
             }
             // A volume whose map is gone was destroyed: nothing to remove.
             None if existing.iter().any(|n| n.as_slice() == name.as_bytes()) => {
-                db.open_tree(&name)
-                    .and_then(|t| t.remove(key))
-                    .map_err(|e| format!("replaying the extent map log: {e}"))?;
+                db.open_tree(&name).and_then(|t| t.remove(k)).map_err(err)?;
             }
             None => {}
         }
     }
-    db.flush()
-        .map_err(|e| format!("replaying the extent map log: {e}"))?;
+    db.flush().map_err(err)?;
     Ok(net.len())
 }
 
@@ -343,20 +472,23 @@ mod tests {
         #[test]
         fn records_round_trip_and_damage_never_reads_as_another_record(
             seq: u64,
-            unmap: bool,
+            kind in 1u8..=4,
             volume: [u8; 16],
+            layer: u64,
+            blocks: u16,
             logical: u64,
             addr: u64,
-            flips in proptest::collection::vec((0usize..52, 0u8..8), 1..4),
+            flips in proptest::collection::vec((0usize..64, 0u8..8), 1..4),
             junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
         ) {
-            let r = Record { seq, kind: if unmap { UNMAP } else { MAP }, volume: Id128(volume), logical, addr };
+            let r = Record { seq, kind, volume: Id128(volume), layer, blocks, logical, addr };
             let b = r.encode();
             proptest::prop_assert_eq!(Record::decode(&b), Ok(Some(r)));
             let mut bad = b;
             for (byte, bit) in &flips {
                 bad[*byte] ^= 1 << bit;
             }
+            // Bytes 60..64 are unused (but covered by the crc).
             if bad != b {
                 proptest::prop_assert_eq!(Record::decode(&bad), Ok(None));
             }
@@ -370,26 +502,51 @@ mod tests {
             seq: 7,
             kind: MAP,
             volume: Id128::random(),
+            layer: 0,
+            blocks: 0,
             logical: 42,
             addr: 0xdead_beef,
         };
         let b = r.encode();
         assert_eq!(Record::decode(&b), Ok(Some(r)));
-        for i in [0, 4, 5, 9, 20, 33, 41, 49] {
+        for i in [0, 4, 5, 6, 9, 20, 33, 41, 49, 53, 62] {
             let mut bad = b;
             bad[i] ^= 0x10;
             assert_eq!(Record::decode(&bad), Ok(None), "byte {i} flipped");
         }
         assert_eq!(Record::decode(&b[..REC_LEN - 1]), Ok(None));
-        // Records from before versions (0) read the same; newer ones stop.
+        // Records from before versions (0) and before layers (1) read as
+        // layer 0; newer ones stop.
         let reseal = |v: u8| {
             let mut x = b;
             x[5] = v;
-            let crc = crc32fast::hash(&x[..48]);
+            let crc = crc_of(&x, v);
             x[48..52].copy_from_slice(&crc.to_le_bytes());
             x
         };
         assert_eq!(Record::decode(&reseal(0)), Ok(Some(r)));
+        assert_eq!(Record::decode(&reseal(1)), Ok(Some(r)));
+        let mut partial_v1 = r;
+        partial_v1.kind = PARTIAL;
+        let mut x = reseal(1);
+        x[4] = PARTIAL;
+        let crc = crc_of(&x, 1);
+        x[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Record::decode(&x),
+            Ok(None),
+            "no partial versions before version 2"
+        );
+        assert_eq!(
+            Record::decode(&{
+                let mut y = x;
+                y[5] = 2;
+                let c = crc_of(&y, 2);
+                y[48..52].copy_from_slice(&c.to_le_bytes());
+                y
+            }),
+            Ok(Some(partial_v1))
+        );
         assert_eq!(
             Record::decode(&reseal(REC_VERSION + 1)),
             Err(REC_VERSION + 1)
@@ -407,6 +564,8 @@ mod tests {
             seq,
             kind,
             volume,
+            layer: 0,
+            blocks: 0,
             logical,
             addr,
         };
@@ -435,10 +594,48 @@ mod tests {
         assert_eq!(std::fs::metadata(log_path(&dir, 0)).expect("log").len(), 0);
         // New records continue the sequence; a commit empties the log.
         assert_eq!(meta.log.lock().expect("log").next_seq, 5);
-        meta.log_map(a, 3, 400).expect("log");
+        meta.log_map(a, 0, 3, 400).expect("log");
         assert_eq!(meta.log_bytes(), REC_LEN as u64);
         meta.commit().expect("commit");
         assert_eq!(meta.log_bytes(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Partial versions and the blocks added to them replay onto what sled
+    /// holds; blocks outside the extent are ignored.
+    #[test]
+    fn replay_builds_partial_versions_of_layers() {
+        use super::super::layers::{key, parse_value, Backing};
+        let dir = scratch("maplog-layers");
+        let v = Id128::random();
+        let rec = |seq, kind, layer, logical, addr| Record {
+            seq,
+            kind,
+            volume: v,
+            layer,
+            blocks: 256,
+            logical,
+            addr,
+        };
+        let mut f0 = rec(0, PARTIAL, 3, 7, 0x1_0000_0005).encode().to_vec();
+        f0.extend(rec(1, BITS, 3, 7, 2 | 4 << 32).encode());
+        f0.extend(rec(2, BITS, 3, 7, 255 | 9 << 32).encode()); // beyond the extent
+        f0.extend(rec(3, MAP, 3, 8, 0).encode()); // a whiteout
+        f0.extend(rec(4, MAP, 0, 1, 0x1_0000_0006).encode());
+        std::fs::write(log_path(&dir, 0), f0).expect("log 0");
+        let db = sled::Config::new().path(dir.join("db")).open().expect("db");
+        let meta = Meta::open(db, &dir).expect("replay");
+        let t = meta.db.open_tree(super::super::tree_name(v)).expect("tree");
+        let get = |layer, e| {
+            let raw = t.get(key(layer, e)).expect("get").expect("present");
+            parse_value(layer, &raw, 256).expect("value")
+        };
+        let p = get(3, 7);
+        let bits = p.bits.expect("partial");
+        assert_eq!(bits.count(), 4);
+        assert!(bits.get(2) && bits.get(5) && !bits.get(6));
+        assert_eq!(get(3, 8).backing, Backing::Zeros);
+        assert!(get(0, 1).bits.is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

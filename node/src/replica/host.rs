@@ -387,6 +387,7 @@ impl HostMap {
         self.pool.claim_all(&mut owned).map_err(|a| {
             ReplicaError::Meta(format!("extent {a:?} of replica {id} is claimed twice"))
         })?;
+        rep.settle()?;
         let h = self.hosted(Arc::new(rep));
         map.insert(id, h.clone());
         tracing::info!(volume = %id, "created local replica");

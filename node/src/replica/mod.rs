@@ -15,10 +15,11 @@
 
 pub mod commit;
 pub mod host;
+pub mod layers;
 pub mod remote;
 pub mod service;
+pub mod snapshot;
 mod status;
-mod table;
 pub mod wire;
 
 use std::io;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use commit::Meta;
-use table::ExtentTable;
+use layers::{Backing, Bits, Chain, LayerId, Layers, Run, Version, BLOCK};
 
 use crate::pool::{ExtentAddr, Pool, PoolError, IO_ALIGN};
 use crate::sys::AlignedBuf;
@@ -64,6 +65,14 @@ pub enum ReplicaError {
     /// stops counting it healthy (to rebuild it) or has no better copy.
     #[error("replica {0} may have lost unflushed writes in an unclean restart of its node; it serves again once rebuilt")]
     Unclean(VolumeId),
+    /// A snapshot this replica does not hold (never taken here, or deleted).
+    #[error("replica {volume} holds no snapshot {snapshot}")]
+    NoSnapshot {
+        volume: VolumeId,
+        snapshot: layers::SnapshotId,
+    },
+    #[error("replica {0} already holds the most snapshots a volume may have ({max})", max = snapshot::MAX_SNAPSHOTS)]
+    TooManySnapshots(VolumeId),
 }
 
 impl ReplicaError {
@@ -76,9 +85,15 @@ impl ReplicaError {
             | ReplicaError::Gone(_)
             | ReplicaError::Remote(_)
             | ReplicaError::Corrupt(_)
-            | ReplicaError::Unclean(_) => libc::EIO,
+            | ReplicaError::Unclean(_)
+            | ReplicaError::NoSnapshot { .. }
+            | ReplicaError::TooManySnapshots(_) => libc::EIO,
         }
     }
+}
+
+fn meta_err(e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Meta(e.to_string())
 }
 
 pub fn tree_name(volume: VolumeId) -> String {
@@ -90,47 +105,73 @@ pub struct LocalReplica {
     pool: Arc<Pool>,
     meta: Arc<Meta>,
     tree: sled::Tree,
-    table: RwLock<ExtentTable>,
-    /// Serialises allocation so two writers never allocate one logical extent twice.
+    layers: RwLock<Layers>,
+    /// The replica's layers; changed only with `free_gate` write-held.
+    chain: RwLock<Chain>,
+    /// Versions of layers outside the chain found at start (an interrupted
+    /// revert or deletion), zeroed and freed by [`LocalReplica::settle`].
+    orphans: Mutex<Vec<(LayerId, u64, Option<ExtentAddr>)>>,
+    /// Serialises map changes so two writers never allocate one logical
+    /// extent twice or store a version's bits out of order.
     alloc_lock: Mutex<()>,
-    /// Read-held by every I/O, write-held while extents are freed.
+    /// Read-held by every I/O, write-held while extents are freed or the
+    /// layers change shape (snapshot, deletion, revert).
     free_gate: RwLock<()>,
     map_dirty: AtomicBool,
     allocated_extents: AtomicU64,
 }
 
+/// What a write does in one extent: the extent to write and whether it is
+/// the head's partial version (whose bits the write then sets).
+#[derive(Clone, Copy)]
+struct Target {
+    addr: ExtentAddr,
+    partial: bool,
+}
+
 impl LocalReplica {
     /// Loads the replica's map (creating an empty one), returning the extents
-    /// it owns so the caller can claim them in the pool.
+    /// it owns so the caller can claim them in the pool; then the caller
+    /// runs [`LocalReplica::settle`].
     pub fn load(
         meta: &Arc<Meta>,
         pool: Arc<Pool>,
         volume: VolumeId,
     ) -> Result<(LocalReplica, Vec<ExtentAddr>), ReplicaError> {
-        let tree = meta
-            .db
-            .open_tree(tree_name(volume))
-            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        let mut table = ExtentTable::default();
+        let tree = meta.db.open_tree(tree_name(volume)).map_err(meta_err)?;
+        let blocks = u32::try_from(pool.extent_size / BLOCK)
+            .map_err(|_| ReplicaError::Meta("extent size too large".into()))?;
+        let chain = match tree.get(layers::CHAIN_KEY).map_err(meta_err)? {
+            Some(v) => Chain::decode(&v).map_err(ReplicaError::Meta)?,
+            None => Chain::default(),
+        };
+        let mut table = Layers::new(blocks);
+        let mut stacks: std::collections::BTreeMap<u64, Vec<Version>> = Default::default();
+        let mut orphans = Vec::new();
         let mut owned = Vec::new();
         for kv in tree.iter() {
-            let (k, v) = kv.map_err(|e| ReplicaError::Meta(e.to_string()))?;
-            let key: [u8; 8] = k
-                .as_ref()
-                .try_into()
-                .map_err(|_| ReplicaError::Meta(format!("bad key length {}", k.len())))?;
-            let val: [u8; 8] = v
-                .as_ref()
-                .try_into()
-                .map_err(|_| ReplicaError::Meta(format!("bad value length {}", v.len())))?;
-            let logical = u64::from_be_bytes(key);
-            let addr = ExtentAddr::unpack(u64::from_le_bytes(val)).ok_or_else(|| {
-                ReplicaError::Meta(format!(
-                    "invalid extent address for logical extent {logical}"
-                ))
+            let (k, v) = kv.map_err(meta_err)?;
+            if k.as_ref() == layers::CHAIN_KEY {
+                continue;
+            }
+            let (layer, logical) = layers::parse_key(&k)
+                .ok_or_else(|| ReplicaError::Meta(format!("bad key length {}", k.len())))?;
+            let mut version = layers::parse_value(layer, &v, blocks).map_err(|e| {
+                ReplicaError::Meta(format!("logical extent {logical} of layer {layer}: {e}"))
             })?;
-            table.set(logical, Some(addr));
-            owned.push(addr);
+            if version.bits.as_ref().is_some_and(|b| b.is_full(blocks)) {
+                version.bits = None;
+            }
+            owned.extend(version.addr());
+            if chain.contains(layer) {
+                stacks.entry(logical).or_default().push(version);
+            } else {
+                orphans.push((layer, logical, version.addr()));
+            }
+        }
+        for (e, mut vs) in stacks {
+            vs.sort_by_key(|v| std::cmp::Reverse(v.layer));
+            table.store(e, vs);
         }
         let n = owned.len() as u64;
         let r = LocalReplica {
@@ -138,7 +179,9 @@ impl LocalReplica {
             pool,
             meta: meta.clone(),
             tree,
-            table: RwLock::new(table),
+            layers: RwLock::new(table),
+            chain: RwLock::new(chain),
+            orphans: Mutex::new(orphans),
             alloc_lock: Mutex::new(()),
             free_gate: RwLock::new(()),
             map_dirty: AtomicBool::new(false),
@@ -147,14 +190,46 @@ impl LocalReplica {
         Ok((r, owned))
     }
 
+    /// Frees what an interrupted revert or snapshot deletion left outside
+    /// the layer chain; runs after the caller claimed the extents `load`
+    /// returned (so none of them is handed out before it is zeroed).
+    pub fn settle(&self) -> Result<(), ReplicaError> {
+        let orphans = std::mem::take(&mut *self.orphans.lock().expect("orphans lock"));
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let _gate = self.free_gate.write().expect("free gate");
+        tracing::info!(volume = %self.volume, versions = orphans.len(), "freeing the remains of an interrupted snapshot operation");
+        let addrs: Vec<ExtentAddr> = orphans.iter().filter_map(|o| o.2).collect();
+        for a in &addrs {
+            self.pool.zero(*a, 0, self.pool.extent_size)?;
+        }
+        self.pool.sync()?;
+        let mut batch = sled::Batch::default();
+        for (layer, e, _) in &orphans {
+            batch.remove(layers::key(*layer, *e));
+        }
+        self.structural(batch)?;
+        self.release(&addrs);
+        Ok(())
+    }
+
     pub fn extent_size(&self) -> u64 {
         self.pool.extent_size
+    }
+
+    fn blocks(&self) -> u32 {
+        (self.pool.extent_size / BLOCK) as u32
+    }
+
+    fn head(&self) -> LayerId {
+        self.chain.read().expect("chain lock").head
     }
 
     /// crc32 of logical extent `logical` (read whole), `None` when it is
     /// not allocated (reads as zeros).
     pub fn extent_checksum(&self, logical: u64) -> Result<Option<u32>, ReplicaError> {
-        if self.lookup(logical).is_none() {
+        if !self.is_allocated(logical) {
             return Ok(None);
         }
         let es = self.pool.extent_size as usize;
@@ -163,52 +238,149 @@ impl LocalReplica {
         Ok(Some(crc32fast::hash(buf.as_slice())))
     }
 
+    /// Whether the head reads anything but zeros-by-absence from `logical`.
     pub fn is_allocated(&self, logical: u64) -> bool {
-        self.lookup(logical).is_some()
+        let head = self.head();
+        self.layers
+            .read()
+            .expect("layers lock")
+            .has_data(logical, head)
     }
 
+    /// Pool space the replica holds: its head and all its snapshots.
     pub fn allocated_bytes(&self) -> u64 {
         self.allocated_extents.load(Ordering::Relaxed) * self.pool.extent_size
     }
 
-    fn lookup(&self, logical: u64) -> Option<ExtentAddr> {
-        self.table.read().expect("table lock").get(logical)
-    }
-
-    /// The extent backing `logical`, allocated (and logged, see `commit`)
-    /// if there is none.
-    fn lookup_or_allocate(&self, logical: u64) -> Result<ExtentAddr, ReplicaError> {
-        if let Some(a) = self.lookup(logical) {
-            return Ok(a);
+    /// The head's extent to write `logical` in, allocating (and logging,
+    /// see `commit`) a version if the head has none: a full one when no
+    /// snapshot holds data there, else a partial one over the snapshot's.
+    fn prepare(&self, logical: u64, head: LayerId) -> Result<Target, ReplicaError> {
+        if let Some(t) = self.target(logical, head) {
+            return Ok(t);
         }
         let _g = self.alloc_lock.lock().expect("alloc lock");
-        if let Some(a) = self.lookup(logical) {
-            return Ok(a);
+        if let Some(t) = self.target(logical, head) {
+            return Ok(t);
         }
+        let mut stack = self.layers.read().expect("layers lock").stack(logical);
+        // Whether the head reads anything but zeros here today: if not, a
+        // fresh (zeroed) extent is already its whole content.
+        let over_data = stack.first().is_some_and(|v| v.backing != Backing::Zeros);
         let addr = self.pool.allocate().map_err(|e| match e {
             PoolError::Full => ReplicaError::NoSpace,
             other => ReplicaError::Meta(other.to_string()),
         })?;
+        let version = Version {
+            layer: head,
+            backing: Backing::Extent(addr),
+            bits: over_data.then(|| Bits::empty(self.blocks())),
+        };
         if let Err(e) = self
             .tree
-            .insert(logical.to_be_bytes(), &addr.pack().to_le_bytes())
+            .insert(layers::key(head, logical), layers::value(&version))
         {
             self.pool.release(&[addr]);
-            return Err(ReplicaError::Meta(e.to_string()));
+            return Err(meta_err(e));
         }
         // Survives a crash of this process before sled's next flush.
-        if let Err(e) = self.meta.log_map(self.volume, logical, addr.pack()) {
-            let _ = self.tree.remove(logical.to_be_bytes());
+        let logged = if over_data {
+            self.meta.log_partial(
+                self.volume,
+                head,
+                logical,
+                addr.pack(),
+                self.blocks() as u16,
+            )
+        } else {
+            self.meta.log_map(self.volume, head, logical, addr.pack())
+        };
+        if let Err(e) = logged {
+            // Put back what the head had (a whiteout), or nothing.
+            let _ = match stack.first().filter(|v| v.layer == head) {
+                Some(v) => self
+                    .tree
+                    .insert(layers::key(head, logical), layers::value(v))
+                    .map(|_| ()),
+                None => self.tree.remove(layers::key(head, logical)).map(|_| ()),
+            };
             self.pool.release(&[addr]);
             return Err(ReplicaError::Meta(format!("extent map log: {e}")));
         }
         self.map_dirty.store(true, Ordering::Release);
-        self.table
+        // A head whiteout is replaced, anything older stays below.
+        if stack.first().is_some_and(|v| v.layer == head) {
+            stack.remove(0);
+        }
+        stack.insert(0, version);
+        self.layers
             .write()
-            .expect("table lock")
-            .set(logical, Some(addr));
+            .expect("layers lock")
+            .store(logical, stack);
         self.allocated_extents.fetch_add(1, Ordering::Relaxed);
-        Ok(addr)
+        Ok(Target {
+            addr,
+            partial: over_data,
+        })
+    }
+
+    /// The head's own extent for `logical`, if it has one.
+    fn target(&self, logical: u64, head: LayerId) -> Option<Target> {
+        let (addr, partial) = self
+            .layers
+            .read()
+            .expect("layers lock")
+            .head_extent(logical, head)?;
+        Some(Target { addr, partial })
+    }
+
+    /// Adds blocks `[first, first + count)` to the head's partial version
+    /// of `logical` once their data is written (so a read never takes a
+    /// block from the head before it holds the data).
+    fn mark(
+        &self,
+        logical: u64,
+        head: LayerId,
+        first: u32,
+        count: u32,
+    ) -> Result<(), ReplicaError> {
+        let held = |l: &Layers| l.head_holds(logical, head, first, count);
+        if held(&self.layers.read().expect("layers lock")) {
+            return Ok(());
+        }
+        let _g = self.alloc_lock.lock().expect("alloc lock");
+        let mut stack = self.layers.read().expect("layers lock").stack(logical);
+        let Some(top) = stack.first_mut().filter(|v| v.layer == head) else {
+            return Ok(());
+        };
+        let addr = top.addr().map_or(0, ExtentAddr::pack);
+        let Some(bits) = top.bits.as_mut() else {
+            return Ok(());
+        };
+        if !bits.set_range(first, count) {
+            return Ok(());
+        }
+        let blocks = self.blocks();
+        let full = bits.is_full(blocks);
+        if full {
+            top.bits = None;
+        }
+        self.tree
+            .insert(layers::key(head, logical), layers::value(top))
+            .map_err(meta_err)?;
+        let logged = if full {
+            self.meta.log_map(self.volume, head, logical, addr)
+        } else {
+            self.meta
+                .log_bits(self.volume, head, logical, first, count, blocks as u16)
+        };
+        logged.map_err(|e| ReplicaError::Meta(format!("extent map log: {e}")))?;
+        self.map_dirty.store(true, Ordering::Release);
+        self.layers
+            .write()
+            .expect("layers lock")
+            .store(logical, stack);
+        Ok(())
     }
 
     /// Calls `f(logical extent, offset within it, range of the buffer)` for
@@ -241,15 +413,54 @@ impl LocalReplica {
     /// Reads into `buf`. Fast path: offset, length and buffer aligned to
     /// 4 KiB; anything else goes through a bounce buffer.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        self.read_layer(None, offset, buf)
+    }
+
+    /// Reads the view of `layer` (`None`: the head).
+    fn read_layer(
+        &self,
+        layer: Option<LayerId>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReplicaError> {
         if !Self::aligned(offset, buf) {
-            return self.read_unaligned(offset, buf);
+            let (start, blen) = Self::bounce_range(offset, buf.len());
+            let mut tmp = AlignedBuf::new(blen, IO_ALIGN);
+            self.read_layer(layer, start, tmp.as_mut_slice())?;
+            let skip = (offset - start) as usize;
+            buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
+            return Ok(());
         }
         let _gate = self.free_gate.read().expect("free gate");
+        let at = layer.unwrap_or_else(|| self.head());
+        let mut runs: Vec<Run> = Vec::new();
         self.each_piece(offset, buf.len(), |logical, within, range| {
             let dst = &mut buf[range];
-            match self.lookup(logical) {
-                None => dst.fill(0),
-                Some(addr) => self.pool.read(addr, within, dst)?,
+            let first = (within / BLOCK) as u32;
+            let count = (dst.len() as u64 / BLOCK) as u32;
+            let whole = {
+                let l = self.layers.read().expect("layers lock");
+                let whole = l.whole(logical, at);
+                if whole.is_none() {
+                    l.resolve(logical, at, first, count, &mut runs);
+                }
+                whole
+            };
+            match whole {
+                Some(None) => {
+                    dst.fill(0);
+                    return Ok(());
+                }
+                Some(Some(addr)) => return Ok(self.pool.read(addr, within, dst)?),
+                None => {}
+            }
+            for r in &runs {
+                let s = ((r.first - first) as u64 * BLOCK) as usize;
+                let part = &mut dst[s..s + (r.count as u64 * BLOCK) as usize];
+                match r.from {
+                    None => part.fill(0),
+                    Some(addr) => self.pool.read(addr, r.first as u64 * BLOCK, part)?,
+                }
             }
             Ok(())
         })
@@ -262,20 +473,25 @@ impl LocalReplica {
     /// All-or-nothing on a full pool: every extent the write needs is
     /// allocated before any byte is written, so [`ReplicaError::NoSpace`]
     /// means the replica's data did not change (an extent allocated before
-    /// the pool ran out reads as zeros, as an unallocated one does). The
-    /// engine relies on it to keep replicas equal when every one of them
-    /// is full.
+    /// the pool ran out reads as what it read before). The engine relies on
+    /// it to keep replicas equal when every one of them is full.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
         if !Self::aligned(offset, buf) {
             return self.write_unaligned(offset, buf);
         }
         let _gate = self.free_gate.read().expect("free gate");
+        let head = self.head();
         self.each_piece(offset, buf.len(), |logical, _, _| {
-            self.lookup_or_allocate(logical).map(|_| ())
+            self.prepare(logical, head).map(|_| ())
         })?;
         self.each_piece(offset, buf.len(), |logical, within, range| {
-            let addr = self.lookup_or_allocate(logical)?;
-            Ok(self.pool.write(addr, within, &buf[range])?)
+            let t = self.prepare(logical, head)?;
+            let len = range.len() as u64;
+            self.pool.write(t.addr, within, &buf[range])?;
+            if t.partial {
+                self.mark(logical, head, (within / BLOCK) as u32, (len / BLOCK) as u32)?;
+            }
+            Ok(())
         })
     }
 
@@ -284,15 +500,6 @@ impl LocalReplica {
         let start = offset / a * a;
         let end = (offset + len as u64).div_ceil(a) * a;
         (start, (end - start) as usize)
-    }
-
-    fn read_unaligned(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
-        let (start, blen) = Self::bounce_range(offset, buf.len());
-        let mut tmp = AlignedBuf::new(blen, IO_ALIGN);
-        self.read(start, tmp.as_mut_slice())?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
-        Ok(())
     }
 
     /// Read-modify-write of the covering aligned range. Clients that send
@@ -312,8 +519,9 @@ impl LocalReplica {
     }
 
     /// Makes `[offset, offset+len)` read as zeros. Whole extents are freed
-    /// back to the pool (thin provisioning); partial ranges of allocated
-    /// extents are zeroed in place.
+    /// back to the pool (thin provisioning) or, where a snapshot still
+    /// holds data, shadowed by a whiteout; partial ranges of the head's
+    /// own full extents are zeroed in place, others written with zeros.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), ReplicaError> {
         let es = self.pool.extent_size;
         let mut whole = Vec::new();
@@ -324,12 +532,24 @@ impl LocalReplica {
             let n = (es - within).min(len - pos);
             if within == 0 && n == es {
                 whole.push(logical);
-            } else if let Some(addr) = self.lookup(logical) {
+            } else if self.is_allocated(logical) {
                 let a = IO_ALIGN as u64;
                 let (s, e) = (within.div_ceil(a) * a, (within + n) / a * a);
                 if s < e {
-                    let _gate = self.free_gate.read().expect("free gate");
-                    self.pool.zero(addr, s, e - s)?;
+                    let gate = self.free_gate.read().expect("free gate");
+                    let in_place = self
+                        .layers
+                        .read()
+                        .expect("layers lock")
+                        .writable(logical, self.head());
+                    match in_place {
+                        Some(addr) => self.pool.zero(addr, s, e - s)?,
+                        None => {
+                            drop(gate);
+                            let zeros = AlignedBuf::new((e - s) as usize, IO_ALIGN);
+                            self.write(logical * es + s, zeros.as_slice())?;
+                        }
+                    }
                 }
                 // Unaligned edges are written with zeros through the normal path.
                 let edges = [(within, s.min(within + n)), (e.max(within), within + n)];
@@ -348,46 +568,91 @@ impl LocalReplica {
         Ok(())
     }
 
-    /// Frees whole logical extents: zero them durably, drop them from the map
-    /// durably, then give them back to the pool.
+    /// Makes whole logical extents of the head read as zeros: the head's
+    /// own extents are zeroed durably and dropped from the map durably,
+    /// then given back to the pool; where a snapshot holds data below, the
+    /// head keeps a whiteout instead.
     fn free_extents(&self, logical: &[u64]) -> Result<(), ReplicaError> {
         let _gate = self.free_gate.write().expect("free gate");
-        let victims: Vec<(u64, ExtentAddr)> = logical
-            .iter()
-            .filter_map(|l| self.lookup(*l).map(|a| (*l, a)))
-            .collect();
-        if victims.is_empty() {
+        let head = self.head();
+        // (logical, new stack, extent freed)
+        let mut changes: Vec<(u64, Vec<Version>, Option<ExtentAddr>)> = Vec::new();
+        {
+            let l = self.layers.read().expect("layers lock");
+            for e in logical {
+                let mut stack = l.stack(*e);
+                let own = stack.first().filter(|v| v.layer == head).cloned();
+                if own.is_some() {
+                    stack.remove(0);
+                }
+                let below_data = stack.first().is_some_and(|v| v.backing != Backing::Zeros);
+                let freed = own.as_ref().and_then(|v| v.addr());
+                if below_data {
+                    if own.as_ref().is_some_and(|v| v.backing == Backing::Zeros) {
+                        continue;
+                    }
+                    stack.insert(
+                        0,
+                        Version {
+                            layer: head,
+                            backing: Backing::Zeros,
+                            bits: None,
+                        },
+                    );
+                } else if own.is_none() {
+                    continue;
+                }
+                changes.push((*e, stack, freed));
+            }
+        }
+        if changes.is_empty() {
             return Ok(());
         }
-        for (_, addr) in &victims {
+        let freed: Vec<ExtentAddr> = changes.iter().filter_map(|c| c.2).collect();
+        for addr in &freed {
             self.pool.zero(*addr, 0, self.pool.extent_size)?;
         }
         self.pool.sync()?;
         let mut batch = sled::Batch::default();
-        for (l, _) in &victims {
+        for (e, stack, _) in &changes {
             // Logged first, so a replay never maps what sled dropped.
-            self.meta
-                .log_unmap(self.volume, *l)
-                .map_err(|e| ReplicaError::Meta(format!("extent map log: {e}")))?;
-            batch.remove(&l.to_be_bytes());
+            let whiteout = stack.first().is_some_and(|v| v.layer == head);
+            let logged = if whiteout {
+                batch.insert(layers::key(head, *e), layers::value(&stack[0]));
+                self.meta.log_map(self.volume, head, *e, 0)
+            } else {
+                batch.remove(layers::key(head, *e));
+                self.meta.log_unmap(self.volume, head, *e)
+            };
+            logged.map_err(|e| ReplicaError::Meta(format!("extent map log: {e}")))?;
         }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        self.meta
-            .commit()
-            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
+        self.tree.apply_batch(batch).map_err(meta_err)?;
+        self.meta.commit().map_err(meta_err)?;
         {
-            let mut t = self.table.write().expect("table lock");
-            for (l, _) in &victims {
-                t.set(*l, None);
+            let mut l = self.layers.write().expect("layers lock");
+            for (e, stack, _) in changes {
+                l.store(e, stack);
             }
         }
-        let addrs: Vec<ExtentAddr> = victims.iter().map(|v| v.1).collect();
+        self.release(&freed);
+        Ok(())
+    }
+
+    /// Returns extents (zeroed, and no longer in any durable map) to the pool.
+    fn release(&self, addrs: &[ExtentAddr]) {
         self.allocated_extents
             .fetch_sub(addrs.len() as u64, Ordering::Relaxed);
-        self.pool.release(&addrs);
-        Ok(())
+        self.pool.release(addrs);
+    }
+
+    /// A change of the map that frees or moves extents, with I/O stopped
+    /// (`free_gate` write-held by the caller): commit first, so no logged
+    /// change of this replica is left to replay over it, then apply the
+    /// batch atomically and commit it.
+    fn structural(&self, batch: sled::Batch) -> Result<(), ReplicaError> {
+        self.meta.commit().map_err(meta_err)?;
+        self.tree.apply_batch(batch).map_err(meta_err)?;
+        self.meta.commit().map_err(meta_err)
     }
 
     /// Durability point: every acknowledged write and map change is on
@@ -403,18 +668,28 @@ impl LocalReplica {
         Ok(())
     }
 
-    /// Deletes the replica: frees all its extents and drops its map.
+    /// Deletes the replica: frees all its extents (head, snapshots, and
+    /// anything left of an interrupted operation) and drops its map.
     pub fn destroy(&self) -> Result<(), ReplicaError> {
-        let all: Vec<u64> = self.table.read().expect("table lock").logical_extents();
-        self.free_extents(&all)?;
-        let name = tree_name(self.volume);
+        let _gate = self.free_gate.write().expect("free gate");
+        let mut all = self.layers.read().expect("layers lock").extents();
+        all.extend(
+            std::mem::take(&mut *self.orphans.lock().expect("orphans lock"))
+                .into_iter()
+                .filter_map(|o| o.2),
+        );
+        for addr in &all {
+            self.pool.zero(*addr, 0, self.pool.extent_size)?;
+        }
+        self.pool.sync()?;
+        self.meta.commit().map_err(meta_err)?;
         self.meta
             .db
-            .drop_tree(name)
-            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
-        self.meta
-            .commit()
-            .map_err(|e| ReplicaError::Meta(e.to_string()))?;
+            .drop_tree(tree_name(self.volume))
+            .map_err(meta_err)?;
+        self.meta.commit().map_err(meta_err)?;
+        *self.layers.write().expect("layers lock") = Layers::new(self.blocks());
+        self.release(&all);
         Ok(())
     }
 }

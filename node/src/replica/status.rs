@@ -18,9 +18,11 @@ impl ReplicaError {
             ReplicaError::NoSpace => (frame::NO_SPACE, 0),
             ReplicaError::Corrupt(_) => (frame::CORRUPT, 0),
             ReplicaError::Unclean(_) => (frame::UNCLEAN, 0),
-            ReplicaError::Io(_) | ReplicaError::Meta(_) | ReplicaError::Remote(_) => {
-                (frame::FAILED, 0)
-            }
+            ReplicaError::Io(_)
+            | ReplicaError::Meta(_)
+            | ReplicaError::Remote(_)
+            | ReplicaError::NoSnapshot { .. }
+            | ReplicaError::TooManySnapshots(_) => (frame::FAILED, 0),
         }
     }
 

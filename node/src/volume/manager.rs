@@ -263,6 +263,13 @@ impl VolumeManager {
         }
         pool.claim_all(&mut claimed)
             .map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
+        for id in hosts.ids() {
+            if let Some(h) = hosts.get(id) {
+                h.replica
+                    .settle()
+                    .map_err(|e| format!("volume {id}: {e}"))?;
+            }
+        }
         let unclean = hosts.note_boot(&cfg.boot_id)?;
         if unclean > 0 {
             tracing::warn!(
