@@ -67,6 +67,7 @@ impl TryFrom<String> for Id128 {
 pub type VolumeId = Id128;
 pub type NodeId = Id128;
 pub type PoolId = Id128;
+pub type SnapshotId = Id128;
 
 /// Volume sizes are whole multiples of this (the loop device's block size).
 pub const SIZE_ALIGN: u64 = 4096;
@@ -241,6 +242,37 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
     {
         return Err(format!(
             "volume name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Longest snapshot name.
+pub const MAX_SNAPSHOT_NAME: usize = 63;
+
+/// Snapshot names: 1–63 characters from `[A-Za-z0-9_.-]`, starting with a
+/// letter or digit (no `/` or `@`, which `VOL@SNAP` uses).
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("snapshot name is empty".into());
+    }
+    if name.len() > MAX_SNAPSHOT_NAME {
+        return Err(format!(
+            "snapshot name is {} characters long; the limit is {MAX_SNAPSHOT_NAME}",
+            name.len()
+        ));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "snapshot name {name:?} must start with a letter or digit"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "snapshot name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"
         ));
     }
     Ok(())

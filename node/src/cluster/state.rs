@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{FsType, Id128, NodeId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
+use crate::types::{
+    validate_snapshot_name, FsType, Id128, NodeId, SnapshotId, VolumeId, MAX_VOLUME_SIZE,
+    SIZE_ALIGN,
+};
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -14,9 +17,11 @@ pub const STATE_VERSION: u32 = 1;
 /// a newer version than it knows stops its state machine instead of
 /// skipping the entry (skipping would make its state differ from the
 /// others' for good). Version 1 added `Reattach`, version 2 the CSI name
-/// of `CreateVolume`; entries written before versions existed (plain JSON)
-/// read as version 0.
-pub const ENTRY_VERSION: u8 = 2;
+/// of `CreateVolume`, version 3 snapshots; entries written before versions
+/// existed (plain JSON) read as version 0. Each entry carries the lowest
+/// version that knows its command ([`Command::entry_version`]), so a node
+/// one version behind stops only at a command it cannot apply.
+pub const ENTRY_VERSION: u8 = 3;
 /// First byte of a versioned entry (`{` starts an unversioned one).
 const ENTRY_MAGIC: u8 = 0xCA;
 
@@ -31,7 +36,7 @@ pub enum EntryError {
 /// The bytes of a Raft entry (or a forwarded proposal) carrying `cmd`:
 /// magic, version, then the command as JSON.
 pub fn encode_command(cmd: &Command) -> Vec<u8> {
-    let mut out = vec![ENTRY_MAGIC, ENTRY_VERSION];
+    let mut out = vec![ENTRY_MAGIC, cmd.entry_version()];
     serde_json::to_writer(&mut out, cmd).expect("a Command always serialises to JSON");
     out
 }
@@ -166,6 +171,28 @@ pub struct Attachment {
     pub node: NodeId,
     pub epoch: u64,
 }
+
+/// A point-in-time copy of a volume. Its data lives in the replica
+/// stores of the nodes in `replicas`, which all froze the same point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub volume: VolumeId,
+    /// Unique among the volume's snapshots.
+    pub name: String,
+    pub created_unix_ms: u64,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// False while the replicas are taking it: it is listed (its name is
+    /// taken) but serves nothing.
+    pub ready: bool,
+    /// Nodes whose replica holds it; only these are ever read for it.
+    pub replicas: BTreeSet<NodeId>,
+}
+
+/// Most snapshots a volume may have (the replica store's limit).
+pub const MAX_SNAPSHOTS: usize = crate::replica::snapshot::MAX_SNAPSHOTS;
 
 /// A member of the cluster as the state machine records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,6 +352,35 @@ pub enum Command {
     MarkFormatted {
         id: VolumeId,
     },
+    /// Starts a snapshot of `volume`: its name is taken from now on, and
+    /// it is not ready until [`Command::SnapshotTaken`].
+    CreateSnapshot {
+        id: SnapshotId,
+        volume: VolumeId,
+        name: String,
+        created_unix_ms: u64,
+    },
+    /// The replicas on `nodes` froze the snapshot's point: it is ready.
+    SnapshotTaken {
+        id: SnapshotId,
+        nodes: BTreeSet<NodeId>,
+    },
+    /// Forgets a snapshot; each replica holding it frees its space.
+    DeleteSnapshot {
+        id: SnapshotId,
+    },
+}
+
+impl Command {
+    /// The lowest entry format version that knows this command.
+    pub fn entry_version(&self) -> u8 {
+        match self {
+            Command::CreateSnapshot { .. }
+            | Command::SnapshotTaken { .. }
+            | Command::DeleteSnapshot { .. } => 3,
+            _ => 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -367,6 +423,22 @@ pub enum StateError {
     LastHealthy { id: VolumeId, node: NodeId },
     #[error("a volume needs 1 to {MAX_REPLICAS} replicas on distinct nodes")]
     BadReplicaSet,
+    #[error("invalid snapshot name: {0}")]
+    InvalidSnapshotName(String),
+    #[error("volume {volume} already has a snapshot named {name:?}")]
+    SnapshotExists { volume: VolumeId, name: String },
+    #[error("snapshot id {0} already exists")]
+    SnapshotIdExists(SnapshotId),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(SnapshotId),
+    #[error("volume {volume} already has {MAX_SNAPSHOTS} snapshots, the most a volume may have")]
+    TooManySnapshots { volume: VolumeId },
+    #[error("snapshot {id} can only be recorded on replicas of its volume, with at least one")]
+    BadSnapshotReplicas { id: SnapshotId },
+    #[error("the replica on node {node} holds the last copy of snapshot {id}")]
+    LastSnapshotCopy { id: SnapshotId, node: NodeId },
+    #[error("volume {id} has {count} snapshot(s); delete them first")]
+    HasSnapshots { id: VolumeId, count: usize },
 }
 
 /// Most replicas a volume may have.
@@ -382,6 +454,8 @@ pub struct ClusterState {
     pub applied: u64,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub volumes: BTreeMap<VolumeId, Volume>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshots: BTreeMap<SnapshotId, Snapshot>,
 }
 
 fn valid_size(size: u64) -> bool {
@@ -396,11 +470,23 @@ impl ClusterState {
             applied: 0,
             nodes: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
         }
     }
 
     pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
         self.volumes.values().find(|v| v.name == name)
+    }
+
+    /// The snapshots of `volume`, oldest first.
+    pub fn snapshots_of(&self, volume: VolumeId) -> Vec<&Snapshot> {
+        let mut out: Vec<&Snapshot> = self
+            .snapshots
+            .values()
+            .filter(|s| s.volume == volume)
+            .collect();
+        out.sort_by_key(|s| (s.created_unix_ms, s.id));
+        out
     }
 
     fn volume(&self, id: VolumeId) -> Result<&Volume, StateError> {
@@ -543,6 +629,10 @@ impl ClusterState {
                         id: *id,
                         count: v.readers.len(),
                     });
+                }
+                let count = self.snapshots_of(*id).len();
+                if count > 0 {
+                    return Err(StateError::HasSnapshots { id: *id, count });
                 }
                 self.volumes.remove(id);
             }
@@ -718,11 +808,25 @@ impl ClusterState {
                         node: *node,
                     });
                 }
+                // Never the last copy of a snapshot.
+                if let Some(s) = self
+                    .snapshots_of(*id)
+                    .into_iter()
+                    .find(|s| s.ready && s.replicas.len() == 1 && s.replicas.contains(node))
+                {
+                    return Err(StateError::LastSnapshotCopy {
+                        id: s.id,
+                        node: *node,
+                    });
+                }
                 self.volumes
                     .get_mut(id)
                     .expect("checked")
                     .replicas
                     .retain(|r| r.node != *node);
+                for s in self.snapshots.values_mut().filter(|s| s.volume == *id) {
+                    s.replicas.remove(node);
+                }
             }
             Command::SetReplicaCount { id, count } => {
                 self.volume(*id)?;
@@ -734,6 +838,56 @@ impl ClusterState {
             Command::MarkFormatted { id } => {
                 self.volume(*id)?;
                 self.volumes.get_mut(id).expect("checked").formatted = true;
+            }
+            Command::CreateSnapshot {
+                id,
+                volume,
+                name,
+                created_unix_ms,
+            } => {
+                let v = self.volume(*volume)?;
+                validate_snapshot_name(name).map_err(StateError::InvalidSnapshotName)?;
+                if self.snapshots.contains_key(id) {
+                    return Err(StateError::SnapshotIdExists(*id));
+                }
+                let existing = self.snapshots_of(*volume);
+                if existing.iter().any(|s| s.name == *name) {
+                    return Err(StateError::SnapshotExists {
+                        volume: *volume,
+                        name: name.clone(),
+                    });
+                }
+                if existing.len() >= MAX_SNAPSHOTS {
+                    return Err(StateError::TooManySnapshots { volume: *volume });
+                }
+                let snapshot = Snapshot {
+                    id: *id,
+                    volume: *volume,
+                    name: name.clone(),
+                    created_unix_ms: *created_unix_ms,
+                    size_bytes: v.size_bytes,
+                    ready: false,
+                    replicas: BTreeSet::new(),
+                };
+                self.snapshots.insert(*id, snapshot);
+            }
+            Command::SnapshotTaken { id, nodes } => {
+                let s = self
+                    .snapshots
+                    .get(id)
+                    .ok_or(StateError::SnapshotNotFound(*id))?;
+                let v = self.volume(s.volume)?;
+                if nodes.is_empty() || !nodes.iter().all(|n| v.has_replica_on(*n)) {
+                    return Err(StateError::BadSnapshotReplicas { id: *id });
+                }
+                let s = self.snapshots.get_mut(id).expect("checked");
+                s.ready = true;
+                s.replicas = nodes.clone();
+            }
+            Command::DeleteSnapshot { id } => {
+                self.snapshots
+                    .remove(id)
+                    .ok_or(StateError::SnapshotNotFound(*id))?;
             }
         }
         Ok(())

@@ -34,9 +34,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::pool::ExtentAddr;
 use crate::types::Id128;
+pub use crate::types::SnapshotId;
 
 pub type LayerId = u64;
-pub type SnapshotId = Id128;
 
 /// Copy-on-write granularity.
 pub const BLOCK: u64 = 4096;

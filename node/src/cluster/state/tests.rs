@@ -18,7 +18,14 @@ fn create(id: VolumeId, name: &str) -> Command {
 fn entries_carry_their_version_and_decode_strictly() {
     let c = create(Id128::random(), "a");
     let bytes = encode_command(&c);
-    assert_eq!(&bytes[..2], &[ENTRY_MAGIC, ENTRY_VERSION]);
+    // Each entry carries the lowest version that knows its command, so a
+    // node one version behind applies everything but what is new.
+    assert_eq!(&bytes[..2], &[ENTRY_MAGIC, 2]);
+    let snap = Command::DeleteSnapshot {
+        id: Id128::random(),
+    };
+    assert_eq!(&encode_command(&snap)[..2], &[ENTRY_MAGIC, ENTRY_VERSION]);
+    assert_eq!(decode_command(&encode_command(&snap)), Ok(snap));
     assert_eq!(decode_command(&bytes), Ok(c.clone()));
     // Entries from before versions: plain JSON.
     let legacy = serde_json::to_vec(&c).expect("json");
@@ -318,6 +325,7 @@ fn command() -> impl proptest::strategy::Strategy<Value = Command> {
     use proptest::prelude::*;
     let node = (0u8..3).prop_map(|i| Id128([10 + i; 16]));
     let vol = (0u8..3).prop_map(|i| Id128([20 + i; 16]));
+    let snap = (0u8..4).prop_map(|i| Id128([30 + i; 16]));
     let rstate = prop_oneof![
         Just(ReplicaState::Healthy),
         Just(ReplicaState::Rebuilding),
@@ -372,7 +380,16 @@ fn command() -> impl proptest::strategy::Strategy<Value = Command> {
             size_bytes: k * SIZE_ALIGN
         }),
         vol.clone().prop_map(|id| Command::DeleteVolume { id }),
-        vol.prop_map(|id| Command::MarkFormatted { id }),
+        vol.clone().prop_map(|id| Command::MarkFormatted { id }),
+        (snap.clone(), vol, 0u8..3).prop_map(|(id, volume, n)| Command::CreateSnapshot {
+            id,
+            volume,
+            name: format!("s{n}"),
+            created_unix_ms: 0,
+        }),
+        (snap.clone(), proptest::collection::btree_set(node, 0..3))
+            .prop_map(|(id, nodes)| Command::SnapshotTaken { id, nodes }),
+        snap.prop_map(|id| Command::DeleteSnapshot { id }),
     ]
 }
 
@@ -410,6 +427,100 @@ proptest::proptest! {
                 proptest::prop_assert!(v.healthy().count() >= 1, "no healthy replica after {:?}: {:?}", c, v);
             }
             epochs.retain(|id, _| s.volumes.contains_key(id));
+            for sn in s.snapshots.values() {
+                let v = s.volumes.get(&sn.volume);
+                proptest::prop_assert!(v.is_some(), "snapshot of a deleted volume after {:?}", c);
+                let v = v.expect("checked");
+                proptest::prop_assert!(sn.replicas.iter().all(|n| v.has_replica_on(*n)), "{:?}", sn);
+                proptest::prop_assert!(!sn.ready || !sn.replicas.is_empty(), "ready without a copy: {:?}", sn);
+                let same = s.snapshots.values().filter(|o| o.volume == sn.volume && o.name == sn.name).count();
+                proptest::prop_assert_eq!(same, 1);
+            }
         }
     }
+}
+
+#[test]
+fn snapshots_are_named_per_volume_and_guard_their_volume_and_last_copy() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, b, n2) = (Id128::random(), Id128::random(), Id128::random());
+    s.apply(&create(a, "a")).expect("create");
+    s.apply(&create(b, "b")).expect("create");
+    s.apply(&register(n2, "n2")).expect("register");
+    s.apply(&Command::AddReplica { id: a, node: n2 })
+        .expect("add");
+    let snap = |id, volume, name: &str| Command::CreateSnapshot {
+        id,
+        volume,
+        name: name.into(),
+        created_unix_ms: 5,
+    };
+    let (s1, s2) = (Id128::random(), Id128::random());
+    s.apply(&snap(s1, a, "daily")).expect("snapshot");
+    assert!(!s.snapshots[&s1].ready);
+    assert_eq!(s.snapshots[&s1].size_bytes, 1 << 30);
+    // The same name on another volume is fine.
+    s.apply(&snap(s2, b, "daily")).expect("snapshot of b");
+    let before = s.clone();
+    for (cmd, what) in [
+        (snap(Id128::random(), a, "daily"), "name reused"),
+        (snap(s1, b, "other"), "id reused"),
+        (
+            snap(Id128::random(), Id128::random(), "x"),
+            "unknown volume",
+        ),
+        (snap(Id128::random(), a, "a/b"), "slash"),
+        (snap(Id128::random(), a, "a@b"), "at"),
+        (snap(Id128::random(), a, &"x".repeat(64)), "too long"),
+        (snap(Id128::random(), a, ""), "empty"),
+        (
+            Command::SnapshotTaken {
+                id: s1,
+                nodes: BTreeSet::new(),
+            },
+            "no copy",
+        ),
+        (
+            Command::SnapshotTaken {
+                id: s1,
+                nodes: [Id128::random()].into(),
+            },
+            "not a replica",
+        ),
+        (
+            Command::DeleteSnapshot {
+                id: Id128::random(),
+            },
+            "unknown snapshot",
+        ),
+        (Command::DeleteVolume { id: a }, "volume with snapshots"),
+    ] {
+        assert!(s.apply(&cmd).is_err(), "{what} accepted");
+        assert_eq!(s, before, "{what} changed the state");
+    }
+    s.apply(&Command::SnapshotTaken {
+        id: s1,
+        nodes: [n2].into(),
+    })
+    .expect("taken");
+    assert!(s.snapshots[&s1].ready);
+    assert_eq!(
+        s.apply(&Command::RemoveReplica { id: a, node: n2 }),
+        Err(StateError::LastSnapshotCopy { id: s1, node: n2 })
+    );
+    s.apply(&Command::DeleteSnapshot { id: s1 })
+        .expect("delete");
+    s.apply(&Command::DeleteVolume { id: a })
+        .expect("no snapshots left");
+    assert_eq!(s.snapshots.len(), 1);
+    // A state with snapshots round-trips; one without leaves no trace.
+    let json = serde_json::to_string(&s).expect("json");
+    assert_eq!(
+        serde_json::from_str::<ClusterState>(&json).expect("back"),
+        s
+    );
+    let empty = ClusterState::new(Id128::random());
+    assert!(!serde_json::to_string(&empty)
+        .expect("json")
+        .contains("snapshots"));
 }
