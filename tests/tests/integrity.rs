@@ -143,6 +143,11 @@ fn a_replica_killed_in_the_middle_of_writes_leaves_the_rest_equal() {
             "--ioengine=libaio",
             "--direct=1",
             "--size=96M",
+            // At most 32 MB/s, so the writes last about 3 s and the kill
+            // below lands among them however fast the host is (unlimited,
+            // a fast host finished writing before it, and the dead
+            // replica was never found out).
+            "--rate=32m",
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
