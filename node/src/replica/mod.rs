@@ -111,6 +111,10 @@ pub struct LocalReplica {
     /// Versions of layers outside the chain found at start (an interrupted
     /// revert or deletion), zeroed and freed by [`LocalReplica::settle`].
     orphans: Mutex<Vec<(LayerId, u64, Option<ExtentAddr>)>>,
+    /// Serialises snapshot operations (take, delete, revert) on this
+    /// replica: each runs in several steps that assume the layers keep
+    /// their shape between them.
+    snapshot_ops: Mutex<()>,
     /// Serialises map changes so two writers never allocate one logical
     /// extent twice or store a version's bits out of order.
     alloc_lock: Mutex<()>,
@@ -182,6 +186,7 @@ impl LocalReplica {
             layers: RwLock::new(table),
             chain: RwLock::new(chain),
             orphans: Mutex::new(orphans),
+            snapshot_ops: Mutex::new(()),
             alloc_lock: Mutex::new(()),
             free_gate: RwLock::new(()),
             map_dirty: AtomicBool::new(false),

@@ -53,6 +53,7 @@ impl LocalReplica {
     /// Freezes the head as snapshot `id`: every write this replica
     /// completed before is in it, none that starts after. Idempotent.
     pub fn take_snapshot(&self, id: SnapshotId) -> Result<(), ReplicaError> {
+        let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
         let _gate = self.free_gate.write().expect("free gate");
         let mut chain = self.chain.read().expect("chain lock").clone();
         if chain.layer_of(id).is_some() {
@@ -66,10 +67,18 @@ impl LocalReplica {
         chain.snapshots.push((chain.head, id));
         chain.head = chain.next;
         chain.next += 1;
-        self.tree
+        let before = self
+            .tree
             .insert(layers::CHAIN_KEY, chain.encode())
             .map_err(meta_err)?;
-        self.meta.commit().map_err(meta_err)?;
+        if let Err(e) = self.meta.commit() {
+            // Keep sled's chain what the replica serves by.
+            let _ = match before {
+                Some(v) => self.tree.insert(layers::CHAIN_KEY, v).map(|_| ()),
+                None => self.tree.remove(layers::CHAIN_KEY).map(|_| ()),
+            };
+            return Err(meta_err(e));
+        }
         self.map_dirty
             .store(false, std::sync::atomic::Ordering::Release);
         *self.chain.write().expect("chain lock") = chain;
@@ -165,6 +174,7 @@ impl LocalReplica {
     /// Deletes snapshot `id`, freeing exactly the space nothing else
     /// needs; idempotent (an unknown snapshot is already deleted).
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), ReplicaError> {
+        let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
         let Some(layer) = self.chain.read().expect("chain lock").layer_of(id) else {
             return Ok(());
         };
@@ -183,6 +193,11 @@ impl LocalReplica {
             }
         }
         let _gate = self.free_gate.write().expect("free gate");
+        if self.layers.read().expect("layers lock").member_count(layer) > 0 {
+            return Err(ReplicaError::Meta(format!(
+                "layer {layer} still holds extents after its merge"
+            )));
+        }
         let mut chain = self.chain.read().expect("chain lock").clone();
         chain.snapshots.retain(|s| s.0 != layer);
         self.tree
@@ -298,6 +313,7 @@ impl LocalReplica {
     /// stay as they are. Copies the extents that changed since the
     /// snapshot, so the cost is proportional to that change.
     pub fn revert(&self, id: SnapshotId) -> Result<(), ReplicaError> {
+        let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
         let _gate = self.free_gate.write().expect("free gate");
         let target = self.layer(id)?;
         let chain = self.chain.read().expect("chain lock").clone();
@@ -407,8 +423,10 @@ impl LocalReplica {
             }
             out
         };
-        *self.orphans.lock().expect("orphans lock") =
-            old.iter().map(|(e, a)| (old_head, *e, *a)).collect();
+        self.orphans
+            .lock()
+            .expect("orphans lock")
+            .extend(old.iter().map(|(e, a)| (old_head, *e, *a)));
         drop(_gate);
         self.settle()
     }
