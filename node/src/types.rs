@@ -221,50 +221,33 @@ impl FromStr for FsType {
 /// Volume names: 1–128 characters from `[A-Za-z0-9_.-]`, starting with a
 /// letter or digit (fits Docker volume names and CSI `pvc-<uuid>` names).
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("volume name is empty".into());
-    }
-    if name.len() > 128 {
-        return Err(format!(
-            "volume name is {} characters long; the limit is 128",
-            name.len()
-        ));
-    }
-    let first = name.as_bytes()[0];
-    if !first.is_ascii_alphanumeric() {
-        return Err(format!(
-            "volume name {name:?} must start with a letter or digit"
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "volume name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"
-        ));
-    }
-    Ok(())
+    validate_name("volume", name, 128)
 }
 
 /// Longest snapshot name.
 pub const MAX_SNAPSHOT_NAME: usize = 63;
 
-/// Snapshot names: 1–63 characters from `[A-Za-z0-9_.-]`, starting with a
-/// letter or digit (no `/` or `@`, which `VOL@SNAP` uses).
+/// Snapshot names: 1–63 characters of the same alphabet (so no `/` or `@`,
+/// which `VOL@SNAP` uses).
 pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    validate_name("snapshot", name, MAX_SNAPSHOT_NAME)
+}
+
+/// The one name rule: 1–`max` characters from `[A-Za-z0-9_.-]`, starting
+/// with a letter or digit; `kind` names what is named in the error.
+fn validate_name(kind: &str, name: &str, max: usize) -> Result<(), String> {
     if name.is_empty() {
-        return Err("snapshot name is empty".into());
+        return Err(format!("{kind} name is empty"));
     }
-    if name.len() > MAX_SNAPSHOT_NAME {
+    if name.len() > max {
         return Err(format!(
-            "snapshot name is {} characters long; the limit is {MAX_SNAPSHOT_NAME}",
+            "{kind} name is {} characters long; the limit is {max}",
             name.len()
         ));
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
         return Err(format!(
-            "snapshot name {name:?} must start with a letter or digit"
+            "{kind} name {name:?} must start with a letter or digit"
         ));
     }
     if let Some(c) = name
@@ -272,7 +255,7 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
         return Err(format!(
-            "snapshot name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"
+            "{kind} name {name:?} contains {c:?}; use letters, digits, '_', '.' and '-'"
         ));
     }
     Ok(())
