@@ -92,6 +92,8 @@ impl Superblock {
         };
         if !sb.extent_size.is_power_of_two()
             || sb.extent_size < 4096
+            // Block counts of an extent travel in 16 bits (extent map log).
+            || sb.extent_size > 128 << 20
             || sb.data_offset < SUPERBLOCK_SIZE as u64
         {
             return Err(SuperblockError::Geometry(format!(

@@ -32,7 +32,12 @@
 //! There are two log files: a commit switches appends to the other one
 //! before its sled flush starts, and empties the one it switched away from
 //! once the flush succeeded (every record in it described a change made
-//! before the flush).
+//! before the flush). A failed sled flush fails every later commit too
+//! (until a restart replays both files): the file it switched away from
+//! still holds records, and a later commit switching back into it would
+//! leave records older than a structural change where a crash replays
+//! them over it. A metadata disk that fails a flush is not trusted again
+//! without a restart; the engine records the replica faulted meanwhile.
 //!
 //! [`Meta::commit`] is a group commit: one of the waiting callers runs the
 //! sled flush; everyone who arrived before it started is covered and
@@ -163,6 +168,8 @@ struct State {
     /// Every ticket up to this one is covered by a completed flush.
     durable: u64,
     flushing: bool,
+    /// Why an earlier sled flush failed; every commit fails from then on.
+    failed: Option<String>,
 }
 
 fn log_path(dir: &Path, i: usize) -> std::path::PathBuf {
@@ -320,6 +327,11 @@ impl Meta {
             if s.durable >= mine {
                 return Ok(());
             }
+            if let Some(why) = &s.failed {
+                return Err(sled::Error::Io(std::io::Error::other(format!(
+                    "an earlier metadata flush failed ({why}); restart the daemon to replay the extent map log"
+                ))));
+            }
             if !s.flushing {
                 // Every ticket issued so far belongs to a change made before
                 // this flush starts, so the flush covers all of them.
@@ -342,11 +354,14 @@ impl Meta {
                 }
                 s = self.state.lock().expect("commit lock");
                 s.flushing = false;
-                if r.is_ok() {
-                    s.durable = s.durable.max(covers);
+                match &r {
+                    Ok(_) => s.durable = s.durable.max(covers),
+                    Err(e) => {
+                        tracing::error!(error = %e, "metadata flush failed; no replica on this node commits again until a restart");
+                        s.failed = Some(e.to_string());
+                    }
                 }
                 self.done.notify_all();
-                // A failed flush fails its runner; waiters try their own.
                 r?;
                 continue;
             }

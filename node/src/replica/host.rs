@@ -387,7 +387,11 @@ impl HostMap {
         self.pool.claim_all(&mut owned).map_err(|a| {
             ReplicaError::Meta(format!("extent {a:?} of replica {id} is claimed twice"))
         })?;
-        rep.settle()?;
+        if let Err(e) = rep.settle() {
+            // Its extents are claimed now: it stays hosted, and the next
+            // snapshot operation or start tries again.
+            tracing::warn!(volume = %id, error = %e, "cannot free the remains of an interrupted snapshot operation yet");
+        }
         let h = self.hosted(Arc::new(rep));
         map.insert(id, h.clone());
         tracing::info!(volume = %id, "created local replica");

@@ -143,7 +143,8 @@ impl LocalReplica {
         volume: VolumeId,
     ) -> Result<(LocalReplica, Vec<ExtentAddr>), ReplicaError> {
         let tree = meta.db.open_tree(tree_name(volume)).map_err(meta_err)?;
-        let blocks = u32::try_from(pool.extent_size / BLOCK)
+        let blocks = u16::try_from(pool.extent_size / BLOCK)
+            .map(u32::from)
             .map_err(|_| ReplicaError::Meta("extent size too large".into()))?;
         let chain = match tree.get(layers::CHAIN_KEY).map_err(meta_err)? {
             Some(v) => Chain::decode(&v).map_err(ReplicaError::Meta)?,
@@ -206,17 +207,31 @@ impl LocalReplica {
         let _gate = self.free_gate.write().expect("free gate");
         tracing::info!(volume = %self.volume, versions = orphans.len(), "freeing the remains of an interrupted snapshot operation");
         let addrs: Vec<ExtentAddr> = orphans.iter().filter_map(|o| o.2).collect();
-        for a in &addrs {
-            self.pool.zero(*a, 0, self.pool.extent_size)?;
+        let r = (|| {
+            // A metadata db that cannot commit may still hold what it
+            // failed to make durable: nothing is zeroed then.
+            self.meta.commit().map_err(meta_err)?;
+            for a in &addrs {
+                self.pool.zero(*a, 0, self.pool.extent_size)?;
+            }
+            self.pool.sync()?;
+            let mut batch = sled::Batch::default();
+            for (layer, e, _) in &orphans {
+                batch.remove(layers::key(*layer, *e));
+            }
+            self.structural(batch)
+        })();
+        match r {
+            Ok(()) => {
+                self.release(&addrs);
+                Ok(())
+            }
+            Err(e) => {
+                // Every step repeats safely: kept for the next try.
+                self.orphans.lock().expect("orphans lock").extend(orphans);
+                Err(e)
+            }
         }
-        self.pool.sync()?;
-        let mut batch = sled::Batch::default();
-        for (layer, e, _) in &orphans {
-            batch.remove(layers::key(*layer, *e));
-        }
-        self.structural(batch)?;
-        self.release(&addrs);
-        Ok(())
     }
 
     pub fn extent_size(&self) -> u64 {

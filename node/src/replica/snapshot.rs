@@ -175,6 +175,7 @@ impl LocalReplica {
     /// needs; idempotent (an unknown snapshot is already deleted).
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), ReplicaError> {
         let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
+        self.settle()?;
         let Some(layer) = self.chain.read().expect("chain lock").layer_of(id) else {
             return Ok(());
         };
@@ -261,7 +262,7 @@ impl LocalReplica {
                             stack[j].bits = (!merged.is_full(blocks)).then_some(merged);
                             moved.insert(layers::key(next, e), layers::value(&stack[j]));
                         }
-                        victims.extend(mine.addr());
+                        victims.extend(mine.addr().map(|a| (e, a)));
                         dropped.remove(layers::key(layer, e));
                     }
                 }
@@ -270,21 +271,32 @@ impl LocalReplica {
         }
         self.pool.sync()?;
         self.structural(moved)?;
+        // The next layer reads what it needs from its own versions now.
+        let merged = stacks.len();
+        {
+            let mut l = self.layers.write().expect("layers lock");
+            for (e, stack) in stacks {
+                l.store(e, stack);
+            }
+        }
         // Nothing reads the victims any more: zero them before they leave
         // the map, so a free extent always reads as zeros.
-        for a in &victims {
-            self.pool.zero(*a, 0, self.pool.extent_size)?;
+        let addrs: Vec<ExtentAddr> = victims.iter().map(|v| v.1).collect();
+        let finish = || {
+            for a in &addrs {
+                self.pool.zero(*a, 0, self.pool.extent_size)?;
+            }
+            self.pool.sync()?;
+            self.structural(dropped)
+        };
+        if let Err(e) = finish() {
+            // Outside the layers in memory already: freed by a later settle.
+            let mut orphans = self.orphans.lock().expect("orphans lock");
+            orphans.extend(victims.iter().map(|(e, a)| (layer, *e, Some(*a))));
+            return Err(e);
         }
-        self.pool.sync()?;
-        self.structural(dropped)?;
-        let stacks_len = stacks.len();
-        let mut l = self.layers.write().expect("layers lock");
-        for (e, stack) in stacks {
-            l.store(e, stack);
-        }
-        drop(l);
-        self.release(&victims);
-        Ok(stacks_len)
+        self.release(&addrs);
+        Ok(merged)
     }
 
     /// Copies blocks `[first, first + count)` from `src` (`None`: zeros)
@@ -312,13 +324,23 @@ impl LocalReplica {
     /// detached: the caller fences every engine first). Later snapshots
     /// stay as they are. Copies the extents that changed since the
     /// snapshot, so the cost is proportional to that change.
+    ///
+    /// Steps: allocate the new head's extents; record them as a layer
+    /// outside the chain, with the chain's next layer id moved past it
+    /// (so no later layer takes its id), in one durable batch; copy the
+    /// snapshot's data in; switch the chain to it in one durable insert;
+    /// free the old head. Before the recording a failure gives the
+    /// extents back; after it they are left to [`LocalReplica::settle`]
+    /// (a restart finds them outside the chain). When the switch itself
+    /// fails nothing is freed: which head is durable is known only to the
+    /// next start.
     pub fn revert(&self, id: SnapshotId) -> Result<(), ReplicaError> {
         let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
-        let _gate = self.free_gate.write().expect("free gate");
+        self.settle()?;
+        let gate = self.free_gate.write().expect("free gate");
         let target = self.layer(id)?;
         let chain = self.chain.read().expect("chain lock").clone();
         let (old_head, new_head) = (chain.head, chain.next);
-        let es = self.pool.extent_size;
         let changed: BTreeSet<u64> = {
             let l = self.layers.read().expect("layers lock");
             l.layers()
@@ -329,9 +351,9 @@ impl LocalReplica {
         };
         // The new head, outside the chain until it is complete.
         let mut fresh: Vec<(u64, Version)> = Vec::new();
-        let undo = |fresh: &[(u64, Version)], this: &LocalReplica| {
+        let give_back = |fresh: &[(u64, Version)]| {
             let addrs: Vec<ExtentAddr> = fresh.iter().filter_map(|f| f.1.addr()).collect();
-            this.release(&addrs);
+            self.release(&addrs);
         };
         for &e in &changed {
             let has = self.layers.read().expect("layers lock").has_data(e, target);
@@ -342,13 +364,12 @@ impl LocalReplica {
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         Backing::Extent(a)
                     }
-                    Err(PoolError::Full) => {
-                        undo(&fresh, self);
-                        return Err(ReplicaError::NoSpace);
-                    }
-                    Err(other) => {
-                        undo(&fresh, self);
-                        return Err(ReplicaError::Meta(other.to_string()));
+                    Err(err) => {
+                        give_back(&fresh);
+                        return Err(match err {
+                            PoolError::Full => ReplicaError::NoSpace,
+                            other => ReplicaError::Meta(other.to_string()),
+                        });
                     }
                 }
             } else {
@@ -363,38 +384,28 @@ impl LocalReplica {
                 },
             ));
         }
+        let staged_chain = Chain {
+            next: new_head + 1,
+            ..chain.clone()
+        };
         let mut staged = sled::Batch::default();
         for (e, v) in &fresh {
             staged.insert(layers::key(new_head, *e), layers::value(v));
         }
+        staged.insert(layers::CHAIN_KEY, staged_chain.encode());
         // Recorded (outside the chain) before any data lands in them, so a
         // crash leaves them to be zeroed and freed at start.
         if let Err(err) = self.structural(staged) {
-            undo(&fresh, self);
+            // Perhaps applied: freed only through the orphans.
+            self.orphan(new_head, &fresh);
+            *self.chain.write().expect("chain lock") = staged_chain;
             return Err(err);
         }
-        let mut buf = AlignedBuf::new(es as usize, IO_ALIGN);
-        let mut runs: Vec<Run> = Vec::new();
-        for (e, v) in &fresh {
-            let Some(dst) = v.addr() else { continue };
-            self.layers.read().expect("layers lock").resolve(
-                *e,
-                target,
-                0,
-                self.blocks(),
-                &mut runs,
-            );
-            for r in &runs {
-                let (at, len) = (r.first as u64 * BLOCK, (r.count as u64 * BLOCK) as usize);
-                let part = &mut buf.as_mut_slice()[..len];
-                match r.from {
-                    None => part.fill(0),
-                    Some(src) => self.pool.read(src, at, part)?,
-                }
-                self.pool.write(dst, at, part)?;
-            }
+        *self.chain.write().expect("chain lock") = staged_chain;
+        if let Err(err) = self.fill(target, &fresh) {
+            self.orphan(new_head, &fresh);
+            return Err(err);
         }
-        self.pool.sync()?;
         let switched = Chain {
             head: new_head,
             next: new_head + 1,
@@ -402,7 +413,10 @@ impl LocalReplica {
         };
         let mut switch = sled::Batch::default();
         switch.insert(layers::CHAIN_KEY, switched.encode());
-        self.structural(switch)?;
+        if let Err(err) = self.structural(switch) {
+            tracing::error!(volume = %self.volume, error = %err, "a revert could not switch the head; the next start keeps whichever head is durable and frees the other");
+            return Err(err);
+        }
         *self.chain.write().expect("chain lock") = switched;
         // The old head is outside the chain now: free it.
         let old: Vec<(u64, Option<ExtentAddr>)> = {
@@ -427,8 +441,48 @@ impl LocalReplica {
             .lock()
             .expect("orphans lock")
             .extend(old.iter().map(|(e, a)| (old_head, *e, *a)));
-        drop(_gate);
-        self.settle()
+        drop(gate);
+        // The revert is done; freeing the old head may wait for a later try.
+        if let Err(err) = self.settle() {
+            tracing::warn!(volume = %self.volume, error = %err, "the old head of a reverted volume is freed later");
+        }
+        Ok(())
+    }
+
+    /// Copies snapshot layer `target`'s data into the new versions `fresh`
+    /// and makes it durable.
+    fn fill(&self, target: LayerId, fresh: &[(u64, Version)]) -> Result<(), ReplicaError> {
+        let mut buf = AlignedBuf::new(self.pool.extent_size as usize, IO_ALIGN);
+        let mut runs: Vec<Run> = Vec::new();
+        for (e, v) in fresh {
+            let Some(dst) = v.addr() else { continue };
+            self.layers.read().expect("layers lock").resolve(
+                *e,
+                target,
+                0,
+                self.blocks(),
+                &mut runs,
+            );
+            for r in &runs {
+                let (at, len) = (r.first as u64 * BLOCK, (r.count as u64 * BLOCK) as usize);
+                let part = &mut buf.as_mut_slice()[..len];
+                match r.from {
+                    None => part.fill(0),
+                    Some(src) => self.pool.read(src, at, part)?,
+                }
+                self.pool.write(dst, at, part)?;
+            }
+        }
+        self.pool.sync()?;
+        Ok(())
+    }
+
+    /// Hands versions of `layer` (outside the chain) to the orphans.
+    fn orphan(&self, layer: LayerId, versions: &[(u64, Version)]) {
+        self.orphans
+            .lock()
+            .expect("orphans lock")
+            .extend(versions.iter().map(|(e, v)| (layer, *e, v.addr())));
     }
 }
 

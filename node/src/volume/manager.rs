@@ -265,9 +265,10 @@ impl VolumeManager {
             .map_err(|a| format!("extent {a:?} is claimed twice or lies outside the pool"))?;
         for id in hosts.ids() {
             if let Some(h) = hosts.get(id) {
-                h.replica
-                    .settle()
-                    .map_err(|e| format!("volume {id}: {e}"))?;
+                if let Err(e) = h.replica.settle() {
+                    // Kept for the next snapshot operation or start.
+                    tracing::warn!(volume = %id, error = %e, "cannot free the remains of an interrupted snapshot operation yet");
+                }
             }
         }
         let unclean = hosts.note_boot(&cfg.boot_id)?;
