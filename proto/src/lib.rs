@@ -29,8 +29,8 @@ pub mod peer {
 pub mod data {
     tonic::include_proto!("cairn.data.v1");
 
-    /// The version this build speaks.
-    pub const DATA_PROTOCOL_VERSION: u32 = 1;
+    /// The version this build speaks (2: snapshots).
+    pub const DATA_PROTOCOL_VERSION: u32 = 2;
     /// The oldest version this build still accepts.
     pub const DATA_PROTOCOL_MIN: u32 = 1;
 }

@@ -5,10 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{
-    validate_snapshot_name, FsType, Id128, NodeId, SnapshotId, VolumeId, MAX_VOLUME_SIZE,
-    SIZE_ALIGN,
-};
+use crate::types::{FsType, Id128, NodeId, SnapshotId, VolumeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -90,6 +87,19 @@ pub struct Volume {
     /// valid volume name itself (the CSI driver maps it to `name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csi_name: Option<String>,
+    /// A revert to a snapshot in progress: nothing attaches the volume
+    /// until a revert finishes (every replica's head equals the snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverting: Option<Reverting>,
+}
+
+/// A revert of a volume's replicas to one of its snapshots, run by an
+/// engine of `epoch` (which fences every older one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reverting {
+    pub snapshot: SnapshotId,
+    pub epoch: u64,
 }
 
 impl Volume {
@@ -369,6 +379,17 @@ pub enum Command {
     DeleteSnapshot {
         id: SnapshotId,
     },
+    /// Starts (or takes over) reverting detached volume `id` to its
+    /// snapshot `snapshot`: a new epoch, and no attach until it ends.
+    BeginRevert {
+        id: VolumeId,
+        snapshot: SnapshotId,
+    },
+    /// The revert of `epoch` finished on every healthy replica.
+    EndRevert {
+        id: VolumeId,
+        epoch: u64,
+    },
 }
 
 impl Command {
@@ -377,7 +398,9 @@ impl Command {
         match self {
             Command::CreateSnapshot { .. }
             | Command::SnapshotTaken { .. }
-            | Command::DeleteSnapshot { .. } => 3,
+            | Command::DeleteSnapshot { .. }
+            | Command::BeginRevert { .. }
+            | Command::EndRevert { .. } => 3,
             _ => 2,
         }
     }
@@ -439,6 +462,17 @@ pub enum StateError {
     LastSnapshotCopy { id: SnapshotId, node: NodeId },
     #[error("volume {id} has {count} snapshot(s); delete them first")]
     HasSnapshots { id: VolumeId, count: usize },
+    #[error("snapshot {id} is not ready (it is still being taken, or its taking failed)")]
+    SnapshotNotReady { id: SnapshotId },
+    #[error("snapshot {snapshot} belongs to another volume than {volume}")]
+    SnapshotOfAnotherVolume {
+        snapshot: SnapshotId,
+        volume: VolumeId,
+    },
+    #[error("volume {id} is being reverted to a snapshot; run the revert again to finish it")]
+    Reverting { id: VolumeId },
+    #[error("snapshot {id} is the target of a revert in progress")]
+    SnapshotInUse { id: SnapshotId },
 }
 
 /// Most replicas a volume may have.
@@ -603,6 +637,7 @@ impl ClusterState {
                             .collect(),
                         created_unix_ms: *created_unix_ms,
                         csi_name: csi_name.clone(),
+                        reverting: None,
                     },
                 );
             }
@@ -638,6 +673,9 @@ impl ClusterState {
             }
             Command::Attach { id, node, force } => {
                 let v = self.volume(*id)?;
+                if v.reverting.is_some() {
+                    return Err(StateError::Reverting { id: *id });
+                }
                 if !v.readers.is_empty() {
                     if !*force {
                         return Err(StateError::HasReaders {
@@ -721,6 +759,9 @@ impl ClusterState {
             }
             Command::AttachReader { id, node } => {
                 let v = self.volume(*id)?;
+                if v.reverting.is_some() {
+                    return Err(StateError::Reverting { id: *id });
+                }
                 if let Some(a) = &v.attachment {
                     return Err(StateError::AttachedElsewhere {
                         id: *id,
@@ -839,60 +880,17 @@ impl ClusterState {
                 self.volume(*id)?;
                 self.volumes.get_mut(id).expect("checked").formatted = true;
             }
-            Command::CreateSnapshot {
-                id,
-                volume,
-                name,
-                created_unix_ms,
-            } => {
-                let v = self.volume(*volume)?;
-                validate_snapshot_name(name).map_err(StateError::InvalidSnapshotName)?;
-                if self.snapshots.contains_key(id) {
-                    return Err(StateError::SnapshotIdExists(*id));
-                }
-                let existing = self.snapshots_of(*volume);
-                if existing.iter().any(|s| s.name == *name) {
-                    return Err(StateError::SnapshotExists {
-                        volume: *volume,
-                        name: name.clone(),
-                    });
-                }
-                if existing.len() >= MAX_SNAPSHOTS {
-                    return Err(StateError::TooManySnapshots { volume: *volume });
-                }
-                let snapshot = Snapshot {
-                    id: *id,
-                    volume: *volume,
-                    name: name.clone(),
-                    created_unix_ms: *created_unix_ms,
-                    size_bytes: v.size_bytes,
-                    ready: false,
-                    replicas: BTreeSet::new(),
-                };
-                self.snapshots.insert(*id, snapshot);
-            }
-            Command::SnapshotTaken { id, nodes } => {
-                let s = self
-                    .snapshots
-                    .get(id)
-                    .ok_or(StateError::SnapshotNotFound(*id))?;
-                let v = self.volume(s.volume)?;
-                if nodes.is_empty() || !nodes.iter().all(|n| v.has_replica_on(*n)) {
-                    return Err(StateError::BadSnapshotReplicas { id: *id });
-                }
-                let s = self.snapshots.get_mut(id).expect("checked");
-                s.ready = true;
-                s.replicas = nodes.clone();
-            }
-            Command::DeleteSnapshot { id } => {
-                self.snapshots
-                    .remove(id)
-                    .ok_or(StateError::SnapshotNotFound(*id))?;
-            }
+            Command::CreateSnapshot { .. }
+            | Command::SnapshotTaken { .. }
+            | Command::DeleteSnapshot { .. }
+            | Command::BeginRevert { .. }
+            | Command::EndRevert { .. } => self.apply_snapshot(cmd)?,
         }
         Ok(())
     }
 }
+
+mod snapshots;
 
 #[cfg(test)]
 mod tests;

@@ -228,6 +228,26 @@ impl Target {
         }
     }
 
+    /// Snapshot operation `op` (take or revert) of snapshot `id`.
+    pub(super) async fn snapshot_op(
+        self,
+        op: cairn_proto::data::SnapshotOp,
+        epoch: u64,
+        id: crate::types::SnapshotId,
+    ) -> Result<(), ReplicaError> {
+        use cairn_proto::data::SnapshotOp;
+        match self {
+            Target::Local(h) => {
+                blocking(move || match op {
+                    SnapshotOp::Revert => h.revert(epoch, id),
+                    _ => h.take_snapshot(epoch, id),
+                })
+                .await
+            }
+            Target::Remote(r) => r.snapshot(op, epoch, Some(id), 0).await.map(|_| ()),
+        }
+    }
+
     pub(super) fn checksums(
         &self,
         rt: &tokio::runtime::Handle,

@@ -37,12 +37,14 @@
 //! Files: this one holds the engine's state and its replica set; `io`
 //! the application I/O, `fanout` running an operation on several replicas
 //! and settling the outcome, `rebuild` the healer, `scrub` comparing and
-//! repairing replicas, `metrics` the counters.
+//! repairing replicas, `snapshot` snapshots and reverts at one point of
+//! the write order, `metrics` the counters.
 
 mod fanout;
 mod io;
 mod rebuild;
 pub mod scrub;
+mod snapshot;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};

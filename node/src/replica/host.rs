@@ -29,7 +29,7 @@ use super::{LocalReplica, ReplicaError};
 use crate::cluster::state::{ClusterState, ReplicaState};
 use crate::cluster::store::ClusterStore;
 use crate::pool::Pool;
-use crate::types::{NodeId, VolumeId};
+use crate::types::{NodeId, SnapshotId, VolumeId};
 
 pub struct Hosted {
     pub replica: Arc<LocalReplica>,
@@ -189,6 +189,19 @@ impl Hosted {
         Ok((first..first + count)
             .map(|e| self.replica.is_allocated(e))
             .collect())
+    }
+
+    /// Freezes the head as snapshot `id` for the engine of `epoch`, whose
+    /// writes to this replica are drained.
+    pub fn take_snapshot(&self, epoch: u64, id: SnapshotId) -> Result<(), ReplicaError> {
+        let _g = self.admit(epoch)?;
+        self.replica.take_snapshot(id)
+    }
+
+    /// Makes the head read as snapshot `id`, for the revert of `epoch`.
+    pub fn revert(&self, epoch: u64, id: SnapshotId) -> Result<(), ReplicaError> {
+        let _g = self.admit(epoch)?;
+        self.replica.revert(id)
     }
 }
 

@@ -9,18 +9,23 @@ use std::time::Duration;
 
 use cairn_proto::data::data_client::DataClient;
 use cairn_proto::data::{
-    ChecksumsRequest, ExtentChecksum, FreeRequest, Header, OpenRequest, DATA_PROTOCOL_VERSION,
+    ChecksumsRequest, ExtentChecksum, FreeRequest, Header, OpenRequest, SnapshotOp,
+    SnapshotRequest, SnapshotSpace, DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
 };
 use cairn_proto::frame::{self, Request};
 use tonic::transport::Channel;
 
 use super::{ReplicaError, IO_TIMEOUT};
-use crate::types::{NodeId, VolumeId};
+use crate::types::{NodeId, SnapshotId, VolumeId};
 
 /// Bound on a checksum batch (it reads up to `CHECKSUM_BATCH` extents).
 const SCAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on freeing a deleted volume's replica (it zeroes every extent).
 const FREE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on taking a snapshot (a pool sync and a metadata commit).
+const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on deleting or reverting to a snapshot (copies what changed).
+const REWRITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest message either side accepts (data requests are at most a few MiB).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
@@ -96,9 +101,15 @@ impl RemoteReplica {
         })
     }
 
+    /// The header of a request of the first protocol version (which nodes
+    /// one version older also accept).
     fn header(&self, epoch: u64) -> Option<Header> {
+        self.header_of(DATA_PROTOCOL_MIN, epoch)
+    }
+
+    fn header_of(&self, version: u32, epoch: u64) -> Option<Header> {
         Some(Header {
-            version: DATA_PROTOCOL_VERSION,
+            version,
             cluster_id: self.cluster_id.to_string(),
             volume_id: self.volume.to_string(),
             epoch,
@@ -124,6 +135,31 @@ impl RemoteReplica {
         bounded(0, FREE_TIMEOUT, c.free(req))
             .await
             .map(|r| r.freed_bytes)
+    }
+
+    /// Runs snapshot operation `op` on the replica; returns the snapshots
+    /// it holds afterwards.
+    pub async fn snapshot(
+        &self,
+        op: SnapshotOp,
+        epoch: u64,
+        id: Option<SnapshotId>,
+        applied_index: u64,
+    ) -> Result<Vec<SnapshotSpace>, ReplicaError> {
+        let mut c = self.client.clone();
+        let req = SnapshotRequest {
+            header: self.header_of(DATA_PROTOCOL_VERSION, epoch),
+            op: op as i32,
+            snapshot_id: id.map(|i| i.to_string()).unwrap_or_default(),
+            applied_index,
+        };
+        let limit = match op {
+            SnapshotOp::Take | SnapshotOp::List | SnapshotOp::Unspecified => TAKE_TIMEOUT,
+            SnapshotOp::Revert | SnapshotOp::Delete => REWRITE_TIMEOUT,
+        };
+        bounded(epoch, limit, c.snapshot(req))
+            .await
+            .map(|r| r.snapshots)
     }
 
     fn frame(&self, op: u16, epoch: u64, offset: u64, length: u64, crc: u32) -> Request {

@@ -1,6 +1,6 @@
 //! The replica control service (gRPC): remote engines open the replicas
 //! this node hosts (raising their epoch fence) and read extent checksums
-//! for rebuilds. Every field is checked before use (version, cluster,
+//! for rebuilds, and runs snapshot operations on them. Every field is checked before use (version, cluster,
 //! volume id, ranges); pool I/O runs on the blocking pool. Reads and writes
 //! arrive on the framed path ([`super::wire`]).
 
@@ -9,14 +9,15 @@ use std::sync::{Arc, OnceLock};
 use cairn_proto::data::data_server::Data;
 use cairn_proto::data::{
     ChecksumsReply, ChecksumsRequest, ExtentChecksum, FreeReply, FreeRequest, Header, OpenReply,
-    OpenRequest, DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
+    OpenRequest, SnapshotOp, SnapshotReply, SnapshotRequest, SnapshotSpace, DATA_PROTOCOL_MIN,
+    DATA_PROTOCOL_VERSION,
 };
 use tonic::{Request, Response, Status};
 
 use super::host::{HostMap, Hosted};
 use super::ReplicaError;
 use crate::cluster::store::ClusterStore;
-use crate::types::{VolumeId, MAX_VOLUME_SIZE};
+use crate::types::{SnapshotId, VolumeId, MAX_VOLUME_SIZE};
 
 /// Most extents one checksum request may cover.
 pub const MAX_CHECKSUM_EXTENTS: u32 = 256;
@@ -24,6 +25,50 @@ pub const MAX_CHECKSUM_EXTENTS: u32 = 256;
 #[derive(Clone, Default)]
 pub struct DataService {
     pub inner: Arc<OnceLock<(Arc<ClusterStore>, Arc<HostMap>)>>,
+}
+
+#[allow(clippy::result_large_err)]
+fn snapshot_id(s: &str) -> Result<SnapshotId, Status> {
+    s.parse()
+        .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))
+}
+
+/// Frees snapshot `id` of this node's replica of `hosted` once this node
+/// has applied `index` and its state no longer lists the snapshot.
+#[allow(clippy::result_large_err)]
+fn delete_snapshot_blocking(
+    store: &ClusterStore,
+    hosted: &Hosted,
+    id: SnapshotId,
+    index: u64,
+) -> Result<(), Status> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    if !store.wait_until(deadline, |s, _| s.applied >= index) {
+        return Err(Status::unavailable(format!(
+            "this node has not applied index {index} yet"
+        )));
+    }
+    if store.read().snapshots.contains_key(&id) {
+        return Err(Status::failed_precondition(format!(
+            "snapshot {id} is still in the cluster state"
+        )));
+    }
+    hosted
+        .replica
+        .delete_snapshot(id)
+        .map_err(ReplicaError::grpc_status)
+}
+
+fn spaces(h: &Hosted) -> Vec<SnapshotSpace> {
+    h.replica
+        .snapshot_space()
+        .into_iter()
+        .map(|s| SnapshotSpace {
+            snapshot_id: s.id.to_string(),
+            held_bytes: s.held_bytes,
+            exclusive_bytes: s.exclusive_bytes,
+        })
+        .collect()
 }
 
 #[allow(clippy::result_large_err)]
@@ -191,5 +236,46 @@ impl Data for DataService {
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(FreeReply { freed_bytes: freed }))
+    }
+
+    #[allow(clippy::result_large_err)]
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let r = req.into_inner();
+        let op = SnapshotOp::try_from(r.op).map_err(|_| {
+            Status::invalid_argument(format!("unknown snapshot operation {}", r.op))
+        })?;
+        let (store, _, _, _) = self.check(r.header.clone())?;
+        let (epoch, h) = self.hosted(r.header).await?;
+        let hosted = h.clone();
+        match op {
+            SnapshotOp::Unspecified => {
+                return Err(Status::invalid_argument("no snapshot operation given"))
+            }
+            SnapshotOp::Take => {
+                let id = snapshot_id(&r.snapshot_id)?;
+                blocking(move || hosted.take_snapshot(epoch, id)).await?;
+            }
+            SnapshotOp::Revert => {
+                let id = snapshot_id(&r.snapshot_id)?;
+                blocking(move || hosted.revert(epoch, id)).await?;
+            }
+            SnapshotOp::Delete => {
+                let id = snapshot_id(&r.snapshot_id)?;
+                let index = r.applied_index;
+                tokio::task::spawn_blocking(move || {
+                    delete_snapshot_blocking(&store, &hosted, id, index)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+            }
+            SnapshotOp::List => {}
+        }
+        let snapshots = tokio::task::spawn_blocking(move || spaces(&h))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(SnapshotReply { snapshots }))
     }
 }

@@ -49,6 +49,15 @@ impl ReplicaError {
                 }
                 s
             }
+            ReplicaError::NoSnapshot { volume, snapshot } => {
+                let mut s = tonic::Status::not_found(self.to_string());
+                for (k, v) in [("cairn-volume", volume), ("cairn-snapshot", snapshot)] {
+                    if let Ok(v) = v.to_string().parse() {
+                        s.metadata_mut().insert(k, v);
+                    }
+                }
+                s
+            }
             ReplicaError::Gone(_) => tonic::Status::not_found(self.to_string()),
             ReplicaError::NoSpace => tonic::Status::resource_exhausted(self.to_string()),
             ReplicaError::Corrupt(_) => tonic::Status::data_loss(self.to_string()),
@@ -68,6 +77,18 @@ impl ReplicaError {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(epoch + 1);
                 ReplicaError::Fenced { epoch, fence }
+            }
+            tonic::Code::NotFound => {
+                let id = |k: &str| {
+                    s.metadata()
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                };
+                match (id("cairn-volume"), id("cairn-snapshot")) {
+                    (Some(volume), Some(snapshot)) => ReplicaError::NoSnapshot { volume, snapshot },
+                    _ => ReplicaError::Remote(format!("{:?}: {}", s.code(), s.message())),
+                }
             }
             tonic::Code::ResourceExhausted => ReplicaError::NoSpace,
             tonic::Code::DataLoss => ReplicaError::Corrupt(s.message().to_string()),
@@ -105,6 +126,10 @@ mod tests {
         for e in [
             ReplicaError::Fenced { epoch: 3, fence: 5 },
             ReplicaError::NoSpace,
+            ReplicaError::NoSnapshot {
+                volume: v,
+                snapshot: Id128::random(),
+            },
         ] {
             let d = std::mem::discriminant(&e);
             let back = ReplicaError::from_grpc(3, e.grpc_status());

@@ -381,7 +381,7 @@ fn command() -> impl proptest::strategy::Strategy<Value = Command> {
         }),
         vol.clone().prop_map(|id| Command::DeleteVolume { id }),
         vol.clone().prop_map(|id| Command::MarkFormatted { id }),
-        (snap.clone(), vol, 0u8..3).prop_map(|(id, volume, n)| Command::CreateSnapshot {
+        (snap.clone(), vol.clone(), 0u8..3).prop_map(|(id, volume, n)| Command::CreateSnapshot {
             id,
             volume,
             name: format!("s{n}"),
@@ -389,7 +389,9 @@ fn command() -> impl proptest::strategy::Strategy<Value = Command> {
         }),
         (snap.clone(), proptest::collection::btree_set(node, 0..3))
             .prop_map(|(id, nodes)| Command::SnapshotTaken { id, nodes }),
-        snap.prop_map(|id| Command::DeleteSnapshot { id }),
+        snap.clone().prop_map(|id| Command::DeleteSnapshot { id }),
+        (vol.clone(), snap).prop_map(|(id, snapshot)| Command::BeginRevert { id, snapshot }),
+        (vol, 0u64..4).prop_map(|(id, epoch)| Command::EndRevert { id, epoch }),
     ]
 }
 
@@ -425,6 +427,10 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(nodes.len(), v.replicas.len());
                 proptest::prop_assert!((1..=MAX_REPLICAS).contains(&v.replicas.len()));
                 proptest::prop_assert!(v.healthy().count() >= 1, "no healthy replica after {:?}: {:?}", c, v);
+                if let Some(r) = &v.reverting {
+                    proptest::prop_assert!(v.attachment.is_none() && v.readers.is_empty(), "attached while reverting: {:?}", v);
+                    proptest::prop_assert!(s.snapshots.get(&r.snapshot).is_some_and(|sn| sn.volume == v.id), "revert to a missing snapshot: {:?}", v);
+                }
             }
             epochs.retain(|id, _| s.volumes.contains_key(id));
             for sn in s.snapshots.values() {
@@ -523,4 +529,99 @@ fn snapshots_are_named_per_volume_and_guard_their_volume_and_last_copy() {
     assert!(!serde_json::to_string(&empty)
         .expect("json")
         .contains("snapshots"));
+}
+
+#[test]
+fn a_revert_fences_the_volume_until_it_ends() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, b, me) = (Id128::random(), Id128::random(), Id128([7; 16]));
+    s.apply(&create(a, "a")).expect("create");
+    s.apply(&create(b, "b")).expect("create");
+    let (s1, of_b) = (Id128::random(), Id128::random());
+    for (id, volume) in [(s1, a), (of_b, b)] {
+        s.apply(&Command::CreateSnapshot {
+            id,
+            volume,
+            name: "s".into(),
+            created_unix_ms: 1,
+        })
+        .expect("snapshot");
+    }
+    let begin = |snapshot| Command::BeginRevert { id: a, snapshot };
+    assert_eq!(
+        s.apply(&begin(s1)),
+        Err(StateError::SnapshotNotReady { id: s1 })
+    );
+    s.apply(&Command::SnapshotTaken {
+        id: s1,
+        nodes: [me].into(),
+    })
+    .expect("taken");
+    assert!(matches!(
+        s.apply(&begin(of_b)),
+        Err(StateError::SnapshotOfAnotherVolume { .. })
+    ));
+    s.apply(&Command::Attach {
+        id: a,
+        node: me,
+        force: false,
+    })
+    .expect("attach");
+    assert!(matches!(
+        s.apply(&begin(s1)),
+        Err(StateError::AttachedElsewhere { .. })
+    ));
+    s.apply(&Command::Detach { id: a, node: me })
+        .expect("detach");
+    let before = s.volumes[&a].epoch;
+    s.apply(&begin(s1)).expect("begin");
+    let epoch = s.volumes[&a].epoch;
+    assert_eq!(epoch, before + 1, "a revert fences older engines");
+    let frozen = s.clone();
+    for (cmd, what) in [
+        (
+            Command::Attach {
+                id: a,
+                node: me,
+                force: true,
+            },
+            "attach",
+        ),
+        (Command::AttachReader { id: a, node: me }, "reader"),
+        (Command::DeleteSnapshot { id: s1 }, "delete the target"),
+        (
+            Command::CreateSnapshot {
+                id: Id128::random(),
+                volume: a,
+                name: "t".into(),
+                created_unix_ms: 1,
+            },
+            "snapshot",
+        ),
+        (Command::EndRevert { id: a, epoch: 1 }, "stale end"),
+    ] {
+        assert!(s.apply(&cmd).is_err(), "{what} accepted while reverting");
+        assert_eq!(s, frozen, "{what} changed the state");
+    }
+    // Another node may take an unfinished revert over.
+    s.apply(&begin(s1)).expect("take over");
+    let epoch2 = s.volumes[&a].epoch;
+    assert!(epoch2 > epoch);
+    s.apply(&Command::EndRevert {
+        id: a,
+        epoch: epoch2,
+    })
+    .expect("end");
+    assert!(s.volumes[&a].reverting.is_none());
+    s.apply(&Command::EndRevert {
+        id: a,
+        epoch: epoch2,
+    })
+    .expect("a repeated end is a no-op");
+    s.apply(&Command::Attach {
+        id: a,
+        node: me,
+        force: false,
+    })
+    .expect("attach after the revert");
 }
