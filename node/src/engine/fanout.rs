@@ -228,7 +228,8 @@ impl Target {
         }
     }
 
-    /// Snapshot operation `op` (take or revert) of snapshot `id`.
+    /// Snapshot operation `op` (take or revert: what an engine runs on its
+    /// replicas) of snapshot `id`.
     pub(super) async fn snapshot_op(
         self,
         op: cairn_proto::data::SnapshotOp,
@@ -239,8 +240,11 @@ impl Target {
         match self {
             Target::Local(h) => {
                 blocking(move || match op {
+                    SnapshotOp::Take => h.take_snapshot(epoch, id),
                     SnapshotOp::Revert => h.revert(epoch, id),
-                    _ => h.take_snapshot(epoch, id),
+                    other => Err(ReplicaError::Meta(format!(
+                        "{other:?} is not an engine's snapshot operation"
+                    ))),
                 })
                 .await
             }

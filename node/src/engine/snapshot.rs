@@ -16,24 +16,26 @@ use std::sync::Arc;
 use cairn_proto::data::SnapshotOp;
 
 use super::*;
+use crate::types::SnapshotId;
 
 impl Engine {
-    /// Holds every stripe exclusively: no write or zeroing is in flight
-    /// while the guards live.
-    fn drain(&self) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
-        self.stripes
+    /// Runs snapshot operation `op` of `id` on every healthy replica with
+    /// no write or zeroing in flight (every stripe held exclusively).
+    fn on_drained(&self, op: SnapshotOp, id: SnapshotId) -> Result<Vec<Outcome>, EngineError> {
+        self.record_suspects()?;
+        let _drained: Vec<_> = self
+            .stripes
             .iter()
             .map(|s| s.write().expect("stripe lock"))
-            .collect()
+            .collect();
+        let slots: Vec<Arc<Slot>> = self.slots_where(|st| st == HEALTHY);
+        Ok(self.fan_out(&slots, |t, e| t.snapshot_op(op, e, id)))
     }
 
     /// Takes snapshot `id` on every healthy replica at one point of the
     /// write order; returns the nodes whose replicas hold it.
-    pub fn snapshot(&self, id: crate::types::SnapshotId) -> Result<Vec<NodeId>, EngineError> {
-        self.record_suspects()?;
-        let _drained = self.drain();
-        let slots: Vec<Arc<Slot>> = self.slots_where(|st| st == HEALTHY);
-        let results = self.fan_out(&slots, |t, e| t.snapshot_op(SnapshotOp::Take, e, id));
+    pub fn snapshot(&self, id: SnapshotId) -> Result<Vec<NodeId>, EngineError> {
+        let results = self.on_drained(SnapshotOp::Take, id)?;
         let took: Vec<NodeId> = results
             .iter()
             .filter(|(_, r)| r.is_ok())
@@ -47,11 +49,8 @@ impl Engine {
     /// replica that cannot (it lacks the snapshot, or fails) is recorded
     /// faulted, so it is rebuilt from one that did. Only for a detached
     /// volume, by the engine of the revert's epoch.
-    pub fn revert(&self, id: crate::types::SnapshotId) -> Result<(), EngineError> {
-        self.record_suspects()?;
-        let _drained = self.drain();
-        let slots: Vec<Arc<Slot>> = self.slots_where(|st| st == HEALTHY);
-        let results = self.fan_out(&slots, |t, e| t.snapshot_op(SnapshotOp::Revert, e, id));
+    pub fn revert(&self, id: SnapshotId) -> Result<(), EngineError> {
+        let results = self.on_drained(SnapshotOp::Revert, id)?;
         self.settle(results, true)
     }
 }

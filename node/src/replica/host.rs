@@ -41,7 +41,7 @@ pub struct Hosted {
     /// `unclean_tree`.
     unclean: AtomicBool,
     unclean_tree: sled::Tree,
-    store: Arc<ClusterStore>,
+    pub(super) store: Arc<ClusterStore>,
     me: NodeId,
 }
 

@@ -36,12 +36,8 @@ fn snapshot_id(s: &str) -> Result<SnapshotId, Status> {
 /// Frees snapshot `id` of this node's replica of `hosted` once this node
 /// has applied `index` and its state no longer lists the snapshot.
 #[allow(clippy::result_large_err)]
-fn delete_snapshot_blocking(
-    store: &ClusterStore,
-    hosted: &Hosted,
-    id: SnapshotId,
-    index: u64,
-) -> Result<(), Status> {
+fn delete_snapshot_blocking(hosted: &Hosted, id: SnapshotId, index: u64) -> Result<(), Status> {
+    let store = &hosted.store;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     if !store.wait_until(deadline, |s, _| s.applied >= index) {
         return Err(Status::unavailable(format!(
@@ -247,7 +243,6 @@ impl Data for DataService {
         let op = SnapshotOp::try_from(r.op).map_err(|_| {
             Status::invalid_argument(format!("unknown snapshot operation {}", r.op))
         })?;
-        let (store, _, _, _) = self.check(r.header.clone())?;
         let (epoch, h) = self.hosted(r.header).await?;
         let hosted = h.clone();
         match op {
@@ -265,11 +260,9 @@ impl Data for DataService {
             SnapshotOp::Delete => {
                 let id = snapshot_id(&r.snapshot_id)?;
                 let index = r.applied_index;
-                tokio::task::spawn_blocking(move || {
-                    delete_snapshot_blocking(&store, &hosted, id, index)
-                })
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+                tokio::task::spawn_blocking(move || delete_snapshot_blocking(&hosted, id, index))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))??;
             }
             SnapshotOp::List => {}
         }
