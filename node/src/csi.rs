@@ -95,6 +95,27 @@ fn map(e: VolumeError) -> Error {
         Metadata(StoreError::Unavailable(_)) | ShuttingDown => Error::Unavailable(m),
         Metadata(StoreError::Refused(_) | StoreError::Rejected(_)) => Error::FailedPrecondition(m),
         Metadata(StoreError::Storage(_)) => Error::Internal(m),
+        InvalidSnapshotName(_) => Error::InvalidArgument(m),
+        SnapshotNotFound { .. } => Error::NotFound(m),
+        SnapshotExists { .. } => Error::AlreadyExists(m),
+        TooManySnapshots(_) => Error::ResourceExhausted(m),
+        SnapshotNotReady { .. } | HasSnapshots { .. } | Reverting(_) | Freeze { .. } => {
+            Error::FailedPrecondition(m)
+        }
+        OnNode { code, .. } => {
+            use tonic::Code;
+            match code {
+                Code::InvalidArgument => Error::InvalidArgument(m),
+                Code::NotFound => Error::NotFound(m),
+                Code::AlreadyExists => Error::AlreadyExists(m),
+                Code::FailedPrecondition => Error::FailedPrecondition(m),
+                Code::Aborted => Error::Aborted(m),
+                Code::ResourceExhausted => Error::ResourceExhausted(m),
+                Code::OutOfRange => Error::OutOfRange(m),
+                Code::Unavailable | Code::DeadlineExceeded => Error::Unavailable(m),
+                _ => Error::Internal(m),
+            }
+        }
     }
 }
 

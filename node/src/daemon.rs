@@ -203,6 +203,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     }
     let _ = data_service.inner.set((store.clone(), mgr.hosts()));
+    let _ = peer_service.volumes.set(mgr.clone());
     let _ = fast_server.set(crate::replica::wire::Server {
         store: store.clone(),
         hosts: mgr.hosts(),

@@ -249,6 +249,21 @@ fn render_headers(out: &mut String) {
             "Pool bytes held by this node's replica of the volume",
         ),
         (
+            "cairn_volume_snapshots",
+            "gauge",
+            "Snapshots of the volume in the cluster state",
+        ),
+        (
+            "cairn_volume_snapshot_bytes",
+            "gauge",
+            "Pool bytes held by the snapshots of this node's replica of the volume",
+        ),
+        (
+            "cairn_volume_cow_extents_total",
+            "counter",
+            "Extents of this node's replica first written after a snapshot (copy-on-write), since the daemon started",
+        ),
+        (
             "cairn_volume_read_latency_seconds",
             "histogram",
             "Read latency in the engine",
@@ -286,6 +301,11 @@ pub struct VolumeSample {
     pub rebuild_bytes: Option<u64>,
     pub rebuild_progress: Option<f64>,
     pub allocated_bytes: Option<u64>,
+    pub snapshots: u64,
+    /// Held bytes of the local replica's snapshots, and its copy-on-write
+    /// count (with a local replica).
+    pub snapshot_bytes: Option<u64>,
+    pub cow_extents: Option<u64>,
 }
 
 impl NodeSample {
@@ -342,6 +362,20 @@ impl NodeSample {
             }
             if let Some(a) = v.allocated_bytes {
                 let _ = writeln!(out, "cairn_volume_allocated_bytes{{volume=\"{name}\"}} {a}");
+            }
+            let _ = writeln!(
+                out,
+                "cairn_volume_snapshots{{volume=\"{name}\"}} {}",
+                v.snapshots
+            );
+            if let Some(b) = v.snapshot_bytes {
+                let _ = writeln!(out, "cairn_volume_snapshot_bytes{{volume=\"{name}\"}} {b}");
+            }
+            if let Some(c) = v.cow_extents {
+                let _ = writeln!(
+                    out,
+                    "cairn_volume_cow_extents_total{{volume=\"{name}\"}} {c}"
+                );
             }
         }
     }

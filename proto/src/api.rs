@@ -200,6 +200,66 @@ pub struct VolumeDeleted {
     pub space_pending_on: Vec<String>,
 }
 
+/// `POST /v1/volumes/{name}/snapshots`
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// Unique among the volume's snapshots.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+    pub name: String,
+    /// Freeze the volume's mounted filesystem around the snapshot (default
+    /// true). A freeze that fails fails the snapshot; false takes a
+    /// crash-consistent one without freezing.
+    #[serde(default = "yes")]
+    pub freeze: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A snapshot as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub volume: String,
+    pub volume_id: String,
+    pub created_unix_ms: u64,
+    /// The volume's size when the snapshot was taken.
+    pub size_bytes: u64,
+    /// Taken on its replicas; false while it is being taken (or after a
+    /// failed take whose record could not be removed yet: delete it).
+    pub ready: bool,
+    /// Nodes whose replicas hold it.
+    pub replicas: Vec<String>,
+    /// Pool space of the extents the snapshot's own layer stores (written
+    /// after the previous snapshot), on one replica (absent when no
+    /// replica answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_bytes: Option<u64>,
+    /// What deleting the snapshot would free on one replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive_bytes: Option<u64>,
+}
+
+/// Answer of `DELETE /v1/volumes/{name}/snapshots/{snapshot}` (202) when
+/// some replica has not freed it yet.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SnapshotDeleted {
+    /// Nodes that have not freed their copy yet (down or slow): they free
+    /// it when they answer again.
+    pub space_pending_on: Vec<String>,
+}
+
+/// `POST /v1/volumes/{name}/revert`
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    /// The name of the volume's snapshot to revert to.
+    pub snapshot: String,
+}
+
 /// Answer of `POST /v1/volumes/{name}/verify`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyReport {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use cairn_proto::api;
 
 use crate::types::FsType;
-use crate::volume::view::{PoolView, VerifyView};
+use crate::volume::view::{PoolView, SnapshotView, VerifyView};
 use crate::volume::{CreateVolume, VolumeError, VolumeView};
 
 impl TryFrom<api::VolumeCreate> for CreateVolume {
@@ -102,6 +102,23 @@ impl From<VerifyView> for api::VerifyReport {
                     targets: r.targets,
                 })
                 .collect(),
+        }
+    }
+}
+
+impl From<SnapshotView> for api::SnapshotInfo {
+    fn from(s: SnapshotView) -> Self {
+        api::SnapshotInfo {
+            id: s.id.to_string(),
+            name: s.name,
+            volume: s.volume,
+            volume_id: s.volume_id.to_string(),
+            created_unix_ms: s.created_unix_ms,
+            size_bytes: s.size_bytes,
+            ready: s.ready,
+            replicas: s.replicas,
+            held_bytes: s.space.map(|x| x.held_bytes),
+            exclusive_bytes: s.space.map(|x| x.exclusive_bytes),
         }
     }
 }

@@ -82,6 +82,33 @@ impl From<VolumeError> for ApiError {
             }
             LocalStore(_) => (StatusCode::INTERNAL_SERVER_ERROR, "LocalStoreError"),
             ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "ShuttingDown"),
+            InvalidSnapshotName(_) => (StatusCode::BAD_REQUEST, "InvalidName"),
+            SnapshotNotFound { .. } => (StatusCode::NOT_FOUND, "SnapshotNotFound"),
+            SnapshotExists { .. } => (StatusCode::CONFLICT, "SnapshotExists"),
+            TooManySnapshots(_) => (StatusCode::CONFLICT, "TooManySnapshots"),
+            SnapshotNotReady { .. } => (StatusCode::CONFLICT, "SnapshotNotReady"),
+            HasSnapshots { .. } => (StatusCode::CONFLICT, "VolumeHasSnapshots"),
+            Reverting(_) => (StatusCode::CONFLICT, "VolumeReverting"),
+            Freeze { .. } => (StatusCode::CONFLICT, "FreezeFailed"),
+            OnNode { code, .. } => {
+                use tonic::Code;
+                match code {
+                    Code::InvalidArgument | Code::OutOfRange => {
+                        (StatusCode::BAD_REQUEST, "InvalidArgument")
+                    }
+                    Code::NotFound => (StatusCode::NOT_FOUND, "NotFound"),
+                    Code::AlreadyExists => (StatusCode::CONFLICT, "AlreadyExists"),
+                    Code::FailedPrecondition => (StatusCode::CONFLICT, "FailedPrecondition"),
+                    Code::Aborted => (StatusCode::CONFLICT, "OperationInProgress"),
+                    Code::ResourceExhausted => {
+                        (StatusCode::INSUFFICIENT_STORAGE, "ResourceExhausted")
+                    }
+                    Code::Unavailable | Code::DeadlineExceeded => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "NodeUnavailable")
+                    }
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "NodeError"),
+                }
+            }
         };
         ApiError::new(status, code, e.to_string())
     }

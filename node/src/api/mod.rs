@@ -23,6 +23,7 @@ use crate::volume::{VolumeError, VolumeManager};
 
 mod convert;
 mod error;
+mod snapshots;
 pub use error::ApiError;
 
 /// The OpenAPI description, generated from the request and answer types
@@ -32,7 +33,7 @@ pub use error::ApiError;
 #[openapi(
     info(
         title = "Cairn admin API",
-        description = "Volumes, pool and node status of one Cairn node. Errors are {\"error\":{\"code\",\"message\"}} with a stable code. Request bodies reject unknown fields."
+        description = "Volumes, snapshots, pool and node status of one Cairn node. Errors are {\"error\":{\"code\",\"message\"}} with a stable code. Request bodies reject unknown fields."
     ),
     paths(
         list_volumes,
@@ -45,6 +46,12 @@ pub use error::ApiError;
         mount,
         unmount,
         verify,
+        snapshots::list_snapshots,
+        snapshots::list_volume_snapshots,
+        snapshots::create_snapshot,
+        snapshots::get_snapshot,
+        snapshots::delete_snapshot,
+        snapshots::revert,
         pool,
         node,
         nodes,
@@ -150,6 +157,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/mount", post(mount))
         .route("/v1/volumes/{name}/unmount", post(unmount))
         .route("/v1/volumes/{name}/verify", post(verify))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(snapshots::list_volume_snapshots).post(snapshots::create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
+        )
+        .route("/v1/volumes/{name}/revert", post(snapshots::revert))
+        .route("/v1/snapshots", get(snapshots::list_snapshots))
         .route("/v1/pool", get(pool))
         .route("/v1/node", get(node))
         .route("/v1/nodes", get(nodes))

@@ -6,6 +6,7 @@
 
 pub mod client;
 mod dev;
+mod snapshot;
 
 use std::path::PathBuf;
 
@@ -56,6 +57,9 @@ pub enum Top {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Manage snapshots of volumes (named VOLUME@SNAPSHOT).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
     /// Inspect the disk pool.
     #[command(subcommand)]
     Pool(PoolCmd),
@@ -205,6 +209,14 @@ pub enum VolumeCmd {
     },
     /// Unmount from PATH (detaches after the last mount).
     Unmount { name: String, path: PathBuf },
+    /// Make a detached volume read as one of its snapshots (what was
+    /// written since is lost; the snapshot stays).
+    Revert {
+        name: String,
+        /// The snapshot's name (without the volume).
+        #[arg(long)]
+        snapshot: String,
+    },
 }
 
 /// Runs a client command; returns the process exit code.
@@ -342,6 +354,7 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 format!("removed {name}")
             })
         }
+        Top::Snapshot(cmd) => snapshot::exec(&c, output, cmd),
         Top::Cluster(ClusterCmd::Status) => show(
             output,
             &call::<api::ClusterStatus>(&c, "GET", "/v1/cluster", NONE)?,
@@ -473,6 +486,7 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                     render_volume,
                 )
             }
+            VolumeCmd::Revert { name, snapshot } => snapshot::revert(&c, output, &name, snapshot),
             VolumeCmd::Unmount { name, path } => {
                 let body = api::MountRequest {
                     path: absolute(path)?,

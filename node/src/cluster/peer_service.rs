@@ -8,19 +8,37 @@ use std::sync::{Arc, OnceLock};
 use cairn_proto::peer::peer_server::Peer;
 use cairn_proto::peer::{
     JoinReply, JoinRequest, ProposeReply, ProposeRequest, RaftAck, RaftMessage, RemoveNodeReply,
-    RemoveNodeRequest,
+    RemoveNodeRequest, TakeSnapshotReply, TakeSnapshotRequest,
 };
 use protobuf::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::state::Command;
 use super::store::{ClusterStore, StoreError, PROPOSE_TIMEOUT};
+use crate::types::{NodeId, SnapshotId, VolumeId};
 
 pub use super::transport::{client, client_with_timeout};
 
 #[derive(Clone, Default)]
 pub struct PeerService {
     pub store: Arc<OnceLock<Arc<ClusterStore>>>,
+    /// This node's volumes, set once the volume manager is open.
+    pub volumes: Arc<OnceLock<Arc<dyn PeerVolumes>>>,
+}
+
+/// What other nodes ask of this node's volume manager.
+pub trait PeerVolumes: Send + Sync {
+    /// Takes recorded snapshot `snapshot` of `volume`, attached here at
+    /// `epoch`, through this node's engine; returns the nodes whose
+    /// replicas took it.
+    #[allow(clippy::result_large_err)]
+    fn take_snapshot(
+        &self,
+        volume: VolumeId,
+        snapshot: SnapshotId,
+        epoch: u64,
+        freeze: bool,
+    ) -> Result<Vec<NodeId>, Status>;
 }
 
 impl PeerService {
@@ -132,5 +150,36 @@ impl Peer for PeerService {
             Err(e @ StoreError::Unavailable(_)) => Err(Status::unavailable(e.to_string())),
             Err(e) => Err(Status::internal(e.to_string())),
         }
+    }
+
+    async fn take_snapshot(
+        &self,
+        req: Request<TakeSnapshotRequest>,
+    ) -> Result<Response<TakeSnapshotReply>, Status> {
+        let store = self.store()?;
+        let req = req.into_inner();
+        Self::check_cluster(&store, &req.cluster_id)?;
+        let volumes = self
+            .volumes
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))?;
+        let volume: VolumeId = req
+            .volume_id
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("volume id: {e}")))?;
+        let snapshot: SnapshotId = req
+            .snapshot_id
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
+        #[allow(clippy::result_large_err)]
+        let nodes = tokio::task::spawn_blocking(move || {
+            volumes.take_snapshot(volume, snapshot, req.epoch, req.freeze)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(TakeSnapshotReply {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        }))
     }
 }

@@ -523,6 +523,13 @@ impl ClusterState {
         out
     }
 
+    /// Snapshot `name` of `volume`.
+    pub fn snapshot_named(&self, volume: VolumeId, name: &str) -> Option<&Snapshot> {
+        self.snapshots
+            .values()
+            .find(|s| s.volume == volume && s.name == name)
+    }
+
     fn volume(&self, id: VolumeId) -> Result<&Volume, StateError> {
         self.volumes.get(&id).ok_or(StateError::VolumeNotFound(id))
     }

@@ -192,8 +192,20 @@ impl Hosted {
     }
 
     /// Freezes the head as snapshot `id` for the engine of `epoch`, whose
-    /// writes to this replica are drained.
+    /// writes to this replica are drained. Only a snapshot this node's
+    /// state lists (waiting briefly for it to catch up): the reconciler
+    /// frees every local snapshot that a newer state does not list, so one
+    /// taken before its record arrived here could be freed while wanted.
     pub fn take_snapshot(&self, epoch: u64, id: SnapshotId) -> Result<(), ReplicaError> {
+        let deadline = std::time::Instant::now() + SNAPSHOT_RECORD_WAIT;
+        if !self
+            .store
+            .wait_until(deadline, |s, _| s.snapshots.contains_key(&id))
+        {
+            return Err(ReplicaError::Remote(format!(
+                "snapshot {id} is not in this node's cluster state"
+            )));
+        }
         let _g = self.admit(epoch)?;
         self.replica.take_snapshot(id)
     }
@@ -204,6 +216,9 @@ impl Hosted {
         self.replica.revert(id)
     }
 }
+
+/// How long a take waits for this node's state to list the snapshot.
+const SNAPSHOT_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Every replica hosted on this node, created when the cluster state lists
 /// this node for a volume and destroyed when it no longer does.

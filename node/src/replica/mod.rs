@@ -123,6 +123,10 @@ pub struct LocalReplica {
     free_gate: RwLock<()>,
     map_dirty: AtomicBool,
     allocated_extents: AtomicU64,
+    /// Head extents allocated over a snapshot's data (copy-on-write events
+    /// since this daemon started: the first write to each snapshotted
+    /// extent).
+    pub cow_extents: AtomicU64,
 }
 
 /// What a write does in one extent: the extent to write and whether it is
@@ -192,6 +196,7 @@ impl LocalReplica {
             free_gate: RwLock::new(()),
             map_dirty: AtomicBool::new(false),
             allocated_extents: AtomicU64::new(n),
+            cow_extents: AtomicU64::new(0),
         };
         Ok((r, owned))
     }
@@ -338,6 +343,9 @@ impl LocalReplica {
             .expect("layers lock")
             .store(logical, stack);
         self.allocated_extents.fetch_add(1, Ordering::Relaxed);
+        if over_data {
+            self.cow_extents.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Target {
             addr,
             partial: over_data,

@@ -341,11 +341,14 @@ impl LocalReplica {
         let target = self.layer(id)?;
         let chain = self.chain.read().expect("chain lock").clone();
         let (old_head, new_head) = (chain.head, chain.next);
+        // Extents that newer snapshots hold: the new head masks them with
+        // the target's data. What only the old head holds needs nothing
+        // (it leaves with the old head; reads fall through to the target).
         let changed: BTreeSet<u64> = {
             let l = self.layers.read().expect("layers lock");
             l.layers()
                 .into_iter()
-                .filter(|x| *x > target)
+                .filter(|x| *x > target && *x != old_head)
                 .flat_map(|x| l.members(x).collect::<Vec<_>>())
                 .collect()
         };

@@ -81,6 +81,32 @@ pub enum VolumeError {
     LocalStore(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("invalid snapshot name: {0}")]
+    InvalidSnapshotName(String),
+    #[error("volume {volume:?} has no snapshot {name:?}")]
+    SnapshotNotFound { volume: String, name: String },
+    #[error("volume {volume:?} already has a snapshot {name:?}")]
+    SnapshotExists { volume: String, name: String },
+    #[error("volume {0:?} has the most snapshots a volume may have (1024); delete one first")]
+    TooManySnapshots(String),
+    #[error("snapshot {volume}@{name} is not ready yet (it is being taken, or taking it failed)")]
+    SnapshotNotReady { volume: String, name: String },
+    #[error("volume {name:?} has {count} snapshot(s); delete them first")]
+    HasSnapshots { name: String, count: usize },
+    #[error("volume {0:?} is being reverted to a snapshot; retry the revert to finish it")]
+    Reverting(String),
+    /// The filesystem on a mounted volume could not be frozen for a
+    /// snapshot (or thawed after it).
+    #[error("volume {name:?}: {why}; pass no-freeze for a crash-consistent snapshot instead")]
+    Freeze { name: String, why: String },
+    /// The node that had to run part of the operation refused it or failed;
+    /// `code` is its gRPC status.
+    #[error("node {node}: {message}")]
+    OnNode {
+        node: String,
+        code: tonic::Code,
+        message: String,
+    },
 }
 
 impl VolumeError {
@@ -88,6 +114,62 @@ impl VolumeError {
         VolumeError::Engine {
             volume: volume.into(),
             source,
+        }
+    }
+
+    /// The gRPC status code a peer answers with when this error ends an
+    /// operation another node asked for (turned back into
+    /// [`VolumeError::OnNode`] there).
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        use VolumeError::*;
+        match self {
+            InvalidName(_)
+            | InvalidSize(_)
+            | InvalidFs(_)
+            | InvalidPath(_)
+            | InvalidOptions(_)
+            | InvalidReplicas(_)
+            | RawVolume(_)
+            | InvalidSnapshotName(_) => Code::InvalidArgument,
+            NotFound(_) | NotShownAt { .. } | SnapshotNotFound { .. } => Code::NotFound,
+            AlreadyExists(_) | SnapshotExists { .. } | PublishedDifferently { .. } => {
+                Code::AlreadyExists
+            }
+            Busy(_) => Code::Aborted,
+            NotEnoughNodes(_) | TooManySnapshots(_) => Code::ResourceExhausted,
+            Shrink { .. } => Code::OutOfRange,
+            Engine {
+                source: EngineError::Replica(crate::replica::ReplicaError::NoSpace),
+                ..
+            } => Code::ResourceExhausted,
+            Engine {
+                source:
+                    EngineError::Replica(crate::replica::ReplicaError::Fenced { .. })
+                    | EngineError::Stopped,
+                ..
+            } => Code::FailedPrecondition,
+            Engine {
+                source:
+                    EngineError::Unrecorded { .. }
+                    | EngineError::NoReplica
+                    | EngineError::LastCopy { .. },
+                ..
+            }
+            | Metadata(StoreError::Unavailable(_))
+            | ShuttingDown => Code::Unavailable,
+            Device(_) | LocalStore(_) | Engine { .. } | Metadata(_) => Code::Internal,
+            Attached { .. }
+            | AttachedElsewhere { .. }
+            | Mounted { .. }
+            | InUse { .. }
+            | NotFormatted(_)
+            | NotStaged { .. }
+            | SnapshotNotReady { .. }
+            | HasSnapshots { .. }
+            | Reverting(_)
+            | Freeze { .. } => Code::FailedPrecondition,
+            OnNode { code, .. } => *code,
         }
     }
 }

@@ -13,6 +13,7 @@
 //! teardown), `mounting` (format, mount, unmount), `publish` (stage,
 //! publish, unpublish, usage: what CSI's node service asks for),
 //! `restart` (re-serving after a start, shutdown), `reconcile`, `scrub`,
+//! `snapshots` (take, delete, revert, their views),
 //! `views` (API views, metrics text) and `nbd` (export claims).
 
 mod attach;
@@ -23,6 +24,7 @@ mod publish;
 mod reconcile;
 mod restart;
 mod scrub;
+mod snapshots;
 mod views;
 
 pub use nbd::NbdExports;
@@ -389,6 +391,15 @@ impl VolumeManager {
             .ok_or_else(|| VolumeError::NotFound(name.into()))
     }
 
+    fn snapshot_name(&self, id: crate::types::SnapshotId) -> String {
+        self.store
+            .read()
+            .snapshots
+            .get(&id)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
     fn node_name(&self, id: NodeId) -> String {
         self.store
             .read()
@@ -488,6 +499,32 @@ impl VolumeManager {
                 StateError::HasReaders { count, .. } => VolumeError::InUse {
                     name: name.into(),
                     why: format!("{count} node(s) hold it read-only"),
+                },
+                StateError::Reverting { .. } => VolumeError::Reverting(name.into()),
+                StateError::HasSnapshots { count, .. } => VolumeError::HasSnapshots {
+                    name: name.into(),
+                    count,
+                },
+                StateError::TooManySnapshots { .. } => VolumeError::TooManySnapshots(name.into()),
+                StateError::InvalidSnapshotName(m) => VolumeError::InvalidSnapshotName(m),
+                StateError::SnapshotExists { name: n, .. } => VolumeError::SnapshotExists {
+                    volume: name.into(),
+                    name: n,
+                },
+                StateError::SnapshotNotFound(id) => VolumeError::SnapshotNotFound {
+                    volume: name.into(),
+                    name: self.snapshot_name(id),
+                },
+                StateError::SnapshotInUse { id } => VolumeError::InUse {
+                    name: name.into(),
+                    why: format!(
+                        "an unfinished revert to snapshot {:?} needs it; finish the revert first",
+                        self.snapshot_name(id)
+                    ),
+                },
+                StateError::SnapshotNotReady { id } => VolumeError::SnapshotNotReady {
+                    volume: name.into(),
+                    name: self.snapshot_name(id),
                 },
                 other => VolumeError::Metadata(StoreError::Refused(other)),
             }),

@@ -137,3 +137,33 @@ pub struct RepairView {
     /// The nodes whose copies were rewritten.
     pub targets: Vec<String>,
 }
+
+/// A snapshot of a volume as the cluster records it, with the space its
+/// data takes on one replica that holds it (none when no such replica
+/// answered).
+#[derive(Debug, Clone)]
+pub struct SnapshotView {
+    pub id: crate::types::SnapshotId,
+    pub name: String,
+    pub volume: String,
+    pub volume_id: VolumeId,
+    pub created_unix_ms: u64,
+    /// The volume's size when the snapshot was taken.
+    pub size_bytes: u64,
+    /// Taken on its replicas (false while being taken, or after a failed
+    /// take that could not be cleaned up yet).
+    pub ready: bool,
+    /// Names of the nodes whose replicas hold it.
+    pub replicas: Vec<String>,
+    pub space: Option<SnapshotSpaceView>,
+}
+
+/// Pool space of a snapshot on one replica.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotSpaceView {
+    /// Extents the snapshot's layer holds (shared with older snapshots or
+    /// not).
+    pub held_bytes: u64,
+    /// What deleting the snapshot would free.
+    pub exclusive_bytes: u64,
+}

@@ -203,60 +203,51 @@ impl VolumeManager {
     /// Asks each other node that held a replica of the deleted `v` to free
     /// it, all at once; returns the names of those that did not confirm.
     pub(super) fn free_remote_copies(&self, v: &Volume, index: u64) -> Vec<String> {
-        let (cluster, nodes): (_, Vec<(NodeId, String, String)>) = {
-            let s = self.store.read();
-            let nodes = v
-                .replicas
-                .iter()
-                .filter(|r| r.node != self.cfg.node_id)
-                .map(|r| {
-                    let n = s.nodes.get(&r.node);
-                    (
-                        r.node,
-                        n.map(|n| n.name.clone())
-                            .unwrap_or_else(|| r.node.to_string()),
-                        n.map(|n| n.peer_address.clone()).unwrap_or_default(),
-                    )
-                })
-                .collect();
-            (s.cluster_id, nodes)
-        };
-        let _rt = self.ctx.handle.enter();
+        self.ask_replica_nodes(v, "free the replica", move |r| async move {
+            r.free(index).await.map(|bytes| {
+                tracing::debug!(bytes, "replica freed");
+            })
+        })
+    }
+
+    /// Runs `ask` against the replica of `v` on every other node that
+    /// holds one, all at once; returns the names of the nodes that did not
+    /// confirm (`what` names the request in the log).
+    pub(super) fn ask_replica_nodes<F, Fut>(&self, v: &Volume, what: &str, ask: F) -> Vec<String>
+    where
+        F: Fn(crate::replica::remote::RemoteReplica) -> Fut,
+        Fut:
+            std::future::Future<Output = Result<(), crate::replica::ReplicaError>> + Send + 'static,
+    {
+        let nodes: Vec<NodeId> = v
+            .replicas
+            .iter()
+            .map(|r| r.node)
+            .filter(|n| *n != self.cfg.node_id)
+            .collect();
         let mut asks = Vec::new();
         let mut pending = Vec::new();
-        for (node, name, addr) in nodes {
-            match crate::replica::remote::RemoteReplica::new(
-                &self.ctx.channels,
-                &self.ctx.fast,
-                node,
-                &addr,
-                cluster,
-                v.id,
-            ) {
-                Ok(r) => asks.push((
-                    name,
-                    self.ctx.handle.spawn(async move { r.free(index).await }),
-                )),
+        for node in nodes {
+            let name = self.node_name(node);
+            match self.remote_replica(v, node) {
+                Ok(r) => {
+                    let _rt = self.ctx.handle.enter();
+                    asks.push((name, self.ctx.handle.spawn(ask(r))));
+                }
                 Err(e) => {
-                    tracing::debug!(volume = %v.name, node = %name, error = %e, "cannot ask to free a replica");
+                    tracing::debug!(volume = %v.name, node = %name, error = %e, "cannot ask to {what}");
                     pending.push(name);
                 }
             }
         }
         for (name, ask) in asks {
-            match self.ctx.handle.block_on(ask) {
-                Ok(Ok(bytes)) => {
-                    tracing::debug!(volume = %v.name, node = %name, bytes, "replica freed")
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(volume = %v.name, node = %name, error = %e, "replica not freed yet");
-                    pending.push(name);
-                }
-                Err(e) => {
-                    tracing::info!(volume = %v.name, node = %name, error = %e, "replica not freed yet");
-                    pending.push(name);
-                }
-            }
+            let why = match self.ctx.handle.block_on(ask) {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(volume = %v.name, node = %name, error = %why, "the node did not {what} yet");
+            pending.push(name);
         }
         pending
     }

@@ -188,13 +188,17 @@ impl VolumeManager {
     /// the locks only to copy what it reads.
     pub fn metrics_sample(&self) -> NodeSample {
         use std::sync::atomic::Ordering::Relaxed;
-        let names: HashMap<VolumeId, String> = self
-            .store
-            .read()
-            .volumes
-            .values()
-            .map(|v| (v.id, v.name.clone()))
-            .collect();
+        let (names, snapshots): (HashMap<VolumeId, String>, HashMap<VolumeId, u64>) = {
+            let s = self.store.read();
+            let mut counts = HashMap::new();
+            for snap in s.snapshots.values() {
+                *counts.entry(snap.volume).or_default() += 1;
+            }
+            (
+                s.volumes.values().map(|v| (v.id, v.name.clone())).collect(),
+                counts,
+            )
+        };
         let engines = self.engines.read().expect("engines lock").clone();
         let mut ids: Vec<VolumeId> = engines.keys().copied().chain(self.hosts.ids()).collect();
         ids.sort_by_key(|id| names.get(id).cloned());
@@ -214,6 +218,18 @@ impl VolumeManager {
                             .then(|| p.done_extents as f64 / p.total_extents as f64)
                     }),
                     allocated_bytes: self.hosts.get(id).map(|h| h.replica.allocated_bytes()),
+                    snapshots: snapshots.get(&id).copied().unwrap_or(0),
+                    snapshot_bytes: self.hosts.get(id).map(|h| {
+                        h.replica
+                            .snapshot_space()
+                            .iter()
+                            .map(|s| s.held_bytes)
+                            .sum()
+                    }),
+                    cow_extents: self
+                        .hosts
+                        .get(id)
+                        .map(|h| h.replica.cow_extents.load(Relaxed)),
                 })
             })
             .collect();
