@@ -84,6 +84,7 @@ fn map(e: VolumeError) -> Error {
         Device(_) | LocalStore(_) => Error::Internal(m),
         Engine { source, .. } => match source {
             EngineError::Replica(ReplicaError::NoSpace) => Error::ResourceExhausted(m),
+            EngineError::Replica(ReplicaError::Unlisted(_)) => Error::Unavailable(m),
             EngineError::Replica(ReplicaError::Fenced { .. }) | EngineError::Stopped => {
                 Error::FailedPrecondition(m)
             }

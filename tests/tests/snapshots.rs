@@ -341,6 +341,40 @@ fn snapshot_of_a_volume_mounted_on_another_node_reverts_every_replica() {
     let (st, s) = snap(n1, "db", "before");
     assert_eq!(st, 201, "{s}");
     assert_eq!(s["replicas"].as_array().unwrap().len(), 3, "{s}");
+    // A freeze that cannot be taken (the filesystem is frozen already)
+    // fails the snapshot with the cause, and leaves no snapshot behind.
+    {
+        struct Thaw(String);
+        impl Drop for Thaw {
+            fn drop(&mut self) {
+                let _ = sh(&format!("fsfreeze -u {}", self.0));
+            }
+        }
+        sh_ok(&format!("fsfreeze -f {m}"));
+        let _thaw = Thaw(m.clone());
+        let (st, e) = snap(n2, "db", "frozen");
+        assert_eq!(
+            (st, e["error"]["code"].as_str()),
+            (409, Some("FreezeFailed")),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("freeze"),
+            "{e}"
+        );
+    }
+    assert_eq!(snapshots(n0, "db").len(), 1);
+    let o = n2.cli_ok(&[
+        "-o",
+        "json",
+        "snapshot",
+        "create",
+        "db",
+        "unfrozen",
+        "--no-freeze",
+    ]);
+    assert_eq!(serde_json::from_str::<Value>(&o).unwrap()["ready"], true);
+    n0.cli_ok(&["snapshot", "rm", "db@unfrozen"]);
     sh_ok(&format!("head -c 8M /dev/urandom > {m}/a && sync"));
     assert_ne!(sh_ok(&format!("sha256sum < {m}/a")), a);
 

@@ -24,7 +24,7 @@ use crate::volume::{VolumeError, VolumeManager};
 mod convert;
 mod error;
 mod snapshots;
-pub use error::ApiError;
+pub use error::{status_and_code, ApiError};
 
 /// The OpenAPI description, generated from the request and answer types
 /// (`cairn_proto::api`, `utoipa::ToSchema`) and the handlers' `path`

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use super::state::Command;
 use super::store::{ClusterStore, StoreError, PROPOSE_TIMEOUT};
 use crate::types::{NodeId, SnapshotId, VolumeId};
+use crate::volume::VolumeError;
 
 pub use super::transport::{client, client_with_timeout};
 
@@ -31,14 +32,27 @@ pub trait PeerVolumes: Send + Sync {
     /// Takes recorded snapshot `snapshot` of `volume`, attached here at
     /// `epoch`, through this node's engine; returns the nodes whose
     /// replicas took it.
-    #[allow(clippy::result_large_err)]
     fn take_snapshot(
         &self,
         volume: VolumeId,
         snapshot: SnapshotId,
         epoch: u64,
         freeze: bool,
-    ) -> Result<Vec<NodeId>, Status>;
+    ) -> Result<Vec<NodeId>, VolumeError>;
+}
+
+/// Metadata key of the REST API's error code in a failed peer call's
+/// status, so the asking node answers with the same code.
+pub const API_CODE_KEY: &str = "cairn-api-code";
+
+/// `e` as a gRPC status: its code, its message, and the REST API's code.
+fn volume_status(e: VolumeError) -> Status {
+    let (_, api) = crate::api::status_and_code(&e);
+    let mut s = Status::new(e.grpc_code(), e.to_string());
+    if let Ok(v) = api.parse() {
+        s.metadata_mut().insert(API_CODE_KEY, v);
+    }
+    s
 }
 
 impl PeerService {
@@ -172,12 +186,12 @@ impl Peer for PeerService {
             .snapshot_id
             .parse()
             .map_err(|e| Status::invalid_argument(format!("snapshot id: {e}")))?;
-        #[allow(clippy::result_large_err)]
         let nodes = tokio::task::spawn_blocking(move || {
             volumes.take_snapshot(volume, snapshot, req.epoch, req.freeze)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(volume_status)?;
         Ok(Response::new(TakeSnapshotReply {
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
         }))

@@ -390,6 +390,14 @@ pub enum Command {
         id: VolumeId,
         epoch: u64,
     },
+    /// Moves detached volume `id` to a new epoch, fencing every engine of
+    /// the old one (a writer on a node it was detached from while
+    /// unreachable, another node's repair), so the engine of a snapshot of
+    /// the detached volume is its only writer. No change while nodes hold
+    /// it read-only (they read at the current epoch and write nothing).
+    FenceDetached {
+        id: VolumeId,
+    },
 }
 
 impl Command {
@@ -400,7 +408,8 @@ impl Command {
             | Command::SnapshotTaken { .. }
             | Command::DeleteSnapshot { .. }
             | Command::BeginRevert { .. }
-            | Command::EndRevert { .. } => 3,
+            | Command::EndRevert { .. }
+            | Command::FenceDetached { .. } => 3,
             _ => 2,
         }
     }
@@ -891,7 +900,8 @@ impl ClusterState {
             | Command::SnapshotTaken { .. }
             | Command::DeleteSnapshot { .. }
             | Command::BeginRevert { .. }
-            | Command::EndRevert { .. } => self.apply_snapshot(cmd)?,
+            | Command::EndRevert { .. }
+            | Command::FenceDetached { .. } => self.apply_snapshot(cmd)?,
         }
         Ok(())
     }

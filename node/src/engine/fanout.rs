@@ -48,7 +48,8 @@ impl Engine {
     }
 
     /// Handles the outcomes of one fan-out. A fenced engine fails and marks
-    /// nothing (a newer engine owns the volume). Otherwise every replica
+    /// nothing (a newer engine owns the volume); so does a snapshot take
+    /// that a replica's node may not run yet (its state lags). Otherwise every replica
     /// that failed is recorded faulted before it leaves the set, and a
     /// fault that cannot be recorded fails the I/O: nothing completes on a
     /// degraded set the cluster does not know about. Ok when at least one
@@ -63,10 +64,12 @@ impl Engine {
     /// (`LocalReplica::write` allocates before it writes), so replicas that
     /// all ran out of space stay equal, healthy, and the writer sees ENOSPC.
     pub(super) fn settle(&self, results: Vec<Outcome>, changes: bool) -> Result<(), EngineError> {
-        if let Some(i) = results
-            .iter()
-            .position(|(_, r)| matches!(r, Err(ReplicaError::Fenced { .. })))
-        {
+        if let Some(i) = results.iter().position(|(_, r)| {
+            matches!(
+                r,
+                Err(ReplicaError::Fenced { .. } | ReplicaError::Unlisted(_))
+            )
+        }) {
             let (_, r) = results.into_iter().nth(i).expect("found");
             return Err(r.expect_err("fenced").into());
         }

@@ -192,19 +192,23 @@ impl Hosted {
     }
 
     /// Freezes the head as snapshot `id` for the engine of `epoch`, whose
-    /// writes to this replica are drained. Only a snapshot this node's
-    /// state lists (waiting briefly for it to catch up): the reconciler
-    /// frees every local snapshot that a newer state does not list, so one
-    /// taken before its record arrived here could be freed while wanted.
+    /// writes to this replica are drained. Only a snapshot of this volume
+    /// that this node's state lists as being taken (waiting briefly for it
+    /// to catch up): the reconciler frees every local snapshot that a newer
+    /// state does not list, so one taken before its record arrived could
+    /// be freed while wanted; and one already recorded taken (a take that
+    /// arrives late, after its engine gave up on this replica) would hold
+    /// another point than the replicas recorded with it.
     pub fn take_snapshot(&self, epoch: u64, id: SnapshotId) -> Result<(), ReplicaError> {
+        let volume = self.replica.volume;
+        let being_taken = |s: &crate::cluster::state::ClusterState| {
+            s.snapshots
+                .get(&id)
+                .is_some_and(|x| x.volume == volume && !x.ready)
+        };
         let deadline = std::time::Instant::now() + SNAPSHOT_RECORD_WAIT;
-        if !self
-            .store
-            .wait_until(deadline, |s, _| s.snapshots.contains_key(&id))
-        {
-            return Err(ReplicaError::Remote(format!(
-                "snapshot {id} is not in this node's cluster state"
-            )));
+        if !self.store.wait_until(deadline, |s, _| being_taken(s)) {
+            return Err(ReplicaError::Unlisted(id));
         }
         let _g = self.admit(epoch)?;
         self.replica.take_snapshot(id)

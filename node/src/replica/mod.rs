@@ -73,6 +73,11 @@ pub enum ReplicaError {
     },
     #[error("replica {0} already holds the most snapshots a volume may have ({max})", max = snapshot::MAX_SNAPSHOTS)]
     TooManySnapshots(VolumeId),
+    /// A snapshot operation this replica's node may not run (yet): its
+    /// cluster state does not list the snapshot as one being taken. Says
+    /// nothing about the replica's health (an engine does not fault it).
+    #[error("snapshot {0} is not being taken according to this node's cluster state (it lags, or the snapshot is already taken or gone)")]
+    Unlisted(layers::SnapshotId),
 }
 
 impl ReplicaError {
@@ -87,7 +92,8 @@ impl ReplicaError {
             | ReplicaError::Corrupt(_)
             | ReplicaError::Unclean(_)
             | ReplicaError::NoSnapshot { .. }
-            | ReplicaError::TooManySnapshots(_) => libc::EIO,
+            | ReplicaError::TooManySnapshots(_)
+            | ReplicaError::Unlisted(_) => libc::EIO,
         }
     }
 }

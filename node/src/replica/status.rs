@@ -22,7 +22,8 @@ impl ReplicaError {
             | ReplicaError::Meta(_)
             | ReplicaError::Remote(_)
             | ReplicaError::NoSnapshot { .. }
-            | ReplicaError::TooManySnapshots(_) => (frame::FAILED, 0),
+            | ReplicaError::TooManySnapshots(_)
+            | ReplicaError::Unlisted(_) => (frame::FAILED, 0),
         }
     }
 
@@ -58,6 +59,13 @@ impl ReplicaError {
                 }
                 s
             }
+            ReplicaError::Unlisted(id) => {
+                let mut s = tonic::Status::failed_precondition(self.to_string());
+                if let Ok(v) = id.to_string().parse() {
+                    s.metadata_mut().insert("cairn-unlisted", v);
+                }
+                s
+            }
             ReplicaError::Gone(_) => tonic::Status::not_found(self.to_string()),
             ReplicaError::NoSpace => tonic::Status::resource_exhausted(self.to_string()),
             ReplicaError::Corrupt(_) => tonic::Status::data_loss(self.to_string()),
@@ -90,6 +98,15 @@ impl ReplicaError {
                     _ => ReplicaError::Remote(format!("{:?}: {}", s.code(), s.message())),
                 }
             }
+            tonic::Code::FailedPrecondition => match s
+                .metadata()
+                .get("cairn-unlisted")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                Some(id) => ReplicaError::Unlisted(id),
+                None => ReplicaError::Remote(format!("{:?}: {}", s.code(), s.message())),
+            },
             tonic::Code::ResourceExhausted => ReplicaError::NoSpace,
             tonic::Code::DataLoss => ReplicaError::Corrupt(s.message().to_string()),
             _ => ReplicaError::Remote(format!("{:?}: {}", s.code(), s.message())),
@@ -130,6 +147,7 @@ mod tests {
                 volume: v,
                 snapshot: Id128::random(),
             },
+            ReplicaError::Unlisted(Id128::random()),
         ] {
             let d = std::mem::discriminant(&e);
             let back = ReplicaError::from_grpc(3, e.grpc_status());

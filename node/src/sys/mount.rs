@@ -227,9 +227,25 @@ pub struct Frozen {
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
-/// Freezes the filesystem mounted at `mountpoint`.
-pub fn freeze(mountpoint: &Path) -> io::Result<Frozen> {
+/// Freezes the filesystem mounted at `mountpoint`, which must be the root
+/// of a mount of block device `device` (never the filesystem below a path
+/// that was unmounted behind our back).
+pub fn freeze(mountpoint: &Path, device: &Path) -> io::Result<Frozen> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let dir = File::open(mountpoint)?;
+    let dev = std::fs::metadata(device)?;
+    let held = dir.metadata()?;
+    if !dev.file_type().is_block_device() || held.dev() != dev.rdev() || !is_mount_point(mountpoint)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a mount of {}",
+                mountpoint.display(),
+                device.display()
+            ),
+        ));
+    }
     // SAFETY: FIFREEZE takes no argument; the fd is open for the call.
     if unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) } != 0 {
         return Err(io::Error::last_os_error());
@@ -238,6 +254,17 @@ pub fn freeze(mountpoint: &Path) -> io::Result<Frozen> {
         dir,
         path: mountpoint.to_path_buf(),
     })
+}
+
+/// Thaws the filesystem mounted at `mountpoint` if it is frozen (one a
+/// crashed daemon froze for a snapshot); true when it was.
+pub fn thaw(mountpoint: &Path) -> bool {
+    let Ok(dir) = File::open(mountpoint) else {
+        return false;
+    };
+    // SAFETY: FITHAW takes no argument; the fd is open for the call. A
+    // filesystem that is not frozen answers EINVAL and nothing changes.
+    unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW as _, 0) == 0 }
 }
 
 impl Drop for Frozen {

@@ -100,11 +100,13 @@ pub enum VolumeError {
     #[error("volume {name:?}: {why}; pass no-freeze for a crash-consistent snapshot instead")]
     Freeze { name: String, why: String },
     /// The node that had to run part of the operation refused it or failed;
-    /// `code` is its gRPC status.
+    /// `code` is its gRPC status, `api_code` the REST API's code for the
+    /// cause there (when it sent one).
     #[error("node {node}: {message}")]
     OnNode {
         node: String,
         code: tonic::Code,
+        api_code: Option<String>,
         message: String,
     },
 }
@@ -149,6 +151,10 @@ impl VolumeError {
                     | EngineError::Stopped,
                 ..
             } => Code::FailedPrecondition,
+            Engine {
+                source: EngineError::Replica(crate::replica::ReplicaError::Unlisted(_)),
+                ..
+            } => Code::Unavailable,
             Engine {
                 source:
                     EngineError::Unrecorded { .. }

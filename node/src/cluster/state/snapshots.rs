@@ -126,6 +126,18 @@ impl ClusterState {
                 }
                 self.volumes.get_mut(id).expect("checked").reverting = None;
             }
+            Command::FenceDetached { id } => {
+                let v = self.volume(*id)?;
+                if v.attachment.is_some() {
+                    return Err(StateError::Attached(*id));
+                }
+                if v.reverting.is_some() {
+                    return Err(StateError::Reverting { id: *id });
+                }
+                if v.readers.is_empty() {
+                    self.volumes.get_mut(id).expect("checked").epoch += 1;
+                }
+            }
             _ => unreachable!("not a snapshot command"),
         }
         Ok(())

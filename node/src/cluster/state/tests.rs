@@ -391,7 +391,8 @@ fn command() -> impl proptest::strategy::Strategy<Value = Command> {
             .prop_map(|(id, nodes)| Command::SnapshotTaken { id, nodes }),
         snap.clone().prop_map(|id| Command::DeleteSnapshot { id }),
         (vol.clone(), snap).prop_map(|(id, snapshot)| Command::BeginRevert { id, snapshot }),
-        (vol, 0u64..4).prop_map(|(id, epoch)| Command::EndRevert { id, epoch }),
+        (vol.clone(), 0u64..4).prop_map(|(id, epoch)| Command::EndRevert { id, epoch }),
+        vol.prop_map(|id| Command::FenceDetached { id }),
     ]
 }
 
@@ -624,4 +625,31 @@ fn a_revert_fences_the_volume_until_it_ends() {
         force: false,
     })
     .expect("attach after the revert");
+}
+
+#[test]
+fn fencing_a_detached_volume_moves_its_epoch_unless_it_is_attached_or_read() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, me) = (Id128::random(), Id128([7; 16]));
+    s.apply(&create(a, "a")).expect("create");
+    let fence = Command::FenceDetached { id: a };
+    let e0 = s.volumes[&a].epoch;
+    s.apply(&fence).expect("fence");
+    assert_eq!(s.volumes[&a].epoch, e0 + 1);
+    s.apply(&Command::Attach {
+        id: a,
+        node: me,
+        force: false,
+    })
+    .expect("attach");
+    let attached = s.clone();
+    assert_eq!(s.apply(&fence), Err(StateError::Attached(a)));
+    assert_eq!(s, attached);
+    s.apply(&Command::Detach { id: a, node: me })
+        .expect("detach");
+    s.apply(&Command::AttachReader { id: a, node: me })
+        .expect("reader");
+    let read = s.clone();
+    s.apply(&fence).expect("fence beside a reader");
+    assert_eq!(s, read, "a reader's epoch must not move");
 }

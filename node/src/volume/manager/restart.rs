@@ -205,6 +205,8 @@ impl VolumeManager {
         for m in &rec.mounts {
             if !crate::sys::mount::is_mount_point(Path::new(m)) {
                 self.mount_again(v, &rec, m);
+            } else if crate::sys::mount::thaw(Path::new(m)) {
+                tracing::warn!(volume = %v.name, mount = %m, "thawed a filesystem the previous daemon had frozen for a snapshot");
             }
         }
         for p in &rec.published {

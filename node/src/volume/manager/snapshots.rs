@@ -66,7 +66,7 @@ impl VolumeManager {
             volume,
         )?;
         let taken = self.find(volume).and_then(|v| {
-            let nodes = self.take(&v, id, freeze)?;
+            let nodes = self.take_retrying(&v, id, freeze)?;
             self.propose(
                 Command::SnapshotTaken {
                     id,
@@ -89,6 +89,28 @@ impl VolumeManager {
         }
         tracing::info!(volume, snapshot = name, freeze, "took snapshot");
         self.snapshot_inspect(volume, name)
+    }
+
+    /// [`Self::take`], again after a moment when a replica's node refused
+    /// because its state did not list the snapshot yet (nothing was
+    /// faulted then).
+    fn take_retrying(
+        &self,
+        v: &Volume,
+        id: SnapshotId,
+        freeze: bool,
+    ) -> Result<Vec<NodeId>, VolumeError> {
+        let mut tries = 0;
+        loop {
+            match self.take(v, id, freeze) {
+                Err(e) if tries < 2 && lagged(&e) => {
+                    tracing::info!(volume = %v.name, error = %e, "a replica's node does not list the snapshot yet; retrying");
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Takes recorded snapshot `id` through the engine that serves `v`.
@@ -115,27 +137,38 @@ impl VolumeManager {
                 ))
             })?,
             None => {
+                // The only writer: every older engine is fenced first.
+                self.propose(Command::FenceDetached { id: v.id }, &v.name)?;
+                let v = &self.find(&v.name)?;
+                if v.attachment.is_some() {
+                    return Err(VolumeError::Busy(v.name.clone()));
+                }
                 let e = self.engine_for(v)?;
                 e.activate(v, v.epoch)
                     .map_err(|e| VolumeError::engine(&v.name, e))?;
                 e
             }
         };
-        let mounts = match (freeze, &v.attachment) {
-            (true, Some(_)) => self
-                .local_record(v.id)
-                .map(|r| r.mounts)
-                .unwrap_or_default(),
-            _ => Vec::new(),
+        let rec = match (freeze, &v.attachment) {
+            (true, Some(_)) => self.local_record(v.id),
+            _ => None,
         };
-        let mut frozen = Vec::new();
-        for m in &mounts {
-            let f = crate::sys::mount::freeze(Path::new(m)).map_err(|e| VolumeError::Freeze {
-                name: v.name.clone(),
-                why: format!("cannot freeze the filesystem mounted at {m}: {e}"),
-            })?;
-            frozen.push(f);
-        }
+        // One freeze for the filesystem: every mount of the device shows
+        // the same one.
+        let frozen = match rec.filter(|r| !r.read_only) {
+            Some(rec) => match rec.mounts.first() {
+                Some(m) => Some(
+                    crate::sys::mount::freeze(Path::new(m), Path::new(&rec.device)).map_err(
+                        |e| VolumeError::Freeze {
+                            name: v.name.clone(),
+                            why: format!("cannot freeze the filesystem mounted at {m}: {e}"),
+                        },
+                    )?,
+                ),
+                None => None,
+            },
+            None => None,
+        };
         let r = engine
             .snapshot(id)
             .map_err(|e| VolumeError::engine(&v.name, e));
@@ -161,6 +194,7 @@ impl VolumeManager {
         let on_node = |code, message| VolumeError::OnNode {
             node: name.clone(),
             code,
+            api_code: None,
             message,
         };
         let addr = addr.ok_or_else(|| {
@@ -183,7 +217,22 @@ impl VolumeManager {
             .ctx
             .handle
             .block_on(async move { client.take_snapshot(req).await })
-            .map_err(|s| on_node(s.code(), s.message().to_string()))?
+            .map_err(|s| VolumeError::OnNode {
+                node: name.clone(),
+                code: s.code(),
+                // Only a code of the API's vocabulary is passed on.
+                api_code: s
+                    .metadata()
+                    .get(crate::cluster::peer_service::API_CODE_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|c| {
+                        c.len() <= 40
+                            && !c.is_empty()
+                            && c.bytes().all(|b| b.is_ascii_alphanumeric())
+                    })
+                    .map(str::to_string),
+                message: s.message().to_string(),
+            })?
             .into_inner();
         reply
             .nodes
@@ -338,7 +387,7 @@ impl VolumeManager {
         let engine = self.engine_for(&v)?;
         engine
             .activate(&v, epoch)
-            .and_then(|()| engine.revert(s.id))
+            .and_then(|()| engine.revert(s.id, &s.replicas))
             .map_err(|e| VolumeError::engine(name, e))?;
         self.propose(Command::EndRevert { id: v.id, epoch }, name)?;
         tracing::info!(volume = name, snapshot, "reverted volume to snapshot");
@@ -488,26 +537,48 @@ impl VolumeManager {
         .map_err(|e| e.to_string())
     }
 
-    /// Frees the local snapshots of hosted replicas that the state no
-    /// longer lists (deleted while this node was away, or left by a failed
-    /// take). Local ids are read before the state: a take waits until its
-    /// node's state lists the snapshot, so one taken after this list was
-    /// made is never judged against an older state.
+    /// Frees the local snapshots of hosted replicas that the cluster does
+    /// not record here: no longer listed (deleted while this node was
+    /// away, or left by a failed take), or taken without this node (a take
+    /// that arrived after its engine gave up on this replica). Local ids
+    /// are read before the state: a take waits until its node's state
+    /// lists the snapshot, so one taken after this list was made is never
+    /// judged against an older state; and the state is brought up to
+    /// everything committed first (a restarted node may have applied
+    /// entries it had not saved yet).
     pub(super) fn reconcile_snapshots(&self) {
-        let held: Vec<(VolumeId, Vec<SnapshotId>)> = self
+        let me = self.cfg.node_id;
+        let held: Vec<(VolumeId, SnapshotId)> = self
             .hosts
             .ids()
             .into_iter()
             .filter_map(|id| Some((id, self.hosts.get(id)?.replica.snapshot_ids())))
-            .filter(|(_, ids)| !ids.is_empty())
-            .collect();
-        let state = self.store.read();
-        let unlisted: Vec<(VolumeId, SnapshotId)> = held
-            .into_iter()
             .flat_map(|(v, ids)| ids.into_iter().map(move |s| (v, s)))
-            .filter(|(_, s)| !state.snapshots.contains_key(s))
             .collect();
-        drop(state);
+        let stray =
+            |state: &crate::cluster::state::ClusterState, v: VolumeId, s: SnapshotId| match state
+                .snapshots
+                .get(&s)
+            {
+                None => true,
+                Some(x) => x.volume != v || (x.ready && !x.replicas.contains(&me)),
+            };
+        let candidates: Vec<(VolumeId, SnapshotId)> = {
+            let state = self.store.read();
+            held.into_iter()
+                .filter(|(v, s)| stray(&state, *v, *s))
+                .collect()
+        };
+        if candidates.is_empty() || self.sync_read().is_err() {
+            return;
+        }
+        let unlisted: Vec<(VolumeId, SnapshotId)> = {
+            let state = self.store.read();
+            candidates
+                .into_iter()
+                .filter(|(v, s)| stray(&state, *v, *s))
+                .collect()
+        };
         for (v, s) in unlisted {
             let Some(h) = self.hosts.get(v) else { continue };
             match h.replica.delete_snapshot(s) {
@@ -522,6 +593,19 @@ impl VolumeManager {
     }
 }
 
+/// Whether `e` is a replica node refusing a take its state does not list
+/// yet.
+fn lagged(e: &VolumeError) -> bool {
+    match e {
+        VolumeError::Engine {
+            source: crate::engine::EngineError::Replica(crate::replica::ReplicaError::Unlisted(_)),
+            ..
+        } => true,
+        VolumeError::OnNode { api_code, .. } => api_code.as_deref() == Some("NodeLagging"),
+        _ => false,
+    }
+}
+
 impl crate::cluster::peer_service::PeerVolumes for VolumeManager {
     fn take_snapshot(
         &self,
@@ -529,8 +613,7 @@ impl crate::cluster::peer_service::PeerVolumes for VolumeManager {
         snapshot: SnapshotId,
         epoch: u64,
         freeze: bool,
-    ) -> Result<Vec<NodeId>, tonic::Status> {
+    ) -> Result<Vec<NodeId>, VolumeError> {
         self.take_for_peer(volume, snapshot, epoch, freeze)
-            .map_err(|e| tonic::Status::new(e.grpc_code(), e.to_string()))
     }
 }
