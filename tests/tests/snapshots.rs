@@ -4,7 +4,8 @@
 //! its refusal while attached), snapshots surviving SIGKILL, every bad
 //! input refused with nothing changed, and on three nodes a snapshot of a
 //! mounted volume asked for on another node (frozen there) that a revert
-//! brings back on every replica.
+//! brings back on every replica, and a replica node that was down while
+//! snapshots were taken and deleted.
 
 // Test code: an unwrap that fails is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -408,4 +409,86 @@ fn snapshot_of_a_volume_mounted_on_another_node_reverts_every_replica() {
     n1.cli_ok(&["volume", "unmount", "db", &m1]);
     n1.cli_ok(&["snapshot", "rm", "db@before"]);
     assert!(snapshots(n2, "db").is_empty());
+}
+
+#[test]
+fn a_replica_down_during_snapshots_ends_up_with_the_recorded_ones_only() {
+    let mut nodes = cluster("snaprep", 3, 74);
+    let write = |dev: &str, seek: u64, mib: u64| {
+        sh_ok(&format!(
+            "dd if=/dev/urandom of={dev} bs=1M count={mib} seek={seek} oflag=direct status=none"
+        ))
+    };
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "r",
+        "--size",
+        "64MiB",
+        "--fs",
+        "none",
+        "--replicas",
+        "3",
+    ]);
+    let dev = nodes[0]
+        .cli_ok(&["volume", "attach", "r"])
+        .trim()
+        .to_string();
+    write(&dev, 0, 16);
+    assert_eq!(snap(&nodes[0], "r", "s0").0, 201);
+    write(&dev, 0, 16);
+
+    // One replica's node dies: the next snapshot is recorded on two, and
+    // deleting the first leaves the dead node's copy to free later.
+    nodes[2].kill9();
+    write(&dev, 32, 8);
+    let (st, s1) = snap(&nodes[1], "r", "s1");
+    assert_eq!(st, 201, "{s1}");
+    assert_eq!(s1["replicas"].as_array().unwrap().len(), 2, "{s1}");
+    let (st, d) = nodes[1].api("DELETE", "/v1/volumes/r/snapshots/s0", None);
+    assert_eq!(st, 202, "{d}");
+    assert_eq!(d["space_pending_on"].as_array().unwrap().len(), 1, "{d}");
+    let at_s1 = sha(&dev, 64);
+    write(&dev, 0, 4);
+
+    // Back: resynced, and its copy of the deleted snapshot is freed.
+    nodes[2].restart();
+    wait_for("all replicas healthy", Duration::from_secs(60), || {
+        let r = replica_states(&nodes[0], "r");
+        r.len() == 3 && r.iter().all(|(_, s)| s == "healthy")
+    });
+    let n2 = &nodes[2];
+    wait_for(
+        "the deleted snapshot freed on the returned node",
+        Duration::from_secs(30),
+        || metric(n2, r#"cairn_volume_snapshot_bytes{volume="r"}"#) == Some(0.0),
+    );
+
+    // A revert reads only the replicas that hold the snapshot; the one
+    // that lacks it is rebuilt from them.
+    nodes[0].cli_ok(&["volume", "detach", "r"]);
+    nodes[1].cli_ok(&["volume", "revert", "r", "--snapshot", "s1"]);
+    let dev1 = nodes[1]
+        .cli_ok(&["volume", "attach", "r"])
+        .trim()
+        .to_string();
+    assert_eq!(sha(&dev1, 64), at_s1);
+    wait_for(
+        "all replicas healthy after the revert",
+        Duration::from_secs(60),
+        || {
+            let r = replica_states(&nodes[1], "r");
+            r.len() == 3 && r.iter().all(|(_, s)| s == "healthy")
+        },
+    );
+    let report: Value =
+        serde_json::from_str(&nodes[1].cli_ok(&["-o", "json", "volume", "verify", "r"])).unwrap();
+    assert_eq!(report["replicas_compared"], 3, "{report}");
+    assert!(
+        report["mismatched_extents"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert_eq!(sha(&dev1, 64), at_s1);
+    nodes[1].cli_ok(&["volume", "detach", "r"]);
+    nodes[1].cli_ok(&["snapshot", "rm", "r@s1"]);
 }
