@@ -21,7 +21,8 @@
 //!   view of layer `L` is, per block, the newest version with a layer id
 //!   `<= L` that holds the block (a full version holds all of them); no
 //!   version means zeros. Revert keeps this linear: it shadows, in a fresh
-//!   head, every extent that layers newer than the target changed.
+//!   head, every extent that snapshots newer than the target changed (what
+//!   only the old head changed leaves with it).
 //! - A version is a pool extent (full or partial) or `Zeros` (a whiteout:
 //!   the head trimmed an extent a snapshot still holds).
 //! - Only the head's versions change; a snapshot's versions change only
