@@ -248,44 +248,6 @@ impl VolumeManager {
             .collect()
     }
 
-    /// Takes snapshot `snapshot` of `volume` for the node that recorded it:
-    /// only while the volume is attached here at `epoch` and this node's
-    /// state lists the snapshot (waiting briefly for it to catch up).
-    pub fn take_for_peer(
-        &self,
-        volume: VolumeId,
-        snapshot: SnapshotId,
-        epoch: u64,
-        freeze: bool,
-    ) -> Result<Vec<NodeId>, VolumeError> {
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        self.store
-            .wait_until(deadline, |s, _| s.snapshots.contains_key(&snapshot));
-        let (v, listed) = {
-            let s = self.store.read();
-            let v = s.volumes.get(&volume).cloned();
-            (v, s.snapshots.contains_key(&snapshot))
-        };
-        let v = v.ok_or_else(|| VolumeError::NotFound(volume.to_string()))?;
-        if !listed {
-            return Err(VolumeError::SnapshotNotFound {
-                volume: v.name.clone(),
-                name: snapshot.to_string(),
-            });
-        }
-        let _g = self.guard(&v.name)?;
-        match &v.attachment {
-            Some(a) if a.node == self.cfg.node_id && a.epoch == epoch => {}
-            _ => {
-                return Err(VolumeError::InUse {
-                    name: v.name.clone(),
-                    why: format!("it is no longer attached to this node at epoch {epoch}; retry"),
-                })
-            }
-        }
-        self.take_here(&v, snapshot, freeze)
-    }
-
     /// Deletes snapshot `name` of `volume` and frees it on every replica
     /// node; returns the names of nodes that have not freed it yet (their
     /// reconcilers do when they run again).
@@ -606,6 +568,9 @@ fn lagged(e: &VolumeError) -> bool {
     }
 }
 
+/// Takes a snapshot for the node that recorded it: only while the volume
+/// is attached here at the epoch that node saw and this node's state lists
+/// the snapshot (waiting briefly for it to catch up).
 impl crate::cluster::peer_service::PeerVolumes for VolumeManager {
     fn take_snapshot(
         &self,
@@ -614,6 +579,34 @@ impl crate::cluster::peer_service::PeerVolumes for VolumeManager {
         epoch: u64,
         freeze: bool,
     ) -> Result<Vec<NodeId>, VolumeError> {
-        self.take_for_peer(volume, snapshot, epoch, freeze)
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let of_volume = |s: &crate::cluster::state::ClusterState| {
+            s.snapshots
+                .get(&snapshot)
+                .is_some_and(|x| x.volume == volume)
+        };
+        self.store.wait_until(deadline, |s, _| of_volume(s));
+        let (v, listed) = {
+            let s = self.store.read();
+            (s.volumes.get(&volume).cloned(), of_volume(&s))
+        };
+        let v = v.ok_or_else(|| VolumeError::NotFound(volume.to_string()))?;
+        if !listed {
+            return Err(VolumeError::SnapshotNotFound {
+                volume: v.name.clone(),
+                name: snapshot.to_string(),
+            });
+        }
+        let _g = self.guard(&v.name)?;
+        match &v.attachment {
+            Some(a) if a.node == self.cfg.node_id && a.epoch == epoch => {}
+            _ => {
+                return Err(VolumeError::InUse {
+                    name: v.name.clone(),
+                    why: format!("it is no longer attached to this node at epoch {epoch}; retry"),
+                })
+            }
+        }
+        self.take_here(&v, snapshot, freeze)
     }
 }
