@@ -435,6 +435,46 @@ impl VolumeManager {
         Ok(e)
     }
 
+    /// Refuses an operation that must not run under open NBD connections
+    /// of `v`. No new one opens meanwhile: opening takes the volume's
+    /// guard, which the caller holds.
+    fn refuse_nbd_users(&self, v: &Volume) -> Result<(), VolumeError> {
+        match self.exports.lock().expect("exports lock").get(&v.id) {
+            Some(u) if u.readers + u.writers > 0 => Err(VolumeError::InUse {
+                name: v.name.clone(),
+                why: format!("{} NBD connection(s) open", u.readers + u.writers),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A client of `v`'s replica on `node` (another node).
+    fn remote_replica(
+        &self,
+        v: &Volume,
+        node: NodeId,
+    ) -> Result<crate::replica::remote::RemoteReplica, String> {
+        let (cluster, addr) = {
+            let s = self.store.read();
+            let addr = s
+                .nodes
+                .get(&node)
+                .map(|n| n.peer_address.clone())
+                .unwrap_or_default();
+            (s.cluster_id, addr)
+        };
+        let _rt = self.ctx.handle.enter();
+        crate::replica::remote::RemoteReplica::new(
+            &self.ctx.channels,
+            &self.ctx.fast,
+            node,
+            &addr,
+            cluster,
+            v.id,
+        )
+        .map_err(|e| e.to_string())
+    }
+
     fn engine(&self, id: VolumeId) -> Option<Arc<Engine>> {
         self.engines.read().expect("engines lock").get(&id).cloned()
     }

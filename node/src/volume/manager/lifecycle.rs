@@ -1,7 +1,6 @@
 //! Creating, growing, re-replicating and deleting volumes (deleting frees
 //! every replica's space before it returns).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use cairn_proto::api::SizeArg;
@@ -167,16 +166,7 @@ impl VolumeManager {
                 });
             }
         }
-        let nbd_users = |ex: &HashMap<VolumeId, ExportUse>| match ex.get(&v.id) {
-            Some(u) if u.readers + u.writers > 0 => Err(VolumeError::InUse {
-                name: name.into(),
-                why: format!("{} NBD connection(s) open", u.readers + u.writers),
-            }),
-            _ => Ok(()),
-        };
-        // No new NBD connection opens meanwhile: opening takes the guard
-        // this operation holds.
-        nbd_users(&self.exports.lock().expect("exports lock"))?;
+        self.refuse_nbd_users(&v)?;
         if v.attachment.is_some() {
             self.teardown(&v, true, true)?;
         }

@@ -26,7 +26,6 @@ use cairn_proto::data::SnapshotOp;
 
 use super::*;
 use crate::cluster::state::Snapshot;
-use crate::replica::remote::RemoteReplica;
 use crate::types::{validate_snapshot_name, SnapshotId};
 use crate::volume::view::{SnapshotSpaceView, SnapshotView};
 use crate::volume::VolumeView;
@@ -49,12 +48,7 @@ impl VolumeManager {
         let _g = self.guard(volume)?;
         self.sync_read()?;
         let v = self.find(volume)?;
-        if self.store.read().snapshot_named(v.id, name).is_some() {
-            return Err(VolumeError::SnapshotExists {
-                volume: volume.into(),
-                name: name.into(),
-            });
-        }
+        // A name already taken is refused by the state (SnapshotExists).
         let id = SnapshotId::random();
         self.propose(
             Command::CreateSnapshot {
@@ -149,26 +143,23 @@ impl VolumeManager {
                 e
             }
         };
-        let rec = match (freeze, &v.attachment) {
-            (true, Some(_)) => self.local_record(v.id),
-            _ => None,
-        };
         // One freeze for the filesystem: every mount of the device shows
         // the same one.
-        let frozen = match rec.filter(|r| !r.read_only) {
-            Some(rec) => match rec.mounts.first() {
-                Some(m) => Some(
-                    crate::sys::mount::freeze(Path::new(m), Path::new(&rec.device)).map_err(
-                        |e| VolumeError::Freeze {
-                            name: v.name.clone(),
-                            why: format!("cannot freeze the filesystem mounted at {m}: {e}"),
-                        },
-                    )?,
-                ),
-                None => None,
-            },
-            None => None,
-        };
+        let frozen = match (freeze, &v.attachment) {
+            (true, Some(_)) => self.local_record(v.id),
+            _ => None,
+        }
+        .filter(|r| !r.read_only)
+        .and_then(|r| Some((r.mounts.first()?.clone(), r.device)))
+        .map(|(m, device)| {
+            crate::sys::mount::freeze(Path::new(&m), Path::new(&device)).map_err(|e| {
+                VolumeError::Freeze {
+                    name: v.name.clone(),
+                    why: format!("cannot freeze the filesystem mounted at {m}: {e}"),
+                }
+            })
+        })
+        .transpose()?;
         let r = engine
             .snapshot(id)
             .map_err(|e| VolumeError::engine(&v.name, e));
@@ -316,15 +307,7 @@ impl VolumeManager {
                 why: format!("{} node(s) hold it read-only", v.readers.len()),
             });
         }
-        match self.exports.lock().expect("exports lock").get(&v.id) {
-            Some(u) if u.readers + u.writers > 0 => {
-                return Err(VolumeError::InUse {
-                    name: name.into(),
-                    why: format!("{} NBD connection(s) open", u.readers + u.writers),
-                })
-            }
-            _ => {}
-        }
+        self.refuse_nbd_users(&v)?;
         if !s.ready {
             return Err(VolumeError::SnapshotNotReady {
                 volume: name.into(),
@@ -475,28 +458,6 @@ impl VolumeManager {
             }
         }
         HashMap::new()
-    }
-
-    pub(super) fn remote_replica(&self, v: &Volume, node: NodeId) -> Result<RemoteReplica, String> {
-        let (cluster, addr) = {
-            let s = self.store.read();
-            let addr = s
-                .nodes
-                .get(&node)
-                .map(|n| n.peer_address.clone())
-                .unwrap_or_default();
-            (s.cluster_id, addr)
-        };
-        let _rt = self.ctx.handle.enter();
-        RemoteReplica::new(
-            &self.ctx.channels,
-            &self.ctx.fast,
-            node,
-            &addr,
-            cluster,
-            v.id,
-        )
-        .map_err(|e| e.to_string())
     }
 
     /// Frees the local snapshots of hosted replicas that the cluster does
