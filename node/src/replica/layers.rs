@@ -249,6 +249,16 @@ impl Layers {
         (s.word & EXTRA == 0).then_some(None)
     }
 
+    /// Whether no layer holds a version of `e`.
+    pub fn is_empty(&self, e: u64) -> bool {
+        self.slot(e).word == 0
+    }
+
+    /// Logical extents below which every version lies.
+    pub fn span(&self) -> u64 {
+        (self.leaves.len() * LEAF) as u64
+    }
+
     /// Every version of `e`, newest first.
     pub fn stack(&self, e: u64) -> Vec<Version> {
         let s = self.slot(e);

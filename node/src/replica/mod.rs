@@ -13,6 +13,7 @@
 //! - Freeing an extent waits for in-flight I/O of the replica (`free_gate`),
 //!   so a write never lands in an extent that was handed to another volume.
 
+pub mod clone;
 pub mod commit;
 pub mod host;
 pub mod layers;
@@ -78,6 +79,12 @@ pub enum ReplicaError {
     /// nothing about the replica's health (an engine does not fault it).
     #[error("snapshot {0} is not being taken according to this node's cluster state (it lags, or the snapshot is already taken or gone)")]
     Unlisted(layers::SnapshotId),
+    /// A clone on this node still reads through to the snapshot.
+    #[error("snapshot {snapshot} of replica {volume} backs a clone that is still being filled from it on this node")]
+    Pinned {
+        volume: VolumeId,
+        snapshot: layers::SnapshotId,
+    },
 }
 
 impl ReplicaError {
@@ -93,7 +100,8 @@ impl ReplicaError {
             | ReplicaError::Unclean(_)
             | ReplicaError::NoSnapshot { .. }
             | ReplicaError::TooManySnapshots(_)
-            | ReplicaError::Unlisted(_) => libc::EIO,
+            | ReplicaError::Unlisted(_)
+            | ReplicaError::Pinned { .. } => libc::EIO,
         }
     }
 }
@@ -133,6 +141,14 @@ pub struct LocalReplica {
     /// since this daemon started: the first write to each snapshotted
     /// extent).
     pub cow_extents: AtomicU64,
+    /// A clone's snapshot it reads through to until filled (see `clone`);
+    /// `has_origin` says whether one is stored, `stored_origin` which.
+    origin: RwLock<Option<clone::Origin>>,
+    stored_origin: Mutex<Option<(VolumeId, layers::SnapshotId)>>,
+    has_origin: AtomicBool,
+    /// Snapshots clones read through to, with how many: never deleted,
+    /// and the replica never destroyed, while any is pinned.
+    pins: Mutex<std::collections::HashMap<layers::SnapshotId, usize>>,
 }
 
 /// What a write does in one extent: the extent to write and whether it is
@@ -164,9 +180,14 @@ impl LocalReplica {
         let mut stacks: std::collections::BTreeMap<u64, Vec<Version>> = Default::default();
         let mut orphans = Vec::new();
         let mut owned = Vec::new();
+        let mut origin = None;
         for kv in tree.iter() {
             let (k, v) = kv.map_err(meta_err)?;
             if k.as_ref() == layers::CHAIN_KEY {
+                continue;
+            }
+            if k.as_ref() == clone::ORIGIN_KEY {
+                origin = Some(clone::decode_origin(&v).map_err(ReplicaError::Meta)?);
                 continue;
             }
             let (layer, logical) = layers::parse_key(&k)
@@ -203,6 +224,10 @@ impl LocalReplica {
             map_dirty: AtomicBool::new(false),
             allocated_extents: AtomicU64::new(n),
             cow_extents: AtomicU64::new(0),
+            origin: RwLock::new(None),
+            stored_origin: Mutex::new(origin),
+            has_origin: AtomicBool::new(origin.is_some()),
+            pins: Mutex::new(Default::default()),
         };
         Ok((r, owned))
     }
@@ -269,13 +294,10 @@ impl LocalReplica {
         Ok(Some(crc32fast::hash(buf.as_slice())))
     }
 
-    /// Whether the head reads anything but zeros-by-absence from `logical`.
+    /// Whether the head reads anything but zeros-by-absence from `logical`
+    /// (a clone's origin included).
     pub fn is_allocated(&self, logical: u64) -> bool {
-        let head = self.head();
-        self.layers
-            .read()
-            .expect("layers lock")
-            .has_data(logical, head)
+        self.view_has_data(logical, self.head())
     }
 
     /// Pool space the replica holds: its head and all its snapshots.
@@ -293,6 +315,12 @@ impl LocalReplica {
         let _g = self.alloc_lock.lock().expect("alloc lock");
         if let Some(t) = self.target(logical, head) {
             return Ok(t);
+        }
+        // A clone copies its origin's data first (maybe into the head).
+        if self.fill_locked(&[logical])? > 0 {
+            if let Some(t) = self.target(logical, head) {
+                return Ok(t);
+            }
         }
         let mut stack = self.layers.read().expect("layers lock").stack(logical);
         // Whether the head reads anything but zeros here today: if not, a
@@ -481,6 +509,12 @@ impl LocalReplica {
                 whole
             };
             match whole {
+                Some(None)
+                    if self.has_origin()
+                        && self.layers.read().expect("layers lock").is_empty(logical) =>
+                {
+                    return self.read_origin(logical, within, dst);
+                }
                 Some(None) => {
                     dst.fill(0);
                     return Ok(());
@@ -607,6 +641,15 @@ impl LocalReplica {
     /// then given back to the pool; where a snapshot holds data below, the
     /// head keeps a whiteout instead.
     fn free_extents(&self, logical: &[u64]) -> Result<(), ReplicaError> {
+        if self.has_origin() && self.chain.read().expect("chain lock").snapshots.len() > 1 {
+            // The clone's snapshots still read its origin there: copied
+            // first, then the head shadows the copy.
+            let _gate = self.free_gate.read().expect("free gate");
+            let _g = self.alloc_lock.lock().expect("alloc lock");
+            for chunk in logical.chunks(clone::FILL_BATCH) {
+                self.fill_locked(chunk)?;
+            }
+        }
         let _gate = self.free_gate.write().expect("free gate");
         let head = self.head();
         // (logical, new stack, extent freed)
@@ -619,7 +662,10 @@ impl LocalReplica {
                 if own.is_some() {
                     stack.remove(0);
                 }
-                let below_data = stack.first().is_some_and(|v| v.backing != Backing::Zeros);
+                let below_data = match stack.first() {
+                    Some(v) => v.backing != Backing::Zeros,
+                    None => self.origin_has_data(*e),
+                };
                 let freed = own.as_ref().and_then(|v| v.addr());
                 if below_data {
                     if own.as_ref().is_some_and(|v| v.backing == Backing::Zeros) {
@@ -705,7 +751,14 @@ impl LocalReplica {
     /// Deletes the replica: frees all its extents (head, snapshots, and
     /// anything left of an interrupted operation) and drops its map.
     pub fn destroy(&self) -> Result<(), ReplicaError> {
+        if let Some(id) = self.pins.lock().expect("pins lock").keys().next() {
+            return Err(ReplicaError::Pinned {
+                volume: self.volume,
+                snapshot: *id,
+            });
+        }
         let _gate = self.free_gate.write().expect("free gate");
+        self.drop_origin();
         let mut all = self.layers.read().expect("layers lock").extents();
         all.extend(
             std::mem::take(&mut *self.orphans.lock().expect("orphans lock"))

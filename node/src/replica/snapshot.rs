@@ -59,7 +59,8 @@ impl LocalReplica {
         if chain.layer_of(id).is_some() {
             return Ok(());
         }
-        if chain.snapshots.len() >= MAX_SNAPSHOTS {
+        let base = chain.layer_of(super::clone::BASE_ID).is_some() as usize;
+        if chain.snapshots.len() - base >= MAX_SNAPSHOTS {
             return Err(ReplicaError::TooManySnapshots(self.volume));
         }
         // The snapshot is a flush point: its data and map are durable.
@@ -85,17 +86,24 @@ impl LocalReplica {
         Ok(())
     }
 
-    /// The snapshots this replica holds, oldest first.
+    /// The snapshots this replica holds, oldest first (a clone's base
+    /// layer is none of them).
     pub fn snapshot_ids(&self) -> Vec<SnapshotId> {
         let chain = self.chain.read().expect("chain lock");
-        chain.snapshots.iter().map(|s| s.1).collect()
+        chain
+            .snapshots
+            .iter()
+            .map(|s| s.1)
+            .filter(|s| *s != super::clone::BASE_ID)
+            .collect()
     }
 
-    fn layer(&self, id: SnapshotId) -> Result<LayerId, ReplicaError> {
+    pub(super) fn layer(&self, id: SnapshotId) -> Result<LayerId, ReplicaError> {
         self.chain
             .read()
             .expect("chain lock")
             .layer_of(id)
+            .filter(|_| id != super::clone::BASE_ID)
             .ok_or(ReplicaError::NoSnapshot {
                 volume: self.volume,
                 snapshot: id,
@@ -124,6 +132,7 @@ impl LocalReplica {
         chain
             .snapshots
             .iter()
+            .filter(|s| s.1 != super::clone::BASE_ID)
             .map(|(layer, id)| {
                 let next = chain.successor(*layer);
                 let (mut held, mut exclusive) = (0u64, 0u64);
@@ -175,10 +184,39 @@ impl LocalReplica {
     /// needs; idempotent (an unknown snapshot is already deleted).
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), ReplicaError> {
         let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
+        if self.is_pinned(id) || id == super::clone::BASE_ID {
+            return Err(ReplicaError::Pinned {
+                volume: self.volume,
+                snapshot: id,
+            });
+        }
         self.settle()?;
         let Some(layer) = self.chain.read().expect("chain lock").layer_of(id) else {
             return Ok(());
         };
+        self.delete_layer(layer)?;
+        self.fold_base()
+    }
+
+    /// A filled clone with no snapshots of its own left merges its base
+    /// layer into the head (the caller holds `snapshot_ops`), so it holds
+    /// one version per extent like any volume.
+    pub(super) fn fold_base(&self) -> Result<(), ReplicaError> {
+        let base = {
+            let c = self.chain.read().expect("chain lock");
+            match c.snapshots.as_slice() {
+                [(layer, id)] if *id == super::clone::BASE_ID => *layer,
+                _ => return Ok(()),
+            }
+        };
+        if self.has_origin() {
+            return Ok(());
+        }
+        self.delete_layer(base)
+    }
+
+    /// Merges `layer` into the next one and drops it from the chain.
+    fn delete_layer(&self, layer: LayerId) -> Result<(), ReplicaError> {
         loop {
             let batch: Vec<u64> = {
                 let l = self.layers.read().expect("layers lock");

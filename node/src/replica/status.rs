@@ -23,7 +23,8 @@ impl ReplicaError {
             | ReplicaError::Remote(_)
             | ReplicaError::NoSnapshot { .. }
             | ReplicaError::TooManySnapshots(_)
-            | ReplicaError::Unlisted(_) => (frame::FAILED, 0),
+            | ReplicaError::Unlisted(_)
+            | ReplicaError::Pinned { .. } => (frame::FAILED, 0),
         }
     }
 

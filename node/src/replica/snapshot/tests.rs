@@ -22,6 +22,8 @@ struct Store {
     pool: Arc<Pool>,
     volume: Id128,
     replica: Option<LocalReplica>,
+    /// For a clone: the source replica (same pool) and its snapshot.
+    source: Option<(Id128, Arc<LocalReplica>, SnapshotId)>,
 }
 
 impl Store {
@@ -49,14 +51,38 @@ impl Store {
             pool,
             volume: Id128::random(),
             replica: None,
+            source: None,
         };
         s.reload();
+        s
+    }
+
+    /// A store whose replica is a clone of snapshot `content` (one byte
+    /// per block) of another replica in the same pool, whose head then
+    /// changes again.
+    fn clone_of(extents: u64, content: &[u8]) -> Store {
+        let mut s = Store::new(extents);
+        let (src, _) = LocalReplica::load(&s.meta, s.pool.clone(), Id128::random()).expect("load");
+        let src = Arc::new(src);
+        for (i, b) in content.iter().enumerate() {
+            if *b != 0 {
+                src.write((i * BLOCK) as u64, filled(BLOCK, *b).as_slice())
+                    .expect("source write");
+            }
+        }
+        let snap = Id128::random();
+        src.take_snapshot(snap).expect("source snapshot");
+        src.write(0, filled(content.len() * BLOCK, 0xEE).as_slice())
+            .expect("source rewrite");
+        s.r().init_origin(&src, snap).expect("init origin");
+        s.source = Some((src.volume, src, snap));
         s
     }
 
     /// Loads the replica again into a pool opened again, as a restart does.
     fn reload(&mut self) {
         self.replica = None;
+        let source = self.source.take();
         self.pool = Arc::new(
             Pool::open(
                 &self.meta.db.open_tree("pool").expect("tree"),
@@ -66,11 +92,27 @@ impl Store {
             )
             .expect("pool"),
         );
+        let src = source.map(|(id, old, snap)| {
+            drop(old);
+            let (src, mut owned) =
+                LocalReplica::load(&self.meta, self.pool.clone(), id).expect("load");
+            self.pool.claim_all(&mut owned).expect("claim");
+            (id, Arc::new(src), snap)
+        });
         let (r, mut owned) =
             LocalReplica::load(&self.meta, self.pool.clone(), self.volume).expect("load");
         self.pool.claim_all(&mut owned).expect("claim");
         r.settle().expect("settle");
+        if let Some((_, src, _)) = &src {
+            r.attach_origin(src).expect("attach origin");
+        }
+        self.source = src;
         self.replica = Some(r);
+    }
+
+    /// Pool space the source replica holds.
+    fn source_bytes(&self) -> u64 {
+        self.source.as_ref().map_or(0, |s| s.1.allocated_bytes())
     }
 
     fn r(&self) -> &LocalReplica {
@@ -131,6 +173,8 @@ enum Op {
     Delete(usize),
     Revert(usize),
     Reload,
+    /// One step of a clone's filler.
+    Fill,
 }
 
 const EXTENTS: usize = 3;
@@ -158,12 +202,26 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Delete),
         1 => any::<usize>().prop_map(Op::Revert),
         1 => Just(Op::Reload),
+        2 => Just(Op::Fill),
     ]
 }
 
-fn run(ops: &[Op]) {
-    let mut s = Store::new(64);
-    let mut head = vec![0u8; BLOCKS];
+/// What a clone in [`run`] starts as: holes, partly and wholly written
+/// extents.
+fn origin_content() -> Vec<u8> {
+    let mut c = vec![0u8; BLOCKS];
+    c[..300].fill(0xA1);
+    c[2 * BLOCKS_PER_EXTENT + 5..2 * BLOCKS_PER_EXTENT + 20].fill(0xA2);
+    c
+}
+
+fn run(ops: &[Op], clone: bool) {
+    let (mut s, mut head) = if clone {
+        (Store::clone_of(64, &origin_content()), origin_content())
+    } else {
+        (Store::new(64), vec![0u8; BLOCKS])
+    };
+    let mut cursor = Some(0u64);
     let mut snaps: Vec<(SnapshotId, Vec<u8>)> = Vec::new();
     for op in ops {
         match op {
@@ -202,7 +260,15 @@ fn run(ops: &[Op]) {
                 s.r().revert(*id).expect("revert");
                 head = content.clone();
             }
-            Op::Reload => s.reload(),
+            Op::Reload => {
+                s.reload();
+                cursor = cursor.map(|_| 0);
+            }
+            Op::Fill => {
+                if let Some(c) = cursor {
+                    cursor = s.r().fill_step(c).expect("fill").map(|p| p.done);
+                }
+            }
             Op::Delete(_) | Op::Revert(_) => {}
         }
         assert_eq!(view(s.r(), None, BLOCKS), head, "head after {op:?}");
@@ -215,13 +281,31 @@ fn run(ops: &[Op]) {
         }
         assert_eq!(
             s.pool.allocated_bytes(),
-            s.r().allocated_bytes(),
+            s.r().allocated_bytes() + s.source_bytes(),
             "pool and replica disagree after {op:?}"
         );
         assert_eq!(
             s.r().snapshot_ids(),
             snaps.iter().map(|x| x.0).collect::<Vec<_>>()
         );
+    }
+    if let Some((_, src, snap)) = s.source.clone() {
+        // The origin stays pinned until the clone is filled.
+        if s.r().has_origin() {
+            assert!(matches!(
+                src.delete_snapshot(snap),
+                Err(ReplicaError::Pinned { .. })
+            ));
+            assert!(matches!(src.destroy(), Err(ReplicaError::Pinned { .. })));
+        }
+        let mut c = cursor.unwrap_or(0);
+        while let Some(p) = s.r().fill_step(c).expect("fill") {
+            c = p.done;
+        }
+        assert!(!s.r().has_origin());
+        src.delete_snapshot(snap)
+            .expect("an unpinned snapshot is deleted");
+        assert_eq!(view(s.r(), None, BLOCKS), head, "filled clone");
     }
     // Deleting every snapshot leaves no more space than the head needs.
     for (id, _) in snaps.drain(..) {
@@ -238,6 +322,17 @@ fn run(ops: &[Op]) {
         "{} bytes held for {touched} extents with data",
         s.r().allocated_bytes()
     );
+    if s.source.is_some() {
+        s.reload();
+        assert!(!s.r().has_origin(), "the origin is forgotten durably");
+        assert_eq!(view(s.r(), None, BLOCKS), head, "filled clone, reloaded");
+        s.source
+            .as_ref()
+            .expect("source")
+            .1
+            .destroy()
+            .expect("source destroy");
+    }
     s.r().destroy().expect("destroy");
     assert_eq!(s.pool.allocated_bytes(), 0);
 }
@@ -246,7 +341,14 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
     #[test]
     fn every_view_reads_as_the_model_says(ops in proptest::collection::vec(op(), 1..20)) {
-        run(&ops);
+        run(&ops, false);
+    }
+
+    /// The same for a clone reading through to another replica's
+    /// snapshot while its filler runs between the operations.
+    #[test]
+    fn every_view_of_a_clone_reads_as_the_model_says(ops in proptest::collection::vec(op(), 1..20)) {
+        run(&ops, true);
     }
 }
 
