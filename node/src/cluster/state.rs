@@ -91,6 +91,26 @@ pub struct Volume {
     /// until a revert finishes (every replica's head equals the snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverting: Option<Reverting>,
+    /// A clone whose replicas on `origin.backed` still read through to
+    /// the snapshot it was made from (see `replica::clone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where a clone comes from, while some of its replicas read through to
+/// it: the snapshot can be deleted only once every one was filled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub volume: VolumeId,
+    pub snapshot: SnapshotId,
+    /// Nodes whose clone replica reads the snapshot's local copy until
+    /// its filler has copied it.
+    pub backed: BTreeSet<NodeId>,
+    /// The snapshot was taken for this clone (`--from-volume`) and goes
+    /// when the last backed replica is filled.
+    #[serde(default)]
+    pub implicit: bool,
 }
 
 /// A revert of a volume's replicas to one of its snapshots, run by an
@@ -199,6 +219,15 @@ pub struct Snapshot {
     pub ready: bool,
     /// Nodes whose replica holds it; only these are ever read for it.
     pub replicas: BTreeSet<NodeId>,
+    /// Whether the volume's filesystem had been made when it was taken
+    /// (a clone of it never runs mkfs over its data).
+    #[serde(default = "formatted_default")]
+    pub formatted: bool,
+}
+
+/// Snapshots recorded before `formatted` existed: never formatted over.
+fn formatted_default() -> bool {
+    true
 }
 
 /// Most snapshots a volume may have (the replica store's limit).
@@ -398,6 +427,28 @@ pub enum Command {
     FenceDetached {
         id: VolumeId,
     },
+    /// Creates volume `id` as a clone of ready snapshot `snapshot`: the
+    /// replicas on `backed` (nodes holding the snapshot) read through to
+    /// it and are healthy at once, the others start faulted and are
+    /// rebuilt from them.
+    CreateClone {
+        id: VolumeId,
+        name: String,
+        size_bytes: u64,
+        snapshot: SnapshotId,
+        replica_nodes: Vec<NodeId>,
+        backed: BTreeSet<NodeId>,
+        #[serde(default)]
+        implicit: bool,
+        created_unix_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        csi_name: Option<String>,
+    },
+    /// The clone replica on `node` copied all of its origin and forgot it.
+    CloneFilled {
+        id: VolumeId,
+        node: NodeId,
+    },
 }
 
 impl Command {
@@ -409,7 +460,9 @@ impl Command {
             | Command::DeleteSnapshot { .. }
             | Command::BeginRevert { .. }
             | Command::EndRevert { .. }
-            | Command::FenceDetached { .. } => 3,
+            | Command::FenceDetached { .. }
+            | Command::CreateClone { .. }
+            | Command::CloneFilled { .. } => 3,
             _ => 2,
         }
     }
@@ -482,6 +535,16 @@ pub enum StateError {
     Reverting { id: VolumeId },
     #[error("snapshot {id} is the target of a revert in progress")]
     SnapshotInUse { id: SnapshotId },
+    #[error("snapshot {id} backs clone {clone}, which is still being filled from it")]
+    SnapshotBacksClone { id: SnapshotId, clone: VolumeId },
+    #[error("the replica of volume {id} on node {node} backs clone {clone}, which is still being filled from it")]
+    ReplicaBacksClone {
+        id: VolumeId,
+        node: NodeId,
+        clone: VolumeId,
+    },
+    #[error("a clone is at least as large as its snapshot ({min} bytes), not {size}")]
+    CloneTooSmall { size: u64, min: u64 },
 }
 
 /// Most replicas a volume may have.
@@ -537,6 +600,37 @@ impl ClusterState {
         self.snapshots
             .values()
             .find(|s| s.volume == volume && s.name == name)
+    }
+
+    /// What every new volume must satisfy: a free name and id, a valid
+    /// size and CSI name, 1 to [`MAX_REPLICAS`] distinct nodes.
+    fn check_new_volume(
+        &self,
+        id: VolumeId,
+        name: &str,
+        size_bytes: u64,
+        nodes: &[NodeId],
+        csi_name: Option<&str>,
+    ) -> Result<(), StateError> {
+        if let Some(c) = csi_name {
+            if c.is_empty() || c.len() > 128 || c.chars().any(char::is_control) {
+                return Err(StateError::InvalidCsiName(c.to_string()));
+            }
+        }
+        let uniq: BTreeSet<&NodeId> = nodes.iter().collect();
+        if uniq.len() != nodes.len() || nodes.is_empty() || nodes.len() > MAX_REPLICAS {
+            return Err(StateError::BadReplicaSet);
+        }
+        if self.volume_by_name(name).is_some() {
+            return Err(StateError::VolumeExists(name.to_string()));
+        }
+        if self.volumes.contains_key(&id) {
+            return Err(StateError::VolumeIdExists(id));
+        }
+        if !valid_size(size_bytes) {
+            return Err(StateError::InvalidSize(size_bytes));
+        }
+        Ok(())
     }
 
     fn volume(&self, id: VolumeId) -> Result<&Volume, StateError> {
@@ -610,28 +704,9 @@ impl ClusterState {
                 created_unix_ms,
                 csi_name,
             } => {
-                if let Some(c) = csi_name {
-                    if c.is_empty() || c.len() > 128 || c.chars().any(char::is_control) {
-                        return Err(StateError::InvalidCsiName(c.clone()));
-                    }
-                }
                 let mut nodes = vec![*replica_node];
                 nodes.extend(more_replicas.iter().copied());
-                let mut uniq = nodes.clone();
-                uniq.sort();
-                uniq.dedup();
-                if uniq.len() != nodes.len() || nodes.len() > MAX_REPLICAS {
-                    return Err(StateError::BadReplicaSet);
-                }
-                if self.volume_by_name(name).is_some() {
-                    return Err(StateError::VolumeExists(name.clone()));
-                }
-                if self.volumes.contains_key(id) {
-                    return Err(StateError::VolumeIdExists(*id));
-                }
-                if !valid_size(*size_bytes) {
-                    return Err(StateError::InvalidSize(*size_bytes));
-                }
+                self.check_new_volume(*id, name, *size_bytes, &nodes, csi_name.as_deref())?;
                 self.volumes.insert(
                     *id,
                     Volume {
@@ -654,6 +729,7 @@ impl ClusterState {
                         created_unix_ms: *created_unix_ms,
                         csi_name: csi_name.clone(),
                         reverting: None,
+                        origin: None,
                     },
                 );
             }
@@ -685,7 +761,9 @@ impl ClusterState {
                 if count > 0 {
                     return Err(StateError::HasSnapshots { id: *id, count });
                 }
-                self.volumes.remove(id);
+                if let Some(o) = self.volumes.remove(id).and_then(|v| v.origin) {
+                    self.release_origin(&o);
+                }
             }
             Command::Attach { id, node, force } => {
                 let v = self.volume(*id)?;
@@ -855,6 +933,7 @@ impl ClusterState {
             }
             Command::RemoveReplica { id, node } => {
                 let v = self.volume(*id)?;
+                self.check_not_backing(*id, *node)?;
                 let r = v.replica(*node).ok_or(StateError::NoSuchReplica {
                     id: *id,
                     node: *node,
@@ -884,6 +963,7 @@ impl ClusterState {
                 for s in self.snapshots.values_mut().filter(|s| s.volume == *id) {
                     s.replicas.remove(node);
                 }
+                self.unback(*id, *node);
             }
             Command::SetReplicaCount { id, count } => {
                 self.volume(*id)?;
@@ -902,11 +982,13 @@ impl ClusterState {
             | Command::BeginRevert { .. }
             | Command::EndRevert { .. }
             | Command::FenceDetached { .. } => self.apply_snapshot(cmd)?,
+            Command::CreateClone { .. } | Command::CloneFilled { .. } => self.apply_clone(cmd)?,
         }
         Ok(())
     }
 }
 
+mod clones;
 mod snapshots;
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ impl ClusterState {
                     size_bytes: v.size_bytes,
                     ready: false,
                     replicas: BTreeSet::new(),
+                    formatted: v.formatted,
                 };
                 self.snapshots.insert(*id, snapshot);
             }
@@ -71,6 +72,9 @@ impl ClusterState {
                     .is_some_and(|r| r.snapshot == *id);
                 if in_use {
                     return Err(StateError::SnapshotInUse { id: *id });
+                }
+                if let Some(clone) = self.clone_of(*id) {
+                    return Err(StateError::SnapshotBacksClone { id: *id, clone });
                 }
                 self.snapshots.remove(id);
             }

@@ -653,3 +653,132 @@ fn fencing_a_detached_volume_moves_its_epoch_unless_it_is_attached_or_read() {
     s.apply(&fence).expect("fence beside a reader");
     assert_eq!(s, read, "a reader's epoch must not move");
 }
+
+#[test]
+fn a_clone_is_healthy_where_it_reads_through_and_guards_its_origin_until_filled() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, me, n2) = (Id128::random(), Id128([7; 16]), Id128::random());
+    s.apply(&create(a, "a")).expect("create");
+    s.apply(&register(n2, "n2")).expect("register");
+    s.apply(&Command::MarkFormatted { id: a })
+        .expect("formatted");
+    let (snap, pending) = (Id128::random(), Id128::random());
+    for (id, name) in [(snap, "s"), (pending, "p")] {
+        s.apply(&Command::CreateSnapshot {
+            id,
+            volume: a,
+            name: name.into(),
+            created_unix_ms: 1,
+        })
+        .expect("snapshot");
+    }
+    s.apply(&Command::SnapshotTaken {
+        id: snap,
+        nodes: [me].into(),
+    })
+    .expect("taken");
+    let clone = |id, name: &str, size, snapshot, nodes: Vec<NodeId>, backed: Vec<NodeId>| {
+        Command::CreateClone {
+            id,
+            name: name.into(),
+            size_bytes: size,
+            snapshot,
+            replica_nodes: nodes,
+            backed: backed.into_iter().collect(),
+            implicit: false,
+            created_unix_ms: 2,
+            csi_name: None,
+        }
+    };
+    let c = Id128::random();
+    let before = s.clone();
+    for (cmd, what) in [
+        (
+            clone(c, "c", 1 << 29, snap, vec![me], vec![me]),
+            "smaller than the snapshot",
+        ),
+        (
+            clone(c, "c", 1 << 30, pending, vec![me], vec![me]),
+            "snapshot not ready",
+        ),
+        (
+            clone(c, "c", 1 << 30, Id128::random(), vec![me], vec![me]),
+            "unknown snapshot",
+        ),
+        (
+            clone(c, "a", 1 << 30, snap, vec![me], vec![me]),
+            "name taken",
+        ),
+        (
+            clone(c, "c", 1 << 30, snap, vec![n2], vec![n2]),
+            "backed where the snapshot is not",
+        ),
+        (
+            clone(c, "c", 1 << 30, snap, vec![me, n2], vec![]),
+            "nothing backed",
+        ),
+        (
+            clone(c, "c", 1 << 30, snap, vec![me, me], vec![me]),
+            "one node twice",
+        ),
+    ] {
+        assert!(s.apply(&cmd).is_err(), "{what} accepted");
+        assert_eq!(s, before, "{what} changed the state");
+    }
+    s.apply(&clone(c, "c", 2 << 30, snap, vec![me, n2], vec![me]))
+        .expect("clone");
+    let v = &s.volumes[&c];
+    assert!(
+        v.formatted,
+        "a clone of a formatted volume is never formatted again"
+    );
+    assert_eq!(
+        v.replicas.iter().map(|r| r.state).collect::<Vec<_>>(),
+        vec![ReplicaState::Healthy, ReplicaState::Faulted]
+    );
+    assert_eq!(
+        s.apply(&Command::DeleteSnapshot { id: snap }),
+        Err(StateError::SnapshotBacksClone { id: snap, clone: c })
+    );
+    s.apply(&Command::AddReplica { id: a, node: n2 })
+        .expect("add");
+    assert_eq!(
+        s.apply(&Command::RemoveReplica { id: a, node: me }),
+        Err(StateError::ReplicaBacksClone {
+            id: a,
+            node: me,
+            clone: c
+        })
+    );
+    // Filled (twice: a retried proposal): the guards go.
+    for _ in 0..2 {
+        s.apply(&Command::CloneFilled { id: c, node: me })
+            .expect("filled");
+    }
+    assert_eq!(s.volumes[&c].origin, None);
+    s.apply(&Command::DeleteSnapshot { id: snap })
+        .expect("delete");
+    // A snapshot taken for a clone goes with the clone's origin.
+    let (implicit, c2) = (Id128::random(), Id128::random());
+    s.apply(&Command::CreateSnapshot {
+        id: implicit,
+        volume: a,
+        name: "for-c2".into(),
+        created_unix_ms: 3,
+    })
+    .expect("snapshot");
+    s.apply(&Command::SnapshotTaken {
+        id: implicit,
+        nodes: [me].into(),
+    })
+    .expect("taken");
+    let mut cmd = clone(c2, "c2", 1 << 30, implicit, vec![me], vec![me]);
+    if let Command::CreateClone { implicit, .. } = &mut cmd {
+        *implicit = true;
+    }
+    s.apply(&cmd).expect("clone");
+    assert_eq!(encode_command(&cmd)[1], 3);
+    s.apply(&Command::DeleteVolume { id: c2 })
+        .expect("delete clone");
+    assert!(!s.snapshots.contains_key(&implicit));
+}
