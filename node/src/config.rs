@@ -94,7 +94,8 @@ pub struct RunArgs {
     /// most a volume may have).
     #[arg(long, env = "CAIRN_DEFAULT_REPLICAS")]
     pub default_replicas: Option<u32>,
-    /// Rebuild copy limit per second, e.g. `200MiB` (`0`: unlimited).
+    /// Copy limit per second of rebuilds and of clone fills, e.g. `200MiB`
+    /// (`0`: unlimited).
     #[arg(long, env = "CAIRN_REBUILD_BANDWIDTH")]
     pub rebuild_bandwidth: Option<String>,
     /// How often each volume's replicas are compared by the node serving it

@@ -96,7 +96,7 @@ fn map(e: VolumeError) -> Error {
         Metadata(StoreError::Unavailable(_)) | ShuttingDown => Error::Unavailable(m),
         Metadata(StoreError::Refused(_) | StoreError::Rejected(_)) => Error::FailedPrecondition(m),
         Metadata(StoreError::Storage(_)) => Error::Internal(m),
-        InvalidSnapshotName(_) => Error::InvalidArgument(m),
+        InvalidSnapshotName(_) | InvalidSource(_) => Error::InvalidArgument(m),
         SnapshotNotFound { .. } => Error::NotFound(m),
         SnapshotExists { .. } => Error::AlreadyExists(m),
         TooManySnapshots(_) => Error::ResourceExhausted(m),
@@ -243,7 +243,7 @@ impl Backend for CsiBackend {
             .transpose()?;
         let req = CreateVolume {
             name: spec.name.clone(),
-            size: SizeArg::Bytes(spec.size_bytes),
+            size: Some(SizeArg::Bytes(spec.size_bytes)),
             fs: spec
                 .fs
                 .parse()
@@ -251,6 +251,7 @@ impl Backend for CsiBackend {
             replicas: spec.replicas,
             locality: false,
             csi_name: spec.csi_name.clone(),
+            source: None,
         };
         self.mgr
             .create_placed(&req, local, allowed.as_deref())

@@ -18,7 +18,7 @@ use crate::volume::{CreateVolume, VolumeError, VolumeManager};
 /// `--opt` names Docker users may pass, with what they accept.
 fn options_help() -> String {
     format!(
-        "size (e.g. 10GiB), replicas (1-{}), fs (ext4|xfs), locality (true|false)",
+        "size (e.g. 10GiB), replicas (1-{}), fs (ext4|xfs), locality (true|false), from-snapshot (VOLUME@SNAPSHOT), from-volume (VOLUME)",
         VolumeManager::MAX_REPLICAS
     )
 }
@@ -96,12 +96,14 @@ impl DockerBackend {
     fn request(name: &str, opts: &BTreeMap<String, String>) -> Result<CreateVolume, String> {
         let mut req = CreateVolume {
             name: name.to_string(),
-            size: SizeArg::Text("10GiB".into()),
+            size: None,
             fs: FsType::Ext4,
             replicas: None,
             locality: false,
             csi_name: None,
+            source: None,
         };
+        let mut fs_given = false;
         for (k, v) in opts {
             match k.as_str() {
                 "size" => {
@@ -112,7 +114,7 @@ impl DockerBackend {
                                 "option size={v:?}: {e}; accepted: a size with units such as 10GiB"
                             )
                         })?;
-                    req.size = SizeArg::Bytes(bytes);
+                    req.size = Some(SizeArg::Bytes(bytes));
                 }
                 "replicas" => {
                     // The range is the core's rule; it refuses others.
@@ -124,7 +126,17 @@ impl DockerBackend {
                     })?;
                     req.replicas = Some(n);
                 }
+                "from-snapshot" => {
+                    req.source = Some(
+                        crate::volume::CloneSource::parse_snapshot(v)
+                            .map_err(|e| format!("option from-snapshot={v:?}: {e}"))?,
+                    );
+                }
+                "from-volume" => {
+                    req.source = Some(crate::volume::CloneSource::Volume(v.clone()));
+                }
                 "fs" => {
+                    fs_given = true;
                     req.fs = match v.as_str() {
                         "ext4" => FsType::Ext4,
                         "xfs" => FsType::Xfs,
@@ -153,6 +165,12 @@ impl DockerBackend {
                     ))
                 }
             }
+        }
+        if req.source.is_some() && fs_given {
+            return Err("option fs: a clone (from-snapshot, from-volume) has its source's filesystem; leave fs out".into());
+        }
+        if req.source.is_none() && req.size.is_none() {
+            req.size = Some(SizeArg::Text("10GiB".into()));
         }
         Ok(req)
     }

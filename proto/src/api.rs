@@ -108,8 +108,11 @@ impl std::fmt::Display for SizeArg {
 pub struct VolumeCreate {
     #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     pub name: String,
-    pub size: SizeArg,
-    /// `ext4` (default), `xfs` or `none` (raw block).
+    /// Required, except for a clone (default: its source's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<SizeArg>,
+    /// `ext4` (default), `xfs` or `none` (raw block); a clone has its
+    /// source's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = fs_schema)]
     pub fs: Option<String>,
@@ -122,6 +125,14 @@ pub struct VolumeCreate {
     /// that will attach it), when it has room.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub locality: bool,
+    /// Make the volume a clone of snapshot `VOLUME@SNAPSHOT`: usable at
+    /// once, independent of its source afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+    /// Make the volume a clone of volume `VOLUME` as it is now (through a
+    /// snapshot taken for it, deleted once the clone is filled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_volume: Option<String>,
 }
 
 /// `POST /v1/volumes/{name}/attach` (body optional).
@@ -189,6 +200,22 @@ pub struct VolumeInfo {
     /// valid volume name (the CSI driver maps it to `name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csi_name: Option<String>,
+    /// Set while the volume is a clone still being filled from its
+    /// snapshot (which cannot be deleted until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<OriginInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OriginInfo {
+    /// `VOLUME@SNAPSHOT`.
+    pub snapshot: String,
+    /// Nodes whose replica still reads through to the snapshot.
+    pub filling: Vec<String>,
+    /// The answering node's filler, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
 }
 
 /// Answer of `DELETE /v1/volumes/{name}` (202) when some replica's space

@@ -8,7 +8,7 @@ use cairn_proto::api;
 
 use crate::types::FsType;
 use crate::volume::view::{PoolView, SnapshotView, VerifyView};
-use crate::volume::{CreateVolume, VolumeError, VolumeView};
+use crate::volume::{CloneSource, CreateVolume, VolumeError, VolumeView};
 
 impl TryFrom<api::VolumeCreate> for CreateVolume {
     type Error = VolumeError;
@@ -18,6 +18,21 @@ impl TryFrom<api::VolumeCreate> for CreateVolume {
             None => FsType::Ext4,
             Some(s) => s.parse::<FsType>().map_err(VolumeError::InvalidFs)?,
         };
+        let source = match (r.from_snapshot, r.from_volume) {
+            (Some(_), Some(_)) => {
+                return Err(VolumeError::InvalidSource(
+                    "give from_snapshot or from_volume, not both".into(),
+                ))
+            }
+            (Some(s), None) => Some(CloneSource::parse_snapshot(&s)?),
+            (None, Some(v)) => Some(CloneSource::Volume(v)),
+            (None, None) => None,
+        };
+        if source.is_some() && r.fs.is_some() {
+            return Err(VolumeError::InvalidSource(
+                "a clone has its source's filesystem: leave fs out".into(),
+            ));
+        }
         Ok(CreateVolume {
             name: r.name,
             size: r.size,
@@ -25,6 +40,7 @@ impl TryFrom<api::VolumeCreate> for CreateVolume {
             replicas: r.replicas,
             locality: r.locality,
             csi_name: None,
+            source,
         })
     }
 }
@@ -57,6 +73,11 @@ impl From<VolumeView> for api::VolumeInfo {
                 })
                 .collect(),
             csi_name: v.csi_name,
+            origin: v.origin.map(|o| api::OriginInfo {
+                snapshot: o.snapshot,
+                filling: o.filling,
+                progress: o.progress,
+            }),
         }
     }
 }

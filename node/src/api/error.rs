@@ -80,6 +80,7 @@ pub fn status_and_code(e: &VolumeError) -> (StatusCode, &'static str) {
         LocalStore(_) => (StatusCode::INTERNAL_SERVER_ERROR, "LocalStoreError"),
         ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "ShuttingDown"),
         InvalidSnapshotName(_) => (StatusCode::BAD_REQUEST, "InvalidName"),
+        InvalidSource(_) => (StatusCode::BAD_REQUEST, "InvalidSource"),
         SnapshotNotFound { .. } => (StatusCode::NOT_FOUND, "SnapshotNotFound"),
         SnapshotExists { .. } => (StatusCode::CONFLICT, "SnapshotExists"),
         TooManySnapshots(_) => (StatusCode::CONFLICT, "TooManySnapshots"),

@@ -61,7 +61,7 @@ fn bodies_are_strict() {
     assert!(parse_body::<VolumeCreate>(&Bytes::new()).is_err());
     let ok: VolumeCreate =
         parse_body(&Bytes::from_static(br#"{"name":"a","size":4096}"#)).expect("valid");
-    assert_eq!(ok.size, api::SizeArg::Bytes(4096));
+    assert_eq!(ok.size, Some(api::SizeArg::Bytes(4096)));
     assert!(empty_body(&Bytes::from_static(b"{}")).is_ok());
     assert!(empty_body(&Bytes::from_static(br#"{"force":true}"#)).is_err());
 }

@@ -136,12 +136,13 @@ pub enum PoolCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
-    /// Create a thin volume.
+    /// Create a thin volume, or a clone of a snapshot or volume.
     Create {
         name: String,
-        /// Size with units: 10GiB, 512MiB, 1G.
-        #[arg(long)]
-        size: String,
+        /// Size with units: 10GiB, 512MiB, 1G (a clone: at least, and by
+        /// default, its source's size).
+        #[arg(long, required_unless_present_any = ["from_snapshot", "from_volume"])]
+        size: Option<String>,
         /// Filesystem created on first mount.
         #[arg(long, value_parser = ["ext4", "xfs", "none"])]
         fs: Option<String>,
@@ -151,6 +152,14 @@ pub enum VolumeCmd {
         /// Keep one replica on the node that answers (the one that will attach it).
         #[arg(long)]
         locality: bool,
+        /// Clone snapshot VOLUME@SNAPSHOT: usable at once, independent of
+        /// the source afterwards, with the source's filesystem.
+        #[arg(long, conflicts_with_all = ["from_volume", "fs"])]
+        from_snapshot: Option<String>,
+        /// Clone volume VOLUME as it is now (through a snapshot taken for
+        /// the clone and deleted once the clone no longer needs it).
+        #[arg(long, conflicts_with = "fs")]
+        from_volume: Option<String>,
     },
     /// List volumes.
     Ls,
@@ -367,13 +376,17 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                 fs,
                 replicas,
                 locality,
+                from_snapshot,
+                from_volume,
             } => {
                 let body = api::VolumeCreate {
                     name,
-                    size: api::SizeArg::Text(size),
+                    size: size.map(api::SizeArg::Text),
                     fs,
                     replicas,
                     locality,
+                    from_snapshot,
+                    from_volume,
                 };
                 show(
                     output,
@@ -616,6 +629,19 @@ fn render_volume(v: &api::VolumeInfo) -> String {
     ];
     if let Some(c) = &v.csi_name {
         rows.insert(1, ("CSI name", c.clone()));
+    }
+    if let Some(o) = &v.origin {
+        let progress = o
+            .progress
+            .map_or(String::new(), |p| format!(", {:.0}% here", p * 100.0));
+        rows.push((
+            "Clone of",
+            format!(
+                "{} (filling on {}{progress})",
+                o.snapshot,
+                o.filling.join(", ")
+            ),
+        ));
     }
     rows.iter()
         .map(|(k, val)| format!("{k:<14}{val}"))

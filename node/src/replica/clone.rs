@@ -81,6 +81,8 @@ pub struct FillProgress {
     /// Logical extents examined so far (of `span`).
     pub done: u64,
     pub span: u64,
+    /// Extents this step copied.
+    pub copied: usize,
 }
 
 pub fn encode_origin(source: VolumeId, snapshot: SnapshotId) -> Vec<u8> {
@@ -129,6 +131,16 @@ impl LocalReplica {
     /// The clone's origin as stored (source volume, snapshot), if any.
     pub fn stored_origin(&self) -> Option<(VolumeId, SnapshotId)> {
         *self.stored_origin.lock().expect("origin lock")
+    }
+
+    /// Where the filler stands: extents examined, of how many.
+    pub fn fill_position(&self) -> (u64, u64) {
+        (self.fill_done.load(Ordering::Relaxed), self.span())
+    }
+
+    /// Whether nothing was ever stored for this replica (a new one).
+    pub fn is_fresh(&self) -> bool {
+        self.tree.iter().next().is_none()
     }
 
     /// Whether this replica still reads through to an origin.
@@ -346,13 +358,19 @@ impl LocalReplica {
             }
             e += 1;
         }
+        let mut copied = 0;
         if !batch.is_empty() {
             let _gate = self.free_gate.read().expect("free gate");
             let _g = self.alloc_lock.lock().expect("alloc lock");
-            self.fill_locked(&batch)?;
+            copied = self.fill_locked(&batch)?;
         }
+        self.fill_done.store(e, Ordering::Relaxed);
         if e < span {
-            return Ok(Some(FillProgress { done: e, span }));
+            return Ok(Some(FillProgress {
+                done: e,
+                span,
+                copied,
+            }));
         }
         self.finish_origin()?;
         let _one = self.snapshot_ops.lock().expect("snapshot ops lock");

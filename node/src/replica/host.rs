@@ -424,10 +424,55 @@ impl HostMap {
             // snapshot operation or start tries again.
             tracing::warn!(volume = %id, error = %e, "cannot free the remains of an interrupted snapshot operation yet");
         }
-        let h = self.hosted(Arc::new(rep));
+        let rep = Arc::new(rep);
+        self.wire_origin(&rep, &map)?;
+        let h = self.hosted(rep);
         map.insert(id, h.clone());
         tracing::info!(volume = %id, "created local replica");
         Ok(h)
+    }
+
+    /// Connects a clone replica to the snapshot it reads through to, on
+    /// the source replica hosted here: the one it stored, or, for a new
+    /// replica the state lists as backed here, the state's origin.
+    fn wire_origin(
+        &self,
+        rep: &Arc<LocalReplica>,
+        map: &HashMap<VolumeId, Arc<Hosted>>,
+    ) -> Result<(), ReplicaError> {
+        let wanted = {
+            let s = self.store.read();
+            s.volumes
+                .get(&rep.volume)
+                .and_then(|v| v.origin.clone())
+                .filter(|o| o.backed.contains(&self.me))
+        };
+        let source = |id: VolumeId| {
+            map.get(&id).map(|h| h.replica.clone()).ok_or_else(|| {
+                ReplicaError::Meta(format!(
+                    "clone {} reads through to volume {id}, whose replica is not hosted here",
+                    rep.volume
+                ))
+            })
+        };
+        match (rep.stored_origin(), wanted) {
+            (Some((src, _)), _) => rep.attach_origin(&source(src)?),
+            (None, Some(o)) if rep.is_fresh() => rep.init_origin(&source(o.volume)?, o.snapshot),
+            // Filled already (or never a clone here).
+            _ => Ok(()),
+        }
+    }
+
+    /// Start-up, after every listed replica was loaded: connects clones to
+    /// their origins. One that cannot be connected stays hosted and fails
+    /// every read of what it has not copied yet.
+    pub fn wire_origins(&self) {
+        let map = self.map.read().expect("host map lock");
+        for h in map.values() {
+            if let Err(e) = self.wire_origin(&h.replica, &map) {
+                tracing::error!(volume = %h.replica.volume, error = %e, "clone not connected to its origin");
+            }
+        }
     }
 
     /// Frees a replica this node no longer holds: no I/O is admitted after

@@ -146,6 +146,8 @@ pub struct LocalReplica {
     origin: RwLock<Option<clone::Origin>>,
     stored_origin: Mutex<Option<(VolumeId, layers::SnapshotId)>>,
     has_origin: AtomicBool,
+    /// Logical extents the filler has examined.
+    fill_done: AtomicU64,
     /// Snapshots clones read through to, with how many: never deleted,
     /// and the replica never destroyed, while any is pinned.
     pins: Mutex<std::collections::HashMap<layers::SnapshotId, usize>>,
@@ -227,6 +229,7 @@ impl LocalReplica {
             origin: RwLock::new(None),
             stored_origin: Mutex::new(origin),
             has_origin: AtomicBool::new(origin.is_some()),
+            fill_done: AtomicU64::new(0),
             pins: Mutex::new(Default::default()),
         };
         Ok((r, owned))

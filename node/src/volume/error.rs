@@ -16,6 +16,8 @@ pub enum VolumeError {
     InvalidSize(String),
     #[error("invalid filesystem: {0}")]
     InvalidFs(String),
+    #[error("invalid clone source: {0}")]
+    InvalidSource(String),
     #[error("invalid path: {0}")]
     InvalidPath(String),
     #[error("invalid mount options: {0}")]
@@ -129,6 +131,7 @@ impl VolumeError {
             InvalidName(_)
             | InvalidSize(_)
             | InvalidFs(_)
+            | InvalidSource(_)
             | InvalidPath(_)
             | InvalidOptions(_)
             | InvalidReplicas(_)

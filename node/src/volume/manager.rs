@@ -17,6 +17,7 @@
 //! `views` (API views, metrics text) and `nbd` (export claims).
 
 mod attach;
+mod clones;
 mod lifecycle;
 mod mounting;
 mod nbd;
@@ -122,6 +123,10 @@ pub struct VolumeManager {
     busy: Arc<Busy>,
     exports: Mutex<HashMap<VolumeId, ExportUse>>,
     pub started: Instant,
+    /// Clone replicas whose filler runs (see `clones`).
+    fillers: Arc<Mutex<std::collections::HashSet<VolumeId>>>,
+    /// Set when the daemon stops: fillers end.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Admits one operation on a volume; released on drop.
@@ -273,6 +278,7 @@ impl VolumeManager {
                 }
             }
         }
+        hosts.wire_origins();
         let unclean = hosts.note_boot(&cfg.boot_id)?;
         if unclean > 0 {
             tracing::warn!(
@@ -331,6 +337,8 @@ impl VolumeManager {
             busy: Arc::default(),
             exports: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            fillers: Arc::default(),
+            stopping: Arc::default(),
         });
         mgr.reserve_attachments(adopted);
         Ok(mgr)
@@ -555,6 +563,17 @@ impl VolumeManager {
                     volume: name.into(),
                     name: self.snapshot_name(id),
                 },
+                StateError::SnapshotBacksClone { id, clone } => VolumeError::InUse {
+                    name: name.into(),
+                    why: format!(
+                        "snapshot {:?} backs clone {:?}, which is still being filled from it; delete the snapshot once `cairn volume inspect` shows the clone filled",
+                        self.snapshot_name(id),
+                        self.store.read().volumes.get(&clone).map_or_else(|| clone.to_string(), |v| v.name.clone())
+                    ),
+                },
+                StateError::CloneTooSmall { size, min } => VolumeError::InvalidSize(format!(
+                    "a clone is at least as large as its snapshot ({min} bytes), not {size}"
+                )),
                 StateError::SnapshotInUse { id } => VolumeError::InUse {
                     name: name.into(),
                     why: format!(

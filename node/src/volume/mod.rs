@@ -26,7 +26,8 @@ use crate::types::FsType;
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
     pub name: String,
-    pub size: SizeArg,
+    /// `None`: a clone's source size (a plain volume needs one).
+    pub size: Option<SizeArg>,
     pub fs: FsType,
     /// Copies on distinct nodes (default: the daemon's `--default-replicas`).
     pub replicas: Option<u32>,
@@ -34,4 +35,31 @@ pub struct CreateVolume {
     pub locality: bool,
     /// The name a CSI CO knows the volume by, when it is not `name`.
     pub csi_name: Option<String>,
+    /// Make the volume a clone of this (its filesystem is the source's).
+    pub source: Option<CloneSource>,
+}
+
+/// What a clone is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloneSource {
+    /// Snapshot `snapshot` of volume `volume`.
+    Snapshot { volume: String, snapshot: String },
+    /// Volume `0` as it is now (a snapshot is taken for the clone and
+    /// deleted once the clone no longer needs it).
+    Volume(String),
+}
+
+impl CloneSource {
+    /// `VOL@SNAP`, as the CLI and the Docker option give it.
+    pub fn parse_snapshot(s: &str) -> Result<CloneSource, VolumeError> {
+        match s.split_once('@') {
+            Some((v, n)) if !v.is_empty() && !n.is_empty() => Ok(CloneSource::Snapshot {
+                volume: v.into(),
+                snapshot: n.into(),
+            }),
+            _ => Err(VolumeError::InvalidSnapshotName(format!(
+                "{s:?}: name a snapshot as VOLUME@SNAPSHOT"
+            ))),
+        }
+    }
 }

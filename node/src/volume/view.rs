@@ -93,6 +93,19 @@ pub struct VolumeView {
     pub created_unix_ms: u64,
     pub replicas: Vec<ReplicaView>,
     pub csi_name: Option<String>,
+    /// A clone still being filled from its snapshot.
+    pub origin: Option<OriginView>,
+}
+
+/// Where a clone that still reads through to its snapshot comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginView {
+    /// `VOLUME@SNAPSHOT`.
+    pub snapshot: String,
+    /// Names of the nodes whose replica still reads the snapshot.
+    pub filling: Vec<String>,
+    /// This node's filler: fraction of the extents examined.
+    pub progress: Option<f64>,
 }
 
 /// This node's pool.

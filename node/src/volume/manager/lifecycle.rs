@@ -23,18 +23,29 @@ impl VolumeManager {
     ) -> Result<crate::volume::VolumeView, VolumeError> {
         validate_volume_name(&req.name).map_err(VolumeError::InvalidName)?;
         let _g = self.guard(&req.name)?;
-        let size = parse_size(&req.size)?;
-        let fs = req.fs;
         let count = req.replicas.unwrap_or(self.cfg.default_replicas);
         if !(1..=MAX_REPLICAS as u32).contains(&count) {
             return Err(VolumeError::InvalidReplicas(format!(
                 "replicas={count}: a volume has 1 to {MAX_REPLICAS} replicas"
             )));
         }
+        let size = match (&req.size, &req.source) {
+            (Some(s), _) => parse_size(s)?,
+            (None, Some(_)) => 0,
+            (None, None) => {
+                return Err(VolumeError::InvalidSize(
+                    "a size is required (only a clone defaults to its source's)".into(),
+                ))
+            }
+        };
+        let fs = req.fs;
         // Placement decides on everything committed (linearizable read).
         self.sync_read()?;
         if self.store.read().volume_by_name(&req.name).is_some() {
             return Err(VolumeError::AlreadyExists(req.name.clone()));
+        }
+        if let Some(source) = &req.source {
+            return self.create_clone(req, source, count as usize, local, allowed);
         }
         let nodes = {
             let s = self.store.read();

@@ -33,6 +33,7 @@ impl VolumeManager {
             }
         }
         self.reconcile_snapshots();
+        self.run_fillers();
         self.hosts.bound_map_log(1 << 20);
         // An unclean replica (this node's kernel restarted) still counted
         // healthy beside another healthy copy is recorded faulted, so the

@@ -300,6 +300,8 @@ impl VolumeManager {
     /// crash, so a stop never fails a writer. Then every engine is flushed
     /// and the stop recorded as clean.
     pub fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         let recorded = self.local_records();
         let mut busy = Vec::new();
         for (id, rec) in &recorded {

@@ -339,7 +339,7 @@ impl VolumeManager {
         self.inspect(name)
     }
 
-    fn find_snapshot(&self, v: &Volume, name: &str) -> Result<Snapshot, VolumeError> {
+    pub(super) fn find_snapshot(&self, v: &Volume, name: &str) -> Result<Snapshot, VolumeError> {
         self.store
             .read()
             .snapshot_named(v.id, name)

@@ -81,6 +81,26 @@ impl VolumeManager {
             created_unix_ms: v.created_unix_ms,
             replicas,
             csi_name: v.csi_name.clone(),
+            origin: v.origin.as_ref().map(|o| {
+                let s = self.store.read();
+                let vol = s
+                    .volumes
+                    .get(&o.volume)
+                    .map_or_else(|| o.volume.to_string(), |x| x.name.clone());
+                let snap = s
+                    .snapshots
+                    .get(&o.snapshot)
+                    .map_or_else(|| o.snapshot.to_string(), |x| x.name.clone());
+                drop(s);
+                crate::volume::view::OriginView {
+                    snapshot: format!("{vol}@{snap}"),
+                    filling: o.backed.iter().map(|n| self.node_name(*n)).collect(),
+                    progress: self
+                        .fill_progress(v.id)
+                        .filter(|p| p.1 > 0)
+                        .map(|(d, t)| d as f64 / t as f64),
+                }
+            }),
         }
     }
 
