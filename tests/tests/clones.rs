@@ -212,3 +212,213 @@ fn a_clone_reads_as_its_snapshot_at_once_and_stays_apart_from_its_source() {
         node.pool_allocated() == 0
     });
 }
+
+/// Appends numbered, checksummed records to `path`, fsyncing each, and
+/// writes each acknowledged number to `ack`, until `stop` exists.
+const WRITER: &str = r#"
+import hashlib, os, sys
+path, ack, stop = sys.argv[1:4]
+f = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+a = open(ack, "w")
+i = 0
+while not os.path.exists(stop) and i < 1000000:
+    i += 1
+    os.write(f, ("%08d %s\n" % (i, hashlib.sha256(str(i).encode()).hexdigest())).encode())
+    os.fsync(f)
+    a.write("%d\n" % i)
+    a.flush()
+"#;
+
+fn record(i: u64) -> String {
+    let sum = sh_ok(&format!("printf %s {i} | sha256sum"));
+    format!("{i:08} {}", sum.split_whitespace().next().unwrap())
+}
+
+struct Writer {
+    child: std::process::Child,
+    stop: std::path::PathBuf,
+    ack: std::path::PathBuf,
+}
+
+impl Writer {
+    fn acked(&self) -> u64 {
+        std::fs::read_to_string(&self.ack)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .last()
+            .unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_clone_of_a_snapshot_taken_under_fsyncing_writes_holds_every_acknowledged_record() {
+    let nodes = cluster("clone3", 3, 77);
+    let (n0, n1, n2) = (&nodes[0], &nodes[1], &nodes[2]);
+    n0.cli_ok(&[
+        "volume",
+        "create",
+        "db",
+        "--size",
+        "256MiB",
+        "--replicas",
+        "3",
+    ]);
+    let m = n0.path("db").to_string_lossy().into_owned();
+    n0.cli_ok(&["volume", "mount", "db", &m]);
+    let script = n0.path("writer.py");
+    std::fs::write(&script, WRITER).unwrap();
+    let mut w = Writer {
+        child: std::process::Command::new("python3")
+            .arg(&script)
+            .arg(format!("{m}/log"))
+            .arg(n0.path("ack"))
+            .arg(n0.path("stop"))
+            .spawn()
+            .unwrap(),
+        stop: n0.path("stop"),
+        ack: n0.path("ack"),
+    };
+    wait_for("records written", Duration::from_secs(30), || {
+        w.acked() >= 200
+    });
+    // Every record acknowledged before the call began is in the snapshot.
+    let before = w.acked();
+    let (st, s) = n1.api(
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(&json!({"name": "mid"})),
+    );
+    assert_eq!(st, 201, "{s}");
+    let after_call = w.acked();
+    wait_for("more records", Duration::from_secs(30), || {
+        w.acked() >= after_call + 100
+    });
+    w.stop();
+    n0.cli_ok(&["volume", "unmount", "db", &m]);
+
+    // Cloned from n2 with every replica reading through (all hold it).
+    n2.cli_ok(&[
+        "volume",
+        "create",
+        "c",
+        "--from-snapshot",
+        "db@mid",
+        "--replicas",
+        "3",
+    ]);
+    let c = n2.inspect("c");
+    assert_eq!(c["origin"]["filling"].as_array().unwrap().len(), 3, "{c}");
+    let dev = n2.cli_ok(&["volume", "attach", "c"]).trim().to_string();
+    sh_ok(&format!("fsck.ext4 -n {dev}"));
+    n2.cli_ok(&["volume", "detach", "c"]);
+    let m2 = n2.path("c").to_string_lossy().into_owned();
+    n2.cli_ok(&["volume", "mount", "c", &m2]);
+    let log = std::fs::read_to_string(format!("{m2}/log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    println!(
+        "acknowledged before the call: {before}, when it returned: {after_call}; in the clone: {}",
+        lines.len()
+    );
+    assert!(log.ends_with('\n'), "a torn record");
+    assert!(
+        lines.len() as u64 >= before,
+        "{} records, {before} acknowledged before the snapshot",
+        lines.len()
+    );
+    for (i, l) in lines.iter().enumerate() {
+        if i < 3 || i + 3 > lines.len() || i % 97 == 0 {
+            assert_eq!(*l, record(i as u64 + 1), "record {}", i + 1);
+        } else {
+            assert!(
+                l.starts_with(&format!("{:08} ", i + 1)),
+                "record {}: {l}",
+                i + 1
+            );
+        }
+    }
+    // Independent: what the clone writes is not in the source.
+    sh_ok(&format!("echo clone > {m2}/mine && sync"));
+    n2.cli_ok(&["volume", "unmount", "c", &m2]);
+    n0.cli_ok(&["volume", "mount", "db", &m]);
+    assert!(!std::path::Path::new(&format!("{m}/mine")).exists());
+    let src_lines = std::fs::read_to_string(format!("{m}/log"))
+        .unwrap()
+        .lines()
+        .count() as u64;
+    assert!(src_lines >= after_call + 100, "the source kept writing");
+    n0.cli_ok(&["volume", "unmount", "db", &m]);
+
+    // A one-replica source cloned with three: the two replicas on nodes
+    // without the snapshot are rebuilt from the one that reads through.
+    n0.cli_ok(&[
+        "volume",
+        "create",
+        "one",
+        "--size",
+        "128MiB",
+        "--fs",
+        "none",
+        "--replicas",
+        "1",
+        "--locality",
+    ]);
+    let odev = n0.cli_ok(&["volume", "attach", "one"]).trim().to_string();
+    write(&odev, 0, 32);
+    write(&odev, 100, 8);
+    n0.cli_ok(&["snapshot", "create", "one", "s"]);
+    let want = sha(&odev, 128);
+    write(&odev, 0, 4);
+    n0.cli_ok(&["volume", "detach", "one"]);
+    n1.cli_ok(&[
+        "volume",
+        "create",
+        "c1",
+        "--from-snapshot",
+        "one@s",
+        "--replicas",
+        "3",
+    ]);
+    let states = replica_states(n1, "c1");
+    assert_eq!(states.len(), 3);
+    assert_eq!(
+        states.iter().filter(|(_, s)| s == "healthy").count(),
+        1,
+        "only the replica beside the snapshot is healthy at first: {states:?}"
+    );
+    // Served at once from n2, which holds no copy yet.
+    let cdev = n2.cli_ok(&["volume", "attach", "c1"]).trim().to_string();
+    assert_eq!(sha(&cdev, 128), want);
+    wait_for(
+        "all replicas of the clone healthy",
+        Duration::from_secs(90),
+        || replica_states(n1, "c1").iter().all(|(_, s)| s == "healthy"),
+    );
+    wait_for("the clone filled", Duration::from_secs(60), || {
+        !filling(n1, "c1")
+    });
+    let report: Value =
+        serde_json::from_str(&n2.cli_ok(&["-o", "json", "volume", "verify", "c1"])).unwrap();
+    assert_eq!(report["replicas_compared"], 3, "{report}");
+    assert!(
+        report["mismatched_extents"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert_eq!(sha(&cdev, 128), want);
+    n2.cli_ok(&["volume", "detach", "c1"]);
+    n0.cli_ok(&["snapshot", "rm", "one@s"]);
+    n0.cli_ok(&["snapshot", "rm", "db@mid"]);
+}
