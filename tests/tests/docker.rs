@@ -471,3 +471,71 @@ fn a_daemon_crash_keeps_running_containers_working() {
         "a mount reference leaked"
     );
 }
+
+#[test]
+fn a_volume_created_from_a_snapshot_holds_the_snapshots_data_in_a_container() {
+    let _one = serial();
+    let (node, driver, mut things) = setup("dkc");
+    let vol = things.volume(&driver, "src", "256MiB");
+    let image = things.image.clone();
+    let run = |vol: &str, cmd: &str| {
+        let mount = format!("{vol}:/data");
+        docker_ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            &mount,
+            &image,
+            "sh",
+            "-c",
+            cmd,
+        ])
+    };
+    run(&vol, "echo before > /data/x && sync");
+    node.cli_ok(&["snapshot", "create", &vol, "s"]);
+    run(&vol, "echo after > /data/x && sync");
+
+    let from_snap = format!("{driver}-fromsnap");
+    things.volumes.push(from_snap.clone());
+    let opt = format!("from-snapshot={vol}@s");
+    docker_ok(&["volume", "create", "-d", &driver, "--opt", &opt, &from_snap]);
+    assert_eq!(run(&from_snap, "cat /data/x").trim(), "before");
+    let from_vol = format!("{driver}-fromvol");
+    things.volumes.push(from_vol.clone());
+    let opt = format!("from-volume={vol}");
+    docker_ok(&["volume", "create", "-d", &driver, "--opt", &opt, &from_vol]);
+    assert_eq!(run(&from_vol, "cat /data/x").trim(), "after");
+    // Each is its own volume.
+    run(&from_snap, "echo clone > /data/x && sync");
+    assert_eq!(run(&vol, "cat /data/x").trim(), "after");
+    assert_eq!(run(&from_snap, "cat /data/x").trim(), "clone");
+
+    // Bad options: a clear error, no volume.
+    let before = names(&node);
+    for (opt, expect) in [
+        (format!("from-snapshot={vol}"), "VOLUME@SNAPSHOT"),
+        (format!("from-snapshot={vol}@nope"), "nope"),
+        ("from-volume=nope".to_string(), "nope"),
+    ] {
+        let name = format!("{driver}-bad");
+        let err = docker_err(&["volume", "create", "-d", &driver, "--opt", &opt, &name]);
+        assert!(err.contains(expect), "--opt {opt}: {err}");
+        assert_eq!(names(&node), before, "--opt {opt} changed the volume list");
+    }
+    let name = format!("{driver}-bad");
+    let opt = format!("from-snapshot={vol}@s");
+    let err = docker_err(&[
+        "volume", "create", "-d", &driver, "--opt", &opt, "--opt", "fs=xfs", &name,
+    ]);
+    assert!(err.contains("filesystem"), "{err}");
+    wait_for("the clones filled", Duration::from_secs(60), || {
+        [&from_snap, &from_vol]
+            .iter()
+            .all(|v| node.inspect(v)["origin"].is_null())
+    });
+    things.rm_volume(&from_snap);
+    things.rm_volume(&from_vol);
+    node.cli_ok(&["snapshot", "rm", &format!("{vol}@s")]);
+}
