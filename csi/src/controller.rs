@@ -10,6 +10,7 @@ use crate::pb::controller_service_capability::{rpc, Rpc, Type};
 use crate::pb::validate_volume_capabilities_response::Confirmed;
 use crate::pb::*;
 use crate::rules::{self, Params, Wanted};
+use crate::snapshots;
 use crate::{required, CreateSpec, Driver, Error, VolumeFacts};
 
 /// Page tokens are `TOKEN_PREFIX` + the name of the next volume.
@@ -20,7 +21,7 @@ fn volume_message(v: &VolumeFacts) -> Volume {
         capacity_bytes: v.size_bytes as i64,
         volume_id: v.name.clone(),
         volume_context: HashMap::new(),
-        content_source: None,
+        content_source: v.source.as_ref().map(snapshots::source_message),
         accessible_topology: Vec::new(),
     }
 }
@@ -46,7 +47,9 @@ fn create_conflict(
     wanted: &Wanted,
     fs: &str,
     replicas: u32,
+    source: Option<&crate::Source>,
 ) -> Option<String> {
+    let source = source.cloned();
     if !rules::fits(v.size_bytes, req.capacity_range.as_ref()) {
         return Some(format!(
             "it has {} bytes, outside the requested capacity range",
@@ -61,6 +64,12 @@ fn create_conflict(
     }
     if v.replicas != replicas {
         return Some(format!("it has {} replica(s), not {replicas}", v.replicas));
+    }
+    if v.source != source {
+        return Some(match &v.source {
+            None => "it was not made from a content source".into(),
+            Some(s) => format!("it was made from another content source ({s:?})"),
+        });
     }
     None
 }
@@ -102,12 +111,7 @@ impl Controller for Driver {
             )
             .into());
         }
-        if req.volume_content_source.is_some() {
-            return Err(Error::InvalidArgument(
-                "volume_content_source is not supported (no snapshots or clones)".into(),
-            )
-            .into());
-        }
+        let source = snapshots::source_of(req.volume_content_source.as_ref())?;
         if !req.mutable_parameters.is_empty() {
             return Err(Error::InvalidArgument(
                 "mutable_parameters are not supported (MODIFY_VOLUME is not offered)".into(),
@@ -156,7 +160,8 @@ impl Controller for Driver {
                             "volume id {name:?} belongs to the CSI name {owner:?}, not {csi_name:?}"
                         )));
                     }
-                    return match create_conflict(&v, &req2, &wanted, &fs, replicas) {
+                    let fs = if source.is_some() { v.fs.clone() } else { fs };
+                    return match create_conflict(&v, &req2, &wanted, &fs, replicas, source.as_ref()) {
                         Some(why) => Err(Error::AlreadyExists(format!(
                             "volume {name:?} exists with other parameters: {why}"
                         ))),
@@ -198,10 +203,31 @@ impl Controller for Driver {
                         })
                     })
                     .flatten();
+                let mut size = size;
+                if let Some(s) = &source {
+                    // A clone has its source's filesystem and at least its size.
+                    let (min, src_fs) = snapshots::source_facts(b, s)?;
+                    if wanted.block != (src_fs == "none") || (!wanted.block && !wanted.fs.is_empty() && wanted.fs != src_fs) {
+                        return Err(Error::InvalidArgument(format!(
+                            "the content source holds {src_fs}; the volume capability asks for {}",
+                            if wanted.block { "a raw block volume".to_string() } else { wanted.fs.clone() }
+                        )));
+                    }
+                    if size < min {
+                        let limit = req2.capacity_range.as_ref().map_or(0, |r| r.limit_bytes);
+                        if limit > 0 && (limit as u64) < min {
+                            return Err(Error::OutOfRange(format!(
+                                "the content source has {min} bytes, more than the capacity limit of {limit}"
+                            )));
+                        }
+                        size = min;
+                    }
+                }
                 b.create(&CreateSpec {
                     name: name.clone(),
                     csi_name: (csi_name != name).then(|| csi_name.clone()),
                     size_bytes: size,
+                    source: source.clone(),
                     fs: fs.clone(),
                     replicas: Some(replicas),
                     allowed_nodes: allowed,
@@ -493,6 +519,9 @@ impl Controller for Driver {
             T::VolumeCondition,
             T::GetVolume,
             T::SingleNodeMultiWriter,
+            T::CreateDeleteSnapshot,
+            T::ListSnapshots,
+            T::CloneVolume,
         ];
         Ok(Response::new(ControllerGetCapabilitiesResponse {
             capabilities: caps
@@ -506,23 +535,42 @@ impl Controller for Driver {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let req = request.into_inner();
+        let volume = required("source_volume_id", &req.source_volume_id)?.to_string();
+        let name = required("name", &req.name)?.to_string();
+        snapshots::check_parameters(&req.parameters)?;
+        let s = self
+            .exclusive(&volume.clone(), move |b| {
+                snapshots::create(b, &volume, &name)
+            })
+            .await?;
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(snapshots::message(&s)),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let id = required("snapshot_id", &request.get_ref().snapshot_id)?;
+        // An id this driver never issued names no snapshot: deleted.
+        if let Some((volume, name)) = snapshots::parse_id(id) {
+            self.exclusive(&volume.clone(), move |b| b.snapshot_delete(&volume, &name))
+                .await?;
+        }
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let req = request.into_inner();
+        let page = self.call(move |b| snapshots::list(b, &req)).await?;
+        Ok(Response::new(page))
     }
 
     async fn get_snapshot(

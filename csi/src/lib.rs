@@ -19,6 +19,7 @@ mod controller;
 mod identity;
 mod node;
 mod rules;
+mod snapshots;
 
 /// Generated from `proto/csi.proto` (package `csi.v1`).
 pub mod pb {
@@ -89,9 +90,36 @@ pub struct NodeFacts {
     pub free_bytes: u64,
 }
 
+/// What a volume is made from (CSI's volume content source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Snapshot `name` of volume `volume` (CSI snapshot id `volume@name`).
+    Snapshot { volume: String, name: String },
+    /// A volume as it was when the clone was made.
+    Volume(String),
+}
+
+/// A snapshot as the CSI driver sees it; its CSI id is `volume@name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFacts {
+    pub volume: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub created_unix_ms: u64,
+    pub ready: bool,
+}
+
+impl SnapshotFacts {
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.volume, self.name)
+    }
+}
+
 /// A volume as the CSI driver sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeFacts {
+    /// What it was made from.
+    pub source: Option<Source>,
     pub name: String,
     /// The CO's name it was created by, when not `name`.
     pub csi_name: Option<String>,
@@ -132,6 +160,8 @@ pub struct CreateSpec {
     pub size_bytes: u64,
     pub fs: String,
     pub replicas: Option<u32>,
+    /// Make it a clone of this (its size at least the source's).
+    pub source: Option<Source>,
     /// Replicas only on these nodes (topology requisites); `None`: any.
     pub allowed_nodes: Option<Vec<String>>,
     /// One replica on this node when it has room (locality).
@@ -237,6 +267,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes this node's view (engine, device, filesystem at `path`) match
     /// the volume's recorded size; returns that size.
     fn expand_on_node(&self, name: &str, path: &Path) -> Result<u64, Error>;
+
+    /// Whether `name` is a valid snapshot name of the core.
+    fn valid_snapshot_name(&self, name: &str) -> bool;
+    /// Takes snapshot `name` of `volume` (a mounted filesystem frozen
+    /// around it); returns it once ready.
+    fn snapshot_create(&self, volume: &str, name: &str) -> Result<SnapshotFacts, Error>;
+    /// Every snapshot, in any order.
+    fn snapshots(&self) -> Result<Vec<SnapshotFacts>, Error>;
+    /// Deletes a snapshot; Ok when it does not exist.
+    fn snapshot_delete(&self, volume: &str, name: &str) -> Result<(), Error>;
 }
 
 /// Shared by the three services.

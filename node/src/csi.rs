@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cairn_csi::{
-    Backend, CreateSpec, Error, NodeFacts, Publish, SizeRules, Stage, Usage, VolumeFacts,
+    Backend, CreateSpec, Error, NodeFacts, Publish, SizeRules, SnapshotFacts, Source, Stage, Usage,
+    VolumeFacts,
 };
 use cairn_proto::api::SizeArg;
 
@@ -19,7 +20,7 @@ use crate::engine::EngineError;
 use crate::replica::ReplicaError;
 use crate::types::{NodeId, MAX_VOLUME_SIZE, SIZE_ALIGN};
 use crate::volume::{
-    CreateVolume, PublishSpec, ReplicaCondition, StageSpec, VolumeError, VolumeManager,
+    CloneSource, CreateVolume, PublishSpec, ReplicaCondition, StageSpec, VolumeError, VolumeManager,
 };
 
 /// Size of a volume created without a capacity range.
@@ -144,7 +145,22 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
             v.wanted()
         ));
     }
+    let source = v.origin.as_ref().map(|o| {
+        let volume = state
+            .volumes
+            .get(&o.volume)
+            .map_or_else(|| o.volume.to_string(), |x| x.name.clone());
+        if o.implicit {
+            return Source::Volume(volume);
+        }
+        let name = state
+            .snapshots
+            .get(&o.snapshot)
+            .map_or_else(|| o.snapshot.to_string(), |x| x.name.clone());
+        Source::Snapshot { volume, name }
+    });
     VolumeFacts {
+        source,
         name: v.name.clone(),
         csi_name: v.csi_name.clone(),
         size_bytes: v.size_bytes,
@@ -157,6 +173,16 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
             r
         },
         problem: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
+}
+
+fn snapshot_facts(s: &crate::volume::view::SnapshotView) -> SnapshotFacts {
+    SnapshotFacts {
+        volume: s.volume.clone(),
+        name: s.name.clone(),
+        size_bytes: s.size_bytes,
+        created_unix_ms: s.created_unix_ms,
+        ready: s.ready,
     }
 }
 
@@ -244,6 +270,13 @@ impl Backend for CsiBackend {
         let req = CreateVolume {
             name: spec.name.clone(),
             size: Some(SizeArg::Bytes(spec.size_bytes)),
+            source: spec.source.as_ref().map(|s| match s {
+                Source::Snapshot { volume, name } => CloneSource::Snapshot {
+                    volume: volume.clone(),
+                    snapshot: name.clone(),
+                },
+                Source::Volume(v) => CloneSource::Volume(v.clone()),
+            }),
             fs: spec
                 .fs
                 .parse()
@@ -251,7 +284,6 @@ impl Backend for CsiBackend {
             replicas: spec.replicas,
             locality: false,
             csi_name: spec.csi_name.clone(),
-            source: None,
         };
         self.mgr
             .create_placed(&req, local, allowed.as_deref())
@@ -363,5 +395,32 @@ impl Backend for CsiBackend {
         let size = self.mgr.inspect(name).map_err(map)?.size_bytes;
         let info = self.mgr.resize(name, &SizeArg::Bytes(size)).map_err(map)?;
         Ok(info.size_bytes)
+    }
+
+    fn valid_snapshot_name(&self, name: &str) -> bool {
+        crate::types::validate_snapshot_name(name).is_ok()
+    }
+
+    fn snapshot_create(&self, volume: &str, name: &str) -> Result<SnapshotFacts, Error> {
+        let s = self.mgr.snapshot_create(volume, name, true).map_err(map)?;
+        Ok(snapshot_facts(&s))
+    }
+
+    fn snapshots(&self) -> Result<Vec<SnapshotFacts>, Error> {
+        self.mgr.sync_read().map_err(map)?;
+        Ok(self
+            .mgr
+            .snapshot_list(None)
+            .map_err(map)?
+            .iter()
+            .map(snapshot_facts)
+            .collect())
+    }
+
+    fn snapshot_delete(&self, volume: &str, name: &str) -> Result<(), Error> {
+        match self.mgr.snapshot_delete(volume, name) {
+            Ok(_) | Err(VolumeError::NotFound(_) | VolumeError::SnapshotNotFound { .. }) => Ok(()),
+            Err(e) => Err(map(e)),
+        }
     }
 }

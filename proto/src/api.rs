@@ -200,8 +200,8 @@ pub struct VolumeInfo {
     /// valid volume name (the CSI driver maps it to `name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csi_name: Option<String>,
-    /// Set while the volume is a clone still being filled from its
-    /// snapshot (which cannot be deleted until then).
+    /// Set for a clone: what it was made from, and the nodes still
+    /// filling it from the snapshot (which cannot be deleted until then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<OriginInfo>,
 }
@@ -211,7 +211,8 @@ pub struct VolumeInfo {
 pub struct OriginInfo {
     /// `VOLUME@SNAPSHOT`.
     pub snapshot: String,
-    /// Nodes whose replica still reads through to the snapshot.
+    /// Nodes whose replica still reads through to the snapshot (empty:
+    /// the clone is independent).
     pub filling: Vec<String>,
     /// The answering node's filler, 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,7 +33,8 @@ fn create(n: &TestNode, body: Value) -> (u16, Value) {
 }
 
 fn filling(n: &TestNode, volume: &str) -> bool {
-    !n.inspect(volume)["origin"].is_null()
+    let v = n.inspect(volume);
+    !v["origin"]["filling"].as_array().unwrap().is_empty()
 }
 
 #[test]

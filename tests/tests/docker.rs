@@ -533,7 +533,7 @@ fn a_volume_created_from_a_snapshot_holds_the_snapshots_data_in_a_container() {
     wait_for("the clones filled", Duration::from_secs(60), || {
         [&from_snap, &from_vol]
             .iter()
-            .all(|v| node.inspect(v)["origin"].is_null())
+            .all(|v| node.inspect(v)["origin"]["filling"] == serde_json::json!([]))
     });
     things.rm_volume(&from_snap);
     things.rm_volume(&from_vol);

@@ -91,14 +91,14 @@ pub struct Volume {
     /// until a revert finishes (every replica's head equals the snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverting: Option<Reverting>,
-    /// A clone whose replicas on `origin.backed` still read through to
-    /// the snapshot it was made from (see `replica::clone`).
+    /// What a clone was made from; its replicas on `origin.backed` still
+    /// read through to the snapshot (see `replica::clone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
 }
 
-/// Where a clone comes from, while some of its replicas read through to
-/// it: the snapshot can be deleted only once every one was filled.
+/// Where a clone comes from. While some of its replicas read through to
+/// the snapshot (`backed`), the snapshot is not deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Origin {
@@ -762,7 +762,9 @@ impl ClusterState {
                     return Err(StateError::HasSnapshots { id: *id, count });
                 }
                 if let Some(o) = self.volumes.remove(id).and_then(|v| v.origin) {
-                    self.release_origin(&o);
+                    if !o.backed.is_empty() {
+                        self.release_origin(&o);
+                    }
                 }
             }
             Command::Attach { id, node, force } => {

@@ -93,11 +93,11 @@ pub struct VolumeView {
     pub created_unix_ms: u64,
     pub replicas: Vec<ReplicaView>,
     pub csi_name: Option<String>,
-    /// A clone still being filled from its snapshot.
+    /// What a clone was made from, and where it is still being filled.
     pub origin: Option<OriginView>,
 }
 
-/// Where a clone that still reads through to its snapshot comes from.
+/// Where a clone comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OriginView {
     /// `VOLUME@SNAPSHOT`.

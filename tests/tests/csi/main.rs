@@ -270,3 +270,4 @@ mod doors;
 mod errors;
 mod lifecycle;
 mod restart;
+mod snapshots;

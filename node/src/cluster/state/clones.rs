@@ -92,7 +92,11 @@ impl ClusterState {
     pub(super) fn clone_of(&self, id: SnapshotId) -> Option<VolumeId> {
         self.volumes
             .values()
-            .find(|v| v.origin.as_ref().is_some_and(|o| o.snapshot == id))
+            .find(|v| {
+                v.origin
+                    .as_ref()
+                    .is_some_and(|o| o.snapshot == id && !o.backed.is_empty())
+            })
             .map(|v| v.id)
     }
 
@@ -127,15 +131,15 @@ impl ClusterState {
         let Some(o) = v.origin.as_mut() else {
             return;
         };
-        o.backed.remove(&node);
-        if o.backed.is_empty() {
-            let o = v.origin.take().expect("checked");
+        if o.backed.remove(&node) && o.backed.is_empty() {
+            let o = o.clone();
             self.release_origin(&o);
         }
     }
 
-    /// Forgets an origin no replica reads any more: a snapshot taken only
-    /// for the clone goes too (its replicas free it when they see it gone).
+    /// An origin no replica reads any more (the record stays, naming what
+    /// the clone was made from): a snapshot taken only for the clone goes
+    /// (its replicas free it when they see it gone).
     pub(super) fn release_origin(&mut self, o: &Origin) {
         if o.implicit && self.clone_of(o.snapshot).is_none() {
             self.snapshots.remove(&o.snapshot);

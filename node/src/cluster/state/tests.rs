@@ -755,7 +755,8 @@ fn a_clone_is_healthy_where_it_reads_through_and_guards_its_origin_until_filled(
         s.apply(&Command::CloneFilled { id: c, node: me })
             .expect("filled");
     }
-    assert_eq!(s.volumes[&c].origin, None);
+    let o = s.volumes[&c].origin.as_ref().unwrap();
+    assert!(o.backed.is_empty() && o.snapshot == snap, "{o:?}");
     s.apply(&Command::DeleteSnapshot { id: snap })
         .expect("delete");
     // A snapshot taken for a clone goes with the clone's origin.
