@@ -247,7 +247,7 @@ impl Writer {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0)
     }
 
