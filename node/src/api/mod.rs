@@ -213,7 +213,8 @@ async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Json<Vec<api::Volu
     responses(
         (status = 201, description = "Created", body = api::VolumeInfo),
         (status = 400, description = "Invalid request", body = api::ErrorBody),
-        (status = 409, description = "Conflict (in use, attached elsewhere, fenced, exists)", body = api::ErrorBody),
+        (status = 404, description = "A clone's source volume or snapshot does not exist", body = api::ErrorBody),
+        (status = 409, description = "Conflict (in use, attached elsewhere, fenced, exists, source snapshot not ready)", body = api::ErrorBody),
         (status = 500, description = "Internal error", body = api::ErrorBody),
         (status = 503, description = "Cluster metadata unavailable (no quorum) or shutting down", body = api::ErrorBody),
         (status = 507, description = "The pool is full", body = api::ErrorBody)
