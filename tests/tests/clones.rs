@@ -115,12 +115,6 @@ fn a_clone_reads_as_its_snapshot_at_once_and_stays_apart_from_its_source() {
     let c: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(c["size_bytes"], 1u64 << 30, "{c}");
     assert_eq!(c["origin"]["snapshot"], "v@s1", "{c}");
-    let cdev = node.cli_ok(&["volume", "attach", "c"]).trim().to_string();
-    assert_eq!(
-        sha(&cdev, 1024),
-        at_snapshot,
-        "the clone reads as the snapshot"
-    );
     assert!(filling(&node, "c"), "80 MiB at 4 MiB/s is not copied yet");
     let table = node.cli_ok(&["volume", "inspect", "c"]);
     assert!(
@@ -140,6 +134,12 @@ fn a_clone_reads_as_its_snapshot_at_once_and_stays_apart_from_its_source() {
         "{e}"
     );
 
+    let cdev = node.cli_ok(&["volume", "attach", "c"]).trim().to_string();
+    assert_eq!(
+        sha(&cdev, 1024),
+        at_snapshot,
+        "the clone reads as the snapshot"
+    );
     // Writes to either stay in their own volume.
     write(&cdev, 700, 4);
     let clone_after = sha(&cdev, 1024);
@@ -161,6 +161,7 @@ fn a_clone_reads_as_its_snapshot_at_once_and_stays_apart_from_its_source() {
         "2GiB",
     ]);
     assert_eq!(node.inspect("c2")["size_bytes"], 2u64 << 30);
+    assert!(filling(&node, "c2"), "not filled before the SIGKILL");
     node.kill9();
     node.restart();
     let c2dev = node.cli_ok(&["volume", "attach", "c2"]).trim().to_string();

@@ -56,6 +56,45 @@ const SCRATCH_LAYER: LayerId = u64::MAX - 1;
 /// Extents one fill step copies before one sync.
 pub const FILL_BATCH: usize = 8;
 
+/// Snapshots clones read through to, and what no clone may pin any more.
+#[derive(Default)]
+pub struct Pins {
+    count: std::collections::HashMap<SnapshotId, usize>,
+    /// Snapshots being deleted.
+    deleting: std::collections::HashSet<SnapshotId>,
+    /// The replica is being destroyed.
+    destroying: bool,
+}
+
+impl Pins {
+    /// Marks `id` as being deleted unless a clone pins it.
+    pub fn begin_delete(&mut self, id: SnapshotId) -> bool {
+        if self.count.contains_key(&id) {
+            return false;
+        }
+        self.deleting.insert(id);
+        true
+    }
+
+    pub fn end_delete(&mut self, id: SnapshotId) {
+        self.deleting.remove(&id);
+    }
+
+    /// Marks the replica as being destroyed unless a clone pins any of
+    /// its snapshots; returns a pinned one otherwise.
+    pub fn begin_destroy(&mut self) -> Result<(), SnapshotId> {
+        if let Some(id) = self.count.keys().next() {
+            return Err(*id);
+        }
+        self.destroying = true;
+        Ok(())
+    }
+
+    pub fn end_destroy(&mut self) {
+        self.destroying = false;
+    }
+}
+
 /// The snapshot a clone replica reads through to; unpins it when dropped.
 pub struct Origin {
     pub source: Arc<LocalReplica>,
@@ -66,10 +105,10 @@ pub struct Origin {
 impl Drop for Origin {
     fn drop(&mut self) {
         let mut pins = self.source.pins.lock().expect("pins lock");
-        if let Some(n) = pins.get_mut(&self.snapshot) {
+        if let Some(n) = pins.count.get_mut(&self.snapshot) {
             *n -= 1;
             if *n == 0 {
-                pins.remove(&self.snapshot);
+                pins.count.remove(&self.snapshot);
             }
         }
     }
@@ -110,12 +149,19 @@ pub fn decode_origin(b: &[u8]) -> Result<(VolumeId, SnapshotId), String> {
 
 impl LocalReplica {
     /// Pins snapshot `id` for a clone reading through to it: refused when
-    /// this replica does not hold it.
+    /// this replica does not hold it, is deleting it or being destroyed.
+    /// Never waits for a snapshot operation (a deletion marks itself).
     fn pin(self: &Arc<Self>, id: SnapshotId) -> Result<Origin, ReplicaError> {
-        // Not while a deletion of it runs.
-        let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
+        let mut pins = self.pins.lock().expect("pins lock");
         let layer = self.layer(id)?;
-        *self.pins.lock().expect("pins lock").entry(id).or_insert(0) += 1;
+        if pins.destroying || pins.deleting.contains(&id) {
+            return Err(ReplicaError::NoSnapshot {
+                volume: self.volume,
+                snapshot: id,
+            });
+        }
+        *pins.count.entry(id).or_insert(0) += 1;
+        drop(pins);
         Ok(Origin {
             source: self.clone(),
             snapshot: id,
@@ -125,7 +171,7 @@ impl LocalReplica {
 
     /// Whether snapshot `id` backs a clone being filled here.
     pub fn is_pinned(&self, id: SnapshotId) -> bool {
-        self.pins.lock().expect("pins lock").contains_key(&id)
+        self.pins.lock().expect("pins lock").count.contains_key(&id)
     }
 
     /// The clone's origin as stored (source volume, snapshot), if any.
@@ -253,6 +299,9 @@ impl LocalReplica {
         if !self.has_origin() {
             return Ok(0);
         }
+        if self.origin.read().expect("origin lock").is_none() {
+            return Err(self.origin_missing());
+        }
         let todo: Vec<u64> = extents
             .iter()
             .copied()
@@ -309,12 +358,17 @@ impl LocalReplica {
                 };
                 batch.remove(layers::key(SCRATCH_LAYER, e));
                 batch.insert(layers::key(target, e), layers::value(&v));
+            }
+            // In sled before the log, as every map change: a commit between
+            // the two makes the batch durable, and the records replay it.
+            self.tree.apply_batch(batch).map_err(meta_err)?;
+            for &(e, addr) in &copies {
                 self.meta
                     .log_unmap(self.volume, SCRATCH_LAYER, e)
                     .and_then(|_| self.meta.log_map(self.volume, target, e, addr.pack()))
                     .map_err(|err| ReplicaError::Meta(format!("extent map log: {err}")))?;
             }
-            self.tree.apply_batch(batch).map_err(meta_err)
+            Ok(())
         })();
         if let Err(err) = r {
             // Written or not, they are zeroed and freed by the next settle
@@ -347,6 +401,13 @@ impl LocalReplica {
             match origin.as_ref() {
                 Some(o) => o.source.span(),
                 None if self.has_origin() => return Err(self.origin_missing()),
+                // A new replica that never became a clone is not filled.
+                None if self.is_fresh() => {
+                    return Err(ReplicaError::Meta(format!(
+                        "replica {} was never made a clone of its origin",
+                        self.volume
+                    )))
+                }
                 None => return Ok(None),
             }
         };
@@ -415,6 +476,7 @@ impl LocalReplica {
 
     /// Drops the origin of a replica being destroyed.
     pub(super) fn drop_origin(&self) {
+        self.has_origin.store(false, Ordering::Release);
         self.origin.write().expect("origin lock").take();
     }
 }

@@ -464,14 +464,26 @@ impl HostMap {
     }
 
     /// Start-up, after every listed replica was loaded: connects clones to
-    /// their origins. One that cannot be connected stays hosted and fails
-    /// every read of what it has not copied yet.
+    /// their origins. One whose stored origin cannot be connected stays
+    /// hosted and fails every read of what it has not copied yet.
+    /// A new one that could not become a clone is not hosted (its I/O
+    /// fails, so the engine faults it, and the next creation tries again).
     pub fn wire_origins(&self) {
-        let map = self.map.read().expect("host map lock");
-        for h in map.values() {
-            if let Err(e) = self.wire_origin(&h.replica, &map) {
-                tracing::error!(volume = %h.replica.volume, error = %e, "clone not connected to its origin");
+        let mut unhost = Vec::new();
+        {
+            let map = self.map.read().expect("host map lock");
+            for h in map.values() {
+                if let Err(e) = self.wire_origin(&h.replica, &map) {
+                    tracing::error!(volume = %h.replica.volume, error = %e, "clone not connected to its origin");
+                    if h.replica.stored_origin().is_none() {
+                        unhost.push(h.replica.volume);
+                    }
+                }
             }
+        }
+        let mut map = self.map.write().expect("host map lock");
+        for id in unhost {
+            map.remove(&id);
         }
     }
 

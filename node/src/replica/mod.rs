@@ -150,7 +150,7 @@ pub struct LocalReplica {
     fill_done: AtomicU64,
     /// Snapshots clones read through to, with how many: never deleted,
     /// and the replica never destroyed, while any is pinned.
-    pins: Mutex<std::collections::HashMap<layers::SnapshotId, usize>>,
+    pins: Mutex<clone::Pins>,
 }
 
 /// What a write does in one extent: the extent to write and whether it is
@@ -503,19 +503,19 @@ impl LocalReplica {
             let dst = &mut buf[range];
             let first = (within / BLOCK) as u32;
             let count = (dst.len() as u64 / BLOCK) as u32;
-            let whole = {
+            let (whole, through) = {
                 let l = self.layers.read().expect("layers lock");
                 let whole = l.whole(logical, at);
                 if whole.is_none() {
                     l.resolve(logical, at, first, count, &mut runs);
                 }
-                whole
+                // Decided under the same lock as `whole`: a copy stored
+                // after it reads as the origin does anyway.
+                let through = whole == Some(None) && self.has_origin() && l.is_empty(logical);
+                (whole, through)
             };
             match whole {
-                Some(None)
-                    if self.has_origin()
-                        && self.layers.read().expect("layers lock").is_empty(logical) =>
-                {
+                Some(None) if through => {
                     return self.read_origin(logical, within, dst);
                 }
                 Some(None) => {
@@ -644,16 +644,29 @@ impl LocalReplica {
     /// then given back to the pool; where a snapshot holds data below, the
     /// head keeps a whiteout instead.
     fn free_extents(&self, logical: &[u64]) -> Result<(), ReplicaError> {
-        if self.has_origin() && self.chain.read().expect("chain lock").snapshots.len() > 1 {
-            // The clone's snapshots still read its origin there: copied
-            // first, then the head shadows the copy.
-            let _gate = self.free_gate.read().expect("free gate");
-            let _g = self.alloc_lock.lock().expect("alloc lock");
-            for chunk in logical.chunks(clone::FILL_BATCH) {
-                self.fill_locked(chunk)?;
+        // A clone's snapshots still reading its origin there get a copy
+        // first (the head then shadows it); checked again with I/O stopped,
+        // since a snapshot may be taken in between.
+        let needs_copy = |r: &LocalReplica| {
+            r.has_origin()
+                && r.chain.read().expect("chain lock").snapshots.len() > 1
+                && logical.iter().any(|e| {
+                    r.layers.read().expect("layers lock").is_empty(*e) && r.origin_has_data(*e)
+                })
+        };
+        let _gate = loop {
+            if needs_copy(self) {
+                let _gate = self.free_gate.read().expect("free gate");
+                let _g = self.alloc_lock.lock().expect("alloc lock");
+                for chunk in logical.chunks(clone::FILL_BATCH) {
+                    self.fill_locked(chunk)?;
+                }
             }
-        }
-        let _gate = self.free_gate.write().expect("free gate");
+            let gate = self.free_gate.write().expect("free gate");
+            if !needs_copy(self) {
+                break gate;
+            }
+        };
         let head = self.head();
         // (logical, new stack, extent freed)
         let mut changes: Vec<(u64, Vec<Version>, Option<ExtentAddr>)> = Vec::new();
@@ -754,12 +767,20 @@ impl LocalReplica {
     /// Deletes the replica: frees all its extents (head, snapshots, and
     /// anything left of an interrupted operation) and drops its map.
     pub fn destroy(&self) -> Result<(), ReplicaError> {
-        if let Some(id) = self.pins.lock().expect("pins lock").keys().next() {
+        if let Err(id) = self.pins.lock().expect("pins lock").begin_destroy() {
             return Err(ReplicaError::Pinned {
                 volume: self.volume,
-                snapshot: *id,
+                snapshot: id,
             });
         }
+        let r = self.destroy_unpinned();
+        if r.is_err() {
+            self.pins.lock().expect("pins lock").end_destroy();
+        }
+        r
+    }
+
+    fn destroy_unpinned(&self) -> Result<(), ReplicaError> {
         let _gate = self.free_gate.write().expect("free gate");
         self.drop_origin();
         let mut all = self.layers.read().expect("layers lock").extents();

@@ -184,18 +184,22 @@ impl LocalReplica {
     /// needs; idempotent (an unknown snapshot is already deleted).
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), ReplicaError> {
         let _one = self.snapshot_ops.lock().expect("snapshot ops lock");
-        if self.is_pinned(id) || id == super::clone::BASE_ID {
+        if id == super::clone::BASE_ID || !self.pins.lock().expect("pins lock").begin_delete(id) {
             return Err(ReplicaError::Pinned {
                 volume: self.volume,
                 snapshot: id,
             });
         }
-        self.settle()?;
-        let Some(layer) = self.chain.read().expect("chain lock").layer_of(id) else {
-            return Ok(());
-        };
-        self.delete_layer(layer)?;
-        self.fold_base()
+        let r = (|| {
+            self.settle()?;
+            let Some(layer) = self.chain.read().expect("chain lock").layer_of(id) else {
+                return Ok(());
+            };
+            self.delete_layer(layer)?;
+            self.fold_base()
+        })();
+        self.pins.lock().expect("pins lock").end_delete(id);
+        r
     }
 
     /// A filled clone with no snapshots of its own left merges its base

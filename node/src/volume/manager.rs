@@ -246,6 +246,12 @@ impl VolumeManager {
             claimed.extend(owned);
             hosts.insert(Arc::new(rep));
         }
+        // Sources that clones here still read through to.
+        let sources: std::collections::HashSet<VolumeId> = hosts
+            .ids()
+            .into_iter()
+            .filter_map(|id| hosts.get(id)?.replica.stored_origin().map(|o| o.0))
+            .collect();
         // Orphans: replicas of volumes the state no longer lists here (a
         // crash between the delete command and freeing the space, or a
         // replica moved away while this node was down).
@@ -258,6 +264,16 @@ impl VolumeManager {
                 continue;
             };
             if hosts.get(id).is_some() {
+                continue;
+            }
+            if sources.contains(&id) {
+                // Kept (unlisted, refusing I/O) until the clone is filled;
+                // the reconciler frees it then.
+                tracing::info!(volume = %id, "keeping a replica no longer held here: a clone is still filled from it");
+                let (rep, owned) =
+                    LocalReplica::load(&meta, pool.clone(), id).map_err(|e| e.to_string())?;
+                claimed.extend(owned);
+                hosts.insert(Arc::new(rep));
                 continue;
             }
             tracing::info!(volume = %id, "freeing the space of a replica no longer held here");

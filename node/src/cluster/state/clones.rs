@@ -141,7 +141,13 @@ impl ClusterState {
     /// the clone was made from): a snapshot taken only for the clone goes
     /// (its replicas free it when they see it gone).
     pub(super) fn release_origin(&mut self, o: &Origin) {
-        if o.implicit && self.clone_of(o.snapshot).is_none() {
+        // Not the target of a revert in progress (deleted by hand then).
+        let reverting = self
+            .volumes
+            .get(&o.volume)
+            .and_then(|v| v.reverting.as_ref())
+            .is_some_and(|r| r.snapshot == o.snapshot);
+        if o.implicit && !reverting && self.clone_of(o.snapshot).is_none() {
             self.snapshots.remove(&o.snapshot);
         }
     }

@@ -265,7 +265,7 @@ fn run(ops: &[Op], clone: bool) {
                 cursor = cursor.map(|_| 0);
             }
             Op::Fill => {
-                if let Some(c) = cursor {
+                if let Some(c) = cursor.filter(|_| clone) {
                     cursor = s.r().fill_step(c).expect("fill").map(|p| p.done);
                 }
             }

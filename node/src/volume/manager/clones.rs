@@ -154,16 +154,19 @@ impl VolumeManager {
     /// through to its origin (or has yet to record that it is filled).
     pub(super) fn run_fillers(&self) {
         let state = self.store.read().clone();
-        for v in state.volumes.values() {
-            let backed = v
-                .origin
-                .as_ref()
-                .is_some_and(|o| o.backed.contains(&self.cfg.node_id));
-            if !backed {
+        for id in self.hosts.ids() {
+            let Some(h) = self.hosts.get(id) else {
                 continue;
-            }
-            if let Some(h) = self.hosts.get(v.id) {
-                self.start_filler(v.id, h.replica.clone());
+            };
+            // Also a copy no longer counted backed (re-added after a
+            // removal): it still pins its origin until filled.
+            let backed = state.volumes.get(&id).is_some_and(|v| {
+                v.origin
+                    .as_ref()
+                    .is_some_and(|o| o.backed.contains(&self.cfg.node_id))
+            });
+            if backed || h.replica.has_origin() {
+                self.start_filler(id, h.replica.clone());
             }
         }
     }
