@@ -13,9 +13,6 @@ use crate::rules::{self, Params, Wanted};
 use crate::snapshots;
 use crate::{required, CreateSpec, Driver, Error, VolumeFacts};
 
-/// Page tokens are `TOKEN_PREFIX` + the name of the next volume.
-const TOKEN_PREFIX: &str = "after:";
-
 fn volume_message(v: &VolumeFacts) -> Volume {
     Volume {
         capacity_bytes: v.size_bytes as i64,
@@ -407,22 +404,8 @@ impl Controller for Driver {
         request: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        if req.max_entries < 0 {
-            return Err(Error::InvalidArgument("max_entries must not be negative".into()).into());
-        }
-        let start = match req.starting_token.as_str() {
-            "" => None,
-            t => Some(
-                t.strip_prefix(TOKEN_PREFIX)
-                    .filter(|s| !s.is_empty())
-                    .ok_or_else(|| {
-                        Error::Aborted(format!(
-                            "starting_token {t:?} was not issued by this driver"
-                        ))
-                    })?
-                    .to_string(),
-            ),
-        };
+        // Paged by volume name.
+        let start = rules::page_start(&req.starting_token, req.max_entries)?;
         let mut all = self.call(|b| b.volumes()).await?;
         all.sort_by(|a, b| a.name.cmp(&b.name));
         let from = start.map_or(0, |s| all.partition_point(|v| v.name < s));
@@ -433,7 +416,7 @@ impl Controller for Driver {
         let page: Vec<_> = all[from..].iter().take(take).collect();
         let next_token = all
             .get(from + page.len())
-            .map(|v| format!("{TOKEN_PREFIX}{}", v.name))
+            .map(|v| rules::page_token(&v.name))
             .unwrap_or_default();
         Ok(Response::new(ListVolumesResponse {
             entries: page

@@ -416,6 +416,37 @@ pub fn check_topology(t: &Topology) -> Result<(), Error> {
     Ok(())
 }
 
+/// Page tokens of the list calls: this prefix + the key of the next entry.
+const TOKEN_PREFIX: &str = "after:";
+
+/// Where a page starts: `None` for the first page, else the key a token
+/// this driver issued names (ABORTED for any other token), after checking
+/// `max_entries`.
+pub fn page_start(token: &str, max_entries: i32) -> Result<Option<String>, Error> {
+    if max_entries < 0 {
+        return Err(Error::InvalidArgument(
+            "max_entries must not be negative".into(),
+        ));
+    }
+    match token {
+        "" => Ok(None),
+        t => t
+            .strip_prefix(TOKEN_PREFIX)
+            .filter(|s| !s.is_empty())
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| {
+                Error::Aborted(format!(
+                    "starting_token {t:?} was not issued by this driver"
+                ))
+            }),
+    }
+}
+
+/// The token of a page that ends before the entry with key `next`.
+pub fn page_token(next: &str) -> String {
+    format!("{TOKEN_PREFIX}{next}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

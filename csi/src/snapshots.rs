@@ -11,9 +11,6 @@ use crate::pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use crate::pb::*;
 use crate::{required, Backend, Error, SnapshotFacts, Source};
 
-/// Page tokens of ListSnapshots: this prefix + the id of the next entry.
-const TOKEN_PREFIX: &str = "after:";
-
 /// Parameters the external-snapshotter adds with `--extra-create-metadata`.
 const CO_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -135,24 +132,8 @@ pub fn create(b: &dyn Backend, volume: &str, csi_name: &str) -> Result<SnapshotF
 
 /// ListSnapshots: by id, by source volume, or all; paged by id.
 pub fn list(b: &dyn Backend, req: &ListSnapshotsRequest) -> Result<ListSnapshotsResponse, Error> {
-    if req.max_entries < 0 {
-        return Err(Error::InvalidArgument(
-            "max_entries must not be negative".into(),
-        ));
-    }
-    let start = match req.starting_token.as_str() {
-        "" => None,
-        t => Some(
-            t.strip_prefix(TOKEN_PREFIX)
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| {
-                    Error::Aborted(format!(
-                        "starting_token {t:?} was not issued by this driver"
-                    ))
-                })?
-                .to_string(),
-        ),
-    };
+    // Paged by snapshot id.
+    let start = crate::rules::page_start(&req.starting_token, req.max_entries)?;
     let mut all: Vec<SnapshotFacts> = b
         .snapshots()?
         .into_iter()
@@ -168,7 +149,7 @@ pub fn list(b: &dyn Backend, req: &ListSnapshotsRequest) -> Result<ListSnapshots
     let page: Vec<&SnapshotFacts> = all[from..].iter().take(take).collect();
     let next_token = all
         .get(from + page.len())
-        .map(|s| format!("{TOKEN_PREFIX}{}", s.id()))
+        .map(|s| crate::rules::page_token(&s.id()))
         .unwrap_or_default();
     Ok(ListSnapshotsResponse {
         entries: page
