@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use super::layers::{self, Backing, Chain, LayerId, SnapshotId, Version};
 use super::{meta_err, LocalReplica, ReplicaError};
-use crate::pool::{ExtentAddr, PoolError, IO_ALIGN};
+use crate::pool::{ExtentAddr, IO_ALIGN};
 use crate::sys::AlignedBuf;
 use crate::types::{Id128, VolumeId};
 
@@ -324,10 +324,7 @@ impl LocalReplica {
         let r = (|| {
             let mut buf = AlignedBuf::new(es as usize, IO_ALIGN);
             for &e in &todo {
-                let addr = self.pool.allocate().map_err(|err| match err {
-                    PoolError::Full => ReplicaError::NoSpace,
-                    other => ReplicaError::Meta(other.to_string()),
-                })?;
+                let addr = self.allocate()?;
                 let v = Version {
                     layer: SCRATCH_LAYER,
                     backing: Backing::Extent(addr),

@@ -329,10 +329,7 @@ impl LocalReplica {
         // Whether the head reads anything but zeros here today: if not, a
         // fresh (zeroed) extent is already its whole content.
         let over_data = stack.first().is_some_and(|v| v.backing != Backing::Zeros);
-        let addr = self.pool.allocate().map_err(|e| match e {
-            PoolError::Full => ReplicaError::NoSpace,
-            other => ReplicaError::Meta(other.to_string()),
-        })?;
+        let addr = self.allocate()?;
         let version = Version {
             layer: head,
             backing: Backing::Extent(addr),
@@ -386,6 +383,14 @@ impl LocalReplica {
         Ok(Target {
             addr,
             partial: over_data,
+        })
+    }
+
+    /// A fresh (zeroed) pool extent; a full pool is [`ReplicaError::NoSpace`].
+    fn allocate(&self) -> Result<ExtentAddr, ReplicaError> {
+        self.pool.allocate().map_err(|e| match e {
+            PoolError::Full => ReplicaError::NoSpace,
+            other => ReplicaError::Meta(other.to_string()),
         })
     }
 

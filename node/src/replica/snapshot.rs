@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 
 use super::layers::{self, Backing, Chain, LayerId, Run, SnapshotId, Version, BLOCK};
 use super::{meta_err, LocalReplica, ReplicaError};
-use crate::pool::{ExtentAddr, PoolError, IO_ALIGN};
+use crate::pool::{ExtentAddr, IO_ALIGN};
 use crate::sys::AlignedBuf;
 
 /// Snapshots one volume may have (Portworx allows 64).
@@ -403,7 +403,7 @@ impl LocalReplica {
         for &e in &changed {
             let has = self.layers.read().expect("layers lock").has_data(e, target);
             let backing = if has {
-                match self.pool.allocate() {
+                match self.allocate() {
                     Ok(a) => {
                         self.allocated_extents
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -411,10 +411,7 @@ impl LocalReplica {
                     }
                     Err(err) => {
                         give_back(&fresh);
-                        return Err(match err {
-                            PoolError::Full => ReplicaError::NoSpace,
-                            other => ReplicaError::Meta(other.to_string()),
-                        });
+                        return Err(err);
                     }
                 }
             } else {
