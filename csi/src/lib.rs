@@ -107,6 +107,8 @@ pub struct SnapshotFacts {
     pub size_bytes: u64,
     pub created_unix_ms: u64,
     pub ready: bool,
+    /// The filesystem of its volume (a clone of it gets the same).
+    pub fs: String,
 }
 
 impl SnapshotFacts {

@@ -84,10 +84,8 @@ pub fn source_facts(b: &dyn Backend, s: &Source) -> Result<(u64, String), Error>
                     "snapshot {id:?} is not ready yet"
                 )));
             }
-            let v = b
-                .volume(volume)?
-                .ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))?;
-            Ok((snap.size_bytes, v.fs))
+            // (Its volume may have been deleted with its snapshots kept.)
+            Ok((snap.size_bytes, snap.fs))
         }
         Source::Volume(name) => {
             let v = b

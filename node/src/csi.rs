@@ -176,13 +176,14 @@ fn facts(state: &ClusterState, v: &Volume) -> VolumeFacts {
     }
 }
 
-fn snapshot_facts(s: &crate::volume::view::SnapshotView) -> SnapshotFacts {
+fn snapshot_facts(s: &crate::volume::view::SnapshotView, fs: String) -> SnapshotFacts {
     SnapshotFacts {
         volume: s.volume.clone(),
         name: s.name.clone(),
         size_bytes: s.size_bytes,
         created_unix_ms: s.created_unix_ms,
         ready: s.ready,
+        fs,
     }
 }
 
@@ -294,16 +295,27 @@ impl Backend for CsiBackend {
 
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, Error> {
         let state = self.fresh_state()?;
-        Ok(state.volume_by_name(name).map(|v| facts(&state, v)))
+        // A volume deleted with its snapshots kept is gone for the CO.
+        Ok(state
+            .volume_by_name(name)
+            .filter(|v| !v.retired)
+            .map(|v| facts(&state, v)))
     }
 
     fn volumes(&self) -> Result<Vec<VolumeFacts>, Error> {
         let state = self.fresh_state()?;
-        Ok(state.volumes.values().map(|v| facts(&state, v)).collect())
+        Ok(state
+            .volumes
+            .values()
+            .filter(|v| !v.retired)
+            .map(|v| facts(&state, v))
+            .collect())
     }
 
+    /// A volume with snapshots is deleted with them kept: Kubernetes
+    /// users delete PVCs whose VolumeSnapshots they keep.
     fn delete(&self, name: &str) -> Result<(), Error> {
-        match self.mgr.delete(name, false) {
+        match self.mgr.delete_keeping_snapshots(name) {
             Ok(_) | Err(VolumeError::NotFound(_)) => Ok(()),
             Err(e) => Err(map(e)),
         }
@@ -403,18 +415,20 @@ impl Backend for CsiBackend {
 
     fn snapshot_create(&self, volume: &str, name: &str) -> Result<SnapshotFacts, Error> {
         let s = self.mgr.snapshot_create(volume, name, true).map_err(map)?;
-        Ok(snapshot_facts(&s))
+        let fs = self.mgr.inspect(volume).map_err(map)?.fs;
+        Ok(snapshot_facts(&s, fs.as_str().to_string()))
     }
 
     fn snapshots(&self) -> Result<Vec<SnapshotFacts>, Error> {
-        self.mgr.sync_read().map_err(map)?;
-        Ok(self
-            .mgr
-            .snapshot_list(None)
-            .map_err(map)?
-            .iter()
-            .map(snapshot_facts)
-            .collect())
+        let state = self.fresh_state()?;
+        let views = self.mgr.snapshot_list(None).map_err(map)?;
+        let fs = |s: &crate::volume::view::SnapshotView| {
+            state
+                .volumes
+                .get(&s.volume_id)
+                .map_or_else(String::new, |v| v.fs.as_str().to_string())
+        };
+        Ok(views.iter().map(|s| snapshot_facts(s, fs(s))).collect())
     }
 
     fn snapshot_delete(&self, volume: &str, name: &str) -> Result<(), Error> {

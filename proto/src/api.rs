@@ -298,6 +298,23 @@ pub struct VerifyReport {
     /// With `?repair=true`: the differing extents made equal, and from where.
     #[serde(default)]
     pub repaired: Vec<RepairedExtent>,
+    /// Each ready snapshot compared across the healthy replicas holding it
+    /// (reported only: `repair` does not rewrite snapshots).
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotVerify>,
+}
+
+/// One snapshot compared by `verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SnapshotVerify {
+    pub snapshot: String,
+    /// The healthy replicas holding it, which were compared.
+    pub replicas_compared: Vec<String>,
+    /// Healthy replicas that do not hold it yet (the healer copies it).
+    #[serde(default)]
+    pub lacking: Vec<String>,
+    /// Extents whose checksums differ between the replicas compared.
+    pub mismatched_extents: Vec<u64>,
 }
 
 /// One extent `verify --repair` made equal again.

@@ -28,6 +28,14 @@ pub const OP_WRITE: u16 = 1;
 pub const OP_READ: u16 = 2;
 pub const OP_FLUSH: u16 = 3;
 pub const OP_ZERO: u16 = 4;
+/// A rebuild's catch-up of a faulted replica (copying the snapshots it
+/// lacks into its head before it takes each): a write, zeroing or flush
+/// admitted even on a replica marked unclean, whose mark it neither needs
+/// nor drops, since nothing is read from a faulted replica. A receiver
+/// that predates them answers `INVALID` (the rebuild retries later).
+pub const OP_REPAIR_WRITE: u16 = 5;
+pub const OP_REPAIR_ZERO: u16 = 6;
+pub const OP_REPAIR_FLUSH: u16 = 7;
 
 pub const OK: u32 = 0;
 pub const FENCED: u32 = 1;

@@ -29,8 +29,9 @@ pub mod peer {
 pub mod data {
     tonic::include_proto!("cairn.data.v1");
 
-    /// The version this build speaks (2: snapshots).
-    pub const DATA_PROTOCOL_VERSION: u32 = 2;
+    /// The version this build speaks (2: snapshots; 3: a rebuild copies
+    /// snapshots: checksums and reads of a snapshot, ADOPT).
+    pub const DATA_PROTOCOL_VERSION: u32 = 3;
     /// The oldest version this build still accepts.
     pub const DATA_PROTOCOL_MIN: u32 = 1;
 }

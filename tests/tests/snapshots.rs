@@ -4,8 +4,9 @@
 //! its refusal while attached), snapshots surviving SIGKILL, every bad
 //! input refused with nothing changed, and on three nodes a snapshot of a
 //! mounted volume asked for on another node (frozen there) that a revert
-//! brings back on every replica, and a replica node that was down while
-//! snapshots were taken and deleted.
+//! brings back on every replica, a replica node that was down while
+//! snapshots were taken and deleted (it gets exactly the volume's
+//! snapshots back, equal to the others'), and a new replica given them all.
 
 // Test code: an unwrap that fails is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -186,6 +187,72 @@ fn snapshot_space_revert_and_restart_on_one_node() {
         base + MIB,
     );
     node.cli_ok(&["volume", "detach", "v"]);
+}
+
+#[test]
+fn a_volume_deleted_keeping_its_snapshots_goes_with_the_last_one() {
+    let node = TestNode::start("snapkeep", "1GiB");
+    let pool = node.pool_allocated();
+    node.cli_ok(&["volume", "create", "v", "--size", "32MiB", "--fs", "none"]);
+    let dev = node.cli_ok(&["volume", "attach", "v"]).trim().to_string();
+    sh_ok(&format!(
+        "dd if=/dev/urandom of={dev} bs=1M count=8 oflag=direct status=none"
+    ));
+    assert_eq!(snap(&node, "v", "s").0, 201);
+    let at_s = sha(&dev, 32);
+    // Refused while attached, and without the flag, with nothing changed.
+    let o = node.cli(&["volume", "rm", "v", "--keep-snapshots"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("attached"),
+        "{o:?}"
+    );
+    node.cli_ok(&["volume", "detach", "v"]);
+    let o = node.cli(&["volume", "rm", "v"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--keep-snapshots"),
+        "{o:?}"
+    );
+    let (st, e) = node.api(
+        "DELETE",
+        "/v1/volumes/v?force=true&keep_snapshots=true",
+        None,
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(names(&node).contains(&"v".to_string()));
+
+    node.cli_ok(&["volume", "rm", "v", "--keep-snapshots"]);
+    assert!(!names(&node).contains(&"v".to_string()));
+    assert_eq!(node.api("GET", "/v1/volumes/v", None).0, 404);
+    let (st, e) = node.api("POST", "/v1/volumes/v/attach", None);
+    assert_eq!(st, 404, "{e}");
+    assert_eq!(snap(&node, "v", "t").0, 404);
+    let (st, e) = node.api(
+        "POST",
+        "/v1/volumes",
+        Some(&json!({"name": "v", "size": "32MiB", "fs": "none"})),
+    );
+    assert_eq!(st, 409, "{e}");
+    assert!(e.to_string().contains("kept for its snapshots"), "{e}");
+    // Its snapshot is listed and is a clone source.
+    let list = snapshots(&node, "v");
+    assert_eq!(list.len(), 1, "{list:?}");
+    node.cli_ok(&["volume", "create", "c", "--from-snapshot", "v@s"]);
+    let c = node.cli_ok(&["volume", "attach", "c"]).trim().to_string();
+    assert_eq!(sha(&c, 32), at_s);
+    node.cli_ok(&["volume", "detach", "c"]);
+    wait_for("the clone filled", Duration::from_secs(60), || {
+        node.inspect("c")["origin"]["filling"] == json!([])
+    });
+    node.cli_ok(&["volume", "rm", "c"]);
+
+    // The last snapshot takes the volume along: its space and name return.
+    node.cli_ok(&["snapshot", "rm", "v@s"]);
+    assert_eq!(node.api("GET", "/v1/volumes/v/snapshots", None).0, 404);
+    assert_eq!(node.pool_allocated(), pool);
+    node.cli_ok(&["volume", "create", "v", "--size", "32MiB", "--fs", "none"]);
+    node.cli_ok(&["volume", "rm", "v"]);
 }
 
 #[test]
@@ -412,7 +479,7 @@ fn snapshot_of_a_volume_mounted_on_another_node_reverts_every_replica() {
 }
 
 #[test]
-fn a_replica_down_during_snapshots_ends_up_with_the_recorded_ones_only() {
+fn a_replica_down_during_snapshots_ends_up_with_exactly_the_volumes_snapshots() {
     let mut nodes = cluster("snaprep", 3, 74);
     let write = |dev: &str, seek: u64, mib: u64| {
         sh_ok(&format!(
@@ -451,21 +518,63 @@ fn a_replica_down_during_snapshots_ends_up_with_the_recorded_ones_only() {
     let at_s1 = sha(&dev, 64);
     write(&dev, 0, 4);
 
-    // Back: resynced, and its copy of the deleted snapshot is freed.
+    // Back: its copy of the deleted snapshot is freed, the snapshot taken
+    // while it was down is copied to it, and it is healthy again.
     nodes[2].restart();
     wait_for("all replicas healthy", Duration::from_secs(60), || {
         let r = replica_states(&nodes[0], "r");
         r.len() == 3 && r.iter().all(|(_, s)| s == "healthy")
     });
-    let n2 = &nodes[2];
+    let list = snapshots(&nodes[0], "r");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["name"], "s1");
+    assert_eq!(list[0]["replicas"].as_array().unwrap().len(), 3, "{list:?}");
+    // Exactly s1 on the returned node: its snapshot layers hold what the
+    // others' do (s0 still held, or s1 missing, would differ).
+    let held = |n: &TestNode| metric(n, r#"cairn_volume_snapshot_bytes{volume="r"}"#);
+    let on_n0 = held(&nodes[0]).unwrap();
+    assert!(on_n0 >= (24 * MIB) as f64, "{on_n0}");
     wait_for(
-        "the deleted snapshot freed on the returned node",
+        "the returned node holding exactly s1",
         Duration::from_secs(30),
-        || metric(n2, r#"cairn_volume_snapshot_bytes{volume="r"}"#) == Some(0.0),
+        || held(&nodes[2]) == Some(on_n0),
+    );
+    // Its copy is the one read through by a clone attached there.
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "c",
+        "--from-snapshot",
+        "r@s1",
+        "--replicas",
+        "3",
+    ]);
+    let c = nodes[2]
+        .cli_ok(&["volume", "attach", "c"])
+        .trim()
+        .to_string();
+    assert_eq!(sha(&c, 64), at_s1);
+    nodes[2].cli_ok(&["volume", "detach", "c"]);
+    nodes[2].cli_ok(&["volume", "rm", "c"]);
+    let report: Value =
+        serde_json::from_str(&nodes[0].cli_ok(&["-o", "json", "volume", "verify", "r"])).unwrap();
+    let snaps = report["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{report}");
+    assert_eq!(snaps[0]["snapshot"], "s1", "{report}");
+    assert_eq!(
+        snaps[0]["replicas_compared"].as_array().unwrap().len(),
+        3,
+        "{report}"
+    );
+    assert!(
+        snaps[0]["mismatched_extents"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{report}"
     );
 
-    // A revert reads only the replicas that hold the snapshot; the one
-    // that lacks it is rebuilt from them.
+    // A revert reads only the replicas that hold the snapshot: every one.
     nodes[0].cli_ok(&["volume", "detach", "r"]);
     nodes[1].cli_ok(&["volume", "revert", "r", "--snapshot", "s1"]);
     let dev1 = nodes[1]
@@ -491,4 +600,83 @@ fn a_replica_down_during_snapshots_ends_up_with_the_recorded_ones_only() {
     assert_eq!(sha(&dev1, 64), at_s1);
     nodes[1].cli_ok(&["volume", "detach", "r"]);
     nodes[1].cli_ok(&["snapshot", "rm", "r@s1"]);
+
+    // A new replica (more replicas wanted) is given every snapshot, each
+    // equal to the other copies.
+    nodes[0].cli_ok(&[
+        "volume",
+        "create",
+        "g",
+        "--size",
+        "32MiB",
+        "--fs",
+        "none",
+        "--replicas",
+        "1",
+    ]);
+    let g = nodes[0]
+        .cli_ok(&["volume", "attach", "g"])
+        .trim()
+        .to_string();
+    write(&g, 0, 8);
+    assert_eq!(snap(&nodes[0], "g", "a").0, 201);
+    let at_a = sha(&g, 32);
+    write(&g, 4, 8);
+    assert_eq!(snap(&nodes[0], "g", "b").0, 201);
+    let at_b = sha(&g, 32);
+    write(&g, 16, 4);
+    let head = sha(&g, 32);
+    nodes[0].cli_ok(&["volume", "update", "g", "--replicas", "3"]);
+    wait_for(
+        "three healthy replicas of g",
+        Duration::from_secs(60),
+        || {
+            let r = replica_states(&nodes[0], "g");
+            r.len() == 3 && r.iter().all(|(_, s)| s == "healthy")
+        },
+    );
+    for x in snapshots(&nodes[0], "g") {
+        assert_eq!(x["replicas"].as_array().unwrap().len(), 3, "{x}");
+    }
+    let report: Value =
+        serde_json::from_str(&nodes[0].cli_ok(&["-o", "json", "volume", "verify", "g"])).unwrap();
+    assert!(
+        report["mismatched_extents"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    let snaps = report["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2, "{report}");
+    for x in snaps {
+        assert_eq!(
+            x["replicas_compared"].as_array().unwrap().len(),
+            3,
+            "{report}"
+        );
+        assert!(
+            x["mismatched_extents"].as_array().unwrap().is_empty(),
+            "{report}"
+        );
+    }
+    assert_eq!(sha(&g, 32), head);
+    nodes[0].cli_ok(&["volume", "detach", "g"]);
+    // Each snapshot read back from a node that only got it by copying.
+    for (name, want) in [("a", &at_a), ("b", &at_b)] {
+        let from = format!("g@{name}");
+        nodes[0].cli_ok(&[
+            "volume",
+            "create",
+            "gc",
+            "--from-snapshot",
+            &from,
+            "--replicas",
+            "3",
+        ]);
+        let dev = nodes[2]
+            .cli_ok(&["volume", "attach", "gc"])
+            .trim()
+            .to_string();
+        assert_eq!(&sha(&dev, 32), want, "clone of {from}");
+        nodes[2].cli_ok(&["volume", "detach", "gc"]);
+        nodes[2].cli_ok(&["volume", "rm", "gc"]);
+    }
 }

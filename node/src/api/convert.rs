@@ -123,6 +123,16 @@ impl From<VerifyView> for api::VerifyReport {
                     targets: r.targets,
                 })
                 .collect(),
+            snapshots: v
+                .snapshots
+                .into_iter()
+                .map(|s| api::SnapshotVerify {
+                    snapshot: s.name,
+                    replicas_compared: s.compared,
+                    lacking: s.lacking,
+                    mismatched_extents: s.mismatched,
+                })
+                .collect(),
         }
     }
 }

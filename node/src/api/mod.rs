@@ -316,6 +316,15 @@ struct DeleteQuery {
     force: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeDeleteQuery {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    keep_snapshots: bool,
+}
+
 /// The `?force=` flag of the DELETE endpoints; any other parameter is refused.
 fn force_flag(
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
@@ -330,10 +339,11 @@ fn force_flag(
     operation_id = "deleteVolume",
     params(
         ("name" = String, Path, description = "Volume name"),
-        ("force" = Option<bool>, Query, description = "Detach and unmount first")
+        ("force" = Option<bool>, Query, description = "Detach and unmount first"),
+        ("keep_snapshots" = Option<bool>, Query, description = "Delete a detached volume that has snapshots and keep them (listed, usable as clone sources, deletable); the volume's space and name are released with its last snapshot. Not with force.")
     ),
     responses(
-        (status = 204, description = "Deleted, every replica freed"),
+        (status = 204, description = "Deleted, every replica freed (or, with keep_snapshots, kept for its snapshots)"),
         (status = 202, description = "Deleted; some replicas are freed when their nodes answer again", body = api::VolumeDeleted),
         (status = 400, description = "Invalid request", body = api::ErrorBody),
         (status = 404, description = "Not found", body = api::ErrorBody),
@@ -345,11 +355,26 @@ fn force_flag(
 async fn delete_volume(
     State(s): State<ApiState>,
     Path(name): Path<String>,
-    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<VolumeDeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::response::Response> {
-    let force = force_flag(q)?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
+    if q.force && q.keep_snapshots {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidQuery",
+            "keep_snapshots deletes only a detached volume; detach it instead of force",
+        ));
+    }
     let m = s.mgr.clone();
-    let pending = blocking(move || m.delete(&name, force)).await?;
+    let pending = blocking(move || {
+        if q.keep_snapshots {
+            m.delete_keeping_snapshots(&name)
+        } else {
+            m.delete(&name, q.force)
+        }
+    })
+    .await?;
     if pending.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }

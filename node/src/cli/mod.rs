@@ -187,8 +187,13 @@ pub enum VolumeCmd {
     Rm {
         name: String,
         /// Unmount and detach it first if it is attached here.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep_snapshots")]
         force: bool,
+        /// Delete a detached volume that has snapshots and keep them
+        /// (listed, usable as clone sources); its space and name are
+        /// released with its last snapshot.
+        #[arg(long)]
+        keep_snapshots: bool,
     },
     /// Attach as a block device on the node; prints the device path.
     Attach {
@@ -432,11 +437,18 @@ fn exec(api: &str, output: Output, cmd: Top) -> Result<(), String> {
                     render_volume,
                 )
             }
-            VolumeCmd::Rm { name, force } => {
+            VolumeCmd::Rm {
+                name,
+                force,
+                keep_snapshots,
+            } => {
                 let r = call::<Option<api::VolumeDeleted>>(
                     &c,
                     "DELETE",
-                    &format!("{}?force={force}", volume(&name)),
+                    &format!(
+                        "{}?force={force}&keep_snapshots={keep_snapshots}",
+                        volume(&name)
+                    ),
                     NONE,
                 )?;
                 let pending = r.map(|d| d.space_pending_on).unwrap_or_default();
@@ -561,6 +573,27 @@ fn render_verify(v: &api::VerifyReport) -> String {
                 "no majority: the copy reads were served from"
             }
         );
+    }
+    for s in &v.snapshots {
+        let state = if s.replicas_compared.len() < 2 {
+            format!(
+                "held by {} healthy replica(s), nothing to compare",
+                s.replicas_compared.len()
+            )
+        } else if s.mismatched_extents.is_empty() {
+            format!("consistent across {}", s.replicas_compared.join(", "))
+        } else {
+            format!(
+                "{} extent(s) differ across {}: {:?}",
+                s.mismatched_extents.len(),
+                s.replicas_compared.join(", "),
+                s.mismatched_extents
+            )
+        };
+        out += &format!("\nsnapshot {}: {state}", s.snapshot);
+        if !s.lacking.is_empty() {
+            out += &format!(" (not yet on {})", s.lacking.join(", "));
+        }
     }
     out
 }

@@ -18,7 +18,7 @@ pub const STATE_VERSION: u32 = 1;
 /// existed (plain JSON) read as version 0. Each entry carries the lowest
 /// version that knows its command ([`Command::entry_version`]), so a node
 /// one version behind stops only at a command it cannot apply.
-pub const ENTRY_VERSION: u8 = 3;
+pub const ENTRY_VERSION: u8 = 4;
 /// First byte of a versioned entry (`{` starts an unversioned one).
 const ENTRY_MAGIC: u8 = 0xCA;
 
@@ -95,6 +95,11 @@ pub struct Volume {
     /// read through to the snapshot (see `replica::clone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Deleted while it had snapshots, which stay usable (clone sources,
+    /// listed, deletable): hidden from volume listings, never attached
+    /// again, its name still taken, and gone with its last snapshot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 /// Where a clone comes from. While some of its replicas read through to
@@ -404,7 +409,21 @@ pub enum Command {
         id: SnapshotId,
         nodes: BTreeSet<NodeId>,
     },
-    /// Forgets a snapshot; each replica holding it frees its space.
+    /// The faulted replica on `node`, rebuilt by the engine of `epoch`,
+    /// now holds ready snapshot `id` too (copied from a holder).
+    SnapshotCopied {
+        id: SnapshotId,
+        node: NodeId,
+        epoch: u64,
+    },
+    /// Deletes detached volume `id` but keeps its snapshots usable: with
+    /// none it is deleted outright, else it is retired (see
+    /// [`Volume::retired`]) until its last snapshot is deleted.
+    RetireVolume {
+        id: VolumeId,
+    },
+    /// Forgets a snapshot; each replica holding it frees its space (and
+    /// the last one of a retired volume takes the volume with it).
     DeleteSnapshot {
         id: SnapshotId,
     },
@@ -463,6 +482,7 @@ impl Command {
             | Command::FenceDetached { .. }
             | Command::CreateClone { .. }
             | Command::CloneFilled { .. } => 3,
+            Command::SnapshotCopied { .. } | Command::RetireVolume { .. } => 4,
             _ => 2,
         }
     }
@@ -520,6 +540,12 @@ pub enum StateError {
     TooManySnapshots { volume: VolumeId },
     #[error("snapshot {id} can only be recorded on replicas of its volume, with at least one")]
     BadSnapshotReplicas { id: SnapshotId },
+    #[error("volume name {0:?} is still taken by a deleted volume whose snapshots were kept; delete those snapshots first, or choose another name")]
+    NameKeptBySnapshots(String),
+    #[error("volume {id} was deleted (it is kept only for its snapshots)")]
+    Retired { id: VolumeId },
+    #[error("snapshot {id} can be recorded as copied only to a faulted replica of its volume, by the rebuild of the volume's current epoch")]
+    NotACopyTarget { id: SnapshotId, node: NodeId },
     #[error("the replica on node {node} holds the last copy of snapshot {id}")]
     LastSnapshotCopy { id: SnapshotId, node: NodeId },
     #[error("volume {id} has {count} snapshot(s); delete them first")]
@@ -621,8 +647,10 @@ impl ClusterState {
         if uniq.len() != nodes.len() || nodes.is_empty() || nodes.len() > MAX_REPLICAS {
             return Err(StateError::BadReplicaSet);
         }
-        if self.volume_by_name(name).is_some() {
-            return Err(StateError::VolumeExists(name.to_string()));
+        match self.volume_by_name(name) {
+            Some(v) if v.retired => return Err(StateError::NameKeptBySnapshots(name.to_string())),
+            Some(_) => return Err(StateError::VolumeExists(name.to_string())),
+            None => {}
         }
         if self.volumes.contains_key(&id) {
             return Err(StateError::VolumeIdExists(id));
@@ -635,6 +663,24 @@ impl ClusterState {
 
     fn volume(&self, id: VolumeId) -> Result<&Volume, StateError> {
         self.volumes.get(&id).ok_or(StateError::VolumeNotFound(id))
+    }
+
+    /// Volume `id` unless it is retired (deleted, kept for its snapshots).
+    fn live(&self, id: VolumeId) -> Result<&Volume, StateError> {
+        let v = self.volume(id)?;
+        if v.retired {
+            return Err(StateError::Retired { id });
+        }
+        Ok(v)
+    }
+
+    /// Removes volume `id`, releasing the origin it read through to.
+    fn remove_volume(&mut self, id: VolumeId) {
+        if let Some(o) = self.volumes.remove(&id).and_then(|v| v.origin) {
+            if !o.backed.is_empty() {
+                self.release_origin(&o);
+            }
+        }
     }
 
     /// Applies one command. On error nothing changed.
@@ -730,11 +776,12 @@ impl ClusterState {
                         csi_name: csi_name.clone(),
                         reverting: None,
                         origin: None,
+                        retired: false,
                     },
                 );
             }
             Command::ResizeVolume { id, size_bytes } => {
-                let v = self.volume(*id)?;
+                let v = self.live(*id)?;
                 if !valid_size(*size_bytes) {
                     return Err(StateError::InvalidSize(*size_bytes));
                 }
@@ -761,14 +808,10 @@ impl ClusterState {
                 if count > 0 {
                     return Err(StateError::HasSnapshots { id: *id, count });
                 }
-                if let Some(o) = self.volumes.remove(id).and_then(|v| v.origin) {
-                    if !o.backed.is_empty() {
-                        self.release_origin(&o);
-                    }
-                }
+                self.remove_volume(*id);
             }
             Command::Attach { id, node, force } => {
-                let v = self.volume(*id)?;
+                let v = self.live(*id)?;
                 if v.reverting.is_some() {
                     return Err(StateError::Reverting { id: *id });
                 }
@@ -854,7 +897,7 @@ impl ClusterState {
                 }
             }
             Command::AttachReader { id, node } => {
-                let v = self.volume(*id)?;
+                let v = self.live(*id)?;
                 if v.reverting.is_some() {
                     return Err(StateError::Reverting { id: *id });
                 }
@@ -968,7 +1011,7 @@ impl ClusterState {
                 self.unback(*id, *node);
             }
             Command::SetReplicaCount { id, count } => {
-                self.volume(*id)?;
+                self.live(*id)?;
                 if !(1..=MAX_REPLICAS as u32).contains(count) {
                     return Err(StateError::BadReplicaSet);
                 }
@@ -980,6 +1023,8 @@ impl ClusterState {
             }
             Command::CreateSnapshot { .. }
             | Command::SnapshotTaken { .. }
+            | Command::SnapshotCopied { .. }
+            | Command::RetireVolume { .. }
             | Command::DeleteSnapshot { .. }
             | Command::BeginRevert { .. }
             | Command::EndRevert { .. }

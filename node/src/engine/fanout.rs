@@ -9,7 +9,10 @@ use std::sync::Arc;
 use super::*;
 use crate::cluster::state::{Command, ReplicaState, StateError};
 use crate::cluster::store::StoreError;
+use crate::replica::host::Admit;
+use crate::replica::remote::Scan;
 use crate::replica::ReplicaError;
+use crate::types::SnapshotId;
 
 impl Engine {
     /// Runs `op` on each slot: remote ones concurrently on the runtime,
@@ -262,10 +265,7 @@ impl Target {
         first: u64,
         count: u64,
     ) -> Result<Vec<Option<u32>>, ReplicaError> {
-        match self {
-            Target::Local(h) => h.checksums(epoch, first, count),
-            Target::Remote(r) => rt.block_on(r.checksums(epoch, first, count)),
-        }
+        self.scan(rt, epoch, Scan::head(), first, count)
     }
 
     pub(super) fn allocation(
@@ -275,9 +275,98 @@ impl Target {
         first: u64,
         count: u64,
     ) -> Result<Vec<bool>, ReplicaError> {
+        let scan = Scan {
+            allocation_only: true,
+            ..Scan::head()
+        };
+        let map = self.scan(rt, epoch, scan, first, count)?;
+        Ok(map.iter().map(Option::is_some).collect())
+    }
+
+    /// Checksums (or which extents have data) of the head or a snapshot,
+    /// as `scan` says.
+    pub(super) fn scan(
+        &self,
+        rt: &tokio::runtime::Handle,
+        epoch: u64,
+        scan: Scan,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<Option<u32>>, ReplicaError> {
         match self {
-            Target::Local(h) => h.allocation(epoch, first, count),
-            Target::Remote(r) => rt.block_on(r.allocation(epoch, first, count)),
+            Target::Local(h) => h.scan(
+                Admit::of(scan.repair),
+                epoch,
+                scan.snapshot,
+                first,
+                count,
+                scan.allocation_only,
+            ),
+            Target::Remote(r) => rt.block_on(r.scan(epoch, scan, first, count)),
+        }
+    }
+
+    /// Reads `buf.len()` bytes (at most one extent) at `offset` of
+    /// snapshot `id`.
+    pub(super) fn read_snapshot(
+        &self,
+        rt: &tokio::runtime::Handle,
+        epoch: u64,
+        id: SnapshotId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.read_snapshot(epoch, id, offset, buf),
+            Target::Remote(r) => rt.block_on(r.read_snapshot(epoch, id, offset, buf)),
+        }
+    }
+
+    /// A rebuild's catch-up write to the head of a faulted replica.
+    pub(super) fn repair_write(
+        &self,
+        epoch: u64,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.write_as(Admit::Repair, epoch, offset, buf),
+            Target::Remote(r) => r.repair_write_blocking(epoch, offset, buf),
+        }
+    }
+
+    pub(super) fn repair_zero(
+        &self,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.zero_as(Admit::Repair, epoch, offset, len),
+            Target::Remote(r) => r.repair_zero_blocking(epoch, offset, len),
+        }
+    }
+
+    pub(super) fn repair_flush(&self, epoch: u64) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.flush_as(Admit::Repair, epoch),
+            Target::Remote(r) => r.repair_flush_blocking(epoch),
+        }
+    }
+
+    /// Freezes the head of a faulted replica, made equal to snapshot `id`
+    /// by the rebuild of `epoch`, as that snapshot.
+    pub(super) fn adopt_snapshot(
+        &self,
+        rt: &tokio::runtime::Handle,
+        epoch: u64,
+        id: SnapshotId,
+    ) -> Result<(), ReplicaError> {
+        match self {
+            Target::Local(h) => h.adopt_snapshot(epoch, id),
+            Target::Remote(r) => rt
+                .block_on(r.snapshot(cairn_proto::data::SnapshotOp::Adopt, epoch, Some(id), 0))
+                .map(|_| ()),
         }
     }
 }

@@ -40,6 +40,7 @@
 //! repairing replicas, `snapshot` snapshots and reverts at one point of
 //! the write order, `metrics` the counters.
 
+mod catch_up;
 mod fanout;
 mod io;
 mod rebuild;

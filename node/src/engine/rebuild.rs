@@ -1,6 +1,7 @@
 //! Rebuild and self-healing: the healer thread keeps the slots in line
-//! with the cluster state and rebuilds faulted replicas whose node answers,
-//! copying only extents whose checksums differ, under per-extent locks that
+//! with the cluster state and rebuilds faulted replicas whose node answers:
+//! first the snapshots they lack (see `catch_up`), then the head, copying
+//! only extents whose checksums differ, under per-extent locks that
 //! application writes take shared, within the rebuild bandwidth.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +62,18 @@ impl Engine {
             tracing::debug!(volume = %self.volume, error = %e, "replica set not refreshed");
             return;
         }
+        // A healthy replica lacking a snapshot a healthy replica holds
+        // (it was rebuilding when the snapshot was taken) is rebuilt again,
+        // which copies it.
+        for slot in self.slots_where(|st| st == HEALTHY) {
+            if let Some((snap, _)) = self.missing_snapshots(slot.node).first() {
+                let cause = ReplicaError::NoSnapshot {
+                    volume: self.volume,
+                    snapshot: snap.id,
+                };
+                let _ = self.mark_faulted(&slot, &cause);
+            }
+        }
         let faulted: Vec<Arc<Slot>> = self.slots_where(|st| st == FAULTED);
         for slot in faulted {
             let up = self
@@ -105,6 +118,9 @@ impl Engine {
         target
             .open(&self.ctx.handle, epoch)
             .map_err(|e| format!("open: {e}"))?;
+        // The snapshots it lacks first, while it is faulted (see
+        // `catch_up`), then its head.
+        let mut copied = self.catch_up_snapshots(slot)?;
         self.set_state(slot, ReplicaState::Rebuilding)
             .map_err(|e| format!("recording rebuilding: {e}"))?;
         // Barrier: writes that chose their targets before the state change
@@ -114,7 +130,8 @@ impl Engine {
         }
         let r = self.copy_differences(slot);
         match r {
-            Ok(copied) => {
+            Ok(n) => {
+                copied += n;
                 let flushed = target.flush(epoch);
                 if let Err(e) = flushed {
                     let _ = self.mark_faulted(slot, &e);
@@ -160,11 +177,8 @@ impl Engine {
         const BATCH: u64 = 64;
         let es = self.extent_size;
         let total = self.size().div_ceil(es);
-        *self.progress.lock().expect("progress lock") = RebuildProgress {
-            node: Some(slot.node),
-            done_extents: 0,
-            total_extents: total,
-        };
+        // Progress goes on from the snapshots' catch-up.
+        let base = self.progress.lock().expect("progress lock").done_extents;
         let started = Instant::now();
         let mut copied = 0u64;
         let mut first = 0;
@@ -233,7 +247,7 @@ impl Engine {
             }
             copied = done.load(Ordering::Relaxed);
             first += count;
-            self.progress.lock().expect("progress lock").done_extents = first;
+            self.progress.lock().expect("progress lock").done_extents = base + first;
         }
         Ok(copied)
     }
@@ -287,7 +301,7 @@ impl Engine {
     }
 
     /// Sleeps so the copy rate stays under the configured bandwidth.
-    fn throttle(&self, started: Instant, copied: u64) {
+    pub(super) fn throttle(&self, started: Instant, copied: u64) {
         let bw = self.ctx.rebuild_bandwidth;
         if bw == 0 {
             return;

@@ -8,8 +8,10 @@
 //! call is in the snapshot on every replica that took it; no write that
 //! starts after it returns is. Rebuilding replicas do not take it (their
 //! data is incomplete): the snapshot records the nodes that took it, and
-//! only those are ever read for it. A healthy replica that fails to take
-//! it is recorded faulted like after any failed I/O.
+//! only those are ever read for it; the healer rebuilds them again
+//! afterwards, and a rebuild copies every snapshot a replica lacks (see
+//! `catch_up`). A healthy replica that fails to take it is recorded faulted
+//! like after any failed I/O.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -75,6 +75,10 @@ impl Hosted {
 
     /// Admits one I/O of `epoch`; hold the guard until the I/O is done.
     fn admit(&self, epoch: u64) -> Result<RwLockReadGuard<'_, u64>, ReplicaError> {
+        self.admit_as(Admit::Serve, epoch)
+    }
+
+    fn admit_as(&self, how: Admit, epoch: u64) -> Result<RwLockReadGuard<'_, u64>, ReplicaError> {
         loop {
             let g = self.fence.read().expect("fence lock");
             if self.gone.load(Ordering::Acquire) {
@@ -84,7 +88,7 @@ impl Hosted {
                 return Err(ReplicaError::Fenced { epoch, fence: *g });
             }
             if epoch == *g {
-                if self.unclean.load(Ordering::Acquire) {
+                if how == Admit::Serve && self.unclean.load(Ordering::Acquire) {
                     self.settle_unclean()?;
                 }
                 return Ok(g);
@@ -150,17 +154,41 @@ impl Hosted {
     }
 
     pub fn write(&self, epoch: u64, offset: u64, buf: &[u8]) -> Result<(), ReplicaError> {
-        let _g = self.admit(epoch)?;
+        self.write_as(Admit::Serve, epoch, offset, buf)
+    }
+
+    pub fn write_as(
+        &self,
+        how: Admit,
+        epoch: u64,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), ReplicaError> {
+        let _g = self.admit_as(how, epoch)?;
         self.replica.write(offset, buf)
     }
 
     pub fn zero_range(&self, epoch: u64, offset: u64, len: u64) -> Result<(), ReplicaError> {
-        let _g = self.admit(epoch)?;
+        self.zero_as(Admit::Serve, epoch, offset, len)
+    }
+
+    pub fn zero_as(
+        &self,
+        how: Admit,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ReplicaError> {
+        let _g = self.admit_as(how, epoch)?;
         self.replica.zero_range(offset, len)
     }
 
     pub fn flush(&self, epoch: u64) -> Result<(), ReplicaError> {
-        let _g = self.admit(epoch)?;
+        self.flush_as(Admit::Serve, epoch)
+    }
+
+    pub fn flush_as(&self, how: Admit, epoch: u64) -> Result<(), ReplicaError> {
+        let _g = self.admit_as(how, epoch)?;
         self.replica.flush()
     }
 
@@ -171,10 +199,7 @@ impl Hosted {
         first: u64,
         count: u64,
     ) -> Result<Vec<Option<u32>>, ReplicaError> {
-        let _g = self.admit(epoch)?;
-        (first..first + count)
-            .map(|e| self.replica.extent_checksum(e))
-            .collect()
+        self.scan(Admit::Serve, epoch, None, first, count, false)
     }
 
     /// Whether each of `count` extents from `first` is allocated; reads
@@ -185,10 +210,81 @@ impl Hosted {
         first: u64,
         count: u64,
     ) -> Result<Vec<bool>, ReplicaError> {
+        let map = self.scan(Admit::Serve, epoch, None, first, count, true)?;
+        Ok(map.iter().map(Option::is_some).collect())
+    }
+
+    /// crc32 per extent of the head or of snapshot `of` for `count`
+    /// extents from `first` (`None`: reads as zeros by absence); with
+    /// `allocation_only` only whether each has data (`Some(0)`), read from
+    /// the map alone.
+    pub fn scan(
+        &self,
+        how: Admit,
+        epoch: u64,
+        of: Option<SnapshotId>,
+        first: u64,
+        count: u64,
+        allocation_only: bool,
+    ) -> Result<Vec<Option<u32>>, ReplicaError> {
+        let _g = self.admit_as(how, epoch)?;
+        (first..first + count)
+            .map(|e| match (of, allocation_only) {
+                (None, false) => self.replica.extent_checksum(e),
+                (None, true) => Ok(self.replica.is_allocated(e).then_some(0)),
+                (Some(id), false) => self.replica.snapshot_extent_checksum(id, e),
+                (Some(id), true) => Ok(self.replica.snapshot_has_data(id, e)?.then_some(0)),
+            })
+            .collect()
+    }
+
+    /// Reads snapshot `id`, for a rebuild copying it to a replica that
+    /// lacks it.
+    pub fn read_snapshot(
+        &self,
+        epoch: u64,
+        id: SnapshotId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReplicaError> {
         let _g = self.admit(epoch)?;
-        Ok((first..first + count)
-            .map(|e| self.replica.is_allocated(e))
-            .collect())
+        self.replica.read_snapshot(id, offset, buf)
+    }
+
+    /// Freezes the head as snapshot `id` for the rebuild of `epoch`, which
+    /// made the head equal to that snapshot on a replica holding it: only
+    /// a ready snapshot of this volume that does not list this node, while
+    /// the state records this replica faulted (no engine writes to it, and
+    /// the reconciler leaves its unrecorded snapshots alone until it is
+    /// healthy again). A local snapshot of that id (a take that arrived
+    /// after its engine gave up on this replica) holds another point and is
+    /// dropped first.
+    pub fn adopt_snapshot(&self, epoch: u64, id: SnapshotId) -> Result<(), ReplicaError> {
+        let volume = self.replica.volume;
+        let me = self.me;
+        let adoptable = |s: &ClusterState| {
+            let snap = s
+                .snapshots
+                .get(&id)
+                .is_some_and(|x| x.volume == volume && x.ready && !x.replicas.contains(&me));
+            let faulted = s
+                .volumes
+                .get(&volume)
+                .and_then(|v| v.replica(me))
+                .is_some_and(|r| r.state == ReplicaState::Faulted);
+            snap && faulted
+        };
+        let deadline = std::time::Instant::now() + SNAPSHOT_RECORD_WAIT;
+        if !self.store.wait_until(deadline, |s, _| adoptable(s)) {
+            return Err(ReplicaError::Meta(format!(
+                "snapshot {id} is not one this faulted replica may adopt (not ready, already held, or the replica is not faulted)"
+            )));
+        }
+        let _g = self.admit_as(Admit::Repair, epoch)?;
+        if self.replica.snapshot_ids().contains(&id) {
+            self.replica.delete_snapshot(id)?;
+        }
+        self.replica.take_snapshot(id)
     }
 
     /// Freezes the head as snapshot `id` for the engine of `epoch`, whose
@@ -218,6 +314,29 @@ impl Hosted {
     pub fn revert(&self, epoch: u64, id: SnapshotId) -> Result<(), ReplicaError> {
         let _g = self.admit(epoch)?;
         self.replica.revert(id)
+    }
+}
+
+/// How an I/O is admitted past the fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// An engine's I/O: refused while the replica is unclean and the state
+    /// does not let it serve (see the module doc).
+    Serve,
+    /// A rebuild's catch-up of a faulted replica: nothing is read from it
+    /// for an application, so an unclean mark neither refuses it nor is
+    /// dropped by it (the rebuild's own `Serve` I/O drops it once the
+    /// state shows the replica rebuilding).
+    Repair,
+}
+
+impl Admit {
+    pub fn of(repair: bool) -> Admit {
+        if repair {
+            Admit::Repair
+        } else {
+            Admit::Serve
+        }
     }
 }
 

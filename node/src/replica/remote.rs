@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cairn_proto::data::data_client::DataClient;
 use cairn_proto::data::{
-    ChecksumsRequest, ExtentChecksum, FreeRequest, Header, OpenRequest, SnapshotOp,
+    ChecksumsRequest, FreeRequest, Header, OpenRequest, ReadSnapshotRequest, SnapshotOp,
     SnapshotRequest, SnapshotSpace, DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
 };
 use cairn_proto::frame::{self, Request};
@@ -154,7 +154,9 @@ impl RemoteReplica {
             applied_index,
         };
         let limit = match op {
-            SnapshotOp::Take | SnapshotOp::List | SnapshotOp::Unspecified => TAKE_TIMEOUT,
+            SnapshotOp::Take | SnapshotOp::List | SnapshotOp::Unspecified | SnapshotOp::Adopt => {
+                TAKE_TIMEOUT
+            }
             SnapshotOp::Revert | SnapshotOp::Delete => REWRITE_TIMEOUT,
         };
         bounded(epoch, limit, c.snapshot(req))
@@ -235,14 +237,79 @@ impl RemoteReplica {
         self.fast.call(&req, &[]).map(|_| ())
     }
 
+    /// A rebuild's catch-up write, zeroing or flush of a faulted replica
+    /// (see [`frame::OP_REPAIR_WRITE`]).
+    pub fn repair_write_blocking(
+        &self,
+        epoch: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ReplicaError> {
+        let req = self.frame(
+            frame::OP_REPAIR_WRITE,
+            epoch,
+            offset,
+            data.len() as u64,
+            crc32fast::hash(data),
+        );
+        self.fast.call(&req, data).map(|_| ())
+    }
+
+    pub fn repair_zero_blocking(
+        &self,
+        epoch: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), ReplicaError> {
+        let req = self.frame(frame::OP_REPAIR_ZERO, epoch, offset, length, 0);
+        self.fast.call(&req, &[]).map(|_| ())
+    }
+
+    pub fn repair_flush_blocking(&self, epoch: u64) -> Result<(), ReplicaError> {
+        let req = self.frame(frame::OP_REPAIR_FLUSH, epoch, 0, 0, 0);
+        self.fast.call(&req, &[]).map(|_| ())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of snapshot `id` (at most one
+    /// extent).
+    pub async fn read_snapshot(
+        &self,
+        epoch: u64,
+        id: SnapshotId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReplicaError> {
+        let mut c = self.client.clone();
+        let req = ReadSnapshotRequest {
+            header: self.header_of(DATA_PROTOCOL_VERSION, epoch),
+            snapshot_id: id.to_string(),
+            offset,
+            length: buf.len() as u64,
+        };
+        let r = bounded(epoch, IO_TIMEOUT, c.read_snapshot(req)).await?;
+        if r.data.len() != buf.len() {
+            return Err(ReplicaError::Remote(format!(
+                "snapshot read returned {} bytes, {} asked",
+                r.data.len(),
+                buf.len()
+            )));
+        }
+        if crc32fast::hash(&r.data) != r.crc32 {
+            return Err(ReplicaError::Remote(
+                "snapshot read failed its checksum".into(),
+            ));
+        }
+        buf.copy_from_slice(&r.data);
+        Ok(())
+    }
+
     pub async fn checksums(
         &self,
         epoch: u64,
         first: u64,
         count: u64,
     ) -> Result<Vec<Option<u32>>, ReplicaError> {
-        let r = self.scan(epoch, first, count, false).await?;
-        Ok(r.iter().map(|e| e.allocated.then_some(e.crc32)).collect())
+        self.scan(epoch, Scan::head(), first, count).await
     }
 
     /// Which extents are allocated (the replica reads nothing).
@@ -252,23 +319,37 @@ impl RemoteReplica {
         first: u64,
         count: u64,
     ) -> Result<Vec<bool>, ReplicaError> {
-        let r = self.scan(epoch, first, count, true).await?;
-        Ok(r.iter().map(|e| e.allocated).collect())
+        let scan = Scan {
+            allocation_only: true,
+            ..Scan::head()
+        };
+        let r = self.scan(epoch, scan, first, count).await?;
+        Ok(r.iter().map(Option::is_some).collect())
     }
 
-    async fn scan(
+    /// Checksums (or with `allocation_only`, `Some(0)` for each extent
+    /// with data) of the head or a snapshot, as `scan` says.
+    pub async fn scan(
         &self,
         epoch: u64,
+        scan: Scan,
         first: u64,
         count: u64,
-        allocation_only: bool,
-    ) -> Result<Vec<ExtentChecksum>, ReplicaError> {
+    ) -> Result<Vec<Option<u32>>, ReplicaError> {
         let mut c = self.client.clone();
+        // A snapshot's checksums need a node that knows the field (an
+        // older one would answer for the head).
+        let header = match scan.snapshot {
+            Some(_) => self.header_of(DATA_PROTOCOL_VERSION, epoch),
+            None => self.header(epoch),
+        };
         let req = ChecksumsRequest {
-            header: self.header(epoch),
+            header,
             first_extent: first,
             count: count as u32,
-            allocation_only,
+            allocation_only: scan.allocation_only,
+            snapshot_id: scan.snapshot.map(|s| s.to_string()).unwrap_or_default(),
+            repair: scan.repair,
         };
         let r = bounded(epoch, SCAN_TIMEOUT, c.checksums(req)).await?;
         if r.extents.len() as u64 != count {
@@ -277,6 +358,30 @@ impl RemoteReplica {
                 r.extents.len()
             )));
         }
-        Ok(r.extents)
+        Ok(r.extents
+            .iter()
+            .map(|e| e.allocated.then_some(e.crc32))
+            .collect())
+    }
+}
+
+/// What a checksum request covers.
+#[derive(Debug, Clone, Copy)]
+pub struct Scan {
+    /// A snapshot's extents instead of the head's.
+    pub snapshot: Option<SnapshotId>,
+    /// Which extents have data, read from the map alone.
+    pub allocation_only: bool,
+    /// A rebuild's catch-up of a faulted replica (see [`super::host::Admit`]).
+    pub repair: bool,
+}
+
+impl Scan {
+    pub fn head() -> Scan {
+        Scan {
+            snapshot: None,
+            allocation_only: false,
+            repair: false,
+        }
     }
 }

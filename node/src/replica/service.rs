@@ -1,6 +1,7 @@
 //! The replica control service (gRPC): remote engines open the replicas
 //! this node hosts (raising their epoch fence) and read extent checksums
-//! for rebuilds, and runs snapshot operations on them. Every field is checked before use (version, cluster,
+//! for rebuilds, runs snapshot operations on them and reads their snapshots
+//! for rebuilds that copy them. Every field is checked before use (version, cluster,
 //! volume id, ranges); pool I/O runs on the blocking pool. Reads and writes
 //! arrive on the framed path ([`super::wire`]).
 
@@ -9,14 +10,16 @@ use std::sync::{Arc, OnceLock};
 use cairn_proto::data::data_server::Data;
 use cairn_proto::data::{
     ChecksumsReply, ChecksumsRequest, ExtentChecksum, FreeReply, FreeRequest, Header, OpenReply,
-    OpenRequest, SnapshotOp, SnapshotReply, SnapshotRequest, SnapshotSpace, DATA_PROTOCOL_MIN,
-    DATA_PROTOCOL_VERSION,
+    OpenRequest, ReadSnapshotReply, ReadSnapshotRequest, SnapshotOp, SnapshotReply,
+    SnapshotRequest, SnapshotSpace, DATA_PROTOCOL_MIN, DATA_PROTOCOL_VERSION,
 };
 use tonic::{Request, Response, Status};
 
-use super::host::{HostMap, Hosted};
+use super::host::{Admit, HostMap, Hosted};
 use super::ReplicaError;
 use crate::cluster::store::ClusterStore;
+use crate::pool::IO_ALIGN;
+use crate::sys::AlignedBuf;
 use crate::types::{SnapshotId, VolumeId, MAX_VOLUME_SIZE};
 
 /// Most extents one checksum request may cover.
@@ -201,13 +204,17 @@ impl Data for DataService {
             MAX_VOLUME_SIZE,
         )?;
         let (first, count) = (r.first_extent, r.count as u64);
-        let sums = if r.allocation_only {
-            let map = h
-                .allocation(epoch, first, count)
-                .map_err(ReplicaError::grpc_status)?;
-            map.into_iter().map(|a| a.then_some(0)).collect()
+        let of = if r.snapshot_id.is_empty() {
+            None
         } else {
-            blocking(move || h.checksums(epoch, first, count)).await?
+            Some(snapshot_id(&r.snapshot_id)?)
+        };
+        let how = Admit::of(r.repair);
+        let sums = if r.allocation_only {
+            h.scan(how, epoch, of, first, count, true)
+                .map_err(ReplicaError::grpc_status)?
+        } else {
+            blocking(move || h.scan(how, epoch, of, first, count, false)).await?
         };
         Ok(Response::new(ChecksumsReply {
             extent_size: es,
@@ -257,6 +264,10 @@ impl Data for DataService {
                 let id = snapshot_id(&r.snapshot_id)?;
                 blocking(move || hosted.revert(epoch, id)).await?;
             }
+            SnapshotOp::Adopt => {
+                let id = snapshot_id(&r.snapshot_id)?;
+                blocking(move || hosted.adopt_snapshot(epoch, id)).await?;
+            }
             SnapshotOp::Delete => {
                 let id = snapshot_id(&r.snapshot_id)?;
                 let index = r.applied_index;
@@ -270,5 +281,33 @@ impl Data for DataService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(SnapshotReply { snapshots }))
+    }
+
+    async fn read_snapshot(
+        &self,
+        req: Request<ReadSnapshotRequest>,
+    ) -> Result<Response<ReadSnapshotReply>, Status> {
+        let r = req.into_inner();
+        let id = snapshot_id(&r.snapshot_id)?;
+        let (epoch, h) = self.hosted(r.header).await?;
+        let es = h.replica.extent_size();
+        check_range(r.offset, r.length, es)?;
+        if !r.offset.is_multiple_of(IO_ALIGN as u64) || !r.length.is_multiple_of(IO_ALIGN as u64) {
+            return Err(Status::invalid_argument(format!(
+                "a snapshot read must be aligned to {IO_ALIGN} bytes"
+            )));
+        }
+        let (offset, length) = (r.offset, r.length as usize);
+        let data = blocking(move || {
+            let mut buf = AlignedBuf::new(length, IO_ALIGN);
+            h.read_snapshot(epoch, id, offset, buf.as_mut_slice())?;
+            Ok(buf.as_slice().to_vec())
+        })
+        .await?;
+        let crc32 = crc32fast::hash(&data);
+        Ok(Response::new(ReadSnapshotReply {
+            data: data.into(),
+            crc32,
+        }))
     }
 }

@@ -121,6 +121,29 @@ impl LocalReplica {
         self.read_layer(Some(layer), offset, buf)
     }
 
+    /// Whether snapshot `id` reads anything but zeros-by-absence from
+    /// extent `e` (a clone's origin included).
+    pub fn snapshot_has_data(&self, id: SnapshotId, e: u64) -> Result<bool, ReplicaError> {
+        Ok(self.view_has_data(e, self.layer(id)?))
+    }
+
+    /// crc32 of extent `e` of snapshot `id` (read whole), `None` when it
+    /// reads as zeros by absence: what [`LocalReplica::extent_checksum`]
+    /// is for the head.
+    pub fn snapshot_extent_checksum(
+        &self,
+        id: SnapshotId,
+        e: u64,
+    ) -> Result<Option<u32>, ReplicaError> {
+        if !self.snapshot_has_data(id, e)? {
+            return Ok(None);
+        }
+        let es = self.pool.extent_size as usize;
+        let mut buf = AlignedBuf::new(es, IO_ALIGN);
+        self.read_snapshot(id, e * es as u64, buf.as_mut_slice())?;
+        Ok(Some(crc32fast::hash(buf.as_slice())))
+    }
+
     /// Space of each snapshot: what its layer holds, and what deleting it
     /// would free (its extents the next layer also has a version of; the
     /// others would move to that layer).

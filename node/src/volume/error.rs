@@ -93,7 +93,7 @@ pub enum VolumeError {
     TooManySnapshots(String),
     #[error("snapshot {volume}@{name} is not ready yet (it is being taken, or taking it failed)")]
     SnapshotNotReady { volume: String, name: String },
-    #[error("volume {name:?} has {count} snapshot(s); delete them first")]
+    #[error("volume {name:?} has {count} snapshot(s); delete them first, or delete it keeping them (`cairn volume rm --keep-snapshots`, `?keep_snapshots=true`)")]
     HasSnapshots { name: String, count: usize },
     #[error("volume {0:?} is being reverted to a snapshot; retry the revert to finish it")]
     Reverting(String),

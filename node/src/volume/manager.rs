@@ -407,7 +407,17 @@ impl VolumeManager {
         self.guard(name).map(Claim)
     }
 
+    /// Volume `name`, unless it was deleted with its snapshots kept.
     fn find(&self, name: &str) -> Result<Volume, VolumeError> {
+        self.find_any(name).and_then(|v| {
+            (!v.retired)
+                .then_some(v)
+                .ok_or_else(|| VolumeError::NotFound(name.into()))
+        })
+    }
+
+    /// Volume `name`, retired or not: for its snapshots.
+    fn find_any(&self, name: &str) -> Result<Volume, VolumeError> {
         self.store
             .read()
             .volume_by_name(name)
@@ -545,6 +555,11 @@ impl VolumeManager {
             Ok(s) => Ok(s.applied),
             Err(StoreError::Refused(e)) => Err(match e {
                 StateError::VolumeExists(n) => VolumeError::AlreadyExists(n),
+                StateError::NameKeptBySnapshots(n) => VolumeError::InUse {
+                    why: format!("a deleted volume of that name is kept for its snapshots; delete them (`cairn snapshot ls {n}`) or choose another name"),
+                    name: n,
+                },
+                StateError::Retired { .. } => VolumeError::NotFound(name.into()),
                 StateError::VolumeNotFound(_) => VolumeError::NotFound(name.into()),
                 StateError::InvalidSize(s) => VolumeError::InvalidSize(format!("{s} bytes")),
                 StateError::Shrink { current, requested } => VolumeError::Shrink {

@@ -138,6 +138,18 @@ pub struct VerifyView {
     pub replicas: u32,
     pub mismatched: Vec<u64>,
     pub repaired: Vec<RepairView>,
+    pub snapshots: Vec<SnapshotVerifyView>,
+}
+
+/// One snapshot compared across the healthy replicas holding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotVerifyView {
+    pub name: String,
+    /// The healthy replicas holding it, which were compared.
+    pub compared: Vec<String>,
+    /// Healthy replicas that do not hold it yet.
+    pub lacking: Vec<String>,
+    pub mismatched: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -321,17 +321,50 @@ fn snapshots_and_clones_through_csi() {
     c.ok("unknown", del("pvc-src@nope"));
     c.ok("malformed", del("garbage"));
     c.ok("unknown volume", del("pvc-none@x"));
-    // A volume with snapshots is not deleted (FAILED_PRECONDITION).
+    // A volume with snapshots is deleted, its snapshots kept: still
+    // listed, still sources (Kubernetes users delete PVCs whose
+    // VolumeSnapshots they keep).
+    let before = list(ListSnapshotsRequest::default());
+    let delete_src = || {
+        let mut client = ctl();
+        async move {
+            client
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: "pvc-src".into(),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    c.ok("DeleteVolume with snapshots", delete_src());
+    c.ok("DeleteVolume with snapshots again", delete_src());
+    assert!(!names(n0).contains(&"pvc-src".to_string()));
+    assert_eq!(
+        n0.api("GET", "/v1/volumes/pvc-src", None).0,
+        404,
+        "a deleted volume is not shown"
+    );
+    assert_eq!(list(ListSnapshotsRequest::default()), before);
+    let lv = c.ok(
+        "ListVolumes",
+        ctl().list_volumes(ListVolumesRequest::default()),
+    );
+    assert!(lv
+        .entries
+        .iter()
+        .all(|e| e.volume.as_ref().is_some_and(|v| v.volume_id != "pvc-src")));
+    c.ok(
+        "CreateVolume from a deleted volume's snapshot",
+        ctl().create_volume(from(of_snapshot(&s.snapshot_id), "pvc-c3", 32 * MIB)),
+    );
+    assert_eq!(device_sha(n0, "pvc-c3"), at_snapshot);
     c.fails(
-        "DeleteVolume with snapshots",
-        FailedPrecondition,
-        ctl().delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-src".into(),
-            ..Default::default()
-        }),
+        "CreateVolume from the deleted volume itself",
+        NotFound,
+        ctl().create_volume(from(of_volume("pvc-src"), "pvc-c4", 32 * MIB)),
     );
     wait_for("the clones filled", Duration::from_secs(60), || {
-        ["pvc-c1", "pvc-c2"]
+        ["pvc-c1", "pvc-c2", "pvc-c3"]
             .iter()
             .all(|v| n0.inspect(v)["origin"]["filling"] == serde_json::json!([]))
     });
@@ -340,7 +373,12 @@ fn snapshots_and_clones_through_csi() {
         c.ok("DeleteSnapshot again", del(id));
     }
     assert!(list(ListSnapshotsRequest::default()).entries.is_empty());
-    for v in ["pvc-c1", "pvc-c2", "pvc-other", "pvc-src"] {
+    // The last snapshot took the deleted volume along: its name is free.
+    c.ok(
+        "CreateVolume with the freed name",
+        ctl().create_volume(create_req("pvc-src", 16 * MIB, block_cap(), &[])),
+    );
+    for v in ["pvc-c1", "pvc-c2", "pvc-c3", "pvc-other", "pvc-src"] {
         c.ok(
             "DeleteVolume",
             ctl().delete_volume(DeleteVolumeRequest {

@@ -75,6 +75,7 @@ impl ClusterState {
                         backed: backed.clone(),
                         implicit: *implicit,
                     }),
+                    retired: false,
                 };
                 self.volumes.insert(*id, volume);
             }

@@ -1,11 +1,12 @@
 //! The snapshot commands of the cluster state: taking one (its name is
-//! reserved first, it is ready once replicas froze it), forgetting one,
+//! reserved first, it is ready once replicas froze it), a rebuild copying
+//! one to a replica that lacks it, forgetting one,
 //! and the revert guard (a new epoch and no attach until every healthy
 //! replica's head equals the snapshot).
 
 use std::collections::BTreeSet;
 
-use super::{ClusterState, Command, Reverting, Snapshot, StateError, MAX_SNAPSHOTS};
+use super::{ClusterState, Command, ReplicaState, Reverting, Snapshot, StateError, MAX_SNAPSHOTS};
 use crate::types::validate_snapshot_name;
 
 impl ClusterState {
@@ -17,7 +18,7 @@ impl ClusterState {
                 name,
                 created_unix_ms,
             } => {
-                let v = self.volume(*volume)?;
+                let v = self.live(*volume)?;
                 validate_snapshot_name(name).map_err(StateError::InvalidSnapshotName)?;
                 if v.reverting.is_some() {
                     return Err(StateError::Reverting { id: *volume });
@@ -60,6 +61,41 @@ impl ClusterState {
                 s.ready = true;
                 s.replicas = nodes.clone();
             }
+            Command::SnapshotCopied { id, node, epoch } => {
+                let s = self
+                    .snapshots
+                    .get(id)
+                    .ok_or(StateError::SnapshotNotFound(*id))?;
+                if !s.ready {
+                    return Err(StateError::SnapshotNotReady { id: *id });
+                }
+                if s.replicas.contains(node) {
+                    // Already recorded (a repeated proposal).
+                    return Ok(());
+                }
+                let v = self.volume(s.volume)?;
+                if v.epoch != *epoch {
+                    return Err(StateError::StaleEpoch {
+                        id: v.id,
+                        given: *epoch,
+                        current: v.epoch,
+                    });
+                }
+                let faulted = v
+                    .replica(*node)
+                    .is_some_and(|r| r.state == ReplicaState::Faulted);
+                if !faulted {
+                    return Err(StateError::NotACopyTarget {
+                        id: *id,
+                        node: *node,
+                    });
+                }
+                self.snapshots
+                    .get_mut(id)
+                    .expect("checked")
+                    .replicas
+                    .insert(*node);
+            }
             Command::DeleteSnapshot { id } => {
                 let s = self
                     .snapshots
@@ -76,10 +112,40 @@ impl ClusterState {
                 if let Some(clone) = self.clone_of(*id) {
                     return Err(StateError::SnapshotBacksClone { id: *id, clone });
                 }
+                let volume = s.volume;
                 self.snapshots.remove(id);
+                let retired = self.volumes.get(&volume).is_some_and(|v| v.retired);
+                if retired && self.snapshots_of(volume).is_empty() {
+                    self.remove_volume(volume);
+                }
+            }
+            Command::RetireVolume { id } => {
+                let v = self.volume(*id)?;
+                if v.retired {
+                    return Ok(()); // a repeated proposal
+                }
+                if v.attachment.is_some() {
+                    return Err(StateError::Attached(*id));
+                }
+                if !v.readers.is_empty() {
+                    return Err(StateError::HasReaders {
+                        id: *id,
+                        count: v.readers.len(),
+                    });
+                }
+                if v.reverting.is_some() {
+                    return Err(StateError::Reverting { id: *id });
+                }
+                if self.snapshots_of(*id).is_empty() {
+                    self.remove_volume(*id);
+                    return Ok(());
+                }
+                // It keeps its name (snapshot ids are `VOLUME@NAME`) until
+                // it goes with its last snapshot.
+                self.volumes.get_mut(id).expect("checked").retired = true;
             }
             Command::BeginRevert { id, snapshot } => {
-                let v = self.volume(*id)?;
+                let v = self.live(*id)?;
                 let s = self
                     .snapshots
                     .get(snapshot)

@@ -24,7 +24,14 @@ fn entries_carry_their_version_and_decode_strictly() {
     let snap = Command::DeleteSnapshot {
         id: Id128::random(),
     };
-    assert_eq!(&encode_command(&snap)[..2], &[ENTRY_MAGIC, ENTRY_VERSION]);
+    assert_eq!(&encode_command(&snap)[..2], &[ENTRY_MAGIC, 3]);
+    let copied = Command::SnapshotCopied {
+        id: Id128::random(),
+        node: Id128::random(),
+        epoch: 1,
+    };
+    assert_eq!(&encode_command(&copied)[..2], &[ENTRY_MAGIC, ENTRY_VERSION]);
+    assert_eq!(decode_command(&encode_command(&copied)), Ok(copied));
     assert_eq!(decode_command(&encode_command(&snap)), Ok(snap));
     assert_eq!(decode_command(&bytes), Ok(c.clone()));
     // Entries from before versions: plain JSON.
@@ -387,8 +394,14 @@ fn command() -> impl proptest::strategy::Strategy<Value = Command> {
             name: format!("s{n}"),
             created_unix_ms: 0,
         }),
-        (snap.clone(), proptest::collection::btree_set(node, 0..3))
+        (
+            snap.clone(),
+            proptest::collection::btree_set(node.clone(), 0..3)
+        )
             .prop_map(|(id, nodes)| Command::SnapshotTaken { id, nodes }),
+        (snap.clone(), node.clone(), 0u64..3)
+            .prop_map(|(id, node, epoch)| Command::SnapshotCopied { id, node, epoch }),
+        vol.clone().prop_map(|id| Command::RetireVolume { id }),
         snap.clone().prop_map(|id| Command::DeleteSnapshot { id }),
         (vol.clone(), snap).prop_map(|(id, snapshot)| Command::BeginRevert { id, snapshot }),
         (vol.clone(), 0u64..4).prop_map(|(id, epoch)| Command::EndRevert { id, epoch }),
@@ -782,4 +795,195 @@ fn a_clone_is_healthy_where_it_reads_through_and_guards_its_origin_until_filled(
     s.apply(&Command::DeleteVolume { id: c2 })
         .expect("delete clone");
     assert!(!s.snapshots.contains_key(&implicit));
+}
+
+#[test]
+fn a_snapshot_is_recorded_copied_only_to_a_faulted_replica_at_the_current_epoch() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, n2, s1) = (Id128::random(), Id128::random(), Id128::random());
+    s.apply(&create(a, "a")).expect("create");
+    s.apply(&register(n2, "n2")).expect("register");
+    s.apply(&Command::AddReplica { id: a, node: n2 })
+        .expect("add");
+    let first = s.volumes[&a].replicas[0].node;
+    s.apply(&Command::CreateSnapshot {
+        id: s1,
+        volume: a,
+        name: "s1".into(),
+        created_unix_ms: 1,
+    })
+    .expect("snapshot");
+    let epoch = s.volumes[&a].epoch;
+    let copied = |node, epoch| Command::SnapshotCopied {
+        id: s1,
+        node,
+        epoch,
+    };
+    // Not ready yet.
+    assert_eq!(
+        s.apply(&copied(n2, epoch)),
+        Err(StateError::SnapshotNotReady { id: s1 })
+    );
+    s.apply(&Command::SnapshotTaken {
+        id: s1,
+        nodes: [first].into(),
+    })
+    .expect("taken");
+    let n2_state = s.volumes[&a].replica(n2).expect("replica").state;
+    if n2_state != ReplicaState::Faulted {
+        s.apply(&Command::SetReplicaState {
+            id: a,
+            node: n2,
+            state: ReplicaState::Faulted,
+            epoch,
+        })
+        .expect("faulted");
+    }
+    let before = s.clone();
+    for (cmd, what) in [
+        (copied(Id128::random(), epoch), "not a replica"),
+        (copied(n2, epoch + 1), "another epoch"),
+        (
+            Command::SnapshotCopied {
+                id: Id128::random(),
+                node: n2,
+                epoch,
+            },
+            "unknown snapshot",
+        ),
+    ] {
+        assert!(s.apply(&cmd).is_err(), "{what} accepted");
+        assert_eq!(s, before, "{what} changed the state");
+    }
+    s.apply(&copied(n2, epoch)).expect("copied");
+    assert!(s.snapshots[&s1].replicas.contains(&n2));
+    // Repeated: nothing changes.
+    let after = s.clone();
+    s.apply(&copied(n2, epoch)).expect("again");
+    assert_eq!(s, after);
+    // A healthy replica is never recorded a copy it did not get.
+    s.apply(&Command::DeleteSnapshot { id: s1 })
+        .expect("delete");
+    let s2 = Id128::random();
+    s.apply(&Command::CreateSnapshot {
+        id: s2,
+        volume: a,
+        name: "s2".into(),
+        created_unix_ms: 2,
+    })
+    .expect("snapshot");
+    s.apply(&Command::SnapshotTaken {
+        id: s2,
+        nodes: [n2].into(),
+    })
+    .expect("taken");
+    assert_eq!(
+        s.apply(&Command::SnapshotCopied {
+            id: s2,
+            node: first,
+            epoch,
+        }),
+        Err(StateError::NotACopyTarget {
+            id: s2,
+            node: first
+        })
+    );
+}
+
+#[test]
+fn a_retired_volume_keeps_its_snapshots_and_name_and_goes_with_the_last() {
+    let mut s = ClusterState::new(Id128::random());
+    let (a, b, s1, s2) = (
+        Id128::random(),
+        Id128::random(),
+        Id128::random(),
+        Id128::random(),
+    );
+    s.apply(&create(a, "a")).expect("create");
+    s.apply(&create(b, "b")).expect("create");
+    // Without snapshots, retiring deletes.
+    s.apply(&Command::RetireVolume { id: b }).expect("retire");
+    assert!(!s.volumes.contains_key(&b));
+    let node = s.volumes[&a].replicas[0].node;
+    for (id, name) in [(s1, "one"), (s2, "two")] {
+        s.apply(&Command::CreateSnapshot {
+            id,
+            volume: a,
+            name: name.into(),
+            created_unix_ms: 1,
+        })
+        .expect("snapshot");
+        s.apply(&Command::SnapshotTaken {
+            id,
+            nodes: [node].into(),
+        })
+        .expect("taken");
+    }
+    s.apply(&Command::Attach {
+        id: a,
+        node,
+        force: false,
+    })
+    .expect("attach");
+    let before = s.clone();
+    assert_eq!(
+        s.apply(&Command::RetireVolume { id: a }),
+        Err(StateError::Attached(a))
+    );
+    assert_eq!(s, before);
+    s.apply(&Command::Detach { id: a, node }).expect("detach");
+    s.apply(&Command::RetireVolume { id: a }).expect("retire");
+    assert!(s.volumes[&a].retired);
+    s.apply(&Command::RetireVolume { id: a }).expect("repeated");
+    let retired = s.clone();
+    for (cmd, what) in [
+        (
+            Command::Attach {
+                id: a,
+                node,
+                force: false,
+            },
+            "attach",
+        ),
+        (Command::AttachReader { id: a, node }, "reader"),
+        (
+            Command::ResizeVolume {
+                id: a,
+                size_bytes: 2 << 30,
+            },
+            "resize",
+        ),
+        (
+            Command::CreateSnapshot {
+                id: Id128::random(),
+                volume: a,
+                name: "three".into(),
+                created_unix_ms: 2,
+            },
+            "snapshot",
+        ),
+        (
+            Command::BeginRevert {
+                id: a,
+                snapshot: s1,
+            },
+            "revert",
+        ),
+        (create(Id128::random(), "a"), "its name reused"),
+    ] {
+        assert!(s.apply(&cmd).is_err(), "{what} accepted");
+        assert_eq!(s, retired, "{what} changed the state");
+    }
+    assert_eq!(
+        s.apply(&create(Id128::random(), "a")),
+        Err(StateError::NameKeptBySnapshots("a".into()))
+    );
+    s.apply(&Command::DeleteSnapshot { id: s1 })
+        .expect("delete");
+    assert!(s.volumes.contains_key(&a), "one snapshot left");
+    s.apply(&Command::DeleteSnapshot { id: s2 })
+        .expect("delete");
+    assert!(!s.volumes.contains_key(&a), "gone with its last snapshot");
+    s.apply(&create(Id128::random(), "a"))
+        .expect("the name is free");
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cairn_proto::frame::{self, Reply, Request};
 
-use super::super::host::{HostMap, MAX_DATA_CONNECTIONS};
+use super::super::host::{Admit, HostMap, MAX_DATA_CONNECTIONS};
 use super::super::ReplicaError;
 use super::*;
 use crate::cluster::store::ClusterStore;
@@ -58,7 +58,7 @@ impl Server {
             let Some(req) = Request::decode(&hdr) else {
                 return;
             };
-            let inbound = if req.op == frame::OP_WRITE {
+            let inbound = if req.op == frame::OP_WRITE || req.op == frame::OP_REPAIR_WRITE {
                 req.length
             } else {
                 0
@@ -124,7 +124,7 @@ impl Server {
             .get_or_create(volume, &self.store)
             .map_err(fail)?;
         match req.op {
-            frame::OP_WRITE => {
+            frame::OP_WRITE | frame::OP_REPAIR_WRITE => {
                 if crc32fast::hash(payload) != req.crc {
                     return Err((
                         frame::CORRUPT,
@@ -132,7 +132,9 @@ impl Server {
                         "write payload failed its checksum".into(),
                     ));
                 }
-                h.write(req.epoch, req.offset, payload).map_err(fail)?;
+                let admit = Admit::of(req.op == frame::OP_REPAIR_WRITE);
+                h.write_as(admit, req.epoch, req.offset, payload)
+                    .map_err(fail)?;
                 Ok(Vec::new())
             }
             frame::OP_READ => {
@@ -143,9 +145,17 @@ impl Server {
                 h.read(req.epoch, req.offset, &mut buf).map_err(fail)?;
                 Ok(buf)
             }
-            frame::OP_FLUSH => h.flush(req.epoch).map(|_| Vec::new()).map_err(fail),
-            frame::OP_ZERO => h
-                .zero_range(req.epoch, req.offset, req.length)
+            frame::OP_FLUSH | frame::OP_REPAIR_FLUSH => h
+                .flush_as(Admit::of(req.op == frame::OP_REPAIR_FLUSH), req.epoch)
+                .map(|_| Vec::new())
+                .map_err(fail),
+            frame::OP_ZERO | frame::OP_REPAIR_ZERO => h
+                .zero_as(
+                    Admit::of(req.op == frame::OP_REPAIR_ZERO),
+                    req.epoch,
+                    req.offset,
+                    req.length,
+                )
                 .map(|_| Vec::new())
                 .map_err(fail),
             other => Err(invalid(format!("unknown op {other}"))),

@@ -33,7 +33,7 @@ impl VolumeManager {
         let id = VolumeId::random();
         let (volume, snapshot, implicit) = match source {
             CloneSource::Snapshot { volume, snapshot } => {
-                let v = self.find(volume)?;
+                let v = self.find_any(volume)?;
                 let s = self.find_snapshot(&v, snapshot)?;
                 (v, s, false)
             }

@@ -41,7 +41,8 @@ impl VolumeManager {
         let fs = req.fs;
         // Placement decides on everything committed (linearizable read).
         self.sync_read()?;
-        if self.store.read().volume_by_name(&req.name).is_some() {
+        // (A retired volume's name is refused by the state, saying why.)
+        if self.find(&req.name).is_ok() {
             return Err(VolumeError::AlreadyExists(req.name.clone()));
         }
         if let Some(source) = &req.source {
@@ -182,6 +183,40 @@ impl VolumeManager {
             self.teardown(&v, true, true)?;
         }
         let index = self.propose_at(Command::DeleteVolume { id: v.id }, name)?;
+        Ok(self.free_volume(&v, index))
+    }
+
+    /// Deletes volume `name` but keeps its snapshots (listed, usable as
+    /// clone sources, deletable): without snapshots it is deleted as
+    /// [`VolumeManager::delete`] does; with some it is retired (hidden,
+    /// never attached again, its name still taken) and goes with its last
+    /// snapshot. What CSI's DeleteVolume does.
+    pub fn delete_keeping_snapshots(&self, name: &str) -> Result<Vec<String>, VolumeError> {
+        let v = self.find(name)?;
+        if self.store.read().snapshots_of(v.id).is_empty() {
+            return self.delete(name, false);
+        }
+        let _g = self.guard(name)?;
+        if let Some(a) = &v.attachment {
+            return Err(VolumeError::Attached {
+                name: name.into(),
+                node: self.node_name(a.node),
+            });
+        }
+        self.refuse_nbd_users(&v)?;
+        let index = self.propose_at(Command::RetireVolume { id: v.id }, name)?;
+        if self.store.read().volumes.contains_key(&v.id) {
+            tracing::info!(volume = %name, "deleted volume; kept for its snapshots until the last is deleted");
+            return Ok(Vec::new());
+        }
+        // Its snapshots went meanwhile: the volume went with the command.
+        Ok(self.free_volume(&v, index))
+    }
+
+    /// Stops the engine of `v`, which the state forgot at `index`, and
+    /// frees every replica's copy; returns the nodes that did not confirm.
+    pub(super) fn free_volume(&self, v: &Volume, index: u64) -> Vec<String> {
+        let name = &v.name;
         if let Some(e) = self.engines.write().expect("engines lock").remove(&v.id) {
             e.stop();
         }
@@ -192,13 +227,13 @@ impl VolumeManager {
             tracing::error!(volume = %name, error = %e, "freeing deleted volume's space failed; retried");
             pending.push(self.node_name(self.cfg.node_id));
         }
-        pending.extend(self.free_remote_copies(&v, index));
+        pending.extend(self.free_remote_copies(v, index));
         if pending.is_empty() {
             tracing::info!(volume = %name, "deleted volume; its space is free on every replica node");
         } else {
             tracing::warn!(volume = %name, pending = ?pending, "deleted volume; space not freed yet on some nodes (freed when they answer)");
         }
-        Ok(pending)
+        pending
     }
 
     /// Asks each other node that held a replica of the deleted `v` to free

@@ -245,9 +245,13 @@ impl VolumeManager {
     pub fn snapshot_delete(&self, volume: &str, name: &str) -> Result<Vec<String>, VolumeError> {
         let _g = self.guard(volume)?;
         self.sync_read()?;
-        let v = self.find(volume)?;
+        let v = self.find_any(volume)?;
         let s = self.find_snapshot(&v, name)?;
         let index = self.propose_at(Command::DeleteSnapshot { id: s.id }, volume)?;
+        if v.retired && !self.store.read().volumes.contains_key(&v.id) {
+            // The last snapshot of a deleted volume took the volume along.
+            return Ok(self.free_volume(&v, index));
+        }
         let pending = self.free_snapshot(&v, s.id, index);
         if pending.is_empty() {
             tracing::info!(
@@ -351,7 +355,7 @@ impl VolumeManager {
     }
 
     pub fn snapshot_inspect(&self, volume: &str, name: &str) -> Result<SnapshotView, VolumeError> {
-        let v = self.find(volume)?;
+        let v = self.find_any(volume)?;
         let s = self.find_snapshot(&v, name)?;
         let spaces = self.snapshot_spaces(&v);
         Ok(self.snapshot_view(&v, &s, &spaces))
@@ -361,7 +365,7 @@ impl VolumeManager {
     /// volume, volumes by name.
     pub fn snapshot_list(&self, volume: Option<&str>) -> Result<Vec<SnapshotView>, VolumeError> {
         let vols: Vec<Volume> = match volume {
-            Some(n) => vec![self.find(n)?],
+            Some(n) => vec![self.find_any(n)?],
             None => {
                 let mut all: Vec<Volume> = self.store.read().volumes.values().cloned().collect();
                 all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -463,7 +467,9 @@ impl VolumeManager {
     /// Frees the local snapshots of hosted replicas that the cluster does
     /// not record here: no longer listed (deleted while this node was
     /// away, or left by a failed take), or taken without this node (a take
-    /// that arrived after its engine gave up on this replica). Local ids
+    /// that arrived after its engine gave up on this replica, once the
+    /// replica is no longer faulted: a rebuild's catch-up adopts snapshots
+    /// on a faulted replica before it records them). Local ids
     /// are read before the state: a take waits until its node's state
     /// lists the snapshot, so one taken after this list was made is never
     /// judged against an older state; and the state is brought up to
@@ -484,7 +490,16 @@ impl VolumeManager {
                 .get(&s)
             {
                 None => true,
-                Some(x) => x.volume != v || (x.ready && !x.replicas.contains(&me)),
+                Some(x) => {
+                    // A faulted replica's unrecorded snapshot may be one its
+                    // rebuild just copied and is about to record.
+                    let faulted = state
+                        .volumes
+                        .get(&v)
+                        .and_then(|vol| vol.replica(me))
+                        .is_some_and(|r| r.state == ReplicaState::Faulted);
+                    x.volume != v || (x.ready && !x.replicas.contains(&me) && !faulted)
+                }
             };
         let candidates: Vec<(VolumeId, SnapshotId)> = {
             let state = self.store.read();

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use super::*;
 use crate::metrics::{NodeSample, VolumeSample};
 use crate::volume::view::{
-    DeviceView, PoolView, RepairView, ReplicaCondition, ReplicaView, VerifyView, VolumeState,
-    VolumeView,
+    DeviceView, PoolView, RepairView, ReplicaCondition, ReplicaView, SnapshotVerifyView,
+    VerifyView, VolumeState, VolumeView,
 };
 
 impl VolumeManager {
@@ -110,7 +110,14 @@ impl VolumeManager {
     }
 
     pub fn list(&self) -> Vec<VolumeView> {
-        let vols: Vec<Volume> = self.store.read().volumes.values().cloned().collect();
+        let vols: Vec<Volume> = self
+            .store
+            .read()
+            .volumes
+            .values()
+            .filter(|v| !v.retired)
+            .cloned()
+            .collect();
         let mut out: Vec<_> = vols.iter().map(|v| self.info(v)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
@@ -118,7 +125,8 @@ impl VolumeManager {
 
     /// Compares all healthy replicas extent by extent (through the engine
     /// that serves the volume, so it must run on the attaching node); with
-    /// `repair`, makes differing extents equal (see `engine::scrub`).
+    /// `repair`, makes differing extents equal (see `engine::scrub`). Then
+    /// compares each snapshot across the healthy replicas holding it.
     pub fn verify(&self, name: &str, repair: bool) -> Result<VerifyView, VolumeError> {
         let v = self.find(name)?;
         match &v.attachment {
@@ -139,7 +147,33 @@ impl VolumeManager {
         let r = engine
             .scrub(repair, 0)
             .map_err(|e| VolumeError::engine(name, e))?;
+        let snapshots = engine
+            .compare_snapshots(0)
+            .map_err(|e| VolumeError::engine(name, e))?;
+        let names: std::collections::HashMap<crate::types::SnapshotId, String> = self
+            .store
+            .read()
+            .snapshots_of(v.id)
+            .into_iter()
+            .map(|s| (s.id, s.name.clone()))
+            .collect();
+        let nodes = |ns: &[crate::types::NodeId]| -> Vec<String> {
+            ns.iter().map(|n| self.node_name(*n)).collect()
+        };
+        let snapshots = snapshots
+            .into_iter()
+            .map(|c| SnapshotVerifyView {
+                name: names
+                    .get(&c.snapshot)
+                    .cloned()
+                    .unwrap_or_else(|| c.snapshot.to_string()),
+                compared: nodes(&c.holders),
+                lacking: nodes(&c.lacking),
+                mismatched: c.mismatched,
+            })
+            .collect();
         Ok(VerifyView {
+            snapshots,
             extents: r.extents,
             replicas: r.replicas as u32,
             mismatched: r.mismatched,
@@ -200,7 +234,8 @@ impl VolumeManager {
                     .is_some_and(|a| a.node == self.cfg.node_id)
             })
             .count();
-        (s.volumes.len() as u64, attached as u64)
+        let live = s.volumes.values().filter(|v| !v.retired).count();
+        (live as u64, attached as u64)
     }
 
     /// The counters of the pool, the data connections and every volume
