@@ -315,7 +315,7 @@ impl Backend for CsiBackend {
     /// A volume with snapshots is deleted with them kept: Kubernetes
     /// users delete PVCs whose VolumeSnapshots they keep.
     fn delete(&self, name: &str) -> Result<(), Error> {
-        match self.mgr.delete_keeping_snapshots(name) {
+        match self.mgr.delete_keeping_snapshots(name, false) {
             Ok(_) | Err(VolumeError::NotFound(_)) => Ok(()),
             Err(e) => Err(map(e)),
         }

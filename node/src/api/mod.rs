@@ -340,7 +340,7 @@ fn force_flag(
     params(
         ("name" = String, Path, description = "Volume name"),
         ("force" = Option<bool>, Query, description = "Detach and unmount first"),
-        ("keep_snapshots" = Option<bool>, Query, description = "Delete a detached volume that has snapshots and keep them (listed, usable as clone sources, deletable); the volume's space and name are released with its last snapshot. Not with force.")
+        ("keep_snapshots" = Option<bool>, Query, description = "Delete a detached volume that has snapshots and keep them (listed, usable as clone sources, deletable); the volume's space and name are released with its last snapshot")
     ),
     responses(
         (status = 204, description = "Deleted, every replica freed (or, with keep_snapshots, kept for its snapshots)"),
@@ -359,17 +359,10 @@ async fn delete_volume(
 ) -> ApiResult<axum::response::Response> {
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text()))?;
-    if q.force && q.keep_snapshots {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "InvalidQuery",
-            "keep_snapshots deletes only a detached volume; detach it instead of force",
-        ));
-    }
     let m = s.mgr.clone();
     let pending = blocking(move || {
         if q.keep_snapshots {
-            m.delete_keeping_snapshots(&name)
+            m.delete_keeping_snapshots(&name, q.force)
         } else {
             m.delete(&name, q.force)
         }

@@ -187,7 +187,7 @@ pub enum VolumeCmd {
     Rm {
         name: String,
         /// Unmount and detach it first if it is attached here.
-        #[arg(long, conflicts_with = "keep_snapshots")]
+        #[arg(long)]
         force: bool,
         /// Delete a detached volume that has snapshots and keep them
         /// (listed, usable as clone sources); its space and name are

@@ -160,8 +160,26 @@ impl VolumeManager {
     /// once, the others' by asking their nodes, so that when this returns
     /// the space is back everywhere. Returns the names of nodes whose copy
     /// is not freed yet (down, or slow to answer): their reconcilers free
-    /// it when they run again.
+    /// it when they run again. With `force`, an attachment here is torn
+    /// down first.
     pub fn delete(&self, name: &str, force: bool) -> Result<Vec<String>, VolumeError> {
+        self.remove(name, force, false)
+    }
+
+    /// Deletes volume `name` but keeps its snapshots (listed, usable as
+    /// clone sources, deletable): without snapshots it is deleted as
+    /// [`VolumeManager::delete`] does; with some it is retired (hidden,
+    /// never attached again, its name still taken) and goes with its last
+    /// snapshot. What CSI's DeleteVolume does.
+    pub fn delete_keeping_snapshots(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<Vec<String>, VolumeError> {
+        self.remove(name, force, true)
+    }
+
+    fn remove(&self, name: &str, force: bool, keep: bool) -> Result<Vec<String>, VolumeError> {
         let v = self.find(name)?;
         let _g = self.guard(name)?;
         if let Some(a) = &v.attachment {
@@ -182,34 +200,17 @@ impl VolumeManager {
         if v.attachment.is_some() {
             self.teardown(&v, true, true)?;
         }
-        let index = self.propose_at(Command::DeleteVolume { id: v.id }, name)?;
-        Ok(self.free_volume(&v, index))
-    }
-
-    /// Deletes volume `name` but keeps its snapshots (listed, usable as
-    /// clone sources, deletable): without snapshots it is deleted as
-    /// [`VolumeManager::delete`] does; with some it is retired (hidden,
-    /// never attached again, its name still taken) and goes with its last
-    /// snapshot. What CSI's DeleteVolume does.
-    pub fn delete_keeping_snapshots(&self, name: &str) -> Result<Vec<String>, VolumeError> {
-        let v = self.find(name)?;
-        if self.store.read().snapshots_of(v.id).is_empty() {
-            return self.delete(name, false);
-        }
-        let _g = self.guard(name)?;
-        if let Some(a) = &v.attachment {
-            return Err(VolumeError::Attached {
-                name: name.into(),
-                node: self.node_name(a.node),
-            });
-        }
-        self.refuse_nbd_users(&v)?;
-        let index = self.propose_at(Command::RetireVolume { id: v.id }, name)?;
+        // The state deletes a volume it retires that has no snapshot left.
+        let cmd = if keep {
+            Command::RetireVolume { id: v.id }
+        } else {
+            Command::DeleteVolume { id: v.id }
+        };
+        let index = self.propose_at(cmd, name)?;
         if self.store.read().volumes.contains_key(&v.id) {
             tracing::info!(volume = %name, "deleted volume; kept for its snapshots until the last is deleted");
             return Ok(Vec::new());
         }
-        // Its snapshots went meanwhile: the volume went with the command.
         Ok(self.free_volume(&v, index))
     }
 
