@@ -65,6 +65,7 @@ impl ExportProvider for NbdExports {
             .read()
             .volumes
             .values()
+            .filter(|v| !v.retired)
             .map(|v| v.name.clone())
             .collect()
     }
