@@ -18,8 +18,8 @@
 //! is incomplete): the healer records such a healthy replica faulted again
 //! once a healthy holder exists, and the next rebuild copies it.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::*;
@@ -124,33 +124,9 @@ impl Engine {
                 })
                 .map(|(i, _)| first + i as u64)
                 .collect();
-            let next = AtomicUsize::new(0);
-            let failed: Mutex<Option<String>> = Mutex::new(None);
-            std::thread::scope(|sc| {
-                for _ in 0..COPIERS.min(differ.len()) {
-                    sc.spawn(|| loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= differ.len() || failed.lock().expect("failed lock").is_some() {
-                            return;
-                        }
-                        let extent = differ[i];
-                        match self.copy_snapshot_extent(src, slot, snap, extent) {
-                            Ok(n) => {
-                                let sent = done.fetch_add(n, Ordering::Relaxed) + n;
-                                self.throttle(started, sent);
-                            }
-                            Err(e) => {
-                                *failed.lock().expect("failed lock") =
-                                    Some(format!("extent {extent}: {e}"));
-                                return;
-                            }
-                        }
-                    });
-                }
-            });
-            if let Some(e) = failed.into_inner().expect("failed lock") {
-                return Err(e);
-            }
+            self.copy_each(&differ, started, &done, |extent| {
+                self.copy_snapshot_extent(src, slot, snap, extent)
+            })?;
             first += count;
             self.progress.lock().expect("progress lock").done_extents += count;
         }

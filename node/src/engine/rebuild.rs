@@ -215,41 +215,57 @@ impl Engine {
                     .map(|(i, _)| first + i as u64)
                     .collect()
             };
+            let done = AtomicU64::new(copied);
             // A few extents in flight at once (distinct stripes within a
             // batch), each under its own lock.
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let done = AtomicU64::new(copied);
-            let failed: Mutex<Option<String>> = Mutex::new(None);
-            std::thread::scope(|sc| {
-                for _ in 0..COPIERS.min(differ.len()) {
-                    sc.spawn(|| loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= differ.len() || failed.lock().expect("failed lock").is_some() {
-                            return;
-                        }
-                        let extent = differ[i];
-                        match self.copy_extent(&src, slot, extent, !fresh) {
-                            Ok(n) => {
-                                let total = done.fetch_add(n, Ordering::Relaxed) + n;
-                                self.throttle(started, total);
-                            }
-                            Err(e) => {
-                                *failed.lock().expect("failed lock") =
-                                    Some(format!("extent {extent}: {e}"));
-                                return;
-                            }
-                        }
-                    });
-                }
-            });
-            if let Some(e) = failed.into_inner().expect("failed lock") {
-                return Err(e);
-            }
+            self.copy_each(&differ, started, &done, |extent| {
+                self.copy_extent(&src, slot, extent, !fresh)
+            })?;
             copied = done.load(Ordering::Relaxed);
             first += count;
             self.progress.lock().expect("progress lock").done_extents = base + first;
         }
         Ok(copied)
+    }
+
+    /// Runs `copy` on each of `extents`, [`COPIERS`] at a time, adding the
+    /// bytes each sent to `done` and keeping the total within the rebuild
+    /// bandwidth since `started`; the first failure stops the rest.
+    pub(super) fn copy_each(
+        &self,
+        extents: &[u64],
+        started: Instant,
+        done: &AtomicU64,
+        copy: impl Fn(u64) -> Result<u64, ReplicaError> + Sync,
+    ) -> Result<(), String> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed: Mutex<Option<String>> = Mutex::new(None);
+        std::thread::scope(|sc| {
+            for _ in 0..COPIERS.min(extents.len()) {
+                sc.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= extents.len() || failed.lock().expect("failed lock").is_some() {
+                        return;
+                    }
+                    let extent = extents[i];
+                    match copy(extent) {
+                        Ok(n) => {
+                            let total = done.fetch_add(n, Ordering::Relaxed) + n;
+                            self.throttle(started, total);
+                        }
+                        Err(e) => {
+                            *failed.lock().expect("failed lock") =
+                                Some(format!("extent {extent}: {e}"));
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().expect("failed lock") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Copies one extent under its exclusive lock; returns bytes sent.
